@@ -1,0 +1,20 @@
+"""tvq: linear-time Transformer-VQ language models."""
+
+from tvq.config import ModelConfig
+from tvq.errors import CheckpointError, ConfigError, InputError, StateError, TvqError
+from tvq.model import Model, load
+from tvq.state import AttentionState, ModelState
+
+__all__ = [
+    "AttentionState",
+    "CheckpointError",
+    "ConfigError",
+    "InputError",
+    "Model",
+    "ModelConfig",
+    "ModelState",
+    "StateError",
+    "TvqError",
+    "load",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,65 @@
+"""The attention state carried between blocks (DESIGN.md section 4, "State").
+
+One `AttentionState` per VQ-attention sublayer: the window memory of the last
+M tokens and the per-codeword aggregate of everything older. Its size depends
+on the configuration and batch size, never on how many tokens were read.
+"""
+
+from __future__ import annotations
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tvq.config import ModelConfig
+
+
+@flax.struct.dataclass
+class AttentionState:
+    """State of one sublayer for a batch of sequences."""
+
+    pos_offset: jax.Array  # [B] int32: tokens consumed so far
+    z: jax.Array  # [B, H, M] int32: codes in the window memory; S marks an empty slot
+    k_hat: jax.Array  # [B, H, M, K] float32: quantized keys in the window memory
+    v: jax.Array  # [B, H, M, V] float32: values in the window memory
+    n: jax.Array  # [B, H, S] float32: evicted tokens per code
+    u_bar: jax.Array  # [B, H, S, V] float32: mean value of the evicted tokens per code
+
+
+@flax.struct.dataclass
+class ModelState:
+    """State of the whole model: one AttentionState per sublayer, in layer order."""
+
+    sublayers: tuple[AttentionState, ...]
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.sublayers[0].pos_offset.shape[0])
+
+    @property
+    def positions(self) -> np.ndarray:
+        """Tokens consumed so far, per sequence."""
+        return np.asarray(self.sublayers[0].pos_offset)
+
+    @property
+    def nbytes(self) -> int:
+        return int(sum(x.nbytes for x in jax.tree_util.tree_leaves(self)))
+
+
+def initial_attention_state(config: ModelConfig, batch_size: int) -> AttentionState:
+    b, h, m, s = batch_size, config.n_head, config.mem_len, config.n_code
+    return AttentionState(
+        pos_offset=jnp.zeros([b], jnp.int32),
+        z=jnp.full([b, h, m], s, jnp.int32),
+        k_hat=jnp.zeros([b, h, m, config.d_k], jnp.float32),
+        v=jnp.zeros([b, h, m, config.d_v], jnp.float32),
+        n=jnp.zeros([b, h, s], jnp.float32),
+        u_bar=jnp.zeros([b, h, s, config.d_v], jnp.float32),
+    )
+
+
+def initial_state(config: ModelConfig, batch_size: int) -> ModelState:
+    """The state before any token: empty window memory, empty aggregate."""
+    sub = initial_attention_state(config, batch_size)
+    return ModelState(sublayers=tuple(sub for _ in range(2 * config.n_layer)))

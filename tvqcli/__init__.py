@@ -1,0 +1,1 @@
+"""The `tvq` command line: thin Typer commands over the tvq library."""
