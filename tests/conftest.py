@@ -13,6 +13,10 @@ from tvq.state import initial_attention_state
 
 DIVISORS_12 = (1, 2, 3, 4, 6, 12)
 
+# Unit tests compile hundreds of tiny programs; XLA's optimisations cost more time than
+# they save there and do not change results beyond float rounding.
+jax.config.update("jax_disable_most_optimizations", True)
+
 
 def tiny_config(**overrides) -> tvq.ModelConfig:
     fields = dict(

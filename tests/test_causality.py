@@ -31,14 +31,6 @@ CASES = list(itertools.product(DIVISORS_12, DIVISORS_12, (False, True)))
 BASE = tiny_config(d_model=8, d_k=4, d_v=4)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def fast_compiles():
-    """144 tiny programs: compile them quickly; optimisations do not change the maths."""
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", False)
-
-
 @pytest.fixture(scope="module")
 def sublayer_params():
     return init_sublayer(BASE)[1]

@@ -119,7 +119,7 @@ class Model:
     ) -> None:
         self.config = config
         self.params = params
-        self.block_len = check_block_len(block_len or default_block_len(config))
+        self.block_len = check_block_len(default_block_len(config) if block_len is None else block_len)
         self.metadata = dict(metadata or {})
         self.tokenizer = tokenizer
 
@@ -163,7 +163,7 @@ class Model:
         """tokens int [B, T] → (float32 log-probs [B, T, n_vocab], state after the tokens)."""
         tokens = self._check_tokens(tokens, "tokens")
         state = self._check_state(state, tokens.shape[0])
-        block_len = check_block_len(block_len or self.block_len)
+        block_len = check_block_len(self.block_len if block_len is None else block_len)
         return _forward_jit(self.config, self.params, tokens, state, block_len)
 
     def score(
@@ -182,7 +182,7 @@ class Model:
                 f"targets have shape {tuple(targets.shape)} but inputs {tuple(inputs.shape)}"
             )
         state = self._check_state(state, inputs.shape[0])
-        block_len = check_block_len(block_len or self.block_len)
+        block_len = check_block_len(self.block_len if block_len is None else block_len)
         return _forward_jit(self.config, self.params, inputs, state, block_len, targets)
 
     @property
