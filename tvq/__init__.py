@@ -1,7 +1,14 @@
 """tvq: linear-time Transformer-VQ language models."""
 
 from tvq.config import ModelConfig
-from tvq.errors import CheckpointError, ConfigError, InputError, StateError, TvqError
+from tvq.errors import (
+    CheckpointError,
+    ConfigError,
+    InputError,
+    StateError,
+    TokenizerError,
+    TvqError,
+)
 from tvq.model import Model, load
 from tvq.state import AttentionState, ModelState
 
@@ -14,6 +21,7 @@ __all__ = [
     "ModelConfig",
     "ModelState",
     "StateError",
+    "TokenizerError",
     "TvqError",
     "load",
 ]

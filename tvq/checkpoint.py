@@ -22,7 +22,7 @@ import jax
 import numpy as np
 
 from tvq.config import ModelConfig
-from tvq.errors import CheckpointError, ConfigError, TvqError
+from tvq.errors import CheckpointError, ConfigError, TokenizerError, TvqError
 
 FORMAT = "tvq-model"
 VERSION = 1
@@ -87,21 +87,40 @@ def _nest(flat: dict[str, Any]) -> dict[str, Any]:
 # -- tvq model directories ------------------------------------------------------------------
 
 
+TOKENIZER_FILE = "tokenizer.model"
+# What else may share a model directory: a training run's files.
+ALLOWED_EXTRAS = {"train"}
+
+
 def is_model_dir(path: Path) -> bool:
     return (path / CONFIG_FILE).is_file() and (path / PARAMS_DIR).is_dir()
 
 
+def tokenizer_entry(tokenizer: Any) -> dict[str, Any] | None:
+    if tokenizer is None:
+        return None
+    entry = {"kind": tokenizer.kind, "vocab_size": tokenizer.vocab_size,
+             "fingerprint": tokenizer.fingerprint}  # fmt: skip
+    if tokenizer.kind == "sentencepiece":
+        entry["file"] = TOKENIZER_FILE
+    return entry
+
+
 def save_model(model: Any, path: str | os.PathLike) -> None:
-    """Writes `model` to a directory atomically: a crash never leaves half a model."""
+    """Writes `model` to a directory; each part is replaced atomically, config.json last."""
     import orbax.checkpoint as ocp
 
     path = Path(path).absolute()
     if path.exists() and not path.is_dir():
         raise CheckpointError(f"{path} exists and is not a directory")
-    if path.is_dir() and any(path.iterdir()) and not is_model_dir(path):
-        raise CheckpointError(f"{path} is not empty and is not a tvq model directory")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    if path.is_dir() and not is_model_dir(path):
+        foreign = sorted(p.name for p in path.iterdir() if p.name not in ALLOWED_EXTRAS)
+        if foreign:
+            raise CheckpointError(
+                f"{path} is not empty and is not a tvq model directory (holds {foreign[0]})"
+            )
+    path.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".saving.", dir=path))
     try:
         checkpointer = ocp.StandardCheckpointer()
         checkpointer.save(tmp / PARAMS_DIR, model.params)
@@ -111,19 +130,19 @@ def save_model(model: Any, path: str | os.PathLike) -> None:
             "version": VERSION,
             "config": model.config.to_dict(),
             "block_len": model.block_len,
+            "tokenizer": tokenizer_entry(model.tokenizer),
             "metadata": model.metadata,
         }
         (tmp / CONFIG_FILE).write_text(json.dumps(document, indent=2, sort_keys=True) + "\n")
-        if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
-            os.replace(path, old / "model")
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
+        if model.tokenizer is not None and model.tokenizer.kind == "sentencepiece":
+            shutil.copyfile(model.tokenizer.path, tmp / TOKENIZER_FILE)
+            os.replace(tmp / TOKENIZER_FILE, path / TOKENIZER_FILE)
+        if (path / PARAMS_DIR).exists():
+            os.replace(path / PARAMS_DIR, tmp / "old-params")
+        os.replace(tmp / PARAMS_DIR, path / PARAMS_DIR)
+        os.replace(tmp / CONFIG_FILE, path / CONFIG_FILE)
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def read_model_dir(path: str | os.PathLike) -> tuple[ModelConfig, Any, dict[str, Any]]:
@@ -162,6 +181,29 @@ def read_model_dir(path: str | os.PathLike) -> tuple[ModelConfig, Any, dict[str,
         raise CheckpointError(f"parameters in {params_path} cannot be read: {first}") from None
     params = check_params(params, config, str(path))
     return config, params, document
+
+
+def read_tokenizer(path: Path, document: dict[str, Any], n_vocab: int) -> Any:
+    """The tokenizer a model directory names, checked against the model's vocabulary."""
+    from tvq.tokenizer import load_tokenizer
+
+    entry = document.get("tokenizer")
+    if entry is None:
+        return None
+    try:
+        tokenizer = load_tokenizer(entry, Path(path))
+    except TokenizerError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    check_vocab(tokenizer, n_vocab)
+    return tokenizer
+
+
+def check_vocab(tokenizer: Any, n_vocab: int) -> None:
+    if tokenizer is not None and tokenizer.vocab_size != n_vocab:
+        raise TokenizerError(
+            f"tokenizer has {tokenizer.vocab_size} ids but the model's vocabulary "
+            f"(n_vocab) is {n_vocab}"
+        )
 
 
 # -- the reference implementation's checkpoints ---------------------------------------------

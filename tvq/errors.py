@@ -25,3 +25,7 @@ class StateError(TvqError):
 
 class CheckpointError(TvqError):
     """A model directory or checkpoint that cannot be read or does not fit."""
+
+
+class TokenizerError(TvqError):
+    """A tokenizer file that cannot be used, or one that does not fit the model."""

@@ -13,6 +13,7 @@ import collections
 import functools
 import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -121,6 +122,10 @@ class Model:
         self.params = params
         self.block_len = check_block_len(default_block_len(config) if block_len is None else block_len)
         self.metadata = dict(metadata or {})
+        if tokenizer is not None:
+            from tvq.checkpoint import check_vocab
+
+            check_vocab(tokenizer, config.n_vocab)
         self.tokenizer = tokenizer
 
     # -- construction -------------------------------------------------------------------
@@ -279,12 +284,21 @@ def param_shapes(config: ModelConfig) -> Any:
     return jax.eval_shape(net.init, jax.random.PRNGKey(0), tokens, state)["params"]
 
 
-def load(path: str | os.PathLike) -> Model:
-    """Loads a model directory written by `Model.save`."""
-    from tvq.checkpoint import read_model_dir
+def default_model_path() -> Path:
+    """The built-in model, shipped inside the package."""
+    return Path(__file__).parent / "models" / "default"
 
+
+def load(path: str | os.PathLike | None = None) -> Model:
+    """Loads a model directory written by `Model.save`; no path: the built-in model."""
+    from tvq.checkpoint import read_model_dir, read_tokenizer
+
+    path = default_model_path() if path is None else Path(path)
     config, params, document = read_model_dir(path)
     block_len = document.get("block_len")
     if not isinstance(block_len, int) or block_len < 1:
         block_len = None
-    return Model(config, params, block_len=block_len, metadata=document.get("metadata"))
+    tokenizer = read_tokenizer(path, document, config.n_vocab)
+    return Model(
+        config, params, block_len=block_len, metadata=document.get("metadata"), tokenizer=tokenizer
+    )

@@ -61,5 +61,8 @@ def initial_attention_state(config: ModelConfig, batch_size: int) -> AttentionSt
 
 def initial_state(config: ModelConfig, batch_size: int) -> ModelState:
     """The state before any token: empty window memory, empty aggregate."""
-    sub = initial_attention_state(config, batch_size)
-    return ModelState(sublayers=tuple(sub for _ in range(2 * config.n_layer)))
+    return ModelState(
+        sublayers=tuple(
+            initial_attention_state(config, batch_size) for _ in range(2 * config.n_layer)
+        )
+    )

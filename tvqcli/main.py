@@ -119,8 +119,14 @@ def info(
         out.print(f"  {key:<22} {value}")
 
 
+def register_commands() -> None:
+    """Commands live in their own modules; importing them adds them to `app`."""
+    from tvqcli import train_cmd  # noqa: F401
+
+
 def main() -> None:
     enable_compilation_cache()
+    register_commands()
     try:
         app()
     except BrokenPipeError:

@@ -1,0 +1,200 @@
+"""Tokenizers: one small protocol, two implementations.
+
+- `ByteTokenizer`: byte b ↔ id b + 3; 0 = pad, 1 = end of document, 2 = unknown;
+  vocabulary 259 (the reference implementation's byte vocabulary).
+- `SentencePieceTokenizer`: a sentencepiece `.model` file.
+
+Both decode through a per-id byte table, so streamed text is exact: the pieces
+that `StreamDecoder` emits concatenate to `decode(all ids)` and never split a
+UTF-8 character.
+"""
+
+from __future__ import annotations
+
+import codecs
+import hashlib
+import os
+from pathlib import Path
+from typing import Protocol
+
+from tvq.errors import TokenizerError
+
+__all__ = ["TokenizerError"]  # re-exported for convenience
+
+
+class Tokenizer(Protocol):
+    kind: str
+    vocab_size: int
+    pad_id: int
+    eos_id: int
+    unk_id: int
+    fingerprint: str
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: list[int]) -> str: ...
+
+    def token_bytes(self, token_id: int) -> bytes: ...
+
+
+class StreamDecoder:
+    """Turns ids into text one at a time without ever emitting half a character."""
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self._tokenizer = tokenizer
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def push(self, token_id: int) -> str:
+        return self._utf8.decode(self._tokenizer.token_bytes(int(token_id)))
+
+    def flush(self) -> str:
+        return self._utf8.decode(b"", final=True)
+
+
+def decode_via_bytes(tokenizer: Tokenizer, ids) -> str:
+    data = b"".join(tokenizer.token_bytes(int(i)) for i in ids)
+    return data.decode("utf-8", errors="replace")
+
+
+class ByteTokenizer:
+    """UTF-8 bytes shifted by 3 specials."""
+
+    kind = "bytes"
+    vocab_size = 259
+    pad_id, eos_id, unk_id = 0, 1, 2
+    fingerprint = "bytes-v1"
+    OFFSET = 3
+
+    def encode(self, text: str) -> list[int]:
+        return [b + self.OFFSET for b in text.encode("utf-8")]
+
+    def encode_bytes(self, data: bytes) -> list[int]:
+        return [b + self.OFFSET for b in data]
+
+    def token_bytes(self, token_id: int) -> bytes:
+        if self.OFFSET <= token_id < self.vocab_size:
+            return bytes([token_id - self.OFFSET])
+        return b""
+
+    def decode(self, ids) -> str:
+        return decode_via_bytes(self, ids)
+
+    def piece(self, token_id: int) -> str:
+        return self.token_bytes(token_id).decode("utf-8", errors="replace")
+
+
+class SentencePieceTokenizer:
+    """A sentencepiece model; decoding is exact and stream-safe through a byte table."""
+
+    kind = "sentencepiece"
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        import sentencepiece as spm
+
+        self.path = Path(path)
+        try:
+            data = self.path.read_bytes()
+        except OSError as e:
+            raise TokenizerError(f"tokenizer {path} cannot be read: {e.strerror}") from None
+        self._sp = spm.SentencePieceProcessor()
+        try:
+            self._sp.LoadFromSerializedProto(data)
+        except Exception:  # sentencepiece raises RuntimeError/OSError variants
+            raise TokenizerError(f"{path} is not a sentencepiece model") from None
+        self.fingerprint = "sha256:" + hashlib.sha256(data).hexdigest()
+        self.vocab_size = int(self._sp.get_piece_size())
+        self.pad_id = int(self._sp.pad_id())
+        self.eos_id = int(self._sp.eos_id())
+        self.unk_id = int(self._sp.unk_id())
+        self._bytes = [self._piece_bytes(i) for i in range(self.vocab_size)]
+
+    def _piece_bytes(self, token_id: int) -> bytes:
+        sp = self._sp
+        if sp.is_control(token_id) or sp.is_unknown(token_id):
+            return b""
+        piece = sp.id_to_piece(token_id)
+        if sp.is_byte(token_id):  # "<0xAB>"
+            return bytes([int(piece[3:5], 16)])
+        return piece.replace("\u2581", " ").encode("utf-8")
+
+    def encode(self, text: str) -> list[int]:
+        return list(self._sp.encode(text))
+
+    def token_bytes(self, token_id: int) -> bytes:
+        if 0 <= token_id < self.vocab_size:
+            return self._bytes[token_id]
+        return b""
+
+    def decode(self, ids) -> str:
+        return decode_via_bytes(self, ids)
+
+    def piece(self, token_id: int) -> str:
+        return self._sp.id_to_piece(int(token_id))
+
+
+def train_sentencepiece(
+    files: list[Path], model_path: Path, vocab_size: int, *, threads: int = 2
+) -> SentencePieceTokenizer:
+    """Trains a lossless unigram model: newlines, runs of spaces and any byte survive."""
+    import sentencepiece as spm
+
+    prefix = str(model_path)[: -len(".model")] if str(model_path).endswith(".model") else str(
+        model_path
+    )
+    try:
+        spm.SentencePieceTrainer.train(
+            input=[str(f) for f in files],
+            model_prefix=prefix,
+            vocab_size=vocab_size,
+            model_type="unigram",
+            pad_id=0,
+            eos_id=1,
+            unk_id=2,
+            bos_id=-1,
+            byte_fallback=True,
+            character_coverage=1.0,
+            normalization_rule_name="identity",
+            remove_extra_whitespaces=False,
+            add_dummy_prefix=False,
+            user_defined_symbols=["\n"],
+            allow_whitespace_only_pieces=True,
+            split_digits=True,
+            max_sentence_length=1 << 16,
+            num_threads=threads,
+            minloglevel=2,
+        )
+    except RuntimeError as e:
+        raise TokenizerError(f"sentencepiece training failed: {str(e).strip()}") from None
+    Path(prefix + ".vocab").unlink(missing_ok=True)
+    return SentencePieceTokenizer(prefix + ".model")
+
+
+def load_tokenizer(spec: dict, folder: Path | None = None) -> Tokenizer:
+    """A tokenizer from its config.json entry: {"kind", "file"?, "fingerprint"}."""
+    kind = spec.get("kind")
+    if kind == "bytes":
+        return ByteTokenizer()
+    if kind == "sentencepiece":
+        file = spec.get("file")
+        if not file:
+            raise TokenizerError("sentencepiece tokenizer entry names no file")
+        path = Path(file) if folder is None else folder / file
+        if not path.is_file():
+            raise TokenizerError(f"tokenizer file {path} is missing")
+        tokenizer = SentencePieceTokenizer(path)
+        want = spec.get("fingerprint")
+        if want and want != tokenizer.fingerprint:
+            raise TokenizerError(
+                f"tokenizer {path} has fingerprint {tokenizer.fingerprint[:19]}…, "
+                f"the model was trained with {str(want)[:19]}…"
+            )
+        return tokenizer
+    raise TokenizerError(f"unknown tokenizer kind {kind!r}")
+
+
+def open_tokenizer(path: str | os.PathLike | None, *, use_bytes: bool = False) -> Tokenizer:
+    if use_bytes:
+        return ByteTokenizer()
+    if path is None:
+        raise TokenizerError("no tokenizer given")
+    return SentencePieceTokenizer(path)

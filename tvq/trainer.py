@@ -1,0 +1,114 @@
+"""From text files to a trained model directory: the work behind `tvq train`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from tvq.checkpoint import TOKENIZER_FILE, is_model_dir
+from tvq.config import ModelConfig
+from tvq.corpus import CorpusError, find_files, read_documents, split_documents, token_stream
+from tvq.errors import TvqError
+from tvq.model import Model, load
+from tvq.tokenizer import ByteTokenizer, SentencePieceTokenizer, train_sentencepiece
+from tvq.train import TRAIN_DIR, TrainingError, TrainSettings, run_training
+
+
+def check_out_dir(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise TrainingError(f"--out {out} exists and is not a directory")
+    if out.is_dir() and not is_model_dir(out):
+        allowed = {TRAIN_DIR, TOKENIZER_FILE}
+        foreign = sorted(p.name for p in out.iterdir() if p.name not in allowed)
+        if foreign:
+            raise TrainingError(
+                f"--out {out} holds other files ({foreign[0]}); use an empty or new directory"
+            )
+    if out.is_dir() and is_model_dir(out) and not (out / TRAIN_DIR).is_dir():
+        raise TrainingError(f"--out {out} holds a finished model; use --from {out} to fine-tune")
+
+
+def train_from_files(
+    *,
+    texts: list[Path],
+    out: Path,
+    tokenizer_path: Path | None = None,
+    use_bytes: bool = False,
+    vocab_size: int = 4096,
+    from_dir: Path | None = None,
+    held_out: list[Path] | None = None,
+    val_fraction: float = 0.05,
+    architecture: dict[str, Any] | None = None,
+    settings: dict[str, Any] | None = None,
+    corpus_name: str = "",
+    command: str = "",
+    on_progress: Callable | None = None,
+) -> Model:
+    out = Path(out)
+    check_out_dir(out)
+    settings_obj = TrainSettings(**(settings or {}))
+    files = find_files(texts)
+    for path in held_out or []:
+        if not Path(path).is_file():
+            raise CorpusError(f"held-out file {path} does not exist")
+    files += [Path(p) for p in held_out or [] if Path(p).resolve() not in
+              {f.resolve() for f in files}]  # fmt: skip
+    docs = read_documents(files)
+    train_docs, val_docs = split_documents(
+        docs, val_fraction, list(held_out or []), settings_obj.seed
+    )
+    if not train_docs:
+        raise CorpusError("no training text left after holding out validation documents")
+
+    base = load(from_dir) if from_dir is not None else None
+    if base is not None:
+        tokenizer = base.tokenizer or ByteTokenizer()
+        config = base.config
+    else:
+        if use_bytes:
+            tokenizer = ByteTokenizer()
+        elif tokenizer_path is not None:
+            tokenizer = SentencePieceTokenizer(tokenizer_path)
+        else:
+            tokenizer = _own_tokenizer(out, train_docs, vocab_size)
+        try:
+            config = ModelConfig(n_vocab=tokenizer.vocab_size, **(architecture or {}))
+        except TvqError as e:
+            raise TrainingError(str(e)) from None
+
+    train_tokens = token_stream(train_docs, tokenizer)
+    val_documents = [(tokenizer.encode(d.text), d.n_bytes) for d in val_docs]
+    metadata = dict(
+        corpus=corpus_name or ", ".join(sorted({str(Path(t)) for t in texts})),
+        train_documents=len(train_docs),
+        train_tokens=int(len(train_tokens)),
+        train_bytes=sum(d.n_bytes for d in train_docs),
+        heldout_documents=[d.path.name for d in val_docs],
+        tokenizer=dict(kind=tokenizer.kind, vocab_size=tokenizer.vocab_size),
+        command=command,
+    )
+    if base is not None:
+        metadata["fine_tuned_from"] = str(from_dir)
+    return run_training(
+        out=out, config=config, settings=settings_obj, train_tokens=train_tokens,
+        val_documents=val_documents, tokenizer=tokenizer, metadata=metadata, init_from=base,
+        on_progress=on_progress,
+    )  # fmt: skip
+
+
+def _own_tokenizer(out: Path, docs, vocab_size: int) -> SentencePieceTokenizer:
+    """Trains (once) a sentencepiece model on the training documents; reused on resume."""
+    folder = out / TRAIN_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    model_path = folder / TOKENIZER_FILE
+    if model_path.exists():
+        return SentencePieceTokenizer(model_path)
+    text_file = folder / "tokenizer-corpus.txt"
+    text_file.write_text("\n".join(d.text for d in docs), encoding="utf-8")
+    try:
+        tokenizer = train_sentencepiece([text_file], folder / "tokenizer.tmp.model", vocab_size)
+    finally:
+        text_file.unlink(missing_ok=True)
+    tokenizer.path.replace(model_path)
+    return SentencePieceTokenizer(model_path)

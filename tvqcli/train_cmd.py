@@ -1,0 +1,130 @@
+"""`tvq train`: tokenizer (unless given), then the model, with resumable checkpoints."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from tvqcli.main import app, handle_errors, stderr
+
+
+@app.command()
+@handle_errors
+def train(
+    texts: Annotated[list[Path], typer.Argument(help="Text files or directories of them.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Model directory to write.")],
+    tokenizer: Annotated[
+        Path | None, typer.Option(help="Use this sentencepiece .model instead of training one.")
+    ] = None,
+    use_bytes: Annotated[bool, typer.Option("--bytes", help="Byte-level tokenizer.")] = False,
+    vocab_size: Annotated[int, typer.Option(help="Vocabulary of a new tokenizer.")] = 4096,
+    from_dir: Annotated[
+        Path | None, typer.Option("--from", help="Fine-tune this model (architecture and tokenizer).")
+    ] = None,
+    val: Annotated[
+        list[Path] | None, typer.Option(help="Hold out this file for evaluation (repeatable).")
+    ] = None,
+    val_fraction: Annotated[float, typer.Option(help="Fraction of documents held out.")] = 0.05,
+    d_model: Annotated[int, typer.Option(help="Model width.")] = 256,
+    d_k: Annotated[int, typer.Option(help="Key width per head.")] = 64,
+    d_v: Annotated[int, typer.Option(help="Value width per head.")] = 256,
+    n_head: Annotated[int, typer.Option(help="Heads.")] = 2,
+    n_code: Annotated[int, typer.Option(help="Codewords per head.")] = 128,
+    n_layer: Annotated[int, typer.Option(help="Layers (two attention sublayers each).")] = 3,
+    mem_len: Annotated[int, typer.Option(help="Window memory M.")] = 128,
+    agg_cache: Annotated[bool, typer.Option(help="Aggregate cache of older tokens.")] = True,
+    e_scale: Annotated[
+        float | None, typer.Option(help="Output logit scale [default: d_model^-1/2].")
+    ] = None,
+    steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 1000,
+    batch_size: Annotated[int, typer.Option(help="Sequences per step.")] = 16,
+    update_len: Annotated[int, typer.Option(help="Tokens per sequence per step.")] = 256,
+    block_len: Annotated[int, typer.Option(help="Block length L.")] = 128,
+    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 2e-3,
+    warmup: Annotated[int, typer.Option(help="Linear warm-up steps.")] = 100,
+    weight_decay: Annotated[float, typer.Option(help="Decoupled weight decay.")] = 0.01,
+    grad_clip: Annotated[float, typer.Option(help="Gradient clipping norm.")] = 1.0,
+    c_beta: Annotated[float, typer.Option(help="Commitment loss weight.")] = 1e-4,
+    c_gamma: Annotated[float, typer.Option(help="Codebook EMA rate.")] = 0.99,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    eval_every: Annotated[int, typer.Option(help="Steps between evaluations.")] = 250,
+    save_every: Annotated[int, typer.Option(help="Steps between checkpoints.")] = 50,
+    name: Annotated[str, typer.Option(help="Corpus name for the metadata.")] = "",
+) -> None:
+    """Train a model on text files; run the same command again to resume."""
+    from tvq.trainer import train_from_files
+
+    command = "tvq " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    with _progress() as report:
+        model = train_from_files(
+            texts=texts, out=out, tokenizer_path=tokenizer, use_bytes=use_bytes,
+            vocab_size=vocab_size, from_dir=from_dir, held_out=val or [],
+            val_fraction=val_fraction,
+            architecture=dict(d_model=d_model, d_k=d_k, d_v=d_v, n_head=n_head, n_code=n_code,
+                              n_layer=n_layer, mem_len=mem_len, agg_cache=agg_cache,
+                              e_scale=e_scale if e_scale is not None else d_model**-0.5),
+            settings=dict(steps=steps, batch_size=batch_size, update_len=update_len,
+                          block_len=block_len, lr=lr, warmup=warmup, weight_decay=weight_decay,
+                          grad_clip=grad_clip, c_beta=c_beta, c_gamma=c_gamma, seed=seed,
+                          eval_every=eval_every, save_every=save_every),
+            corpus_name=name, command=command, on_progress=report,
+        )  # fmt: skip
+    meta = model.metadata
+    line = f"saved {out} after {meta.get('steps')} steps"
+    if "heldout_bits_per_byte" in meta:
+        line += (
+            f": held-out loss {meta['heldout_loss']:.4f} nats/token, "
+            f"{meta['heldout_bits_per_byte']:.4f} bits/byte"
+        )
+    stderr.print(line, highlight=False)
+
+
+class _progress:
+    """A Rich progress bar on stderr (plain lines when stderr is not a terminal)."""
+
+    def __enter__(self):
+        from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.live = stderr.is_terminal
+        self.bar = Progress(
+            TextColumn("step {task.completed}/{task.total}"),
+            BarColumn(),
+            TextColumn("loss {task.fields[loss]:.3f}  {task.fields[speed]:.0f} tok/s"),
+            TimeRemainingColumn(),
+            console=stderr,
+            disable=not self.live,
+        )
+        self.bar.__enter__()
+        self.task = None
+        return self.report
+
+    def report(self, progress) -> None:
+        if self.task is None:
+            self.task = self.bar.add_task(
+                "train", total=progress.steps, completed=progress.step - 1, loss=0.0, speed=0.0
+            )
+        self.bar.update(
+            self.task, completed=progress.step, loss=progress.loss,
+            speed=progress.tokens_per_second,
+        )  # fmt: skip
+        if progress.eval is not None:
+            ev = progress.eval
+            self.bar.console.print(
+                f"step {progress.step}: held-out loss {ev['loss']:.4f}, "
+                f"{ev['bits_per_byte']:.4f} bits/byte",
+                highlight=False,
+            )
+        elif not self.live and progress.step % 10 == 0:
+            stderr.print(
+                f"step {progress.step}/{progress.steps} loss {progress.loss:.4f} "
+                f"{progress.tokens_per_second:.0f} tok/s",
+                highlight=False,
+            )
+
+    def __exit__(self, *exc):
+        self.bar.__exit__(*exc)
+        return False
