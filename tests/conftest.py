@@ -19,9 +19,7 @@ jax.config.update("jax_disable_most_optimizations", True)
 
 
 def tiny_config(**overrides) -> tvq.ModelConfig:
-    fields = dict(
-        d_model=16, d_k=8, d_v=8, n_head=2, n_code=4, n_layer=1, n_vocab=13, mem_len=3
-    )
+    fields = dict(d_model=16, d_k=8, d_v=8, n_head=2, n_code=4, n_layer=1, n_vocab=13, mem_len=3)
     fields.update(overrides)
     return tvq.ModelConfig(**fields)
 

@@ -46,7 +46,9 @@ def test_save_load_round_trip(model, tmp_path):
     loaded = tvq.load(tmp_path / "m")
     assert loaded.config == model.config
     assert loaded.block_len == 4
-    for a, b in zip(jax.tree_util.tree_leaves(model.params), jax.tree_util.tree_leaves(loaded.params)):
+    for a, b in zip(
+        jax.tree_util.tree_leaves(model.params), jax.tree_util.tree_leaves(loaded.params), strict=False
+    ):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     tokens = random_tokens(model.config, 2, 10)
     np.testing.assert_array_equal(model.log_probs(tokens)[0], loaded.log_probs(tokens)[0])
@@ -97,9 +99,7 @@ def test_from_reference_matches(model, tmp_path):
     assert imported.config == model.config
     assert imported.block_len == 6
     tokens = random_tokens(model.config, 1, 17)
-    np.testing.assert_allclose(
-        model.log_probs(tokens)[0], imported.log_probs(tokens)[0], atol=1e-5
-    )
+    np.testing.assert_allclose(model.log_probs(tokens)[0], imported.log_probs(tokens)[0], atol=1e-5)
     # flags as a JSON file, and the checkpoint given as its step directory
     (tmp_path / "flags.json").write_text(json.dumps(flags))
     again = tvq.Model.from_reference(run / "checkpoint_1200", tmp_path / "flags.json")

@@ -40,12 +40,12 @@ def test_info_missing_model_is_one_line_error(tmp_path):
 
 def test_subprocess_help_and_error(tmp_path):
     done = subprocess.run(
-        [sys.executable, "-m", "tvqcli.main", "--help"], capture_output=True, text=True
+        [sys.executable, "-m", "tvqcli", "--help"], capture_output=True, text=True
     )
     assert done.returncode == 0
     assert "info" in done.stdout
     bad = subprocess.run(
-        [sys.executable, "-m", "tvqcli.main", "info", str(tmp_path)],
+        [sys.executable, "-m", "tvqcli", "info", str(tmp_path)],
         capture_output=True,
         text=True,
         env={"TVQ_CACHE_DIR": str(tmp_path / "cache"), "PATH": ""},

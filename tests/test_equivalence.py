@@ -97,7 +97,7 @@ def test_chained_calls_equal_one_call(block_len, mem_len, agg_cache):
         )
         pieces.append(out)
     assert max_diff(jnp.concatenate(pieces, axis=1), whole) < ATOL
-    for a, b in zip(jax.tree_util.tree_leaves(state), jax.tree_util.tree_leaves(whole_state)):
+    for a, b in zip(jax.tree_util.tree_leaves(state), jax.tree_util.tree_leaves(whole_state), strict=False):
         assert max_diff(a, b) < ATOL
 
 
@@ -158,7 +158,7 @@ def test_gradient_consistency_across_blocks(agg_cache):
     two_params, two_inputs = grad(model.params, offsets, T // 2)
     assert float(jnp.abs(one_inputs[:, : T // 2]).max()) > 1e-4  # crosses the boundary
     assert max_diff(one_inputs, two_inputs) < 1e-4
-    for a, b in zip(jax.tree_util.tree_leaves(one_params), jax.tree_util.tree_leaves(two_params)):
+    for a, b in zip(jax.tree_util.tree_leaves(one_params), jax.tree_util.tree_leaves(two_params), strict=False):
         assert max_diff(a, b) < 1e-4
 
 
@@ -196,7 +196,9 @@ def test_aggregate_equals_explicit_copies():
         n=jnp.asarray(counts),
         u_bar=jnp.asarray(means),
     )
-    out = attend(jnp.asarray(q), jnp.asarray(key), jnp.asarray(value), tables, state, agg_cache=True)
+    out = attend(
+        jnp.asarray(q), jnp.asarray(key), jnp.asarray(value), tables, state, agg_cache=True
+    )
 
     # Explicit: the present key (with its d = 0 positional term) plus n_s copies of C_s.
     qq = q[0, 0, 0]

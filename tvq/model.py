@@ -54,7 +54,9 @@ def scan_blocks(step: Callable, carry: Any, seqs: Any, block_len: int) -> tuple[
     n_full, tail = divmod(length, block_len)
     outs = []
     if n_full:
-        head = jax.tree_util.tree_map(lambda a: to_blocks(a[:, : n_full * block_len], block_len), seqs)
+        head = jax.tree_util.tree_map(
+            lambda a: to_blocks(a[:, : n_full * block_len], block_len), seqs
+        )
         carry, ys = jax.lax.scan(step, carry, head)
         outs.append(jax.tree_util.tree_map(from_blocks, ys))
     if tail:
@@ -120,7 +122,9 @@ class Model:
     ) -> None:
         self.config = config
         self.params = params
-        self.block_len = check_block_len(default_block_len(config) if block_len is None else block_len)
+        self.block_len = check_block_len(
+            default_block_len(config) if block_len is None else block_len
+        )
         self.metadata = dict(metadata or {})
         if tokenizer is not None:
             from tvq.checkpoint import check_vocab

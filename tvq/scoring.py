@@ -105,4 +105,3 @@ def score_ids(
     result = ScoreResult(-float(total), batch * length, log_probs)
     new_context = Context(state=state, last_token=ids[:, -1].copy(), tokens=context.tokens + length)
     return result, new_context
-

@@ -138,8 +138,8 @@ def train_sentencepiece(
     """Trains a lossless unigram model: newlines, runs of spaces and any byte survive."""
     import sentencepiece as spm
 
-    prefix = str(model_path)[: -len(".model")] if str(model_path).endswith(".model") else str(
-        model_path
+    prefix = (
+        str(model_path)[: -len(".model")] if str(model_path).endswith(".model") else str(model_path)
     )
     try:
         spm.SentencePieceTrainer.train(
@@ -164,6 +164,14 @@ def train_sentencepiece(
             minloglevel=2,
         )
     except RuntimeError as e:
+        import re
+
+        small = re.search(r"smaller than required_chars\. (\d+) vs (\d+)", str(e))
+        if small:
+            raise TokenizerError(
+                f"vocabulary size {small.group(1)} is too small for this text: "
+                f"it needs more than {small.group(2)} (byte pieces and every character)"
+            ) from None
         raise TokenizerError(f"sentencepiece training failed: {str(e).strip()}") from None
     Path(prefix + ".vocab").unlink(missing_ok=True)
     return SentencePieceTokenizer(prefix + ".model")

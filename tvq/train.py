@@ -26,7 +26,7 @@ import optax
 from tvq.config import ModelConfig
 from tvq.errors import TvqError
 from tvq.model import Model, init_params, scan_blocks
-from tvq.state import ModelState, initial_state
+from tvq.state import initial_state
 from tvq.transformer import Transformer
 
 TRAIN_DIR = "train"
@@ -157,9 +157,7 @@ def train_forward(config, params, inputs, targets, state, block_len):
         state, nll, commit, stats = carry
         tokens, block_targets = block
         x = net.apply(variables, tokens, state.sublayers[0].pos_offset, method=Transformer.embed)
-        state, x, sub_stats = net.apply(
-            variables, x, state, tables, True, method=Transformer.body
-        )
+        state, x, sub_stats = net.apply(variables, x, state, tables, True, method=Transformer.body)
         log_probs = net.apply(variables, x, method=Transformer.log_softmax)
         picked = jnp.take_along_axis(log_probs, block_targets[..., None], axis=-1)
         nll = nll - jnp.sum(picked)
@@ -207,7 +205,7 @@ def make_train_step(config: ModelConfig, settings: TrainSettings, optimizer):
         updates, opt_state = optimizer.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
         params = apply_ema(params, stats, settings.c_gamma)
-        metrics = dict(loss=nll, commit=commit, grad_norm=optax.global_norm(grads))
+        metrics = dict(loss=nll, commit=commit, grad_norm=optax.tree.norm(grads))
         return params, opt_state, jax.lax.stop_gradient(new_state), metrics
 
     return jax.jit(train_step, donate_argnums=(0, 1, 2))
@@ -245,6 +243,7 @@ class Progress:
     tokens_per_second: float
     tokens_seen: int
     eval: dict[str, float] | None = None
+    resumed_from: int | None = None  # set on the first report of a resumed run
 
 
 def checkpoint_manager(folder: Path):
@@ -272,8 +271,12 @@ def run_training(
     train_dir = out / TRAIN_DIR
     train_dir.mkdir(parents=True, exist_ok=True)
     run_file = train_dir / "run.json"
-    run_doc = {"config": config.to_dict(), "settings": dataclasses.asdict(settings),
-               "tokenizer": tokenizer.fingerprint, "data_tokens": int(len(train_tokens))}  # fmt: skip
+    run_doc = {
+        "config": config.to_dict(),
+        "settings": dataclasses.asdict(settings),
+        "tokenizer": tokenizer.fingerprint,
+        "data_tokens": int(len(train_tokens)),
+    }
     if run_file.exists():
         previous = json.loads(run_file.read_text())
         if previous != run_doc:
@@ -304,6 +307,7 @@ def run_training(
         abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, run)
         run = manager.restore(latest, args=ocp.args.StandardRestore(abstract))
     step = int(run["step"])
+    resumed_from = step if latest is not None else None
     train_step = make_train_step(config, settings, optimizer)
     tokens_per_step = settings.batch_size * settings.update_len
 
@@ -338,7 +342,9 @@ def run_training(
                     step=step, steps=settings.steps, loss=float(metrics["loss"]),
                     tokens_per_second=done_here * tokens_per_step / max(elapsed, 1e-9),
                     tokens_seen=int(run["tokens_seen"]), eval=last_eval if eval_now else None,
+                    resumed_from=resumed_from,
                 ))  # fmt: skip
+                resumed_from = None
     except KeyboardInterrupt:
         save(step)
         raise TrainingInterrupted(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shlex
-import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -15,6 +14,7 @@ from tvqcli.main import app, handle_errors, stderr
 @app.command()
 @handle_errors
 def train(
+    ctx: typer.Context,
     texts: Annotated[list[Path], typer.Argument(help="Text files or directories of them.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Model directory to write.")],
     tokenizer: Annotated[
@@ -23,7 +23,8 @@ def train(
     use_bytes: Annotated[bool, typer.Option("--bytes", help="Byte-level tokenizer.")] = False,
     vocab_size: Annotated[int, typer.Option(help="Vocabulary of a new tokenizer.")] = 4096,
     from_dir: Annotated[
-        Path | None, typer.Option("--from", help="Fine-tune this model (architecture and tokenizer).")
+        Path | None,
+        typer.Option("--from", help="Fine-tune this model (architecture and tokenizer)."),
     ] = None,
     val: Annotated[
         list[Path] | None, typer.Option(help="Hold out this file for evaluation (repeatable).")
@@ -58,7 +59,7 @@ def train(
     """Train a model on text files; run the same command again to resume."""
     from tvq.trainer import train_from_files
 
-    command = "tvq " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    command = full_command(ctx)
     with _progress() as report:
         model = train_from_files(
             texts=texts, out=out, tokenizer_path=tokenizer, use_bytes=use_bytes,
@@ -83,6 +84,30 @@ def train(
     stderr.print(line, highlight=False)
 
 
+def full_command(ctx: typer.Context) -> str:
+    """The command with every setting spelled out, so the metadata can rebuild the model."""
+    from typer.core import TyperArgument
+
+    words = ["tvq", ctx.info_name or "train"]
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name)
+        if value is None or param.name == "help":
+            continue
+        if isinstance(param, TyperArgument):
+            words += [str(v) for v in value]
+            continue
+        flag = max(param.opts, key=len)
+        if param.is_flag:
+            if param.secondary_opts:
+                words.append(flag if value else max(param.secondary_opts, key=len))
+            elif value:
+                words.append(flag)
+            continue
+        for item in value if isinstance(value, list | tuple) else [value]:
+            words += [flag, str(item)]
+    return " ".join(shlex.quote(w) for w in words)
+
+
 class _progress:
     """A Rich progress bar on stderr (plain lines when stderr is not a terminal)."""
 
@@ -103,6 +128,8 @@ class _progress:
         return self.report
 
     def report(self, progress) -> None:
+        if progress.resumed_from is not None:
+            self.bar.console.print(f"resuming from step {progress.resumed_from}", highlight=False)
         if self.task is None:
             self.task = self.bar.add_task(
                 "train", total=progress.steps, completed=progress.step - 1, loss=0.0, speed=0.0

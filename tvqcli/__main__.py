@@ -1,0 +1,5 @@
+"""`python -m tvqcli` runs the `tvq` command."""
+
+from tvqcli.main import main
+
+main()
