@@ -47,7 +47,9 @@ def test_save_load_round_trip(model, tmp_path):
     assert loaded.config == model.config
     assert loaded.block_len == 4
     for a, b in zip(
-        jax.tree_util.tree_leaves(model.params), jax.tree_util.tree_leaves(loaded.params), strict=False
+        jax.tree_util.tree_leaves(model.params),
+        jax.tree_util.tree_leaves(loaded.params),
+        strict=True,
     ):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     tokens = random_tokens(model.config, 2, 10)

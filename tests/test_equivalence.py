@@ -97,7 +97,9 @@ def test_chained_calls_equal_one_call(block_len, mem_len, agg_cache):
         )
         pieces.append(out)
     assert max_diff(jnp.concatenate(pieces, axis=1), whole) < ATOL
-    for a, b in zip(jax.tree_util.tree_leaves(state), jax.tree_util.tree_leaves(whole_state), strict=False):
+    for a, b in zip(
+        jax.tree_util.tree_leaves(state), jax.tree_util.tree_leaves(whole_state), strict=True
+    ):
         assert max_diff(a, b) < ATOL
 
 
@@ -158,7 +160,9 @@ def test_gradient_consistency_across_blocks(agg_cache):
     two_params, two_inputs = grad(model.params, offsets, T // 2)
     assert float(jnp.abs(one_inputs[:, : T // 2]).max()) > 1e-4  # crosses the boundary
     assert max_diff(one_inputs, two_inputs) < 1e-4
-    for a, b in zip(jax.tree_util.tree_leaves(one_params), jax.tree_util.tree_leaves(two_params), strict=False):
+    for a, b in zip(
+        jax.tree_util.tree_leaves(one_params), jax.tree_util.tree_leaves(two_params), strict=True
+    ):
         assert max_diff(a, b) < 1e-4
 
 

@@ -80,7 +80,7 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path):
     resumed = run(tmp_path / "b")
     assert resumed.metadata["steps"] == 12
     for x, y in zip(jax.tree_util.tree_leaves(straight.params),
-                    jax.tree_util.tree_leaves(resumed.params), strict=False):  # fmt: skip
+                    jax.tree_util.tree_leaves(resumed.params), strict=True):  # fmt: skip
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-6)
     with pytest.raises(tvq.TvqError, match="other settings"):
         train_from_files(texts=[texts], out=tmp_path / "b", use_bytes=True, architecture=ARCH,
