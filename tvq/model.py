@@ -68,6 +68,15 @@ def scan_blocks(step: Callable, carry: Any, seqs: Any, block_len: int) -> tuple[
     return carry, jax.tree_util.tree_map(lambda *a: jnp.concatenate(a, axis=1), *outs)
 
 
+def run_block(net, variables, tables, state: ModelState, tokens, offsets=None):
+    """One block of tokens [B, L] through the network → (new state, log-probs [B, L, N])."""
+    x = net.apply(variables, tokens, state.sublayers[0].pos_offset, method=Transformer.embed)
+    if offsets is not None:
+        x = x + offsets.astype(x.dtype)
+    state, x, _ = net.apply(variables, x, state, tables, method=Transformer.body)
+    return state, net.apply(variables, x, method=Transformer.log_softmax)
+
+
 def forward(
     config: ModelConfig,
     params: Any,
@@ -90,13 +99,7 @@ def forward(
 
     def step(carry: ModelState, block):
         block_tokens, block_targets, block_offsets = block
-        x = net.apply(
-            variables, block_tokens, carry.sublayers[0].pos_offset, method=Transformer.embed
-        )
-        if block_offsets is not None:
-            x = x + block_offsets.astype(x.dtype)
-        carry, x, _ = net.apply(variables, x, carry, tables, method=Transformer.body)
-        log_probs = net.apply(variables, x, method=Transformer.log_softmax)
+        carry, log_probs = run_block(net, variables, tables, carry, block_tokens, block_offsets)
         if block_targets is None:
             return carry, log_probs
         return carry, jnp.take_along_axis(log_probs, block_targets[..., None], axis=-1)[..., 0]

@@ -105,3 +105,91 @@ def score_ids(
     result = ScoreResult(-float(total), batch * length, log_probs)
     new_context = Context(state=state, last_token=ids[:, -1].copy(), tokens=context.tokens + length)
     return result, new_context
+
+
+READ_SIZE = 1 << 20
+
+
+@dataclasses.dataclass
+class FileScore:
+    """Totals for one text; `nll` in nats per token."""
+
+    file: str
+    bytes: int = 0
+    tokens: int = 0
+    nll_sum: float = 0.0
+    invalid_utf8: bool = False
+
+    def row(self) -> dict:
+        nll = self.nll_sum / self.tokens if self.tokens else 0.0
+        return {
+            "file": self.file,
+            "bytes": self.bytes,
+            "tokens": self.tokens,
+            "nll": nll,
+            "perplexity": math.exp(nll),
+            "bits_per_token": nll / math.log(2),
+            "bits_per_byte": self.nll_sum / math.log(2) / self.bytes if self.bytes else 0.0,
+        }
+
+
+def text_pieces(stream, read_size: int = READ_SIZE) -> Iterator[bytes]:
+    """Raw bytes in pieces of about read_size, cut after a newline (or a whole character)."""
+    rest = b""
+    while True:
+        data = stream.read(read_size)
+        if not data:
+            if rest:
+                yield rest
+            return
+        data = rest + data
+        cut = data.rfind(b"\n") + 1
+        if cut == 0:  # no newline: cut before a UTF-8 lead byte
+            cut = len(data)
+            while cut > 0 and len(data) - cut < 4 and (data[cut - 1] & 0xC0) == 0x80:
+                cut -= 1
+            cut = cut - 1 if cut > 0 and data[cut - 1] >= 0xC0 else cut
+            cut = cut or len(data)
+        yield data[:cut]
+        rest = data[cut:]
+
+
+def score_stream(
+    model: Model,
+    stream,
+    name: str,
+    *,
+    context: Context | None = None,
+    on_piece=None,
+    on_tokens=None,
+) -> tuple[FileScore, Context]:
+    """Scores a binary stream in one pass, piece by piece, carrying the context.
+
+    on_piece(score) is called after each piece (progress); on_tokens(ids, log_probs,
+    byte_offset) receives per-token results when given. Memory stays flat in length.
+    """
+    tokenizer = model.tokenizer
+    result = FileScore(name)
+    context = context or Context.start(model, 1)
+    offset = 0
+    for raw in text_pieces(stream):
+        result.bytes += len(raw)
+        if hasattr(tokenizer, "encode_bytes"):
+            ids = tokenizer.encode_bytes(raw)
+        else:
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                text = raw.decode("utf-8", errors="replace")
+                result.invalid_utf8 = True
+            ids = tokenizer.encode(text)
+        if ids:
+            scored, context = score_ids(model, ids, context, keep_log_probs=on_tokens is not None)
+            result.tokens += scored.tokens
+            result.nll_sum += scored.nll_sum
+            if on_tokens is not None:
+                on_tokens(ids, scored.log_probs[0], offset)
+                offset += sum(len(tokenizer.token_bytes(i)) for i in ids)
+        if on_piece is not None:
+            on_piece(result)
+    return result, context

@@ -85,43 +85,9 @@ def root(
     """
 
 
-@app.command()
-@handle_errors
-def info(
-    model: Annotated[Path, typer.Argument(help="Model directory.")],
-    json_output: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
-) -> None:
-    """Show a model's architecture, size and state size."""
-    import json
-
-    import tvq
-
-    loaded = tvq.load(model)
-    report = {
-        "model": str(model),
-        "config": loaded.config.to_dict(),
-        "parameters": loaded.param_count,
-        "state_bytes_per_sequence": loaded.state_bytes_per_sequence,
-        "block_len": loaded.block_len,
-        "metadata": loaded.metadata,
-    }
-    if json_output:
-        typer.echo(json.dumps(report, indent=2))
-        return
-    out = Console(highlight=False)
-    out.print(f"[bold]{model}[/bold]")
-    for key, value in loaded.config.to_dict().items():
-        out.print(f"  {key:<22} {value}")
-    out.print(f"  {'parameters':<22} {loaded.param_count:,}")
-    out.print(f"  {'state bytes/sequence':<22} {loaded.state_bytes_per_sequence:,}")
-    out.print(f"  {'default block_len':<22} {loaded.block_len}")
-    for key, value in loaded.metadata.items():
-        out.print(f"  {key:<22} {value}")
-
-
 def register_commands() -> None:
     """Commands live in their own modules; importing them adds them to `app`."""
-    from tvqcli import train_cmd  # noqa: F401
+    from tvqcli import generate_cmd, model_cmd, score_cmd, train_cmd  # noqa: F401
 
 
 def main() -> None:

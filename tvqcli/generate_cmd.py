@@ -1,0 +1,143 @@
+"""`tvq generate`: stream a continuation of a prompt to stdout."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from tvqcli.main import app, fail, handle_errors, stderr
+
+ModelOption = Annotated[
+    Path | None, typer.Option("--model", "-m", help="Model directory [default: built-in].")
+]
+
+
+def read_prompt(prompt: str | None, file: Path | None) -> str:
+    """Piped stdin first, then -f FILE or the argument; '-' reads stdin explicitly."""
+    parts = []
+    explicit_stdin = prompt == "-"
+    if explicit_stdin or not sys.stdin.isatty():
+        try:
+            data = sys.stdin.buffer.read() if sys.stdin is not None else b""
+        except (OSError, ValueError):
+            data = b""
+        if data:
+            parts.append(data.decode("utf-8", errors="replace"))
+    if file is not None:
+        try:
+            parts.append(file.read_bytes().decode("utf-8", errors="replace"))
+        except IsADirectoryError:
+            raise fail(f"{file} is a directory") from None
+        except OSError as e:
+            raise fail(f"{file} cannot be read: {e.strerror}") from None
+    if prompt and not explicit_stdin:
+        parts.append(prompt)
+    text = ""
+    for part in parts:
+        text = text + ("\n" if text and not text.endswith("\n") else "") + part
+    return text
+
+
+@app.command()
+@handle_errors
+def generate(
+    prompt: Annotated[str | None, typer.Argument(help="Prompt text ('-' reads stdin).")] = None,
+    file: Annotated[
+        Path | None, typer.Option("--file", "-f", help="Read the prompt from FILE.")
+    ] = None,
+    model: ModelOption = None,
+    max_tokens: Annotated[
+        int, typer.Option("--max-tokens", "-n", help="Tokens to generate.")
+    ] = 200,
+    temperature: Annotated[float, typer.Option("--temperature", "-t", help="0 = greedy.")] = 0.8,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass, in (0, 1].")] = 0.95,
+    top_k: Annotated[int, typer.Option(help="Sample among the k likeliest (0 = off).")] = 0,
+    min_p: Annotated[float, typer.Option(help="Drop tokens below min-p × the top one.")] = 0.0,
+    seed: Annotated[int | None, typer.Option(help="Random seed [default: random].")] = None,
+    stop: Annotated[
+        list[str] | None, typer.Option(help="Stop before this text (repeatable).")
+    ] = None,
+    num_samples: Annotated[int, typer.Option(help="Samples, generated as one batch.")] = 1,
+    echo: Annotated[bool, typer.Option(help="Print the prompt first.")] = False,
+    stream: Annotated[bool, typer.Option(help="Print tokens as they are sampled.")] = True,
+    json_output: Annotated[
+        bool, typer.Option("--json", help="One JSON object per sample.")
+    ] = False,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Seed and speed on stderr.")
+    ] = False,
+    load_state: Annotated[Path | None, typer.Option(help="Continue from a saved state.")] = None,
+    save_state: Annotated[Path | None, typer.Option(help="Save the state after the text.")] = None,
+) -> None:
+    """Generate text; tokens stream to stdout as they are sampled."""
+    import tvq
+    from tvq.decoding import generate as run_generate
+    from tvq.sampling import Sampler
+    from tvq.statefile import load_state as read_state
+    from tvq.statefile import save_state as write_state
+
+    if max_tokens < 0:
+        raise fail(f"--max-tokens must be >= 0, got {max_tokens}", 2)
+    if num_samples < 1:
+        raise fail(f"--num-samples must be >= 1, got {num_samples}", 2)
+    if save_state is not None and num_samples != 1:
+        raise fail("--save-state needs --num-samples 1 (one text, one state)", 2)
+    try:
+        sampler = Sampler(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
+    except tvq.TvqError as e:
+        raise fail(str(e), 2) from None
+    text = read_prompt(prompt, file)
+    loaded = tvq.load(model)
+    context = read_state(load_state, loaded) if load_state is not None else None
+    seed = secrets.randbits(31) if seed is None else seed
+    out = sys.stdout
+    live = stream and num_samples == 1 and not json_output
+    if echo and not json_output:
+        out.write(text)
+        out.flush()
+
+    def on_text(row: int, piece: str) -> None:
+        out.write(piece)
+        out.flush()
+
+    result = run_generate(
+        loaded, loaded.tokenizer.encode(text), max_tokens=max_tokens, sampler=sampler,
+        seed=seed, num_samples=num_samples, stop=stop or [], context=context,
+        on_text=on_text if live else None,
+    )  # fmt: skip
+    timings = {
+        "prompt_tokens": result.prompt_tokens,
+        "prompt_seconds": round(result.prompt_seconds, 4),
+        "prompt_tokens_per_second": round(
+            result.prompt_tokens / max(result.prompt_seconds, 1e-9), 1
+        ),
+        "generated_tokens": result.generated_tokens,
+        "generate_seconds": round(result.generate_seconds, 4),
+        "tokens_per_second": round(result.generated_tokens / result.generate_seconds, 1),
+    }
+    for i, sample in enumerate(result.samples):
+        if json_output:
+            record = {"text": sample.text, "tokens": sample.ids,
+                      "logprobs": [round(x, 6) for x in sample.log_probs],
+                      "finish_reason": sample.finish_reason, "seed": seed, "sample": i,
+                      "timings": timings}  # fmt: skip
+            out.write(json.dumps(record, ensure_ascii=False) + "\n")
+        elif not live:
+            out.write(("\n\n" if i else "") + sample.text)
+    if not json_output and (result.samples[-1].text or echo) and out.isatty():
+        out.write("\n")
+    out.flush()
+    if save_state is not None:
+        write_state(save_state, loaded, result.context)
+    if verbose:
+        stderr.print(
+            f"seed {seed} · prompt {result.prompt_tokens} tokens, "
+            f"{timings['prompt_tokens_per_second']:.0f} tok/s · generated "
+            f"{result.generated_tokens} tokens, {timings['tokens_per_second']:.0f} tok/s",
+            highlight=False,
+        )

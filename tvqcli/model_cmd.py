@@ -1,0 +1,83 @@
+"""`tvq info` and `tvq convert`: look inside a model, import a reference checkpoint."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from tvqcli.main import app, fail, handle_errors, stderr
+
+
+@app.command()
+@handle_errors
+def info(
+    model: Annotated[
+        Path | None, typer.Argument(help="Model directory [default: built-in].")
+    ] = None,
+    json_output: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Architecture, parameters, tokenizer, training metadata, state size, block length."""
+    import tvq
+
+    loaded = tvq.load(model)
+    tok = loaded.tokenizer
+    report = {
+        "model": str(model) if model else "built-in",
+        "config": loaded.config.to_dict(),
+        "parameters": loaded.param_count,
+        "tokenizer": None if tok is None else {
+            "kind": tok.kind, "vocab_size": tok.vocab_size, "fingerprint": tok.fingerprint,
+        },
+        "state_bytes_per_sequence": loaded.state_bytes_per_sequence,
+        "block_len": loaded.block_len,
+        "metadata": loaded.metadata,
+    }  # fmt: skip
+    if json_output:
+        typer.echo(json.dumps(report, indent=2))
+        return
+    out = Console(highlight=False)
+    out.print(f"[bold]{report['model']}[/bold]")
+    rows = dict(loaded.config.to_dict())
+    rows["parameters"] = f"{loaded.param_count:,}"
+    if tok is not None:
+        rows["tokenizer"] = f"{tok.kind}, {tok.vocab_size} ids, {tok.fingerprint[:23]}…"
+    rows["state bytes/sequence"] = f"{loaded.state_bytes_per_sequence:,}"
+    rows["default block_len"] = loaded.block_len
+    for key, value in loaded.metadata.items():
+        if key not in ("train_settings",):
+            rows[key] = value
+    for key, value in rows.items():
+        out.print(f"  {key:<22} {value}")
+
+
+@app.command()
+@handle_errors
+def convert(
+    checkpoint: Annotated[Path, typer.Argument(help="Reference checkpoint (dir or file).")],
+    flags: Annotated[Path, typer.Option(help="JSON file of the reference launch flags.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Model directory to write.")],
+    tokenizer: Annotated[
+        Path | None, typer.Option(help="Sentencepiece .model the checkpoint was trained with.")
+    ] = None,
+    use_bytes: Annotated[bool, typer.Option("--bytes", help="Byte-level vocabulary.")] = False,
+) -> None:
+    """Turn a checkpoint of the reference implementation into a tvq model directory."""
+    import tvq
+    from tvq.tokenizer import open_tokenizer
+
+    if tokenizer is None and not use_bytes:
+        raise fail("give the checkpoint's vocabulary: --tokenizer FILE or --bytes", 2)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise fail(f"--out {out} exists and is not empty")
+    model = tvq.Model.from_reference(checkpoint, flags)
+    tok = open_tokenizer(tokenizer, use_bytes=use_bytes)
+    model = tvq.Model(
+        model.config, model.params, block_len=model.block_len, tokenizer=tok,
+        metadata={"converted_from": str(checkpoint), "flags": str(flags)},
+    )  # fmt: skip
+    model.save(out)
+    stderr.print(f"wrote {out} ({model.param_count:,} parameters)", highlight=False)

@@ -1,0 +1,214 @@
+"""`tvq score`: perplexity and bits per byte of files of any length, in one streaming pass."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from tvqcli.generate_cmd import ModelOption
+from tvqcli.main import app, fail, handle_errors, stderr
+
+FORMATS = ("table", "json", "jsonl", "csv")
+KEYS = ("file", "bytes", "tokens", "nll", "perplexity", "bits_per_token", "bits_per_byte")
+
+
+def open_input(name: str):
+    if name == "-":
+        return sys.stdin.buffer
+    path = Path(name)
+    if path.is_dir():
+        raise fail(f"{name} is a directory")
+    try:
+        return path.open("rb")
+    except FileNotFoundError:
+        raise fail(f"{name} does not exist") from None
+    except OSError as e:
+        raise fail(f"{name} cannot be read: {e.strerror}") from None
+
+
+def total_row(scores) -> dict:
+    from tvq.scoring import FileScore
+
+    total = FileScore("TOTAL")
+    for s in scores:
+        total.bytes += s.bytes
+        total.tokens += s.tokens
+        total.nll_sum += s.nll_sum
+    return total.row()
+
+
+def render(rows: list[dict], fmt: str, partial: bool) -> str:
+    if partial:
+        rows = [dict(r, partial=True) for r in rows]
+    if fmt == "json":
+        return json.dumps(rows, indent=2) + "\n"
+    if fmt == "jsonl":
+        return "".join(json.dumps(r) + "\n" for r in rows)
+    if fmt == "csv":
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        return buffer.getvalue()
+    raise ValueError(fmt)
+
+
+def print_table(rows: list[dict], partial: bool) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="partial results (interrupted)" if partial else None)
+    for key in KEYS:
+        table.add_column(key, justify="left" if key == "file" else "right")
+    for r in rows:
+        table.add_row(r["file"], f"{r['bytes']:,}", f"{r['tokens']:,}", f"{r['nll']:.4f}",
+                      f"{r['perplexity']:.3f}", f"{r['bits_per_token']:.4f}",
+                      f"{r['bits_per_byte']:.4f}")  # fmt: skip
+    Console().print(table)
+
+
+@app.command()
+@handle_errors
+def score(
+    files: Annotated[list[str], typer.Argument(help="Files to score ('-' reads stdin).")],
+    model: ModelOption = None,
+    fmt: Annotated[
+        str | None,
+        typer.Option(
+            "--format", help="table, json, jsonl or csv [default: table on a terminal, else jsonl]."
+        ),  # fmt: skip
+    ] = None,
+    per_token: Annotated[
+        Path | None, typer.Option(help="Write each token's text, byte offset and log-prob (JSONL).")
+    ] = None,
+    load_state: Annotated[Path | None, typer.Option(help="Continue from a saved state.")] = None,
+    save_state: Annotated[Path | None, typer.Option(help="Save the state after the text.")] = None,
+    block_len: Annotated[int | None, typer.Option(help="Block length (speed only).")] = None,
+) -> None:
+    """Score files: NLL, perplexity, bits per token and bits per byte, per file and in total."""
+    import tvq
+    from tvq.scoring import score_stream
+    from tvq.statefile import load_state as read_state
+    from tvq.statefile import save_state as write_state
+
+    fmt = fmt or ("table" if sys.stdout.isatty() else "jsonl")
+    if fmt not in FORMATS:
+        raise fail(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}", 2)
+    if save_state is not None and len(files) != 1:
+        raise fail("--save-state takes one input (the state after that text)", 2)
+    if block_len is not None and block_len < 1:
+        raise fail(f"--block-len must be >= 1, got {block_len}", 2)
+    streams = [open_input(name) for name in files]  # every path is checked before work starts
+    loaded = tvq.load(model)
+    if block_len is not None:
+        loaded.block_len = block_len
+    start = read_state(load_state, loaded) if load_state is not None else None
+    per_token_file = None
+    if per_token is not None:
+        try:
+            per_token_file = per_token.open("w", encoding="utf-8")
+        except OSError as e:
+            raise fail(f"{per_token} cannot be written: {e.strerror}") from None
+
+    scores, partial, context = [], False, None
+    progress = _Progress(sum(_size(f) for f in files))
+    try:
+        for name, stream in zip(files, streams, strict=True):
+
+            def on_tokens(ids, log_probs, offset, name=name):
+                tok = loaded.tokenizer
+                for token, lp in zip(ids, log_probs, strict=True):
+                    text = tok.token_bytes(token).decode("utf-8", errors="replace")
+                    per_token_file.write(json.dumps(
+                        {"file": name, "token": text, "id": int(token), "offset": offset,
+                         "logprob": round(float(lp), 6)}, ensure_ascii=False) + "\n")  # fmt: skip
+                    offset += len(tok.token_bytes(token))
+
+            result, context = score_stream(
+                loaded, stream, "<stdin>" if name == "-" else name, context=start,
+                on_piece=progress.update, on_tokens=on_tokens if per_token_file else None,
+            )  # fmt: skip
+            progress.finish_file(result)
+            scores.append(result)
+            if result.invalid_utf8:
+                stderr.print(f"warning: {name} is not valid UTF-8; "
+                             "decoded with replacement characters", highlight=False)  # fmt: skip
+    except KeyboardInterrupt:
+        partial = True
+        current = progress.current
+        if current is not None and current not in scores:
+            scores.append(current)
+    finally:
+        progress.close()
+        for stream in streams:
+            if stream is not sys.stdin.buffer:
+                stream.close()
+        if per_token_file is not None:
+            per_token_file.close()
+
+    rows = [s.row() for s in scores] + [total_row(scores)]
+    if fmt == "table":
+        print_table(rows, partial)
+    else:
+        sys.stdout.write(render(rows, fmt, partial))
+        sys.stdout.flush()
+    if partial:
+        stderr.print("interrupted: the results above are partial", highlight=False)
+        raise typer.Exit(130)
+    if save_state is not None and context is not None:
+        write_state(save_state, loaded, context)
+
+
+def _size(name: str) -> int:
+    try:
+        return Path(name).stat().st_size if name != "-" else 0
+    except OSError:
+        return 0
+
+
+class _Progress:
+    """Bytes done, running bits per byte and ETA on stderr, only when it is a terminal."""
+
+    def __init__(self, total_bytes: int) -> None:
+        self.current = None
+        self.done_before = 0
+        self.bar = None
+        if stderr.is_terminal:
+            from rich.progress import (
+                BarColumn,
+                DownloadColumn,
+                Progress,
+                TextColumn,
+                TimeRemainingColumn,
+            )
+
+            self.bar = Progress(
+                BarColumn(), DownloadColumn(),
+                TextColumn("{task.fields[bpb]} bits/byte"), TimeRemainingColumn(),
+                console=stderr, transient=True,
+            )  # fmt: skip
+            self.bar.start()
+            self.task = self.bar.add_task("score", total=total_bytes or None, bpb="-")
+        self.started = time.perf_counter()
+
+    def update(self, result) -> None:
+        self.current = result
+        if self.bar is not None:
+            bpb = result.row()["bits_per_byte"]
+            self.bar.update(self.task, completed=self.done_before + result.bytes,
+                            bpb=f"{bpb:.4f}")  # fmt: skip
+
+    def finish_file(self, result) -> None:
+        self.done_before += result.bytes
+        self.current = None
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
