@@ -153,7 +153,7 @@ def generate(
     prompt_ids: Sequence[int],
     *,
     max_tokens: int = 256,
-    sampler: Sampler = Sampler(),
+    sampler: Sampler | None = None,
     seed: int = 0,
     num_samples: int = 1,
     stop: Sequence[str] = (),
@@ -165,6 +165,7 @@ def generate(
     on_text(row, text) receives text as soon as it is final (never half a character,
     never the start of a stop string that may still complete).
     """
+    sampler = sampler or Sampler()
     if model.tokenizer is None:
         raise InputError("this model has no tokenizer: generation needs one")
     if max_tokens < 0:

@@ -20,6 +20,7 @@ from tvq.model import Model
 from tvq.state import ModelState
 
 CHUNK_BLOCKS = 32
+MIN_CHUNK = 4096  # tokens per compiled call at least, whatever the block length
 
 
 @dataclasses.dataclass
@@ -45,7 +46,7 @@ def eos_id(model: Model) -> int:
 
 def piece_sizes(length: int, block_len: int, chunk_blocks: int = CHUNK_BLOCKS) -> Iterator[int]:
     """Splits `length` into sizes from {chunk, chunk/2, …, L, and binary sizes below L}."""
-    chunk = block_len * chunk_blocks
+    chunk = block_len * max(chunk_blocks, -(-MIN_CHUNK // block_len))
     while length >= chunk:
         yield chunk
         length -= chunk
@@ -107,7 +108,7 @@ def score_ids(
     return result, new_context
 
 
-READ_SIZE = 1 << 20
+READ_SIZE = 1 << 16
 
 
 @dataclasses.dataclass
@@ -165,31 +166,47 @@ def score_stream(
 ) -> tuple[FileScore, Context]:
     """Scores a binary stream in one pass, piece by piece, carrying the context.
 
-    on_piece(score) is called after each piece (progress); on_tokens(ids, log_probs,
-    byte_offset) receives per-token results when given. Memory stays flat in length.
+    Tokens are scored in whole chunks of one compiled shape as they arrive; only the
+    final remainder uses the smaller shapes. on_piece(score) is called after each chunk
+    (progress; bytes then count the scored tokens); on_tokens(ids, log_probs,
+    byte_offset) receives per-token results. Memory stays flat whatever the length.
     """
     tokenizer = model.tokenizer
     result = FileScore(name)
     context = context or Context.start(model, 1)
-    offset = 0
+    chunk = next(piece_sizes(1 << 40, model.block_len))
+    pending: list[int] = []
+    raw_bytes, offset = 0, 0
+
+    def flush(ids: list[int]) -> None:
+        nonlocal context, offset
+        scored, context = score_ids(model, ids, context, keep_log_probs=on_tokens is not None)
+        result.tokens += scored.tokens
+        result.nll_sum += scored.nll_sum
+        size = sum(len(tokenizer.token_bytes(i)) for i in ids)
+        if on_tokens is not None:
+            on_tokens(ids, scored.log_probs[0], offset)
+        offset += size
+        result.bytes = offset
+        if on_piece is not None:
+            on_piece(result)
+
     for raw in text_pieces(stream):
-        result.bytes += len(raw)
+        raw_bytes += len(raw)
         if hasattr(tokenizer, "encode_bytes"):
-            ids = tokenizer.encode_bytes(raw)
+            pending.extend(tokenizer.encode_bytes(raw))
         else:
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError:
                 text = raw.decode("utf-8", errors="replace")
                 result.invalid_utf8 = True
-            ids = tokenizer.encode(text)
-        if ids:
-            scored, context = score_ids(model, ids, context, keep_log_probs=on_tokens is not None)
-            result.tokens += scored.tokens
-            result.nll_sum += scored.nll_sum
-            if on_tokens is not None:
-                on_tokens(ids, scored.log_probs[0], offset)
-                offset += sum(len(tokenizer.token_bytes(i)) for i in ids)
-        if on_piece is not None:
-            on_piece(result)
+            pending.extend(tokenizer.encode(text))
+        ready = len(pending) // chunk * chunk
+        if ready:
+            flush(pending[:ready])
+            pending = pending[ready:]
+    if pending:
+        flush(pending)
+    result.bytes = raw_bytes
     return result, context
