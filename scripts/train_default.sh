@@ -32,9 +32,5 @@ if [ "${2:-}" != "--ship" ]; then
     --lr 2e-3 --warmup 100 --weight-decay 0.01 --grad-clip 1.0 --c-beta 1e-4 --c-gamma 0.99 \
     --seed 0 --eval-every 200 --save-every 25
 else
-  dest=tvq/models/default
-  rm -rf "$dest" && mkdir -p "$dest"
-  cp -r "$work/model/config.json" "$work/model/params" "$work/model/tokenizer.model" "$dest/"
-  cp "$work/model/tokenizer.model" tokenizers/shakespeare-4k.model
-  echo "shipped $(du -sh "$dest" | cut -f1) to $dest"
+  python scripts/ship_default.py "$work/model"
 fi

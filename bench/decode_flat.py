@@ -1,0 +1,64 @@
+"""Per-token decoding cost at different context positions: it must be flat.
+
+    python bench/decode_flat.py [--model DIR] [--positions 200 20000] [--tokens 200]
+
+For each position P the model first reads P tokens (scoring, not timed), then the
+compiled decode loop samples --tokens tokens; ms/token is the median of several
+repeats, all in this one run, and the ratio to the first position is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine  # noqa: E402
+
+import tvq  # noqa: E402
+from tvq.decoding import _SINK, decode_loop  # noqa: E402
+from tvq.sampling import Sampler  # noqa: E402
+from tvq.scoring import score_ids  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--positions", type=int, nargs="+", default=[200, 2000, 20000])
+    parser.add_argument("--tokens", type=int, default=200)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    model = tvq.load(args.model)
+    rng = np.random.default_rng(0)
+    sampler = Sampler(temperature=1.0)
+    _SINK.append(lambda *a: False)  # the loop runs to --tokens; nothing is printed
+    print(f"# decode_flat: {machine()}; batch {args.batch}; {args.tokens} tokens per timing")
+    print("position  ms/token  tokens/s  ratio")
+    base = None
+    for position in args.positions:
+        ids = rng.integers(3, model.config.n_vocab, size=(args.batch, position))
+        _, context = score_ids(model, ids)
+        times = []
+        for r in range(args.repeats + 1):
+            state = jax.tree_util.tree_map(jnp.copy, context.state)
+            token = jnp.asarray(context.last_token)
+            start = time.perf_counter()
+            out = decode_loop(model.config, model.params, state, token, jax.random.PRNGKey(r),
+                              jnp.asarray(args.tokens, jnp.int32), sampler)  # fmt: skip
+            jax.block_until_ready(out)
+            if r:  # the first run compiles
+                times.append(time.perf_counter() - start)
+        ms = 1000 * float(np.median(times)) / args.tokens
+        base = base or ms
+        print(f"{position:>8}  {ms:8.3f}  {args.batch * 1000 / ms:8.0f}  {ms / base:5.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,68 @@
+"""Peak memory of `tvq score` on a small and a large file: it must not grow with length.
+
+    python bench/score_memory.py [--model DIR] [--small-mb 1] [--big-mb 100]
+
+Each file is scored by a separate `tvq score` process; its peak RSS comes from
+wait4(). Both run in this one invocation and the ratio big/small is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+SEED_TEXT = ROOT / "tests" / "data" / "macbeth_head.txt"
+
+
+def make_file(path: Path, megabytes: float) -> None:
+    unit = SEED_TEXT.read_bytes()
+    target = int(megabytes * 2**20)
+    with path.open("wb") as f:
+        written = 0
+        while written < target:
+            piece = unit[: target - written]
+            f.write(piece)
+            written += len(piece)
+
+
+def peak_rss(args: list[str]) -> tuple[float, float]:
+    start = time.perf_counter()
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    if status != 0:
+        raise SystemExit(f"{' '.join(args)} failed: {proc.stderr.read().decode()}")
+    return usage.ru_maxrss / 1024, time.perf_counter() - start  # MiB, seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--small-mb", type=float, default=1)
+    parser.add_argument("--big-mb", type=float, default=100)
+    args = parser.parse_args()
+    model = ["-m", args.model] if args.model else []
+    print(f"# score_memory: {machine()}")
+    print("file_MiB  peak_RSS_MiB  seconds  ratio")
+    with tempfile.TemporaryDirectory() as tmp:
+        base = None
+        for mb in (args.small_mb, args.big_mb):
+            path = Path(tmp) / f"{mb}MB.txt"
+            make_file(path, mb)
+            cmd = [sys.executable, "-m", "tvqcli", "score", str(path), *model, "--format", "json"]
+            rss, seconds = peak_rss(cmd)
+            base = base or rss
+            print(f"{mb:>8}  {rss:12.1f}  {seconds:7.1f}  {rss / base:5.3f}")
+            path.unlink()
+
+
+if __name__ == "__main__":
+    main()
