@@ -21,10 +21,11 @@ def read_prompt(prompt: str | None, file: Path | None) -> str:
     """Piped stdin first, then -f FILE or the argument; '-' reads stdin explicitly."""
     parts = []
     explicit_stdin = prompt == "-"
-    if explicit_stdin or not sys.stdin.isatty():
+    has_stdin = sys.stdin is not None
+    if has_stdin and (explicit_stdin or not sys.stdin.isatty()):
         try:
-            data = sys.stdin.buffer.read() if sys.stdin is not None else b""
-        except (OSError, ValueError):
+            data = sys.stdin.buffer.read()
+        except (OSError, ValueError):  # closed or unreadable: no prompt from there
             data = b""
         if data:
             parts.append(data.decode("utf-8", errors="replace"))
