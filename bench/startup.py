@@ -1,6 +1,6 @@
 """Time to first token of `tvq generate "..." -n 1`, cold (empty compilation cache) and warm.
 
-    python bench/startup.py [--model DIR] [--repeats 3]
+python bench/startup.py [--model DIR] [--repeats 3]
 """
 
 from __future__ import annotations

@@ -47,17 +47,13 @@ class Sampler:
             floor = self.min_p * jnp.max(probs, axis=-1, keepdims=True)
             logits = jnp.where(probs < floor, -jnp.inf, logits)
         if self.top_p < 1:
-            order = jnp.argsort(-logits, axis=-1)
-            sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
-            cumulative = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
-            # keep a token if the mass before it is below p: the top token always stays
-            drop_sorted = (cumulative - jax.nn.softmax(sorted_logits, axis=-1)) >= self.top_p
-            drop = (
-                jnp.zeros_like(drop_sorted)
-                .at[jnp.arange(logits.shape[0])[:, None], order]
-                .set(drop_sorted)
-            )
-            logits = jnp.where(drop, -jnp.inf, logits)
+            # Keep the likeliest tokens whose mass before them is below p (the top one
+            # always): everything at or above the last kept logit survives.
+            ordered = -jnp.sort(-logits, axis=-1)  # descending
+            probs = jax.nn.softmax(ordered, axis=-1)
+            n_keep = jnp.sum(jnp.cumsum(probs, axis=-1) - probs < self.top_p, axis=-1)
+            cutoff = jnp.take_along_axis(ordered, n_keep[:, None] - 1, axis=-1)
+            logits = jnp.where(logits < cutoff, -jnp.inf, logits)
         return logits
 
     def sample(self, key: jax.Array, log_probs: jax.Array) -> jax.Array:

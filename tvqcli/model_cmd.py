@@ -48,7 +48,7 @@ def info(
     rows["state bytes/sequence"] = f"{loaded.state_bytes_per_sequence:,}"
     rows["default block_len"] = loaded.block_len
     for key, value in loaded.metadata.items():
-        if key not in ("train_settings",):
+        if key not in ("train_settings", "tokenizer"):  # settings: see --json
             rows[key] = value
     for key, value in rows.items():
         out.print(f"  {key:<22} {value}")

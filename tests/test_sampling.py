@@ -1,0 +1,46 @@
+"""Sampling filters keep exactly the tokens they should."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import tvq
+from tvq.sampling import Sampler
+
+PROBS = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
+
+
+def kept(sampler: Sampler) -> list[int]:
+    return np.isfinite(np.asarray(sampler.filter(PROBS)[0])).astype(int).tolist()
+
+
+@pytest.mark.parametrize(
+    ("sampler", "expected"),
+    [
+        (Sampler(top_p=0.5), [1, 0, 0, 0]),
+        (Sampler(top_p=0.8), [1, 1, 0, 0]),
+        (Sampler(top_p=0.81), [1, 1, 1, 0]),
+        (Sampler(top_p=1.0), [1, 1, 1, 1]),
+        (Sampler(top_k=2), [1, 1, 0, 0]),
+        (Sampler(min_p=0.35), [1, 1, 0, 0]),
+        (Sampler(min_p=0.2, top_k=1), [1, 0, 0, 0]),
+    ],
+)
+def test_filters(sampler, expected):
+    assert kept(sampler) == expected
+
+
+def test_greedy_and_temperature():
+    assert int(Sampler(temperature=0).sample(jax.random.PRNGKey(0), PROBS)[0]) == 0
+    draws = jax.vmap(lambda k: Sampler(temperature=1.0).sample(k, PROBS)[0])(
+        jax.random.split(jax.random.PRNGKey(1), 4000)
+    )
+    freq = np.bincount(np.asarray(draws), minlength=4) / 4000
+    np.testing.assert_allclose(freq, [0.5, 0.3, 0.15, 0.05], atol=0.03)
+
+
+@pytest.mark.parametrize("bad", [dict(temperature=-1), dict(top_p=0), dict(top_k=-1)])
+def test_bad_values(bad):
+    with pytest.raises(tvq.InputError):
+        Sampler(**bad)
