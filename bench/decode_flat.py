@@ -33,7 +33,7 @@ def main() -> None:
     parser.add_argument("--positions", type=int, nargs="+", default=[200, 2000, 20000])
     parser.add_argument("--tokens", type=int, default=200)
     parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=7)
     args = parser.parse_args()
     model = tvq.load(args.model)
     rng = np.random.default_rng(0)
@@ -41,24 +41,28 @@ def main() -> None:
     _SINK.append(lambda *a: False)  # the loop runs to --tokens; nothing is printed
     print(f"# decode_flat: {machine()}; batch {args.batch}; {args.tokens} tokens per timing")
     print("position  ms/token  tokens/s  ratio")
-    base = None
+    contexts = {}
     for position in args.positions:
         ids = rng.integers(3, model.config.n_vocab, size=(args.batch, position))
-        _, context = score_ids(model, ids)
-        times = []
-        for r in range(args.repeats + 1):
+        contexts[position] = score_ids(model, ids)[1]
+    times: dict[int, list[float]] = {p: [] for p in args.positions}
+    # Rounds interleave the positions, so drift of the machine hits them all alike.
+    for r in range(args.repeats + 1):
+        for position in args.positions:
+            context = contexts[position]
             state = jax.tree_util.tree_map(jnp.copy, context.state)
             token = jnp.asarray(context.last_token)
             start = time.perf_counter()
             out = decode_loop(model.config, model.params, state, token, jax.random.PRNGKey(r),
                               jnp.asarray(args.tokens, jnp.int32), sampler)  # fmt: skip
             jax.block_until_ready(out)
-            if r:  # the first run compiles
-                times.append(time.perf_counter() - start)
-        ms = 1000 * float(np.median(times)) / args.tokens
+            if r:  # round 0 compiles and warms up
+                times[position].append(time.perf_counter() - start)
+    base = None
+    for position in args.positions:
+        ms = 1000 * float(np.median(times[position])) / args.tokens
         base = base or ms
         print(f"{position:>8}  {ms:8.3f}  {args.batch * 1000 / ms:8.0f}  {ms / base:5.3f}")
-
 
 if __name__ == "__main__":
     main()
