@@ -132,3 +132,16 @@ def test_bad_training_input(tmp_path):
         assert message in result.stderr
         assert "Traceback" not in result.output
     assert (tmp_path / "busy" / "thesis.tex").read_text() == "x"
+
+
+def test_fine_tune_from_model(tmp_path):
+    texts = corpus(tmp_path)
+    base = train_from_files(texts=[texts], out=tmp_path / "base", use_bytes=True,
+                            architecture=ARCH, settings=dict(SETTINGS, steps=3))  # fmt: skip
+    tuned = train_from_files(texts=[texts], out=tmp_path / "tuned", from_dir=tmp_path / "base",
+                             settings=dict(SETTINGS, steps=3))  # fmt: skip
+    assert tuned.config == base.config
+    assert tuned.metadata["fine_tuned_from"] == str(tmp_path / "base")
+    assert tuned.tokenizer.kind == "bytes"
+    moved = jax.tree_util.tree_leaves(tuned.params)[-1] - jax.tree_util.tree_leaves(base.params)[-1]
+    assert float(np.abs(np.asarray(moved)).max()) > 0
