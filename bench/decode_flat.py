@@ -64,5 +64,6 @@ def main() -> None:
         base = base or ms
         print(f"{position:>8}  {ms:8.3f}  {args.batch * 1000 / ms:8.0f}  {ms / base:5.3f}")
 
+
 if __name__ == "__main__":
     main()

@@ -220,7 +220,8 @@ class Model:
             )
         if tokens.shape[0] < 1 or tokens.shape[1] < 1:
             raise InputError(f"{name} must hold at least one token, got {tuple(tokens.shape)}")
-        low, high = int(jnp.min(tokens)), int(jnp.max(tokens))
+        values = tokens if isinstance(tokens, np.ndarray) else jnp.asarray(tokens)
+        low, high = int(values.min()), int(values.max())  # host arrays stay on the host
         if low < 0 or high >= self.config.n_vocab:
             bad = low if low < 0 else high
             raise InputError(
@@ -238,7 +239,7 @@ def check_state(config: ModelConfig, state: Any, batch_size: int) -> ModelState:
     """Raises StateError unless `state` fits this config and batch size."""
     if not isinstance(state, ModelState):
         raise StateError(f"state must be a tvq ModelState, got {type(state).__name__}")
-    expected = jax.eval_shape(lambda: initial_state(config, batch_size))
+    expected = state_shapes(config, batch_size)
     if len(state.sublayers) != len(expected.sublayers):
         raise StateError(
             f"state has {len(state.sublayers)} sublayers, this model has "
@@ -269,9 +270,14 @@ def default_block_len(config: ModelConfig) -> int:
     return max(1, min(DEFAULT_BLOCK_LEN, config.mem_len or DEFAULT_BLOCK_LEN))
 
 
-@functools.lru_cache(maxsize=32)
+@functools.lru_cache(maxsize=64)
+def state_shapes(config: ModelConfig, batch_size: int) -> ModelState:
+    """The state's shapes and dtypes, traced once per (config, batch size)."""
+    return jax.eval_shape(lambda: initial_state(config, batch_size))
+
+
 def initial_state_nbytes(config: ModelConfig) -> int:
-    shapes = jax.eval_shape(lambda: initial_state(config, 1))
+    shapes = state_shapes(config, 1)
     return int(sum(np.prod(x.shape) * x.dtype.itemsize for x in jax.tree_util.tree_leaves(shapes)))
 
 
@@ -287,7 +293,7 @@ def param_shapes(config: ModelConfig) -> Any:
     """The parameter tree of `config` as ShapeDtypeStructs, without computing anything."""
     net = Transformer(config)
     tokens = jax.ShapeDtypeStruct([1, 1], jnp.int32)
-    state = jax.eval_shape(lambda: initial_state(config, 1))
+    state = state_shapes(config, 1)
     return jax.eval_shape(net.init, jax.random.PRNGKey(0), tokens, state)["params"]
 
 

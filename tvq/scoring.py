@@ -44,9 +44,14 @@ def eos_id(model: Model) -> int:
     return int(tokenizer.eos_id) if tokenizer is not None else 1
 
 
-def piece_sizes(length: int, block_len: int, chunk_blocks: int = CHUNK_BLOCKS) -> Iterator[int]:
+def chunk_len(block_len: int) -> int:
+    """The largest piece: a whole number of blocks, at least MIN_CHUNK tokens."""
+    return block_len * max(CHUNK_BLOCKS, -(-MIN_CHUNK // block_len))
+
+
+def piece_sizes(length: int, block_len: int) -> Iterator[int]:
     """Splits `length` into sizes from {chunk, chunk/2, …, L, and binary sizes below L}."""
-    chunk = block_len * max(chunk_blocks, -(-MIN_CHUNK // block_len))
+    chunk = chunk_len(block_len)
     while length >= chunk:
         yield chunk
         length -= chunk
@@ -145,12 +150,9 @@ def text_pieces(stream, read_size: int = READ_SIZE) -> Iterator[bytes]:
             return
         data = rest + data
         cut = data.rfind(b"\n") + 1
-        if cut == 0:  # no newline: cut before a UTF-8 lead byte
-            cut = len(data)
-            while cut > 0 and len(data) - cut < 4 and (data[cut - 1] & 0xC0) == 0x80:
-                cut -= 1
-            cut = cut - 1 if cut > 0 and data[cut - 1] >= 0xC0 else cut
-            cut = cut or len(data)
+        if cut == 0:  # no newline: cut before a lead byte near the end (maybe half a character)
+            leads = [i for i in range(max(1, len(data) - 3), len(data)) if data[i] >= 0xC0]
+            cut = leads[-1] if leads else len(data)
         yield data[:cut]
         rest = data[cut:]
 
@@ -174,7 +176,7 @@ def score_stream(
     tokenizer = model.tokenizer
     result = FileScore(name)
     context = context or Context.start(model, 1)
-    chunk = next(piece_sizes(1 << 40, model.block_len))
+    chunk = chunk_len(model.block_len)
     pending: list[int] = []
     raw_bytes, offset = 0, 0
 
