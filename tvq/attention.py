@@ -214,15 +214,9 @@ class VQAttention(nn.Module):
             v=c * self.v.astype(jnp.float32).reshape(h, k),
         )
 
-    def __call__(
-        self,
-        x: jax.Array,
-        state: AttentionState,
-        tables: AttentionTables,
-        train: bool = False,
-        mask: jax.Array | None = None,
-    ) -> tuple[AttentionState, jax.Array, dict[str, jax.Array]]:
-        """x [B, L, D] → (new state, residual [B, L, D], training statistics)."""
+    def project(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+        """x [B, L, D] → q, keys [B, H, L, K] (normalised, scaled by c), values
+        [B, H, L, V], gate [B, L, H·V] (steps 1-3 of DESIGN.md section 4)."""
         b, block_len, _ = x.shape
         h, k, v = self.n_head, self.d_k, self.d_v
         x_tilde = self.input_ln(x)
@@ -233,10 +227,30 @@ class VQAttention(nn.Module):
         keys = rms_normalize(keys.reshape(b, block_len, h, k).astype(jnp.float32)) * self.scale
         values = nn.silu(values).reshape(b, block_len, h, v)
         gate = nn.silu(gate)
+        return (
+            q.transpose(0, 2, 1, 3),
+            keys.transpose(0, 2, 1, 3),
+            values.transpose(0, 2, 1, 3),
+            gate,
+        )
 
-        q = q.transpose(0, 2, 1, 3)  # [B, H, L, K]
-        keys = keys.transpose(0, 2, 1, 3)
-        values = values.transpose(0, 2, 1, 3)  # [B, H, L, V]
+    def output(self, out: jax.Array, gate: jax.Array) -> jax.Array:
+        """Attention output [B, H, L, V] gated and projected → residual [B, L, D]."""
+        b, h, block_len, v = out.shape
+        out = out.transpose(0, 2, 1, 3).reshape(b, block_len, h * v)
+        return self.res_proj((out.astype(self.dtype) * gate).astype(self.dtype))
+
+    def __call__(
+        self,
+        x: jax.Array,
+        state: AttentionState,
+        tables: AttentionTables,
+        train: bool = False,
+        mask: jax.Array | None = None,
+    ) -> tuple[AttentionState, jax.Array, dict[str, jax.Array]]:
+        """x [B, L, D] → (new state, residual [B, L, D], training statistics)."""
+        b, block_len, _ = x.shape
+        q, keys, values, gate = self.project(x)
         codes, codewords, errors = quantize(keys, tables.codebook)
         if train:  # straight-through: the forward value is C_z, gradients reach k
             codewords = codewords + keys - jax.lax.stop_gradient(keys)
@@ -247,8 +261,7 @@ class VQAttention(nn.Module):
         out = attend(
             q, window_k, window_v, tables, state, agg_cache=self.agg_cache, dtype=self.dtype
         )
-        out = out.transpose(0, 2, 1, 3).reshape(b, block_len, h * v)
-        res = self.res_proj((out.astype(self.dtype) * gate).astype(self.dtype))
+        res = self.output(out, gate)
         new_state = evict(state, window_z, window_k, window_v, self.n_code)
 
         stats: dict[str, jax.Array] = {}

@@ -1,10 +1,12 @@
-"""Decoding: one compiled loop that feeds each sampled token back as a block of length 1.
+"""Decoding: compiled loops that feed each sampled token back as a block of length 1.
 
 Block-length invariance (DESIGN.md invariant 3) makes this exact: the log-probs the
-sampler sees are those that scoring the finished text gives (invariant 6). The loop is
-a `jax.lax.while_loop`; each sampled token goes to the host through an ordered
-`io_callback`, which streams text and answers whether every sample has finished.
-Its cost per token does not depend on the position: the state has a fixed size.
+sampler sees are those that scoring the finished text gives (invariant 6). Tokens are
+sampled in chunks by one compiled `jax.lax.while_loop` (no Python per token); between
+chunks the host streams the text and applies stop strings. The first chunk is one
+token, so the first text appears at once, and chunks then double up to `CHUNK`.
+The attention memory lives in a ring during decoding (tvq.ring): each token is written
+in place, and its cost does not depend on the position.
 """
 
 from __future__ import annotations
@@ -17,48 +19,63 @@ from collections.abc import Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental import io_callback
 
 from tvq.errors import InputError
-from tvq.model import TRACE_COUNTS, Model, run_block
+from tvq.model import TRACE_COUNTS, Model
+from tvq.ring import model_from_ring, model_step, model_to_ring
 from tvq.sampling import Sampler
 from tvq.scoring import Context, score_ids
 from tvq.tokenizer import StreamDecoder
 from tvq.transformer import Transformer
 
-_SINK: list[Callable] = []  # the host function of the loop now running
+CHUNK = 32  # most tokens sampled per compiled call
 
 
-def _emit(step, tokens, log_probs):
-    return np.bool_(_SINK[-1](int(step), np.asarray(tokens), np.asarray(log_probs)))
+@functools.partial(jax.jit, static_argnames=("config", "sampler"))
+def decode_chunk(config, params, rings, token, key, n_steps, forced, n_forced, eos_id,
+                 sampler: Sampler):  # fmt: skip
+    """Samples up to n_steps (≤ CHUNK) tokens after `token` [B], stopping early once every
+    row has sampled eos_id. The first n_forced steps take forced [CHUNK, B] instead of
+    sampling (to replay a chunk up to a stop string).
 
-
-@functools.partial(jax.jit, static_argnames=("config", "sampler"), donate_argnames=("state",))
-def decode_loop(config, params, state, token, key, max_new, sampler: Sampler):
-    """Samples up to max_new tokens after `token` [B]; returns (state, last token, count)."""
+    Returns (rings, last token [B], key, tokens [CHUNK, B], log-probs [CHUNK, B], steps).
+    """
     TRACE_COUNTS["decode"] += 1
     net = Transformer(config)
     variables = {"params": params}
     tables = net.apply(variables, method=Transformer.tables)
+    batch = token.shape[0]
 
     def cond(carry):
-        _, _, _, step, stop = carry
-        return (step < max_new) & ~stop
+        step, done = carry[0], carry[4]
+        return (step < n_steps) & ~jnp.all(done)
 
     def body(carry):
-        state, token, key, step, _ = carry
-        state, log_probs = run_block(net, variables, tables, state, token[:, None])
-        log_probs = log_probs[:, 0]  # [B, N]
+        step, rings, token, key, done, tokens, log_probs = carry
+        rings, step_log_probs = net.apply(variables, token, rings, tables, method=model_step)
         key, sub = jax.random.split(key)
-        new = sampler.sample(sub, log_probs)
-        picked = jnp.take_along_axis(log_probs, new[:, None], axis=-1)[:, 0]
-        stop = io_callback(_emit, jax.ShapeDtypeStruct((), jnp.bool_), step, new, picked,
-                           ordered=True)  # fmt: skip
-        return state, new, key, step + 1, stop
+        new = jnp.where(step < n_forced, forced[step], sampler.sample(sub, step_log_probs))
+        picked = jnp.take_along_axis(step_log_probs, new[:, None], axis=-1)[:, 0]
+        return (
+            step + 1, rings, new, key, done | (new == eos_id),
+            tokens.at[step].set(new), log_probs.at[step].set(picked),
+        )  # fmt: skip
 
-    init = (state, token, key, jnp.zeros([], jnp.int32), jnp.zeros([], jnp.bool_))
-    state, token, _, count, _ = jax.lax.while_loop(cond, body, init)
-    return state, token, count
+    init = (
+        jnp.zeros([], jnp.int32), rings, token, key, jnp.zeros([batch], jnp.bool_),
+        jnp.zeros([CHUNK, batch], jnp.int32), jnp.zeros([CHUNK, batch], jnp.float32),
+    )  # fmt: skip
+    steps, rings, token, key, _, tokens, log_probs = jax.lax.while_loop(cond, body, init)
+    return rings, token, key, tokens, log_probs, steps
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def _ring_to_state(config, params, rings):
+    net = Transformer(config)
+    return model_from_ring(rings, net.apply({"params": params}, method=Transformer.tables))
+
+
+_state_to_ring = jax.jit(model_to_ring)
 
 
 @dataclasses.dataclass
@@ -90,16 +107,12 @@ class _TextRows:
         self.pending = [""] * n  # decoded text not yet released (may begin a stop string)
         self.eos_id, self.stop, self.on_text = eos_id, [s for s in stop if s], on_text
         self.first_token_at: float | None = None
-        self.error: BaseException | None = None  # raised again once the loop has stopped
 
-    def __call__(self, step, tokens, log_probs) -> bool:
+    def take(self, tokens, log_probs) -> bool:
+        """One sampled token per row; True once every row has finished."""
         if self.first_token_at is None:
             self.first_token_at = time.perf_counter()
-        try:
-            return self._take(tokens, log_probs)
-        except (BrokenPipeError, KeyboardInterrupt) as e:  # must not cross the compiled loop
-            self.error = e
-            return True
+        return self._take(tokens, log_probs)
 
     def _take(self, tokens, log_probs) -> bool:
         for row, sample in enumerate(self.samples):
@@ -186,28 +199,43 @@ def generate(
     )  # one row per sample
     token = jnp.full([num_samples], int(context.last_token[0]), jnp.int32)
     rows = _TextRows(model, num_samples, model.tokenizer.eos_id, stop, on_text)
+    eos_id = -1 if model.tokenizer.eos_id is None else model.tokenizer.eos_id
     count = 0
     if max_tokens:
-        _SINK.append(rows)
-        try:
-            state, token, count = decode_loop(
-                model.config, model.params, state, token, jax.random.PRNGKey(seed),
-                jnp.asarray(max_tokens, jnp.int32), sampler,
-            )  # fmt: skip
-            count = int(count)
-        finally:
-            _SINK.pop()
-    if rows.error is not None:
-        raise rows.error
+        rings = _state_to_ring(state)
+        key = jax.random.PRNGKey(seed)
+        no_forcing = jnp.zeros([CHUNK, num_samples], jnp.int32)
+        chunk = 1
+        finished = False
+        while count < max_tokens and not finished:
+            steps = min(chunk, max_tokens - count)
+            run = functools.partial(decode_chunk, model.config, model.params, key=key,
+                                    eos_id=eos_id, sampler=sampler)  # fmt: skip
+            before = (rings, token)
+            rings, token, key, tokens, log_probs, sampled = run(
+                rings, token, n_steps=steps, forced=no_forcing, n_forced=0
+            )
+            tokens, log_probs, sampled = np.asarray(tokens), np.asarray(log_probs), int(sampled)
+            used = 0
+            while used < sampled and not finished:
+                finished = rows.take(tokens[used], log_probs[used])
+                used += 1
+            if used < sampled:  # a stop string ended it mid-chunk: state after `used` tokens
+                rings, token, *_ = run(
+                    *before, n_steps=used, forced=jnp.asarray(tokens), n_forced=used
+                )
+            count += used
+            chunk = min(2 * chunk, CHUNK)
+        state = _ring_to_state(model.config, model.params, rings)
     rows.finish_all()
-    finished = time.perf_counter()
-    first = rows.first_token_at or finished
+    finished_at = time.perf_counter()
+    first = rows.first_token_at or finished_at
     return Generation(
         samples=rows.samples,
         context=Context(state=state, last_token=np.asarray(token), tokens=context.tokens + count),
         prompt_tokens=len(prompt),
         prompt_seconds=first - started if max_tokens else prompt_done - started,
         generated_tokens=count * num_samples,
-        generate_seconds=max(finished - first, 1e-9),
+        generate_seconds=max(finished_at - first, 1e-9),
         seed=seed,
     )

@@ -1,0 +1,130 @@
+"""The decode loop's ring (tvq.ring) computes exactly what blocks of one token compute."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import tvq
+from tests.conftest import random_tokens, tiny_config
+from tvq.decoding import generate
+from tvq.ring import model_from_ring, model_step, model_to_ring
+from tvq.sampling import Sampler
+from tvq.tokenizer import ByteTokenizer
+from tvq.transformer import Transformer
+
+ATOL = 1e-5
+
+
+def random_biases(model: tvq.Model, seed: int = 0) -> tvq.Model:
+    """u and v start at zero; make the content and position biases matter."""
+    params = jax.tree_util.tree_map(lambda x: x, model.params)
+    key = jax.random.PRNGKey(seed)
+    for layer in (k for k in params if k.startswith("transformer_layers")):
+        for sub in params[layer].values():
+            for name in ("u", "v"):
+                key, sub_key = jax.random.split(key)
+                sub[name] = jax.random.normal(sub_key, sub[name].shape)
+    return tvq.Model(model.config, params, block_len=model.block_len)
+
+
+@functools.partial(jax.jit, static_argnames="config")
+def ring_run(config, params, state, tokens):
+    """tokens [B, T] one at a time through the ring → (log-probs [B, T, N], final state)."""
+    net = Transformer(config)
+    variables = {"params": params}
+    tables = net.apply(variables, method=Transformer.tables)
+
+    def step(rings, token):
+        return net.apply(variables, token, rings, tables, method=model_step)
+
+    rings, log_probs = jax.lax.scan(step, model_to_ring(state), tokens.T)
+    return jnp.swapaxes(log_probs, 0, 1), model_from_ring(rings, tables)
+
+
+def assert_states_close(got, want):
+    for a, b in zip(got.sublayers, want.sublayers, strict=True):
+        np.testing.assert_array_equal(a.pos_offset, b.pos_offset)
+        np.testing.assert_array_equal(a.z, b.z)
+        np.testing.assert_array_equal(a.n, b.n)
+        np.testing.assert_allclose(a.k_hat, b.k_hat, atol=ATOL)
+        np.testing.assert_allclose(a.v, b.v, atol=ATOL)
+        np.testing.assert_allclose(a.u_bar, b.u_bar, atol=ATOL)
+
+
+@pytest.mark.parametrize(
+    ("agg_cache", "mem_len", "pe_abs"),
+    [(True, 3, False), (False, 3, False), (True, 1, True), (True, 0, False), (False, 4, True)],
+)
+def test_ring_equals_blocks_of_one(agg_cache, mem_len, pe_abs):
+    config = tiny_config(agg_cache=agg_cache, mem_len=mem_len, pe_abs=pe_abs, n_layer=2)
+    model = random_biases(tvq.Model.init(config, seed=3))
+    if pe_abs:
+        model.params["position_embedder"]["scale"] = jnp.asarray(0.7)
+    prefix = random_tokens(config, 1, 5, seed=1)
+    _, state = model.log_probs(prefix)
+    state = jax.tree_util.tree_map(lambda x: jnp.repeat(x, 2, axis=0), state)  # same position
+    tokens = random_tokens(config, 2, 11, seed=2)  # wraps the ring several times
+    want, want_state = model.log_probs(tokens, state=state, block_len=1)
+    got, got_state = ring_run(config, model.params, state, jnp.asarray(tokens))
+    np.testing.assert_allclose(got, want, atol=ATOL)
+    assert_states_close(got_state, want_state)
+    _, other_state = model.log_probs(tokens, state=state, block_len=4)
+    assert_states_close(got_state, other_state)
+
+
+@pytest.mark.parametrize("mem_len", [0, 1, 3])
+def test_ring_round_trip(mem_len):
+    config = tiny_config(mem_len=mem_len)
+    model = tvq.Model.init(config, seed=0)
+    net = Transformer(config)
+    tables = net.apply({"params": model.params}, method=Transformer.tables)
+    for length in (1, 2, 7):
+        _, state = model.log_probs(random_tokens(config, 1, length))
+        back = model_from_ring(model_to_ring(state), tables)
+        for a, b in zip(jax.tree_util.tree_leaves(back), jax.tree_util.tree_leaves(state)):
+            np.testing.assert_array_equal(a, b)
+
+
+@pytest.fixture(scope="module")
+def byte_model():
+    config = tiny_config(n_vocab=259, mem_len=5, e_scale=0.25, d_model=32)
+    model = tvq.Model.init(config, seed=4, block_len=4)
+    model.tokenizer = ByteTokenizer()
+    return model
+
+
+def test_stop_mid_chunk_leaves_the_exact_state(byte_model):
+    """Chunks are 1, 2, 4, 8, … tokens; a stop string inside one must not leave the state
+    past the tokens kept: it equals scoring the prompt and the sampled tokens."""
+    prompt = byte_model.tokenizer.encode("To be")
+    sampler = Sampler(temperature=1.0)
+    full = generate(byte_model, prompt, max_tokens=30, sampler=sampler, seed=9).samples[0]
+    cut_at = 10  # token 10 lies inside the chunk of tokens 7 … 14
+    stop = byte_model.tokenizer.decode(full.ids[cut_at : cut_at + 1])
+    first = full.text.find(stop)
+    result = generate(byte_model, prompt, max_tokens=30, sampler=sampler, seed=9, stop=[stop])
+    sample = result.samples[0]
+    assert sample.finish_reason == "stop"
+    assert sample.text == full.text[:first]
+    assert sample.ids == full.ids[: len(sample.ids)]
+    assert 7 < len(sample.ids) < 15
+    ids = prompt + sample.ids
+    assert result.context.tokens == len(ids)
+    assert int(result.context.last_token[0]) == ids[-1]  # the next input, not yet consumed
+    inputs = [byte_model.tokenizer.eos_id, *ids[:-1]]  # a document starts after an EOS
+    _, want = byte_model.log_probs(np.asarray([inputs]))
+    assert_states_close(result.context.state, want)
+
+
+def test_chunking_does_not_change_samples(byte_model):
+    """Tokens sampled in chunks of 1, 2, 4, … equal one long run for the same seed, and a
+    batch of samples equals its rows generated as separate batches of one."""
+    prompt = byte_model.tokenizer.encode("abc")
+    sampler = Sampler(temperature=1.0, top_k=50)
+    long = generate(byte_model, prompt, max_tokens=45, sampler=sampler, seed=2).samples[0]
+    short = generate(byte_model, prompt, max_tokens=13, sampler=sampler, seed=2).samples[0]
+    assert short.ids == long.ids[:13]
+    np.testing.assert_allclose(short.log_probs, long.log_probs[:13], atol=ATOL)

@@ -1,0 +1,224 @@
+"""Decoding one token at a time, with each sublayer's window memory kept as a ring.
+
+A block of one token through `VQAttention.__call__` assembles a window of M + 1 slots
+and evicts the oldest, which moves the whole memory for every token. The decode loop
+keeps the window as a ring of M + 1 slots instead (position p in slot p mod (M + 1))
+and writes each token in place. It computes exactly what a block of length 1 computes
+(DESIGN.md section 4), in this order, per sublayer and token at position p:
+
+1. the entry that left the window last step (position p − M − 1) joins the aggregate;
+2. the present token's code and value are written to slot p mod (M + 1);
+3. attention over the ring (distances 0 … M) and the aggregate;
+4. the entry in slot (p + 1) mod (M + 1), next to leave, is read out for step 1.
+
+Each buffer is written before it is read within a step, so XLA updates the carried
+ring in place; reading first and writing an unrelated value after makes it copy every
+carried buffer twice per token. Window keys are codewords (k̂ = C_z), so a window key's
+score is the query's score against its codeword: one [S, K] product serves the window
+and the aggregate, and the ring needs no keys.
+
+Every row of a ring is at the same position: decoding replicates one context.
+"""
+
+from __future__ import annotations
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from tvq.attention import (
+    MASK_VALUE,
+    AttentionTables,
+    VQAttention,
+    aggregate_bias,
+    flush_tiny,
+    quantize,
+)
+from tvq.state import AttentionState, ModelState
+
+
+@flax.struct.dataclass
+class RingState:
+    """One sublayer's state during decoding; rows and heads share one axis, G = B·H."""
+
+    pos_offset: jax.Array  # [B] int32: tokens consumed, the same in every row
+    z: jax.Array  # [G, M + 1] int32: code of position q in slot q mod (M + 1); S = empty
+    v: jax.Array  # [G, M + 1, V] float32
+    n: jax.Array  # [G, S] float32: the aggregate, as in AttentionState
+    u_bar: jax.Array  # [G, S, V] float32
+    leaving_z: jax.Array  # [G] int32: code of position pos − M − 1, not yet aggregated
+    leaving_v: jax.Array  # [G, V] float32: its value
+
+
+def _per_head(x: jax.Array, batch: int) -> jax.Array:
+    """[G, ...] → [B, H, ...]."""
+    return x.reshape(batch, x.shape[0] // batch, *x.shape[1:])
+
+
+def _flat(x: jax.Array) -> jax.Array:
+    """[B, H, ...] → [G, ...]."""
+    return x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])
+
+
+def to_ring(state: AttentionState) -> RingState:
+    """Window order → ring order; the slot of the next token starts empty."""
+    b, h, mem_len = state.z.shape
+    n_code = state.n.shape[2]
+    size = mem_len + 1
+    dist = (state.pos_offset[:, None] - jnp.arange(size)[None, :]) % size  # [B, M + 1]
+    index = (mem_len - dist)[:, None, :]  # window slot of distance d is M − d; d = 0: empty
+    z = jnp.concatenate([state.z, jnp.full([b, h, 1], n_code, state.z.dtype)], axis=2)
+    v = jnp.concatenate([state.v, jnp.zeros_like(state.v[:, :, :1])], axis=2)
+    return RingState(
+        pos_offset=state.pos_offset,
+        z=_flat(jnp.take_along_axis(z, index, axis=2)),
+        v=_flat(jnp.take_along_axis(v, index[..., None], axis=2)),
+        n=_flat(state.n),
+        u_bar=_flat(state.u_bar),
+        leaving_z=jnp.full([b * h], n_code, state.z.dtype),
+        leaving_v=jnp.zeros([b * h, state.v.shape[3]], state.v.dtype),
+    )
+
+
+def from_ring(ring: RingState, codebook: jax.Array) -> AttentionState:
+    """Ring order → window order (AttentionState), aggregating the leaving entry."""
+    b = ring.pos_offset.shape[0]
+    h = ring.z.shape[0] // b
+    mem_len = ring.z.shape[1] - 1
+    n, u_bar = aggregate_leaving(ring)
+    first = ring.pos_offset[:, None] - mem_len  # window slot j holds position first + j
+    index = ((first + jnp.arange(mem_len)[None, :]) % (mem_len + 1))[:, None, :]
+    z = jnp.take_along_axis(_per_head(ring.z, b), index, axis=2)
+    v = jnp.take_along_axis(_per_head(ring.v, b), index[..., None], axis=2)
+    codewords = jnp.concatenate([codebook, jnp.zeros_like(codebook[:, :1])], axis=1)
+    return AttentionState(
+        pos_offset=ring.pos_offset,
+        z=z,
+        k_hat=codewords[jnp.arange(h)[None, :, None], z],  # k̂ = C_z; empty slots 0
+        v=v,
+        n=_per_head(n, b),
+        u_bar=_per_head(u_bar, b),
+    )
+
+
+def aggregate_leaving(ring: RingState) -> tuple[jax.Array, jax.Array]:
+    """The aggregate (n, Ū) with the leaving entry added: n_s += 1,
+    Ū_s ← (n_old/n_new)·Ū_s + v/n_new for its code s (nothing for an empty slot)."""
+    n_code = ring.n.shape[1]
+    rows = jnp.arange(ring.n.shape[0])
+    joins = (ring.leaving_z < n_code).astype(jnp.float32)  # [G]
+    at = jnp.minimum(ring.leaving_z, n_code - 1)
+    n_old = ring.n[rows, at]
+    n_new = n_old + joins
+    denom = jnp.maximum(n_new, 1.0)
+    u_old = ring.u_bar[rows, at]  # [G, V]
+    u_new = (n_old / denom)[:, None] * u_old + (joins[:, None] * ring.leaving_v) / denom[:, None]
+    return ring.n.at[rows, at].set(n_new), ring.u_bar.at[rows, at].set(u_new)
+
+
+def attend_ring(
+    q: jax.Array,
+    z: jax.Array,
+    v: jax.Array,
+    n: jax.Array,
+    u_bar: jax.Array,
+    tables: AttentionTables,
+    pos: jax.Array,
+    *,
+    agg_cache: bool,
+    dtype: str = "float32",
+) -> jax.Array:
+    """One query per row and head, q [B, H, K], over the ring (the present token already
+    in it) and the aggregate. Returns [G, V] float32."""
+    size = z.shape[1]
+    n_code = tables.codebook.shape[1]
+    qu = q + tables.u[None]
+    qv = q + tables.v[None]
+    code_scores = _flat(jnp.einsum("bhk,hsk->bhs", qu, tables.codebook))  # [G, S]
+    by_distance = _flat(jnp.einsum("bhk,dhk->bhd", qv, tables.rel))  # [G, M + 1]
+    dist = (pos[0] - jnp.arange(size)) % size  # [M + 1]
+    filled = (dist <= pos[0])[None, :]
+    positional = by_distance[:, dist]
+    scores = jnp.take_along_axis(code_scores, jnp.minimum(z, n_code - 1), axis=-1) + positional
+    scores = jnp.where(filled, scores, -MASK_VALUE)  # [G, M + 1]
+
+    max_score = jnp.max(scores, axis=-1)
+    if agg_cache:
+        agg_scores = code_scores + aggregate_bias(n)
+        max_score = jnp.maximum(max_score, jnp.max(agg_scores, axis=-1))
+    max_score = max_score[:, None]
+
+    weights = jnp.exp(flush_tiny(scores - max_score))
+    total = jnp.sum(weights, axis=-1, keepdims=True)
+    if agg_cache:
+        agg_weights = jnp.exp(flush_tiny(agg_scores - max_score))
+        total = total + jnp.sum(agg_weights, axis=-1, keepdims=True)
+    out = jnp.einsum(
+        "gr,grv->gv",
+        (weights / total).astype(dtype),
+        v.astype(dtype),
+        preferred_element_type=jnp.float32,
+    )
+    if agg_cache:
+        out = out + jnp.einsum(
+            "gs,gsv->gv",
+            (agg_weights / total).astype(dtype),
+            u_bar.astype(dtype),
+            preferred_element_type=jnp.float32,
+        )
+    return out
+
+
+def sublayer_step(
+    sublayer: VQAttention, x: jax.Array, ring: RingState, tables: AttentionTables
+) -> tuple[RingState, jax.Array]:
+    """One token x [B, 1, D] through a (bound) VQAttention → (new ring, residual [B, 1, D])."""
+    b = x.shape[0]
+    size = ring.z.shape[1]
+    n, u_bar = aggregate_leaving(ring)
+    q, keys, values, gate = sublayer.project(x)
+    codes, _, _ = quantize(keys, tables.codebook)
+    slot = ring.pos_offset[0] % size
+    z = jax.lax.dynamic_update_index_in_dim(ring.z, _flat(codes[:, :, 0]), slot, axis=1)
+    v = jax.lax.dynamic_update_index_in_dim(
+        ring.v, _flat(values[:, :, 0].astype(jnp.float32)), slot, axis=1
+    )
+    out = attend_ring(
+        q[:, :, 0], z, v, n, u_bar, tables, ring.pos_offset,
+        agg_cache=sublayer.agg_cache, dtype=sublayer.dtype,
+    )  # fmt: skip
+    res = sublayer.output(_per_head(out, b)[:, :, None], gate)
+    leaving = (slot + 1) % size
+    new_ring = RingState(
+        pos_offset=ring.pos_offset + 1,
+        z=z,
+        v=v,
+        n=n,
+        u_bar=u_bar,
+        leaving_z=jax.lax.dynamic_index_in_dim(z, leaving, axis=1, keepdims=False),
+        leaving_v=jax.lax.dynamic_index_in_dim(v, leaving, axis=1, keepdims=False),
+    )
+    return new_ring, res.astype(x.dtype)
+
+
+def model_step(net, tokens: jax.Array, rings: tuple[RingState, ...], tables):
+    """tokens [B] through a bound Transformer → (new rings, log-probs [B, N]); equal to a
+    block of length 1 through Transformer.__call__. Use with net.apply(method=model_step)."""
+    x = net.embed(tokens[:, None], rings[0].pos_offset)
+    sublayers = [s for layer in net.transformer_layers for s in layer.sublayers()]
+    new_rings = []
+    for sublayer, ring, table in zip(sublayers, rings, tables, strict=True):
+        ring, res = sublayer_step(sublayer, x, ring, table)
+        x = x + res
+        new_rings.append(ring)
+    return tuple(new_rings), net.log_softmax(x)[:, 0]
+
+
+def model_to_ring(state: ModelState) -> tuple[RingState, ...]:
+    return tuple(to_ring(s) for s in state.sublayers)
+
+
+def model_from_ring(rings: tuple[RingState, ...], tables) -> ModelState:
+    return ModelState(
+        sublayers=tuple(from_ring(r, t.codebook) for r, t in zip(rings, tables, strict=True))
+    )
