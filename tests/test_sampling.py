@@ -31,6 +31,20 @@ def test_filters(sampler, expected):
     assert kept(sampler) == expected
 
 
+def test_top_p_matches_sorting():
+    """The bisection cutoff keeps what the sorted-cumulative-mass definition keeps."""
+    rng = np.random.default_rng(0)
+    log_probs = jax.nn.log_softmax(jnp.asarray(rng.normal(0, 3, (6, 500)), jnp.float32))
+    for temperature, top_p in [(1.0, 0.9), (0.6, 0.5), (1.7, 0.95), (0.3, 0.99)]:
+        got = np.isfinite(np.asarray(Sampler(temperature, top_p=top_p).filter(log_probs)))
+        probs = np.asarray(jax.nn.softmax(log_probs / temperature, axis=-1), np.float64)
+        for row, p in enumerate(probs):
+            ordered = np.sort(p)[::-1]
+            n_keep = np.sum(np.cumsum(ordered) - ordered < top_p)
+            want = p >= ordered[n_keep - 1]
+            assert got[row].sum() == want.sum() and (got[row] == want).all(), (temperature, row)
+
+
 def test_greedy_and_temperature():
     assert int(Sampler(temperature=0).sample(jax.random.PRNGKey(0), PROBS)[0]) == 0
     draws = jax.vmap(lambda k: Sampler(temperature=1.0).sample(k, PROBS)[0])(
