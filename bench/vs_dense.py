@@ -69,6 +69,7 @@ def decoding(model, positions, batches, tokens, repeats):
         contexts[position] = score_ids(model, rng.integers(3, cfg.n_vocab, size=position))[1]
     for batch in batches:
         for position in positions:
+
             def run_tvq(context=contexts[position], batch=batch):
                 return generate(model, [], max_tokens=tokens, sampler=Sampler(temperature=0),
                                 num_samples=batch, context=context)  # fmt: skip
@@ -84,7 +85,7 @@ def decoding(model, positions, batches, tokens, repeats):
                 key = jax.random.PRNGKey(0)
                 token = jnp.zeros([batch], jnp.int32)
 
-                def run_dense(steps=steps, batch=batch, position=position):
+                def run_dense(steps=steps, batch=batch, position=position, key=key, token=token):
                     cache = dense.empty_cache(cfg, batch, position + steps, key)
                     jax.block_until_ready(cache)
                     start = time.perf_counter()
