@@ -1,9 +1,12 @@
-"""Peak memory of `tvq score` on a small and a large file: it must not grow with length.
+"""Peak memory of `tvq score` and `tvq generate` at two lengths: it must not grow.
 
     python bench/score_memory.py [--model DIR] [--small-mb 1] [--big-mb 100]
+                                 [--generate 1000 100000]
 
-Each file is scored by a separate `tvq score` process; its peak RSS comes from
-wait4(). Both run in this one invocation and the ratio big/small is printed.
+Each file is scored by a separate `tvq score` process, and each generation is a
+separate `tvq generate -n N` process; peak RSS comes from wait4(). All run in this
+one invocation and the ratios large/small are printed (--big-mb 0 or --generate with
+no values skips that part).
 """
 
 from __future__ import annotations
@@ -48,13 +51,14 @@ def main() -> None:
     parser.add_argument("--model", default=None)
     parser.add_argument("--small-mb", type=float, default=1)
     parser.add_argument("--big-mb", type=float, default=100)
+    parser.add_argument("--generate", type=int, nargs="*", default=[1000, 100000])
     args = parser.parse_args()
     model = ["-m", args.model] if args.model else []
     print(f"# score_memory: {machine()}")
     print("file_MiB  peak_RSS_MiB  seconds  ratio")
     with tempfile.TemporaryDirectory() as tmp:
         base = None
-        for mb in (args.small_mb, args.big_mb):
+        for mb in (args.small_mb, args.big_mb) if args.big_mb else ():
             path = Path(tmp) / f"{mb}MB.txt"
             make_file(path, mb)
             cmd = [sys.executable, "-m", "tvqcli", "score", str(path), *model, "--format", "json"]
@@ -62,6 +66,15 @@ def main() -> None:
             base = base or rss
             print(f"{mb:>8}  {rss:12.1f}  {seconds:7.1f}  {rss / base:5.3f}")
             path.unlink()
+    if args.generate:
+        print("tokens_generated  peak_RSS_MiB  seconds  ratio")
+        base = None
+        peak_rss([sys.executable, "-m", "tvqcli", "generate", "-n", "1", *model])  # compile
+        for n in args.generate:
+            cmd = [sys.executable, "-m", "tvqcli", "generate", "-n", str(n), "--seed", "1", *model]
+            rss, seconds = peak_rss(cmd)
+            base = base or rss
+            print(f"{n:>16}  {rss:12.1f}  {seconds:7.1f}  {rss / base:5.3f}", flush=True)
 
 
 if __name__ == "__main__":

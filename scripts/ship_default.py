@@ -15,11 +15,15 @@ import tvq
 from tvq.scoring import score_stream
 
 ROOT = Path(__file__).resolve().parent.parent
+# Inference block length: the fastest in `python bench/mfu.py` on the development machine
+# (bench/RESULTS.md); results do not depend on it (DESIGN.md invariant 3).
+BLOCK_LEN = 256
 SAMPLE = ROOT / "tests" / "data" / "hamlet_head.txt"
 
 
 def main(source: str) -> None:
     model = tvq.load(source)
+    model.block_len = BLOCK_LEN
     with SAMPLE.open("rb") as f:
         result, _ = score_stream(model, f, SAMPLE.name)
     dest = ROOT / "tvq" / "models" / "default"
