@@ -24,7 +24,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import dense  # noqa: E402
-from common import machine  # noqa: E402
+from common import machine, median_time  # noqa: E402
 
 import tvq  # noqa: E402
 from tvq.decoding import generate  # noqa: E402
@@ -32,16 +32,6 @@ from tvq.sampling import Sampler  # noqa: E402
 from tvq.scoring import score_ids  # noqa: E402
 
 KV_CACHE_LIMIT = 6 * 2**30  # bytes: larger dense caches are not attempted
-
-
-def timed(fn, repeats: int) -> float:
-    fn()  # compile and warm up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def scoring(model, lengths, repeats):
@@ -52,8 +42,8 @@ def scoring(model, lengths, repeats):
         ids = rng.integers(3, model.config.n_vocab, size=(1, length + 1))
         inputs, targets = jnp.asarray(ids[:, :-1]), jnp.asarray(ids[:, 1:])
         n = 1 if length > 8192 else repeats
-        tvq_s = timed(lambda ids=ids: score_ids(model, ids[:, 1:]), n)
-        dense_s = timed(lambda a=inputs, b=targets: jax.block_until_ready(
+        tvq_s = median_time(lambda ids=ids: score_ids(model, ids[:, 1:]), n)
+        dense_s = median_time(lambda a=inputs, b=targets: jax.block_until_ready(
             dense.score(model.config, model.params, a, b)), n)  # fmt: skip
         print(f"{length:>6}  {tvq_s:6.2f}  {length / tvq_s:9.0f}  {dense_s:7.2f}  "
               f"{length / dense_s:11.0f}  {dense_s / tvq_s:11.2f}", flush=True)  # fmt: skip

@@ -98,30 +98,46 @@ def attend(
     keep = filled & causal if agg_cache else filled & causal & local
     scores = jnp.where(keep, scores, -MASK_VALUE)
 
-    max_score = jnp.max(scores, axis=-1)
+    agg_scores = None
     if agg_cache:
         agg_scores = jnp.einsum("bhlk,hsk->bhls", qu, tables.codebook)
         agg_scores = agg_scores + aggregate_bias(state.n)[:, :, None, :]
+    return softmax_mix(scores, window_v, agg_scores, state.u_bar, dtype)
+
+
+def softmax_mix(
+    scores: jax.Array,
+    values: jax.Array,
+    agg_scores: jax.Array | None,
+    u_bar: jax.Array,
+    dtype: str = "float32",
+) -> jax.Array:
+    """One softmax over the window scores [..., L, W] (masked already) and, when given,
+    the codeword scores [..., L, S] (log-count bias added); returns the weighted sum of
+    the window values [..., W, V] and the aggregate means u_bar [..., S, V], [..., L, V]
+    float32. The maximum is subtracted first; weights are normalised before they touch
+    values, so Σ a·v is never formed unnormalised."""
+    max_score = jnp.max(scores, axis=-1)
+    if agg_scores is not None:
         max_score = jnp.maximum(max_score, jnp.max(agg_scores, axis=-1))
     max_score = jax.lax.stop_gradient(max_score)[..., None]
 
     weights = jnp.exp(flush_tiny(scores - max_score))
     total = jnp.sum(weights, axis=-1, keepdims=True)
-    if agg_cache:
+    if agg_scores is not None:
         agg_weights = jnp.exp(flush_tiny(agg_scores - max_score))
         total = total + jnp.sum(agg_weights, axis=-1, keepdims=True)
-    # Normalise before touching values: Σ a·v is never formed unnormalised.
     out = jnp.einsum(
-        "bhlw,bhwv->bhlv",
+        "...lw,...wv->...lv",
         (weights / total).astype(dtype),
-        window_v.astype(dtype),
+        values.astype(dtype),
         preferred_element_type=jnp.float32,
     )
-    if agg_cache:
+    if agg_scores is not None:
         out = out + jnp.einsum(
-            "bhls,bhsv->bhlv",
+            "...ls,...sv->...lv",
             (agg_weights / total).astype(dtype),
-            state.u_bar.astype(dtype),
+            u_bar.astype(dtype),
             preferred_element_type=jnp.float32,
         )
     return out

@@ -31,8 +31,8 @@ from tvq.attention import (
     AttentionTables,
     VQAttention,
     aggregate_bias,
-    flush_tiny,
     quantize,
+    softmax_mix,
 )
 from tvq.state import AttentionState, ModelState
 
@@ -142,31 +142,8 @@ def attend_ring(
     scores = jnp.take_along_axis(code_scores, jnp.minimum(z, n_code - 1), axis=-1) + positional
     scores = jnp.where(filled, scores, -MASK_VALUE)  # [G, M + 1]
 
-    max_score = jnp.max(scores, axis=-1)
-    if agg_cache:
-        agg_scores = code_scores + aggregate_bias(n)
-        max_score = jnp.maximum(max_score, jnp.max(agg_scores, axis=-1))
-    max_score = max_score[:, None]
-
-    weights = jnp.exp(flush_tiny(scores - max_score))
-    total = jnp.sum(weights, axis=-1, keepdims=True)
-    if agg_cache:
-        agg_weights = jnp.exp(flush_tiny(agg_scores - max_score))
-        total = total + jnp.sum(agg_weights, axis=-1, keepdims=True)
-    out = jnp.einsum(
-        "gr,grv->gv",
-        (weights / total).astype(dtype),
-        v.astype(dtype),
-        preferred_element_type=jnp.float32,
-    )
-    if agg_cache:
-        out = out + jnp.einsum(
-            "gs,gsv->gv",
-            (agg_weights / total).astype(dtype),
-            u_bar.astype(dtype),
-            preferred_element_type=jnp.float32,
-        )
-    return out
+    agg_scores = (code_scores + aggregate_bias(n))[:, None] if agg_cache else None
+    return softmax_mix(scores[:, None], v, agg_scores, u_bar, dtype)[:, 0]
 
 
 def sublayer_step(
