@@ -31,8 +31,16 @@ def fail(message: str, code: int = 1) -> typer.Exit:
     return typer.Exit(code=code)
 
 
+def quiet_stdout() -> None:
+    """Points stdout at /dev/null, so the exit's final flush cannot raise again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+
+
 def handle_errors(func):
-    """Turns tvq errors into one line on stderr and exit code 1; Ctrl-C into 130."""
+    """Turns tvq errors into one line on stderr and exit code 1; Ctrl-C into 130;
+    a reader that went away (`tvq ... | head`) into a quiet exit 0, like any Unix tool
+    (click would otherwise turn the broken pipe into exit code 1)."""
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
@@ -44,6 +52,9 @@ def handle_errors(func):
             raise fail(str(e), e.exit_code) from None
         except KeyboardInterrupt:
             raise fail("interrupted", 130) from None
+        except BrokenPipeError:
+            quiet_stdout()
+            raise typer.Exit(0) from None
 
     return wrapper
 
@@ -95,8 +106,6 @@ def main() -> None:
     register_commands()
     try:
         app()
-    except BrokenPipeError:
-        # The reader went away (`tvq ... | head`): exit quietly, like any Unix tool.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
+    except BrokenPipeError:  # raised outside a command, e.g. by `--help | head`
+        quiet_stdout()
         sys.exit(0)
