@@ -84,7 +84,9 @@ def test_ring_round_trip(mem_len):
     for length in (1, 2, 7):
         _, state = model.log_probs(random_tokens(config, 1, length))
         back = model_from_ring(model_to_ring(state), tables)
-        for a, b in zip(jax.tree_util.tree_leaves(back), jax.tree_util.tree_leaves(state)):
+        for a, b in zip(
+            jax.tree_util.tree_leaves(back), jax.tree_util.tree_leaves(state), strict=True
+        ):
             np.testing.assert_array_equal(a, b)
 
 
