@@ -1,5 +1,7 @@
 """The decode loop's ring (tvq.ring) computes exactly what blocks of one token compute."""
 
+import collections
+import contextlib
 import functools
 
 import jax
@@ -12,6 +14,7 @@ from tests.conftest import random_tokens, tiny_config
 from tvq.decoding import generate
 from tvq.ring import model_from_ring, model_step, model_to_ring
 from tvq.sampling import Sampler
+from tvq.scoring import score_ids
 from tvq.tokenizer import ByteTokenizer
 from tvq.transformer import Transformer
 
@@ -122,11 +125,67 @@ def test_stop_mid_chunk_leaves_the_exact_state(byte_model):
 
 
 def test_chunking_does_not_change_samples(byte_model):
-    """Tokens sampled in chunks of 1, 2, 4, … equal one long run for the same seed, and a
-    batch of samples equals its rows generated as separate batches of one."""
+    """Tokens sampled in chunks of 1, 2, 4, … equal one long run for the same seed."""
     prompt = byte_model.tokenizer.encode("abc")
     sampler = Sampler(temperature=1.0, top_k=50)
     long = generate(byte_model, prompt, max_tokens=45, sampler=sampler, seed=2).samples[0]
     short = generate(byte_model, prompt, max_tokens=13, sampler=sampler, seed=2).samples[0]
     assert short.ids == long.ids[:13]
     np.testing.assert_allclose(short.log_probs, long.log_probs[:13], atol=ATOL)
+
+
+@pytest.mark.parametrize("prompt_text", ["a", "abcd", "To be, or not"])
+def test_samples_of_one_prompt(byte_model, prompt_text):
+    """The prompt's whole blocks go through the blockwise forward, the rest through the
+    decoding loop; its state is then repeated for each sample. Every row's log-probs equal
+    scoring its own text (invariant 6) and every row's final state equals the state that
+    the blockwise forward leaves after that text."""
+    prompt = byte_model.tokenizer.encode(prompt_text)
+    sampler = Sampler(temperature=1.0)
+    result = generate(byte_model, prompt, max_tokens=11, sampler=sampler, seed=3, num_samples=3)
+    assert [len(s.ids) for s in result.samples] == [11] * 3  # no row ended at an EOS
+    assert len({tuple(s.ids) for s in result.samples}) > 1  # the rows sample independently
+    rows = [byte_model.tokenizer.eos_id, *prompt]
+    texts = np.asarray([rows + s.ids[:-1] for s in result.samples])
+    log_probs, want = byte_model.log_probs(texts)
+    for row, sample in enumerate(result.samples):
+        picked = np.asarray(log_probs[row, len(rows) - 1 :])[np.arange(11), sample.ids]
+        np.testing.assert_allclose(sample.log_probs, picked, atol=ATOL)
+    assert result.context.tokens == len(prompt) + 11
+    np.testing.assert_array_equal(result.context.last_token, [s.ids[-1] for s in result.samples])
+    assert_states_close(result.context.state, want)
+
+
+@contextlib.contextmanager
+def count_compilations():
+    """Counts XLA compilations by function name, e.g. counts["jit(decode_chunk)"]."""
+    counts = collections.Counter()
+
+    def listener(event, duration, fun_name=None, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            counts[fun_name] += 1
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield counts
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+
+
+def test_each_loop_compiles_once():
+    """Feeding a call's output state into the next call (committed arrays, after fresh
+    uncommitted ones) must not compile the same function again, nor must the prompt's
+    odd tail: decoding and scoring each compile once for their shape. (A config of its
+    own, so nothing is compiled yet; committed parameters, as a loaded model has.)"""
+    config = tiny_config(n_vocab=259, mem_len=7, e_scale=0.25, d_model=24)
+    params = jax.device_put(tvq.Model.init(config, seed=1).params, jax.devices()[0])
+    model = tvq.Model(config, params, block_len=4)
+    model.tokenizer = ByteTokenizer()
+    with count_compilations() as counts:  # 13 tokens: blocks of 8 and 4, then 1 fed
+        generate(model, model.tokenizer.encode("To be, or not"), max_tokens=40,
+                 sampler=Sampler(temperature=1.0), seed=1)  # fmt: skip
+    assert counts["jit(decode_chunk)"] == 1
+    assert counts["jit(forward)"] == 2
+    with count_compilations() as counts:
+        score_ids(model, random_tokens(config, 1, 2 * 4096)[0])  # two pieces of one shape
+    assert counts["jit(forward)"] == 1

@@ -21,8 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from tvq.errors import InputError
-from tvq.model import TRACE_COUNTS, Model
-from tvq.ring import model_from_ring, model_step, model_to_ring
+from tvq.model import TRACE_COUNTS, Model, on_device
+from tvq.ring import model_from_ring, model_step, model_to_ring, repeat_rows
 from tvq.sampling import Sampler
 from tvq.scoring import Context, score_ids
 from tvq.tokenizer import StreamDecoder
@@ -76,6 +76,29 @@ def _ring_to_state(config, params, rings):
 
 
 _state_to_ring = jax.jit(model_to_ring)
+_repeat_rows = jax.jit(repeat_rows, static_argnames=("n",))
+
+
+def _chunk(model: Model, rings, token, key, n_steps, forced, n_forced, eos_id, sampler):
+    """decode_chunk, always called in one form: jit keys its compiled code on which
+    arguments are positional and which keyword, and on whether arrays are committed
+    (tvq.model.on_device); a second form would compile the loop again."""
+    rings, token, key, forced = on_device((rings, token, key, forced))
+    return decode_chunk(model.config, model.params, rings, token, key, n_steps, forced,
+                        n_forced, eos_id, sampler=sampler)  # fmt: skip
+
+
+def _feed(model: Model, rings, token, ids: np.ndarray, sampler: Sampler):
+    """Feeds ids [T] after `token` through the decoding loop (every step forced), CHUNK
+    at a time; the same compiled loop as sampling, so no other length gets compiled."""
+    key = jax.random.PRNGKey(0)  # unused: nothing is sampled
+    for start in range(0, len(ids), CHUNK):
+        piece = ids[start : start + CHUNK]
+        forced = np.zeros([CHUNK, 1], np.int32)
+        forced[: len(piece), 0] = piece
+        rings, token, *_ = _chunk(model, rings, token, key, len(piece), forced, len(piece),
+                                  eos_id=-1, sampler=sampler)  # fmt: skip
+    return rings, token
 
 
 @dataclasses.dataclass
@@ -90,12 +113,18 @@ class Sample:
 @dataclasses.dataclass
 class Generation:
     samples: list[Sample]
-    context: Context  # continues after the last sampled token (sample 0's row first)
     prompt_tokens: int
     prompt_seconds: float
     generated_tokens: int
     generate_seconds: float
     seed: int
+    resume: Callable[[], Context] = dataclasses.field(repr=False, compare=False)
+
+    @functools.cached_property
+    def context(self) -> Context:
+        """Continues after the last sampled token (sample 0's row first); built on first
+        use, since most callers never need it."""
+        return self.resume()
 
 
 class _TextRows:
@@ -190,52 +219,67 @@ def generate(
     if context.state.batch_size != 1:
         raise InputError("generation continues a single context (batch size 1)")
     prompt = np.asarray(list(prompt_ids), np.int32)
-    if len(prompt):
-        _, context = score_ids(model, prompt, context)
-    prompt_done = time.perf_counter()
+    # Whole blocks of the prompt go through the blockwise forward; what is left (less
+    # than a block) through the decoding loop, which is compiled anyway: an odd prompt
+    # length then costs no compilation of its own.
+    whole = len(prompt) - len(prompt) % model.block_len if max_tokens else len(prompt)
+    if whole:
+        _, context = score_ids(model, prompt[:whole], context)
+    if not max_tokens:
+        done = time.perf_counter()
+        return Generation(
+            samples=[Sample() for _ in range(num_samples)], prompt_tokens=len(prompt),
+            prompt_seconds=done - started, generated_tokens=0, generate_seconds=1e-9,
+            seed=seed, resume=lambda: _repeat_context(context, num_samples),
+        )  # fmt: skip
 
-    state = jax.tree_util.tree_map(
-        lambda x: jnp.repeat(x, num_samples, axis=0), context.state
-    )  # one row per sample
-    token = jnp.full([num_samples], int(context.last_token[0]), jnp.int32)
+    rings = _state_to_ring(context.state)
+    token = jnp.asarray(context.last_token, jnp.int32)
+    rings, token = _feed(model, rings, token, prompt[whole:], sampler)
+    if num_samples > 1:
+        rings, token = _repeat_rows(rings, n=num_samples), jnp.repeat(token, num_samples)
     rows = _TextRows(model, num_samples, model.tokenizer.eos_id, stop, on_text)
     eos_id = -1 if model.tokenizer.eos_id is None else model.tokenizer.eos_id
-    count = 0
-    if max_tokens:
-        rings = _state_to_ring(state)
-        key = jax.random.PRNGKey(seed)
-        no_forcing = jnp.zeros([CHUNK, num_samples], jnp.int32)
-        chunk = 1
-        finished = False
-        while count < max_tokens and not finished:
-            steps = min(chunk, max_tokens - count)
-            run = functools.partial(decode_chunk, model.config, model.params, key=key,
-                                    eos_id=eos_id, sampler=sampler)  # fmt: skip
-            before = (rings, token)
-            rings, token, key, tokens, log_probs, sampled = run(
-                rings, token, n_steps=steps, forced=no_forcing, n_forced=0
-            )
-            tokens, log_probs, sampled = np.asarray(tokens), np.asarray(log_probs), int(sampled)
-            used = 0
-            while used < sampled and not finished:
-                finished = rows.take(tokens[used], log_probs[used])
-                used += 1
-            if used < sampled:  # a stop string ended it mid-chunk: state after `used` tokens
-                rings, token, *_ = run(
-                    *before, n_steps=used, forced=jnp.asarray(tokens), n_forced=used
-                )
-            count += used
-            chunk = min(2 * chunk, CHUNK)
-        state = _ring_to_state(model.config, model.params, rings)
+    key = jax.random.PRNGKey(seed)
+    no_forcing = jnp.zeros([CHUNK, num_samples], jnp.int32)
+    count, chunk, finished = 0, 1, False
+    while count < max_tokens and not finished:
+        steps = min(chunk, max_tokens - count)
+        before = (rings, token, key)
+        rings, token, key, tokens, log_probs, sampled = _chunk(
+            model, rings, token, key, steps, no_forcing, 0, eos_id, sampler
+        )
+        tokens, log_probs, sampled = np.asarray(tokens), np.asarray(log_probs), int(sampled)
+        used = 0
+        while used < sampled and not finished:
+            finished = rows.take(tokens[used], log_probs[used])
+            used += 1
+        if used < sampled:  # a stop string ended it mid-chunk: state after `used` tokens
+            rings, token, *_ = _chunk(model, *before, used, tokens, used, eos_id, sampler)
+        count += used
+        chunk = min(2 * chunk, CHUNK)
     rows.finish_all()
     finished_at = time.perf_counter()
     first = rows.first_token_at or finished_at
+    tokens_before = context.tokens + len(prompt) - whole
+
+    def resume() -> Context:
+        state = _ring_to_state(model.config, model.params, rings)
+        return Context(state=state, last_token=np.asarray(token), tokens=tokens_before + count)
+
     return Generation(
         samples=rows.samples,
-        context=Context(state=state, last_token=np.asarray(token), tokens=context.tokens + count),
         prompt_tokens=len(prompt),
-        prompt_seconds=first - started if max_tokens else prompt_done - started,
+        prompt_seconds=first - started,
         generated_tokens=count * num_samples,
         generate_seconds=max(finished_at - first, 1e-9),
         seed=seed,
+        resume=resume,
     )
+
+
+def _repeat_context(context: Context, n: int) -> Context:
+    if n == 1:
+        return context
+    state = jax.tree_util.tree_map(lambda x: jnp.repeat(x, n, axis=0), context.state)
+    return Context(state=state, last_token=np.repeat(context.last_token, n), tokens=context.tokens)

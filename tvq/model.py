@@ -111,6 +111,14 @@ def forward(
 _forward_jit = jax.jit(forward, static_argnames=("config", "block_len"))
 
 
+def on_device(tree: Any) -> Any:
+    """Commits arrays to the default device. jit keys its compiled code on whether
+    arguments are committed: a jit's outputs are, host arrays and fresh constants are not,
+    so feeding a call's output state back in would compile the same function twice.
+    Compiled entry points take their arguments through here."""
+    return jax.device_put(tree, jax.devices()[0])
+
+
 class Model:
     """A Transformer-VQ model: configuration, parameters and a default block length."""
 
@@ -124,7 +132,7 @@ class Model:
         tokenizer: Any = None,
     ) -> None:
         self.config = config
-        self.params = params
+        self.params = on_device(params)
         self.block_len = check_block_len(
             default_block_len(config) if block_len is None else block_len
         )
@@ -176,6 +184,7 @@ class Model:
         tokens = self._check_tokens(tokens, "tokens")
         state = self._check_state(state, tokens.shape[0])
         block_len = check_block_len(self.block_len if block_len is None else block_len)
+        tokens, state = on_device((tokens, state))
         return _forward_jit(self.config, self.params, tokens, state, block_len)
 
     def score(
@@ -195,6 +204,7 @@ class Model:
             )
         state = self._check_state(state, inputs.shape[0])
         block_len = check_block_len(self.block_len if block_len is None else block_len)
+        inputs, targets, state = on_device((inputs, targets, state))
         return _forward_jit(self.config, self.params, inputs, state, block_len, targets)
 
     @property

@@ -191,6 +191,28 @@ def model_step(net, tokens: jax.Array, rings: tuple[RingState, ...], tables):
     return tuple(new_rings), net.log_softmax(x)[:, 0]
 
 
+def repeat_rows(rings: tuple[RingState, ...], n: int) -> tuple[RingState, ...]:
+    """Each row repeated n times (row-major): n samples continue one context."""
+
+    def repeat(ring: RingState) -> RingState:
+        b = ring.pos_offset.shape[0]
+
+        def rows(x: jax.Array) -> jax.Array:
+            return _flat(jnp.repeat(_per_head(x, b), n, axis=0))
+
+        return RingState(
+            pos_offset=jnp.repeat(ring.pos_offset, n),
+            z=rows(ring.z),
+            v=rows(ring.v),
+            n=rows(ring.n),
+            u_bar=rows(ring.u_bar),
+            leaving_z=rows(ring.leaving_z),
+            leaving_v=rows(ring.leaving_v),
+        )
+
+    return tuple(repeat(ring) for ring in rings)
+
+
 def model_to_ring(state: ModelState) -> tuple[RingState, ...]:
     return tuple(to_ring(s) for s in state.sublayers)
 
