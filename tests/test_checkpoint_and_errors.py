@@ -94,6 +94,22 @@ def test_config_json_round_trip():
         tiny_config(n_head=0)
 
 
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, {"e_tie": False, "pe_abs": True}, {"e_preln": False, "n_layer": 2, "d_v": 12},
+     {"n_head": 3, "d_k": 5, "n_code": 7, "param_dtype": "bfloat16"}],
+)  # fmt: skip
+def test_param_layout_is_what_init_makes(overrides):
+    """Checkpoints are checked against the layout worked out from the config; it must be
+    exactly the tree that the flax modules create."""
+    from tvq.checkpoint import flatten
+    from tvq.model import param_layout, param_shapes
+
+    config = tiny_config(**overrides)
+    made = {name: tuple(x.shape) for name, x in flatten(param_shapes(config)).items()}
+    assert param_layout(config) == made
+
+
 def test_from_reference_matches(model, tmp_path):
     run = write_reference(tmp_path, model.params)
     flags = reference_flags(model.config)

@@ -48,15 +48,14 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
 
 def check_params(params: Any, config: ModelConfig, source: str) -> Any:
     """Checks names and shapes against `config`; returns params cast to its param_dtype."""
-    from tvq.model import param_shapes
+    from tvq.model import param_layout
 
-    want = flatten(param_shapes(config))
+    want = param_layout(config)
     got = flatten(params)
     for name in sorted(set(want) | set(got)):
         if name not in got:
             raise CheckpointError(
-                f"{source}: parameter {name} is missing "
-                f"(the config needs shape {tuple(want[name].shape)})"
+                f"{source}: parameter {name} is missing (the config needs shape {want[name]})"
             )
         if name not in want:
             shape = tuple(np.shape(got[name]))
@@ -64,10 +63,10 @@ def check_params(params: Any, config: ModelConfig, source: str) -> Any:
                 f"{source}: parameter {name} {shape} is not used by this config "
                 "(check e_tie, e_preln, pe_abs, n_layer)"
             )
-        if tuple(np.shape(got[name])) != tuple(want[name].shape):
+        if tuple(np.shape(got[name])) != want[name]:
             raise CheckpointError(
                 f"{source}: parameter {name} has shape {tuple(np.shape(got[name]))}, "
-                f"the config needs {tuple(want[name].shape)}"
+                f"the config needs {want[name]}"
             )
     dtype = config.param_dtype
     return jax.tree_util.tree_map(lambda x: jax.numpy.asarray(x, dtype), _nest(got))

@@ -299,6 +299,35 @@ def init_params(config: ModelConfig, seed: int = 0) -> Any:
     return variables["params"]
 
 
+def param_layout(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every parameter's name and shape (DESIGN.md section 4's layout), worked out from
+    the config alone: checking a checkpoint costs no tracing of the model at start-up.
+    tests/test_checkpoint_and_errors.py holds it equal to what `Transformer.init` makes."""
+    d, n = config.d_model, config.n_vocab
+    hk, hv = config.n_head * config.d_k, config.n_head * config.d_v
+    layout = {"token_embedder/embs": (n, d), "token_embedder/bias_out": (n,)}
+    if config.pe_abs:
+        layout["position_embedder/scale"] = ()
+    for i in range(config.n_layer):
+        for sub in ("scanned_attn1", "scanned_attn2"):
+            prefix = f"transformer_layers_{i}/{sub}/"
+            layout.update({
+                prefix + "input_ln/g": (d,), prefix + "input_ln/b": (d,),
+                prefix + "q_proj/kernel": (d, hk),
+                prefix + "kvg_proj/kernel": (d, hk + 2 * hv),
+                prefix + "r_proj/kernel": (d, hk),
+                prefix + "res_proj/kernel": (hv, d),
+                prefix + "u": (hk,), prefix + "v": (hk,),
+                prefix + "quantizer/c_sum": (config.n_head, config.n_code, config.d_k),
+                prefix + "quantizer/c_count": (config.n_head, config.n_code),
+            })  # fmt: skip
+    if config.e_preln:
+        layout.update({"out_ln/g": (d,), "out_ln/b": (d,)})
+    if not config.e_tie:
+        layout.update({"out_proj/kernel": (d, n), "out_proj/bias": (n,)})
+    return layout
+
+
 def param_shapes(config: ModelConfig) -> Any:
     """The parameter tree of `config` as ShapeDtypeStructs, without computing anything."""
     net = Transformer(config)
