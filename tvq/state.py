@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import flax.struct
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from tvq.config import ModelConfig
@@ -48,14 +47,17 @@ class ModelState:
 
 
 def initial_attention_state(config: ModelConfig, batch_size: int) -> AttentionState:
+    """Built on the host and transferred: no XLA program per array (start-up time)."""
     b, h, m, s = batch_size, config.n_head, config.mem_len, config.n_code
-    return AttentionState(
-        pos_offset=jnp.zeros([b], jnp.int32),
-        z=jnp.full([b, h, m], s, jnp.int32),
-        k_hat=jnp.zeros([b, h, m, config.d_k], jnp.float32),
-        v=jnp.zeros([b, h, m, config.d_v], jnp.float32),
-        n=jnp.zeros([b, h, s], jnp.float32),
-        u_bar=jnp.zeros([b, h, s, config.d_v], jnp.float32),
+    return jax.device_put(
+        AttentionState(
+            pos_offset=np.zeros([b], np.int32),
+            z=np.full([b, h, m], s, np.int32),
+            k_hat=np.zeros([b, h, m, config.d_k], np.float32),
+            v=np.zeros([b, h, m, config.d_v], np.float32),
+            n=np.zeros([b, h, s], np.float32),
+            u_bar=np.zeros([b, h, s, config.d_v], np.float32),
+        )
     )
 
 
