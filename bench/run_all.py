@@ -18,6 +18,7 @@ HERE = Path(__file__).resolve().parent
 FULL = [
     ["score_length.py"],
     ["vs_dense.py"],
+    ["decode_speed.py"],
     ["decode_flat.py", "--positions", "200", "2000", "20000", "100000"],
     ["decode_flat.py", "--positions", "200", "2000", "20000", "100000", "--batch", "8"],
     ["mfu.py"],
@@ -29,6 +30,7 @@ FULL = [
 QUICK = [
     ["score_length.py", "--lengths", "1024", "8192", "--batches", "2", "--batch-length", "8192"],
     ["vs_dense.py", "--score-lengths", "1024", "--positions", "200", "--batches", "1"],
+    ["decode_speed.py", "--tokens", "40", "--batches", "1", "--repeats", "1"],
     ["decode_flat.py", "--positions", "200", "2000", "--repeats", "2"],
     ["mfu.py", "--block-lens", "128", "--tokens", "4096"],
     ["startup.py", "--repeats", "1"],
