@@ -12,7 +12,7 @@ import pytest
 import tvq
 from tests.conftest import random_tokens, tiny_config
 from tvq.decoding import generate
-from tvq.ring import model_from_ring, model_step, model_to_ring
+from tvq.ring import empty_rings, model_from_ring, model_step, model_to_ring
 from tvq.sampling import Sampler
 from tvq.scoring import score_ids
 from tvq.tokenizer import ByteTokenizer
@@ -76,6 +76,15 @@ def test_ring_equals_blocks_of_one(agg_cache, mem_len, pe_abs):
     assert_states_close(got_state, want_state)
     _, other_state = model.log_probs(tokens, state=state, block_len=4)
     assert_states_close(got_state, other_state)
+
+
+def test_empty_rings_are_the_initial_state():
+    config = tiny_config(mem_len=5, n_layer=2)
+    want = model_to_ring(tvq.Model.init(config).initial_state(3))
+    got = empty_rings(config, 3)
+    for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want), strict=True):
+        assert a.dtype == b.dtype
+        np.testing.assert_array_equal(a, b)
 
 
 @pytest.mark.parametrize("mem_len", [0, 1, 3])

@@ -22,7 +22,7 @@ import numpy as np
 
 from tvq.errors import InputError
 from tvq.model import TRACE_COUNTS, Model, on_device
-from tvq.ring import model_from_ring, model_step, model_to_ring, repeat_rows
+from tvq.ring import empty_rings, model_from_ring, model_step, model_to_ring, repeat_rows
 from tvq.sampling import Sampler
 from tvq.scoring import Context, score_ids
 from tvq.tokenizer import StreamDecoder
@@ -215,6 +215,7 @@ def generate(
     if num_samples < 1:
         raise InputError(f"num-samples must be >= 1, got {num_samples}")
     started = time.perf_counter()
+    fresh = context is None
     context = context or Context.start(model, 1)
     if context.state.batch_size != 1:
         raise InputError("generation continues a single context (batch size 1)")
@@ -233,7 +234,7 @@ def generate(
             seed=seed, resume=lambda: _repeat_context(context, num_samples),
         )  # fmt: skip
 
-    rings = _state_to_ring(context.state)
+    rings = empty_rings(model.config, 1) if fresh and not whole else _state_to_ring(context.state)
     token = jnp.asarray(context.last_token, jnp.int32)
     rings, token = _feed(model, rings, token, prompt[whole:], sampler)
     if num_samples > 1:
@@ -241,7 +242,7 @@ def generate(
     rows = _TextRows(model, num_samples, model.tokenizer.eos_id, stop, on_text)
     eos_id = -1 if model.tokenizer.eos_id is None else model.tokenizer.eos_id
     key = jax.random.PRNGKey(seed)
-    no_forcing = jnp.zeros([CHUNK, num_samples], jnp.int32)
+    no_forcing = np.zeros([CHUNK, num_samples], np.int32)
     count, chunk, finished = 0, 1, False
     while count < max_tokens and not finished:
         steps = min(chunk, max_tokens - count)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from tvq.attention import (
     MASK_VALUE,
@@ -34,6 +35,7 @@ from tvq.attention import (
     quantize,
     softmax_mix,
 )
+from tvq.config import ModelConfig
 from tvq.state import AttentionState, ModelState
 
 
@@ -189,6 +191,24 @@ def model_step(net, tokens: jax.Array, rings: tuple[RingState, ...], tables):
         x = x + res
         new_rings.append(ring)
     return tuple(new_rings), net.log_softmax(x)[:, 0]
+
+
+def empty_rings(config: ModelConfig, batch_size: int) -> tuple[RingState, ...]:
+    """model_to_ring(initial_state(...)), built on the host: no XLA program at start-up."""
+    g, size, s = batch_size * config.n_head, config.mem_len + 1, config.n_code
+
+    def ring() -> RingState:
+        return RingState(
+            pos_offset=np.zeros([batch_size], np.int32),
+            z=np.full([g, size], s, np.int32),
+            v=np.zeros([g, size, config.d_v], np.float32),
+            n=np.zeros([g, s], np.float32),
+            u_bar=np.zeros([g, s, config.d_v], np.float32),
+            leaving_z=np.full([g], s, np.int32),
+            leaving_v=np.zeros([g, config.d_v], np.float32),
+        )
+
+    return jax.device_put(tuple(ring() for _ in range(2 * config.n_layer)))
 
 
 def repeat_rows(rings: tuple[RingState, ...], n: int) -> tuple[RingState, ...]:
