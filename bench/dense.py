@@ -39,6 +39,16 @@ def param_count(params) -> int:
     return int(total)
 
 
+def flops_per_token(config, length: int) -> float:
+    """FLOPs per token when scoring `length` tokens, counted as bench/mfu.py counts tvq's
+    (two per multiply-add): projections and output layer as tvq, and causal attention,
+    where token t scores and mixes t + 1 keys: on average (T + 1)/2 keys of K + V."""
+    d, h, k, v, n = config.d_model, config.n_head, config.d_k, config.d_v, config.n_vocab
+    keys = (length + 1) / 2
+    sublayer = 2 * d * (2 * h * k + 2 * h * v) + 2 * h * v * d + 2 * h * keys * (k + v)
+    return 2 * config.n_layer * sublayer + 2 * d * n
+
+
 def _norm(x, ln):
     return rms_normalize(x) * ln["g"] + ln["b"]
 

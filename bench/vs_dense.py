@@ -4,9 +4,10 @@
                              [--positions 200 2000 20000 100000] [--batches 1 8]
 
 Scoring: seconds to score T random tokens, tvq (streaming through its fixed-size state,
-as `tvq score` does) and dense (full causal attention over the whole sequence), and the
-speed-up. Decoding: ms per token when the context already holds P tokens, tvq (the real
-`generate` path, greedy) and dense (KV cache of P entries, greedy). Every number is a
+as `tvq score` does) and dense (full causal attention over the whole sequence), the
+speed-up, and the ratio of their FLOPs per token (bench/mfu.py and bench/dense.py count
+them): the speed-up that equal efficiency would give. Decoding: ms per token when the
+context already holds P tokens, tvq (the real `generate` path, greedy) and dense (KV cache of P entries, greedy). Every number is a
 median of repeats after a compiling run, all measured side by side in this one run.
 """
 
@@ -25,6 +26,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import dense  # noqa: E402
 from common import machine, median_time  # noqa: E402
+from mfu import flops_per_token  # noqa: E402
 
 import tvq  # noqa: E402
 from tvq.decoding import generate  # noqa: E402
@@ -37,7 +39,8 @@ KV_CACHE_LIMIT = 6 * 2**30  # bytes: larger dense caches are not attempted
 def scoring(model, lengths, repeats):
     rng = np.random.default_rng(0)
     print("\n## scoring (batch 1)")
-    print("tokens  tvq_s  tvq_tok/s  dense_s  dense_tok/s  tvq_speedup")
+    print("tokens  tvq_s  tvq_tok/s  dense_s  dense_tok/s  tvq_speedup  flop_ratio")
+    tvq_flops = flops_per_token(model.config, model.block_len)
     for length in lengths:
         ids = rng.integers(3, model.config.n_vocab, size=(1, length + 1))
         inputs, targets = jnp.asarray(ids[:, :-1]), jnp.asarray(ids[:, 1:])
@@ -45,8 +48,10 @@ def scoring(model, lengths, repeats):
         tvq_s = median_time(lambda ids=ids: score_ids(model, ids[:, 1:]), n)
         dense_s = median_time(lambda a=inputs, b=targets: jax.block_until_ready(
             dense.score(model.config, model.params, a, b)), n)  # fmt: skip
+        flop_ratio = dense.flops_per_token(model.config, length) / tvq_flops
         print(f"{length:>6}  {tvq_s:6.2f}  {length / tvq_s:9.0f}  {dense_s:7.2f}  "
-              f"{length / dense_s:11.0f}  {dense_s / tvq_s:11.2f}", flush=True)  # fmt: skip
+              f"{length / dense_s:11.0f}  {dense_s / tvq_s:11.2f}  {flop_ratio:10.2f}",
+              flush=True)  # fmt: skip
 
 
 def decoding(model, positions, batches, tokens, repeats):
