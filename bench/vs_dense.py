@@ -7,8 +7,9 @@ Scoring: seconds to score T random tokens, tvq (streaming through its fixed-size
 as `tvq score` does) and dense (full causal attention over the whole sequence), the
 speed-up, and the ratio of their FLOPs per token (bench/mfu.py and bench/dense.py count
 them): the speed-up that equal efficiency would give. Decoding: ms per token when the
-context already holds P tokens, tvq (the real `generate` path, greedy) and dense (KV cache of P entries, greedy). Every number is a
-median of repeats after a compiling run, all measured side by side in this one run.
+context already holds P tokens, tvq (the real `generate` path, greedy) and dense (KV
+cache of P entries, greedy). Every number is a median of repeats after a compiling run,
+all measured side by side in this one run.
 """
 
 from __future__ import annotations
