@@ -220,7 +220,7 @@ def test_score_edge_cases(model_dir, tmp_path):
 
 def test_sigint_prints_partial_results(model_dir, tmp_path):
     big = tmp_path / "big.txt"
-    big.write_bytes((DATA / "macbeth_head.txt").read_bytes() * 400)  # 2.4 MB
+    big.write_bytes((DATA / "macbeth_head.txt").read_bytes() * 4000)  # 24 MB: far from done
     env = dict(os.environ, TVQ_CACHE_DIR=str(tmp_path / "cache"))
     tokens = tmp_path / "tokens.jsonl"
     proc = subprocess.Popen([sys.executable, "-m", "tvqcli", "score", str(big), "-m",
@@ -229,7 +229,7 @@ def test_sigint_prints_partial_results(model_dir, tmp_path):
     deadline = time.time() + 200
     while time.time() < deadline and not (tokens.exists() and tokens.stat().st_size > 0):
         time.sleep(0.1)  # wait for the first scored chunk
-    time.sleep(2)
+    time.sleep(0.5)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
