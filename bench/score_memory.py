@@ -4,7 +4,8 @@
                                  [--generate 1000 100000]
 
 Each file is scored by a separate `tvq score` process, and each generation is a
-separate `tvq generate -n N` process; peak RSS comes from wait4(). All run in this
+separate `tvq generate -n N --ignore-eos` process (the token count printed is read from
+its output); peak RSS comes from wait4(). All run in this
 one invocation and the ratios large/small are printed (--big-mb 0 or --generate with
 no values skips that part).
 """
@@ -12,6 +13,7 @@ no values skips that part).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -37,9 +39,9 @@ def make_file(path: Path, megabytes: float) -> None:
             written += len(piece)
 
 
-def peak_rss(args: list[str]) -> tuple[float, float]:
+def peak_rss(args: list[str], stdout=subprocess.DEVNULL) -> tuple[float, float]:
     start = time.perf_counter()
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(args, stdout=stdout, stderr=subprocess.PIPE)
     _, status, usage = os.wait4(proc.pid, 0)
     if status != 0:
         raise SystemExit(f"{' '.join(args)} failed: {proc.stderr.read().decode()}")
@@ -71,10 +73,14 @@ def main() -> None:
         base = None
         peak_rss([sys.executable, "-m", "tvqcli", "generate", "-n", "1", *model])  # compile
         for n in args.generate:
-            cmd = [sys.executable, "-m", "tvqcli", "generate", "-n", str(n), "--seed", "1", *model]
-            rss, seconds = peak_rss(cmd)
+            cmd = [sys.executable, "-m", "tvqcli", "generate", "-n", str(n), "--seed", "1",
+                   "--ignore-eos", "--json", *model]  # fmt: skip
+            with tempfile.TemporaryFile() as out:
+                rss, seconds = peak_rss(cmd, stdout=out)
+                out.seek(0)
+                generated = len(json.loads(out.read())["tokens"])  # all n, past any EOS
             base = base or rss
-            print(f"{n:>16}  {rss:12.1f}  {seconds:7.1f}  {rss / base:5.3f}", flush=True)
+            print(f"{generated:>16}  {rss:12.1f}  {seconds:7.1f}  {rss / base:5.3f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -76,6 +76,15 @@ def test_generate_is_repeatable_and_streams(model_dir):
     assert ByteTokenizer().decode(record["tokens"]) == record["text"]
 
 
+def test_generate_ignore_eos(model_dir):
+    """Seed 2 samples an end of document at once; --ignore-eos samples on to -n."""
+    args = ("generate", "-m", model_dir, "-n", 40, "--seed", 2, "-t", 1.5, "--json")
+    ended = json.loads(invoke(*args).stdout)
+    assert (ended["finish_reason"], len(ended["tokens"])) == ("eos", 1)
+    record = json.loads(invoke(*args, "--ignore-eos").stdout)
+    assert (record["finish_reason"], len(record["tokens"])) == ("length", 40)
+
+
 def test_generate_greedy_batch_and_echo(model_dir):
     result = invoke("generate", "ab", "-m", model_dir, "-n", 10, "-t", 0, "--num-samples", 3,
                     "--json")  # fmt: skip

@@ -198,3 +198,23 @@ def test_each_loop_compiles_once():
     with count_compilations() as counts:
         score_ids(model, random_tokens(config, 1, 2 * 4096)[0])  # two pieces of one shape
     assert counts["jit(forward)"] == 1
+
+
+def test_ignore_eos_goes_on_past_the_end_of_a_document(byte_model):
+    """With no prompt this model soon samples an end of document (seed 1: every row at
+    once); ignore_eos keeps sampling, and the log-probs still equal scoring the text."""
+    sampler = Sampler(temperature=1.0)
+    ended = generate(byte_model, [], max_tokens=11, sampler=sampler, seed=1, num_samples=3)
+    assert [s.finish_reason for s in ended.samples] == ["eos"] * 3
+    result = generate(byte_model, [], max_tokens=11, sampler=sampler, seed=1, num_samples=3,
+                      ignore_eos=True)  # fmt: skip
+    eos = byte_model.tokenizer.eos_id
+    for sample in result.samples:
+        assert sample.finish_reason == "length" and len(sample.ids) == 11
+        assert sample.text == byte_model.tokenizer.decode([i for i in sample.ids if i != eos])
+    assert any(eos in s.ids for s in result.samples)
+    texts = np.asarray([[eos, *s.ids[:-1]] for s in result.samples])
+    log_probs, _ = byte_model.log_probs(texts)
+    for row, sample in enumerate(result.samples):
+        picked = np.asarray(log_probs[row])[np.arange(11), sample.ids]
+        np.testing.assert_allclose(sample.log_probs, picked, atol=ATOL)

@@ -130,11 +130,12 @@ class Generation:
 class _TextRows:
     """Host side of the loop: decodes each row, applies stop strings, streams row 0."""
 
-    def __init__(self, model, n, eos_id, stop, on_text):
+    def __init__(self, model, n, eos_id, stop, on_text, ignore_eos=False):
         self.samples = [Sample() for _ in range(n)]
         self.decoders = [StreamDecoder(model.tokenizer) for _ in range(n)]
         self.pending = [""] * n  # decoded text not yet released (may begin a stop string)
         self.eos_id, self.stop, self.on_text = eos_id, [s for s in stop if s], on_text
+        self.ignore_eos = ignore_eos
         self.first_token_at: float | None = None
 
     def take(self, tokens, log_probs) -> bool:
@@ -151,8 +152,9 @@ class _TextRows:
             sample.ids.append(token)
             sample.log_probs.append(float(log_probs[row]))
             if token == self.eos_id:
-                self._finish(row, "eos")
-                continue
+                if not self.ignore_eos:
+                    self._finish(row, "eos")
+                continue  # an end of document has no text
             self.pending[row] += self.decoders[row].push(token)
             self._release(row)
         return all(s.done for s in self.samples)
@@ -201,8 +203,10 @@ def generate(
     stop: Sequence[str] = (),
     context: Context | None = None,
     on_text: Callable[[int, str], None] | None = None,
+    ignore_eos: bool = False,
 ) -> Generation:
-    """Samples `num_samples` continuations of context + prompt as one batch.
+    """Samples `num_samples` continuations of context + prompt as one batch; a row ends
+    at an end-of-document token unless ignore_eos (then only max_tokens and stop end it).
 
     on_text(row, text) receives text as soon as it is final (never half a character,
     never the start of a stop string that may still complete).
@@ -239,8 +243,8 @@ def generate(
     rings, token = _feed(model, rings, token, prompt[whole:], sampler)
     if num_samples > 1:
         rings, token = _repeat_rows(rings, n=num_samples), jnp.repeat(token, num_samples)
-    rows = _TextRows(model, num_samples, model.tokenizer.eos_id, stop, on_text)
-    eos_id = -1 if model.tokenizer.eos_id is None else model.tokenizer.eos_id
+    rows = _TextRows(model, num_samples, model.tokenizer.eos_id, stop, on_text, ignore_eos)
+    eos_id = -1 if model.tokenizer.eos_id is None or ignore_eos else model.tokenizer.eos_id
     key = jax.random.PRNGKey(seed)
     no_forcing = np.zeros([CHUNK, num_samples], np.int32)
     count, chunk, finished = 0, 1, False

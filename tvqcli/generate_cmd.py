@@ -64,6 +64,9 @@ def generate(
         list[str] | None, typer.Option(help="Stop before this text (repeatable).")
     ] = None,
     num_samples: Annotated[int, typer.Option(help="Samples, generated as one batch.")] = 1,
+    ignore_eos: Annotated[
+        bool, typer.Option(help="Go on past end-of-document tokens (they print nothing).")
+    ] = False,
     echo: Annotated[bool, typer.Option(help="Print the prompt first.")] = False,
     stream: Annotated[bool, typer.Option(help="Print tokens as they are sampled.")] = True,
     json_output: Annotated[
@@ -109,7 +112,7 @@ def generate(
     result = run_generate(
         loaded, loaded.tokenizer.encode(text), max_tokens=max_tokens, sampler=sampler,
         seed=seed, num_samples=num_samples, stop=stop or [], context=context,
-        on_text=on_text if live else None,
+        on_text=on_text if live else None, ignore_eos=ignore_eos,
     )  # fmt: skip
     timings = {
         "prompt_tokens": result.prompt_tokens,
