@@ -183,15 +183,18 @@ def score_stream(
     def flush(ids: list[int]) -> None:
         nonlocal context, offset
         scored, context = score_ids(model, ids, context, keep_log_probs=on_tokens is not None)
+        start = offset
+        offset += sum(len(tokenizer.token_bytes(i)) for i in ids)
+        # Totals first, all together, and reported before the per-token results: an
+        # interrupt inside on_tokens (writing a per-token file) then leaves partial
+        # totals that the caller has seen and that agree with each other.
         result.tokens += scored.tokens
         result.nll_sum += scored.nll_sum
-        size = sum(len(tokenizer.token_bytes(i)) for i in ids)
-        if on_tokens is not None:
-            on_tokens(ids, scored.log_probs[0], offset)
-        offset += size
         result.bytes = offset
         if on_piece is not None:
             on_piece(result)
+        if on_tokens is not None:
+            on_tokens(ids, scored.log_probs[0], start)
 
     for raw in text_pieces(stream):
         raw_bytes += len(raw)
