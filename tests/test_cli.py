@@ -238,9 +238,9 @@ def test_sigint_prints_partial_results(model_dir, tmp_path):
     deadline = time.time() + 200
     while time.time() < deadline and not (tokens.exists() and tokens.stat().st_size > 0):
         time.sleep(0.1)  # wait for the first scored chunk
-    time.sleep(0.5)
+    time.sleep(2)
     proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=120)
+    out, err = proc.communicate(timeout=300)
     assert proc.returncode == 130, err
     rows = [json.loads(line) for line in out.splitlines()]
     assert rows[-1]["file"] == "TOTAL" and rows[-1]["partial"] is True
