@@ -2,7 +2,7 @@
 
     python bench/mfu.py [--model DIR] [--block-lens 32 64 128 256 512] [--tokens 32768]
 
-FLOPs are counted by hand from DESIGN.md section 4, two per multiply-add, for what the
+FLOPs are counted by hand from docs/DESIGN.md section 4, two per multiply-add, for what the
 blockwise algorithm computes per token at block length L (window W = M + L):
   per sublayer: projections 2·D·(2·H·K + 2·H·V) + 2·H·V·D; quantization 2·H·S·K;
   window scores 2·H·W·K, positional table 2·H·(M + 1)·K, codeword scores 2·H·S·K,

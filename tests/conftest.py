@@ -1,15 +1,20 @@
-"""Shared helpers: tiny configs and a runner for one sublayer over blocks."""
+"""Shared helpers: tiny configs, a runner for one sublayer over blocks, parameter edits,
+and a counter of XLA compilations."""
 
 from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 import tvq
-from tvq.attention import VQAttention
-from tvq.model import scan_blocks
+from tvq.forward import scan_blocks
 from tvq.state import initial_attention_state
+from tvq.sublayer import VQAttention, attention_fields
 
 DIVISORS_12 = (1, 2, 3, 4, 6, 12)
 
@@ -19,7 +24,8 @@ jax.config.update("jax_disable_most_optimizations", True)
 
 
 def tiny_config(**overrides) -> tvq.ModelConfig:
-    fields = dict(d_model=16, d_k=8, d_v=8, n_head=2, n_code=4, n_layer=1, n_vocab=13, mem_len=3)
+    fields = dict(d_model=16, d_k=8, d_v=8, n_head=2, n_code=4, n_layer=1, n_vocab=13, mem_len=3,
+                  e_scale=1.0)  # fmt: skip
     fields.update(overrides)
     return tvq.ModelConfig(**fields)
 
@@ -29,18 +35,34 @@ def random_tokens(config: tvq.ModelConfig, batch: int, length: int, seed: int = 
 
 
 def sublayer_for(config: tvq.ModelConfig) -> VQAttention:
-    return VQAttention(
-        d_model=config.d_model,
-        d_k=config.d_k,
-        d_v=config.d_v,
-        n_head=config.n_head,
-        n_code=config.n_code,
-        mem_len=config.mem_len,
-        agg_cache=config.agg_cache,
-        pe_lam=config.pe_lam,
-        dtype=config.dtype,
-        param_dtype=config.param_dtype,
-    )
+    return VQAttention(**attention_fields(config))
+
+
+def with_param(model: tvq.Model, name: str, value) -> tvq.Model:
+    """A new model whose parameter `name` ("a/b/c") is `value`; the model is unchanged."""
+    params = jax.tree_util.tree_map(lambda x: x, model.params)  # copies every dict
+    *parents, last = name.split("/")
+    node = params
+    for part in parents:
+        node = node[part]
+    node[last] = jnp.asarray(value)
+    return dataclasses.replace(model, params=params)
+
+
+@contextlib.contextmanager
+def count_compilations():
+    """Counts XLA compilations by function name, e.g. counts["jit(decode_chunk)"]."""
+    counts = collections.Counter()
+
+    def listener(event, duration, fun_name=None, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            counts[fun_name] += 1
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield counts
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
 
 
 def init_sublayer(config: tvq.ModelConfig, seed: int = 0):
@@ -55,9 +77,8 @@ def init_sublayer(config: tvq.ModelConfig, seed: int = 0):
     params = variables["params"]
     # Random (not zero-initialised) u, v so the content and position biases are exercised.
     key_u, key_v = jax.random.split(jax.random.PRNGKey(seed + 100))
-    params = dict(params)
-    params["u"] = jax.random.normal(key_u, params["u"].shape)
-    params["v"] = jax.random.normal(key_v, params["v"].shape)
+    params = dict(params, u=jax.random.normal(key_u, params["u"].shape),
+                  v=jax.random.normal(key_v, params["v"].shape))  # fmt: skip
     return layer, params
 
 

@@ -1,4 +1,4 @@
-"""DESIGN.md invariant 1: causality Jacobians, for a sublayer and for the whole model.
+"""docs/DESIGN.md invariant 1: causality Jacobians, for a sublayer and for the whole model.
 
 For every (T = 12, L, M) with L and M dividing 12, agg_cache on and off, the
 output at t must not depend on inputs after t and must depend on the ones it
@@ -22,7 +22,7 @@ from tests.conftest import (
     sublayer_for,
     tiny_config,
 )
-from tvq.model import forward
+from tvq.forward import forward
 from tvq.state import initial_attention_state
 
 T = 12

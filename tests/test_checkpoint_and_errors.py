@@ -3,21 +3,18 @@
 import json
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import serialization
 
 import tvq
-from tests.conftest import random_tokens, tiny_config
+from tests.conftest import random_tokens, tiny_config, with_param
 
 
 @pytest.fixture(scope="module")
 def model():
     config = tiny_config(e_tie=False, pe_abs=True)
-    m = tvq.Model.init(config, seed=11, block_len=4)
-    m.params["position_embedder"]["scale"] = jnp.asarray(0.3)
-    return m
+    return with_param(tvq.Model.init(config, seed=11, block_len=4), "position_embedder/scale", 0.3)
 
 
 def write_reference(tmp_path, params, step=1200):
@@ -102,8 +99,7 @@ def test_config_json_round_trip():
 def test_param_layout_is_what_init_makes(overrides):
     """Checkpoints are checked against the layout worked out from the config; it must be
     exactly the tree that the flax modules create."""
-    from tvq.checkpoint import flatten
-    from tvq.model import param_layout, param_shapes
+    from tvq.params import flatten, param_layout, param_shapes
 
     config = tiny_config(**overrides)
     made = {name: tuple(x.shape) for name, x in flatten(param_shapes(config)).items()}

@@ -1,7 +1,5 @@
 """The decode loop's ring (tvq.ring) computes exactly what blocks of one token compute."""
 
-import collections
-import contextlib
 import functools
 
 import jax
@@ -10,15 +8,16 @@ import numpy as np
 import pytest
 
 import tvq
-from tests.conftest import random_tokens, tiny_config
+from tests.conftest import count_compilations, random_tokens, tiny_config, with_param
 from tvq.decoding import generate
-from tvq.ring import empty_rings, model_from_ring, model_step, model_to_ring
+from tvq.ring import empty_rings, model_from_ring, model_to_ring
 from tvq.sampling import Sampler
 from tvq.scoring import score_ids
 from tvq.tokenizer import ByteTokenizer
 from tvq.transformer import Transformer
 
 ATOL = 1e-5
+BF16_ATOL = 0.05  # bfloat16 rounding between block lengths (test_equivalence)
 
 
 def random_biases(model: tvq.Model, seed: int = 0) -> tvq.Model:
@@ -41,7 +40,7 @@ def ring_run(config, params, state, tokens):
     tables = net.apply(variables, method=Transformer.tables)
 
     def step(rings, token):
-        return net.apply(variables, token, rings, tables, method=model_step)
+        return net.apply(variables, token, rings, tables, method=Transformer.step)
 
     rings, log_probs = jax.lax.scan(step, model_to_ring(state), tokens.T)
     return jnp.swapaxes(log_probs, 0, 1), model_from_ring(rings, tables)
@@ -65,7 +64,7 @@ def test_ring_equals_blocks_of_one(agg_cache, mem_len, pe_abs):
     config = tiny_config(agg_cache=agg_cache, mem_len=mem_len, pe_abs=pe_abs, n_layer=2)
     model = random_biases(tvq.Model.init(config, seed=3))
     if pe_abs:
-        model.params["position_embedder"]["scale"] = jnp.asarray(0.7)
+        model = with_param(model, "position_embedder/scale", 0.7)
     prefix = random_tokens(config, 1, 5, seed=1)
     _, state = model.log_probs(prefix)
     state = jax.tree_util.tree_map(lambda x: jnp.repeat(x, 2, axis=0), state)  # same position
@@ -76,6 +75,21 @@ def test_ring_equals_blocks_of_one(agg_cache, mem_len, pe_abs):
     assert_states_close(got_state, want_state)
     _, other_state = model.log_probs(tokens, state=state, block_len=4)
     assert_states_close(got_state, other_state)
+
+
+def test_ring_equals_blocks_in_bfloat16():
+    """In bfloat16 compute the ring rounds exactly where blocks of one token do (equal
+    numbers), and stays within bfloat16 rounding of longer blocks."""
+    config = tiny_config(mem_len=3, n_layer=2, dtype="bfloat16", e_scale=0.25)
+    model = random_biases(tvq.Model.init(config, seed=5))
+    state = model.initial_state(2)
+    tokens = random_tokens(config, 2, 13, seed=4)
+    got, got_state = ring_run(config, model.params, state, jnp.asarray(tokens))
+    want, want_state = model.log_probs(tokens, state=state, block_len=1)
+    np.testing.assert_allclose(got, want, atol=ATOL)
+    assert_states_close(got_state, want_state)
+    blocks, _ = model.log_probs(tokens, state=state, block_len=4)
+    assert float(jnp.max(jnp.abs(got - blocks))) < BF16_ATOL
 
 
 def test_empty_rings_are_the_initial_state():
@@ -105,9 +119,7 @@ def test_ring_round_trip(mem_len):
 @pytest.fixture(scope="module")
 def byte_model():
     config = tiny_config(n_vocab=259, mem_len=5, e_scale=0.25, d_model=32)
-    model = tvq.Model.init(config, seed=4, block_len=4)
-    model.tokenizer = ByteTokenizer()
-    return model
+    return tvq.Model.init(config, seed=4, block_len=4).with_tokenizer(ByteTokenizer())
 
 
 def test_stop_mid_chunk_leaves_the_exact_state(byte_model):
@@ -165,22 +177,6 @@ def test_samples_of_one_prompt(byte_model, prompt_text):
     assert_states_close(result.context.state, want)
 
 
-@contextlib.contextmanager
-def count_compilations():
-    """Counts XLA compilations by function name, e.g. counts["jit(decode_chunk)"]."""
-    counts = collections.Counter()
-
-    def listener(event, duration, fun_name=None, **kwargs):
-        if event == "/jax/core/compile/backend_compile_duration":
-            counts[fun_name] += 1
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
-        yield counts
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
-
-
 def test_each_loop_compiles_once():
     """Feeding a call's output state into the next call (committed arrays, after fresh
     uncommitted ones) must not compile the same function again, nor must the prompt's
@@ -188,8 +184,7 @@ def test_each_loop_compiles_once():
     own, so nothing is compiled yet; committed parameters, as a loaded model has.)"""
     config = tiny_config(n_vocab=259, mem_len=7, e_scale=0.25, d_model=24)
     params = jax.device_put(tvq.Model.init(config, seed=1).params, jax.devices()[0])
-    model = tvq.Model(config, params, block_len=4)
-    model.tokenizer = ByteTokenizer()
+    model = tvq.Model(config, params, block_len=4, tokenizer=ByteTokenizer())
     with count_compilations() as counts:  # 13 tokens: blocks of 8 and 4, then 1 fed
         generate(model, model.tokenizer.encode("To be, or not"), max_tokens=40,
                  sampler=Sampler(temperature=1.0), seed=1)  # fmt: skip

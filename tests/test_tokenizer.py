@@ -87,8 +87,7 @@ def test_tokenizer_entry_checks_fingerprint(sentencepiece, tmp_path):
 
 def test_bundle_round_trip_and_mismatch(sentencepiece, tmp_path):
     config = tiny_config(n_vocab=sentencepiece.vocab_size)
-    model = tvq.Model.init(config, seed=1)
-    model.tokenizer = sentencepiece
+    model = tvq.Model.init(config, seed=1, tokenizer=sentencepiece)
     model.save(tmp_path / "m")
     loaded = tvq.load(tmp_path / "m")
     assert loaded.tokenizer.fingerprint == sentencepiece.fingerprint

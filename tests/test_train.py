@@ -13,9 +13,8 @@ import pytest
 from typer.testing import CliRunner
 
 import tvq
-from tvq.train import TrainingInterrupted
-from tvq.trainer import train_from_files
-from tvqcli.main import app, register_commands
+from tvq.train import train_from_files
+from tvqcli.main import app
 
 DATA = Path(__file__).parent / "data"
 ARCH = dict(d_model=32, d_k=16, d_v=32, n_head=2, n_code=16, n_layer=1, mem_len=16,
@@ -29,7 +28,6 @@ TRAIN_ARGS = [
 ]  # fmt: skip
 STEPS_KILLED = 150
 runner = CliRunner()
-register_commands()
 
 
 def corpus(tmp_path: Path) -> Path:
@@ -75,7 +73,7 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path):
                                 settings=SETTINGS, on_progress=progress)  # fmt: skip
 
     straight = run(tmp_path / "a")
-    with pytest.raises(TrainingInterrupted, match="step 7"):
+    with pytest.raises(tvq.Interrupted, match="step 7"):
         run(tmp_path / "b", stop_at=7)
     resumed = run(tmp_path / "b")
     assert resumed.metadata["steps"] == 12

@@ -1,21 +1,20 @@
-"""One VQ-attention sublayer (DESIGN.md section 4; Lingle 2024, sections 3.2-3.4).
+"""VQ attention as functions of arrays (docs/DESIGN.md section 4; Lingle 2024, sections
+3.2-3.4): quantizing keys, the softmax over window and aggregate, and the state update.
 
-Keys are vector-quantized against a learned codebook, so every token older
-than the window memory can be folded into a per-codeword count and mean value
-(the aggregate). Softmax attention over [aggregate codewords | window memory |
-present block] is then exact and costs O(L·(M + L + S)) per block of L tokens.
-Layout inside: head-major, [B, H, L, ·] for queries and [B, H, W, ·] for the
-window, W = M + L.
+Keys are vector-quantized against a learned codebook, so every token older than the
+window memory can be folded into a per-codeword count and mean value (the aggregate).
+Softmax attention over [aggregate codewords | window memory | present block] is then
+exact and costs O(L·(M + L + S)) per block of L tokens. Layout: head-major, [B, H, L, ·]
+for queries and [B, H, W, ·] for the window, W = M + L. The flax module that owns the
+parameters is tvq/sublayer.py; the one-token ring form is tvq/ring.py.
 """
 
 from __future__ import annotations
 
-import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
 
-from tvq.layers import RMSNorm, kernel_init, ones_init, rms_normalize, sinusoid, zeros_init
 from tvq.state import AttentionState
 
 MASK_VALUE = 1e30  # stands for infinity in masked scores
@@ -32,7 +31,7 @@ class AttentionTables:
 
 
 def aggregate_bias(counts: jax.Array) -> jax.Array:
-    """log(n_s) for n_s > 0 and −∞ (−1e30) for n_s = 0 (DESIGN.md invariant 5)."""
+    """log(n_s) for n_s > 0 and −∞ (−1e30) for n_s = 0 (docs/DESIGN.md invariant 5)."""
     return jnp.where(counts > 0, jnp.log(jnp.maximum(counts, 1.0)), -MASK_VALUE)
 
 
@@ -143,6 +142,18 @@ def softmax_mix(
     return out
 
 
+def merge_into_aggregate(
+    n: jax.Array, u_bar: jax.Array, count: jax.Array, total: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """Adds `count` tokens whose values sum to `total` to an aggregate of n tokens with mean
+    u_bar: n ← n + count, Ū ← (n_old/n_new)·Ū + total/n_new (a running mean, stable in low
+    precision; divided by max(n, 1)). Shapes: n, count [...]; u_bar, total [..., V]. The
+    one place the aggregate is updated (blocks: evict; decoding: tvq.ring)."""
+    n_new = n + count
+    denom = jnp.maximum(n_new, 1.0)
+    return n_new, (n / denom)[..., None] * u_bar + total / denom[..., None]
+
+
 def evict(
     state: AttentionState,
     window_z: jax.Array,
@@ -150,143 +161,17 @@ def evict(
     window_v: jax.Array,
     n_code: int,
 ) -> AttentionState:
-    """Moves the oldest L window entries into the aggregate; keeps the last M as memory."""
+    """Moves the oldest L window entries into the aggregate; keeps the last M as memory.
+    Slots never filled hold code S: their one-hot row is zero, so they add nothing."""
     block_len = window_z.shape[2] - state.z.shape[2]
     gone = jax.nn.one_hot(window_z[:, :, :block_len], n_code, dtype=jnp.float32)  # [B, H, L, S]
-    n_old = state.n
-    n_new = n_old + jnp.sum(gone, axis=2)
-    denom = jnp.maximum(n_new, 1.0)
     added = jnp.einsum("bhls,bhlv->bhsv", gone, window_v[:, :, :block_len].astype(jnp.float32))
-    u_bar = (n_old / denom)[..., None] * state.u_bar + added / denom[..., None]
+    n, u_bar = merge_into_aggregate(state.n, state.u_bar, jnp.sum(gone, axis=2), added)
     return AttentionState(
         pos_offset=state.pos_offset + block_len,
         z=window_z[:, :, block_len:],
         k_hat=window_k[:, :, block_len:].astype(jnp.float32),
         v=window_v[:, :, block_len:].astype(jnp.float32),
-        n=n_new,
+        n=n,
         u_bar=u_bar,
     )
-
-
-class Quantizer(nn.Module):
-    """The learnable codebook: C = c_sum / max(c_count, 0.01), updated by EMA in training."""
-
-    n_head: int
-    n_code: int
-    d_k: int
-    param_dtype: str = "float32"
-
-    def setup(self) -> None:
-        shape = (self.n_head, self.n_code, self.d_k)
-        self.c_sum = self.param("c_sum", kernel_init, shape, self.param_dtype)
-        self.c_count = self.param("c_count", ones_init, shape[:2], self.param_dtype)
-
-    def __call__(self) -> jax.Array:
-        c_sum = self.c_sum.astype(jnp.float32)
-        c_count = self.c_count.astype(jnp.float32)
-        return jax.lax.stop_gradient(c_sum / jnp.maximum(c_count, 0.01)[..., None])
-
-
-class VQAttention(nn.Module):
-    """A gated attention unit whose keys are vector-quantized; residual output."""
-
-    d_model: int
-    d_k: int
-    d_v: int
-    n_head: int
-    n_code: int
-    mem_len: int
-    agg_cache: bool
-    pe_lam: float
-    dtype: str = "float32"
-    param_dtype: str = "float32"
-
-    def setup(self) -> None:
-        h, k, v = self.n_head, self.d_k, self.d_v
-        dense = dict(
-            use_bias=False, kernel_init=kernel_init, dtype=self.dtype, param_dtype=self.param_dtype
-        )
-        self.input_ln = RMSNorm(self.d_model, self.param_dtype)
-        self.q_proj = nn.Dense(h * k, **dense)
-        self.kvg_proj = nn.Dense(h * k + 2 * h * v, **dense)
-        self.r_proj = nn.Dense(h * k, **dense)
-        self.res_proj = nn.Dense(self.d_model, **dense)
-        self.u = self.param("u", zeros_init, (h * k,), self.param_dtype)
-        self.v = self.param("v", zeros_init, (h * k,), self.param_dtype)
-        self.quantizer = Quantizer(h, self.n_code, k, self.param_dtype)
-
-    @property
-    def scale(self) -> float:
-        return self.d_k**-0.25
-
-    def tables(self) -> AttentionTables:
-        h, k, c = self.n_head, self.d_k, self.scale
-        distances = jnp.arange(self.mem_len + 1)
-        rel = self.r_proj(sinusoid(distances, self.d_model, self.pe_lam).astype(self.dtype))
-        return AttentionTables(
-            codebook=self.quantizer(),
-            rel=c * rel.astype(jnp.float32).reshape(self.mem_len + 1, h, k),
-            u=c * self.u.astype(jnp.float32).reshape(h, k),
-            v=c * self.v.astype(jnp.float32).reshape(h, k),
-        )
-
-    def project(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-        """x [B, L, D] → q, keys [B, H, L, K] (normalised, scaled by c), values
-        [B, H, L, V], gate [B, L, H·V] (steps 1-3 of DESIGN.md section 4)."""
-        b, block_len, _ = x.shape
-        h, k, v = self.n_head, self.d_k, self.d_v
-        x_tilde = self.input_ln(x)
-        q = self.q_proj(x_tilde).reshape(b, block_len, h, k)
-        q = rms_normalize(q.astype(jnp.float32)) * self.scale
-        kvg = self.kvg_proj(x_tilde)
-        keys, values, gate = jnp.split(kvg, [h * k, h * k + h * v], axis=-1)
-        keys = rms_normalize(keys.reshape(b, block_len, h, k).astype(jnp.float32)) * self.scale
-        values = nn.silu(values).reshape(b, block_len, h, v)
-        gate = nn.silu(gate)
-        return (
-            q.transpose(0, 2, 1, 3),
-            keys.transpose(0, 2, 1, 3),
-            values.transpose(0, 2, 1, 3),
-            gate,
-        )
-
-    def output(self, out: jax.Array, gate: jax.Array) -> jax.Array:
-        """Attention output [B, H, L, V] gated and projected → residual [B, L, D]."""
-        b, h, block_len, v = out.shape
-        out = out.transpose(0, 2, 1, 3).reshape(b, block_len, h * v)
-        return self.res_proj((out.astype(self.dtype) * gate).astype(self.dtype))
-
-    def __call__(
-        self,
-        x: jax.Array,
-        state: AttentionState,
-        tables: AttentionTables,
-        train: bool = False,
-        mask: jax.Array | None = None,
-    ) -> tuple[AttentionState, jax.Array, dict[str, jax.Array]]:
-        """x [B, L, D] → (new state, residual [B, L, D], training statistics)."""
-        b, block_len, _ = x.shape
-        q, keys, values, gate = self.project(x)
-        codes, codewords, errors = quantize(keys, tables.codebook)
-        if train:  # straight-through: the forward value is C_z, gradients reach k
-            codewords = codewords + keys - jax.lax.stop_gradient(keys)
-
-        window_z = jnp.concatenate([state.z, codes], axis=2)  # [B, H, W]
-        window_k = jnp.concatenate([state.k_hat, codewords], axis=2)  # [B, H, W, K]
-        window_v = jnp.concatenate([state.v, values.astype(jnp.float32)], axis=2)
-        out = attend(
-            q, window_k, window_v, tables, state, agg_cache=self.agg_cache, dtype=self.dtype
-        )
-        res = self.output(out, gate)
-        new_state = evict(state, window_z, window_k, window_v, self.n_code)
-
-        stats: dict[str, jax.Array] = {}
-        if train:
-            weight = jnp.ones([b, block_len]) if mask is None else mask.astype(jnp.float32)
-            assigned = jax.nn.one_hot(codes, self.n_code) * weight[:, None, :, None]
-            stats = dict(
-                commit=jnp.sum(errors, axis=1),  # [B, L]: Σ_heads ‖k − sg(C_z)‖²
-                code_sum=jnp.einsum("bhls,bhlk->hsk", assigned, jax.lax.stop_gradient(keys)),
-                code_count=jnp.sum(assigned, axis=(0, 2)),
-            )
-        return new_state, res.astype(x.dtype), stats

@@ -1,12 +1,15 @@
-"""Model architecture configuration (DESIGN.md section 2).
+"""Model architecture configuration (docs/DESIGN.md section 2).
 
-Architecture only: block length, dropout and optimiser settings are not here.
+Architecture only: block length, dropout and optimiser settings are not here. The field
+defaults are tvq's one source of architecture defaults (`tvq train` shows them); they
+are the built-in model's architecture.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from typing import Any
 
 from tvq.errors import ConfigError
@@ -16,22 +19,25 @@ DTYPES = ("float32", "bfloat16")
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """Architecture of a Transformer-VQ model; frozen and hashable."""
+    """Architecture of a Transformer-VQ model; frozen and hashable.
+
+    e_scale (the output logit scale) defaults to d_model^(-1/2) when not given.
+    """
 
     d_model: int = 256
     d_k: int = 64
-    d_v: int = 512
-    n_head: int = 1
-    n_code: int = 256
-    n_layer: int = 4
+    d_v: int = 256
+    n_head: int = 2
+    n_code: int = 128
+    n_layer: int = 3
     n_vocab: int = 259
-    mem_len: int = 256
+    mem_len: int = 128
     agg_cache: bool = True
     pe_abs: bool = False
     pe_lam: float = 100_000.0
     e_tie: bool = True
     e_preln: bool = True
-    e_scale: float = 1.0
+    e_scale: float | None = None
     dtype: str = "float32"
     param_dtype: str = "float32"
 
@@ -44,8 +50,14 @@ class ModelConfig:
             raise ConfigError(f"mem_len must be a non-negative integer, got {self.mem_len!r}")
         if self.d_model % 2:
             raise ConfigError(f"d_model must be even (sinusoids), got {self.d_model}")
-        if self.pe_lam <= 0:
-            raise ConfigError(f"pe_lam must be positive, got {self.pe_lam}")
+        if not (isinstance(self.pe_lam, int | float) and math.isfinite(self.pe_lam)) or (
+            self.pe_lam <= 0
+        ):
+            raise ConfigError(f"pe_lam must be a positive number, got {self.pe_lam!r}")
+        if self.e_scale is None:
+            object.__setattr__(self, "e_scale", self.d_model**-0.5)
+        if not (isinstance(self.e_scale, int | float) and math.isfinite(self.e_scale)):
+            raise ConfigError(f"e_scale must be a finite number, got {self.e_scale!r}")
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in DTYPES:
                 raise ConfigError(f"{name} must be one of {DTYPES}, got {getattr(self, name)!r}")
@@ -79,7 +91,7 @@ class ModelConfig:
                         value = int(value)
                     if not isinstance(value, int):
                         raise ValueError
-                elif isinstance(default, float):
+                elif isinstance(default, float) or name == "e_scale":
                     value = float(value)
                 elif isinstance(default, str):
                     value = str(value)

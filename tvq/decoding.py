@@ -1,12 +1,14 @@
-"""Decoding: compiled loops that feed each sampled token back as a block of length 1.
+"""Decoding: compiled loops that feed each sampled token back as a block of length 1
+(docs/DESIGN.md section 7).
 
-Block-length invariance (DESIGN.md invariant 3) makes this exact: the log-probs the
+Block-length invariance (docs/DESIGN.md invariant 3) makes this exact: the log-probs the
 sampler sees are those that scoring the finished text gives (invariant 6). Tokens are
 sampled in chunks by one compiled `jax.lax.while_loop` (no Python per token); between
 chunks the host streams the text and applies stop strings. The first chunk is one
 token, so the first text appears at once, and chunks then double up to `CHUNK`.
 The attention memory lives in a ring during decoding (tvq.ring): each token is written
-in place, and its cost does not depend on the position.
+in place, and its cost does not depend on the position. The network pass per token
+is `Transformer.step`.
 """
 
 from __future__ import annotations
@@ -16,19 +18,34 @@ import functools
 import time
 from collections.abc import Callable, Sequence
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from tvq.errors import InputError
-from tvq.model import TRACE_COUNTS, Model, on_device
-from tvq.ring import empty_rings, model_from_ring, model_step, model_to_ring, repeat_rows
+from tvq.forward import on_device
+from tvq.model import Model
+from tvq.ring import RingState, empty_rings, model_from_ring, model_to_ring, repeat_rows
 from tvq.sampling import Sampler
-from tvq.scoring import Context, score_ids
+from tvq.scoring import Context, require_tokenizer, score_ids
 from tvq.tokenizer import StreamDecoder
 from tvq.transformer import Transformer
 
 CHUNK = 32  # most tokens sampled per compiled call
+
+
+@flax.struct.dataclass
+class DecodeCarry:
+    """The state of the compiled sampling loop, B rows."""
+
+    step: jax.Array  # [] int32: steps taken in this chunk
+    rings: tuple[RingState, ...]  # one per sublayer
+    token: jax.Array  # [B] int32: the last token, next input
+    key: jax.Array  # PRNG key
+    done: jax.Array  # [B] bool: the row has sampled eos_id
+    tokens: jax.Array  # [CHUNK, B] int32: sampled (or forced) tokens
+    log_probs: jax.Array  # [CHUNK, B] float32: their log-probs
 
 
 @functools.partial(jax.jit, static_argnames=("config", "sampler"))
@@ -40,33 +57,31 @@ def decode_chunk(config, params, rings, token, key, n_steps, forced, n_forced, e
 
     Returns (rings, last token [B], key, tokens [CHUNK, B], log-probs [CHUNK, B], steps).
     """
-    TRACE_COUNTS["decode"] += 1
     net = Transformer(config)
     variables = {"params": params}
     tables = net.apply(variables, method=Transformer.tables)
     batch = token.shape[0]
 
-    def cond(carry):
-        step, done = carry[0], carry[4]
-        return (step < n_steps) & ~jnp.all(done)
+    def cond(c: DecodeCarry):
+        return (c.step < n_steps) & ~jnp.all(c.done)
 
-    def body(carry):
-        step, rings, token, key, done, tokens, log_probs = carry
-        rings, step_log_probs = net.apply(variables, token, rings, tables, method=model_step)
-        key, sub = jax.random.split(key)
-        new = jnp.where(step < n_forced, forced[step], sampler.sample(sub, step_log_probs))
-        picked = jnp.take_along_axis(step_log_probs, new[:, None], axis=-1)[:, 0]
-        return (
-            step + 1, rings, new, key, done | (new == eos_id),
-            tokens.at[step].set(new), log_probs.at[step].set(picked),
+    def body(c: DecodeCarry) -> DecodeCarry:
+        rings, log_probs = net.apply(variables, c.token, c.rings, tables, method=Transformer.step)
+        key, sub = jax.random.split(c.key)
+        new = jnp.where(c.step < n_forced, forced[c.step], sampler.sample(sub, log_probs))
+        picked = jnp.take_along_axis(log_probs, new[:, None], axis=-1)[:, 0]
+        return DecodeCarry(
+            step=c.step + 1, rings=rings, token=new, key=key, done=c.done | (new == eos_id),
+            tokens=c.tokens.at[c.step].set(new), log_probs=c.log_probs.at[c.step].set(picked),
         )  # fmt: skip
 
-    init = (
-        jnp.zeros([], jnp.int32), rings, token, key, jnp.zeros([batch], jnp.bool_),
-        jnp.zeros([CHUNK, batch], jnp.int32), jnp.zeros([CHUNK, batch], jnp.float32),
+    init = DecodeCarry(
+        step=jnp.zeros([], jnp.int32), rings=rings, token=token, key=key,
+        done=jnp.zeros([batch], jnp.bool_), tokens=jnp.zeros([CHUNK, batch], jnp.int32),
+        log_probs=jnp.zeros([CHUNK, batch], jnp.float32),
     )  # fmt: skip
-    steps, rings, token, key, _, tokens, log_probs = jax.lax.while_loop(cond, body, init)
-    return rings, token, key, tokens, log_probs, steps
+    c = jax.lax.while_loop(cond, body, init)
+    return c.rings, c.token, c.key, c.tokens, c.log_probs, c.step
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
@@ -82,7 +97,7 @@ _repeat_rows = jax.jit(repeat_rows, static_argnames=("n",))
 def _chunk(model: Model, rings, token, key, n_steps, forced, n_forced, eos_id, sampler):
     """decode_chunk, always called in one form: jit keys its compiled code on which
     arguments are positional and which keyword, and on whether arrays are committed
-    (tvq.model.on_device); a second form would compile the loop again."""
+    (tvq.forward.on_device); a second form would compile the loop again."""
     rings, token, key, forced = on_device((rings, token, key, forced))
     return decode_chunk(model.config, model.params, rings, token, key, n_steps, forced,
                         n_forced, eos_id, sampler=sampler)  # fmt: skip
@@ -130,11 +145,11 @@ class Generation:
 class _TextRows:
     """Host side of the loop: decodes each row, applies stop strings, streams row 0."""
 
-    def __init__(self, model, n, eos_id, stop, on_text, ignore_eos=False):
+    def __init__(self, tokenizer, n, stop, on_text, ignore_eos=False):
         self.samples = [Sample() for _ in range(n)]
-        self.decoders = [StreamDecoder(model.tokenizer) for _ in range(n)]
+        self.decoders = [StreamDecoder(tokenizer) for _ in range(n)]
         self.pending = [""] * n  # decoded text not yet released (may begin a stop string)
-        self.eos_id, self.stop, self.on_text = eos_id, [s for s in stop if s], on_text
+        self.eos_id, self.stop, self.on_text = tokenizer.eos_id, [s for s in stop if s], on_text
         self.ignore_eos = ignore_eos
         self.first_token_at: float | None = None
 
@@ -212,8 +227,7 @@ def generate(
     never the start of a stop string that may still complete).
     """
     sampler = sampler or Sampler()
-    if model.tokenizer is None:
-        raise InputError("this model has no tokenizer: generation needs one")
+    tokenizer = require_tokenizer(model)
     if max_tokens < 0:
         raise InputError(f"max-tokens must be >= 0, got {max_tokens}")
     if num_samples < 1:
@@ -243,8 +257,8 @@ def generate(
     rings, token = _feed(model, rings, token, prompt[whole:], sampler)
     if num_samples > 1:
         rings, token = _repeat_rows(rings, n=num_samples), jnp.repeat(token, num_samples)
-    rows = _TextRows(model, num_samples, model.tokenizer.eos_id, stop, on_text, ignore_eos)
-    eos_id = -1 if model.tokenizer.eos_id is None or ignore_eos else model.tokenizer.eos_id
+    rows = _TextRows(tokenizer, num_samples, stop, on_text, ignore_eos)
+    eos_id = -1 if tokenizer.eos_id is None or ignore_eos else tokenizer.eos_id
     key = jax.random.PRNGKey(seed)
     no_forcing = np.zeros([CHUNK, num_samples], np.int32)
     count, chunk, finished = 0, 1, False

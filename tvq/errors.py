@@ -1,14 +1,13 @@
-"""Typed errors raised by the tvq library.
+"""Typed errors raised by the tvq library (docs/DESIGN.md section 9).
 
-The library never prints or exits: it raises one of these, and the CLI turns
-it into one line on stderr and a non-zero exit code.
+The library never prints or exits: it raises one of these. The CLI (tvqcli/app.py)
+turns each into one line on stderr and chooses the exit code; library classes carry
+no exit codes.
 """
 
 
 class TvqError(Exception):
     """Base class of every error tvq raises for a problem the user can fix."""
-
-    exit_code = 1
 
 
 class ConfigError(TvqError):
@@ -20,12 +19,25 @@ class InputError(TvqError):
 
 
 class StateError(TvqError):
-    """An attention state that does not belong to this model or batch."""
+    """An attention state that does not belong to this model or batch, or a state file
+    that cannot be read or written."""
 
 
 class CheckpointError(TvqError):
-    """A model directory or checkpoint that cannot be read or does not fit."""
+    """A model directory or checkpoint that cannot be read, written or does not fit."""
 
 
 class TokenizerError(TvqError):
     """A tokenizer file that cannot be used, or one that does not fit the model."""
+
+
+class CorpusError(TvqError):
+    """No usable training text."""
+
+
+class TrainingError(TvqError):
+    """Bad training settings, or a run that cannot continue."""
+
+
+class Interrupted(TvqError):
+    """Ctrl-C during work that saved what it had done first (e.g. a training run)."""

@@ -1,4 +1,4 @@
-"""Small building blocks of Transformer-VQ (DESIGN.md section 3)."""
+"""Small building blocks of Transformer-VQ (docs/DESIGN.md section 3)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import jax.numpy as jnp
 
 EPS = 1e-6
 
-# Initialisers of the reference layout (DESIGN.md section 4).
+# Initialisers of the reference layout (docs/DESIGN.md section 4).
 kernel_init = nn.initializers.variance_scaling(1.0, "fan_in", "normal")
 zeros_init = nn.initializers.zeros
 ones_init = nn.initializers.ones

@@ -1,15 +1,16 @@
-"""Decoding one token at a time, with each sublayer's window memory kept as a ring.
+"""The decoding ring: one sublayer's window memory laid out for one token at a time
+(docs/DESIGN.md section 7), the way a KV-cache class owns its layout.
 
 A block of one token through `VQAttention.__call__` assembles a window of M + 1 slots
 and evicts the oldest, which moves the whole memory for every token. The decode loop
 keeps the window as a ring of M + 1 slots instead (position p in slot p mod (M + 1))
-and writes each token in place. It computes exactly what a block of length 1 computes
-(DESIGN.md section 4), in this order, per sublayer and token at position p:
+and writes each token in place. `VQAttention.step` (tvq/sublayer.py) computes exactly
+what a block of length 1 computes, in this order, per sublayer and token at position p:
 
-1. the entry that left the window last step (position p − M − 1) joins the aggregate;
-2. the present token's code and value are written to slot p mod (M + 1);
-3. attention over the ring (distances 0 … M) and the aggregate;
-4. the entry in slot (p + 1) mod (M + 1), next to leave, is read out for step 1.
+1. `push`: the entry that left the window last step (position p − M − 1) joins the
+   aggregate, and the present token's code and value are written to slot p mod (M + 1);
+2. `attend_ring`: attention over the ring (distances 0 … M) and the aggregate;
+3. `advance`: the entry in slot (p + 1) mod (M + 1), next to leave, is read out for 1.
 
 Each buffer is written before it is read within a step, so XLA updates the carried
 ring in place; reading first and writing an unrelated value after makes it copy every
@@ -30,9 +31,8 @@ import numpy as np
 from tvq.attention import (
     MASK_VALUE,
     AttentionTables,
-    VQAttention,
     aggregate_bias,
-    quantize,
+    merge_into_aggregate,
     softmax_mix,
 )
 from tvq.config import ModelConfig
@@ -104,93 +104,64 @@ def from_ring(ring: RingState, codebook: jax.Array) -> AttentionState:
 
 
 def aggregate_leaving(ring: RingState) -> tuple[jax.Array, jax.Array]:
-    """The aggregate (n, Ū) with the leaving entry added: n_s += 1,
-    Ū_s ← (n_old/n_new)·Ū_s + v/n_new for its code s (nothing for an empty slot)."""
+    """The aggregate (n, Ū) with the leaving entry added to its code's row (nothing for
+    an empty slot); only that row is read and written, so the update is in place."""
     n_code = ring.n.shape[1]
     rows = jnp.arange(ring.n.shape[0])
     joins = (ring.leaving_z < n_code).astype(jnp.float32)  # [G]
     at = jnp.minimum(ring.leaving_z, n_code - 1)
-    n_old = ring.n[rows, at]
-    n_new = n_old + joins
-    denom = jnp.maximum(n_new, 1.0)
-    u_old = ring.u_bar[rows, at]  # [G, V]
-    u_new = (n_old / denom)[:, None] * u_old + (joins[:, None] * ring.leaving_v) / denom[:, None]
+    n_new, u_new = merge_into_aggregate(
+        ring.n[rows, at], ring.u_bar[rows, at], joins, joins[:, None] * ring.leaving_v
+    )
     return ring.n.at[rows, at].set(n_new), ring.u_bar.at[rows, at].set(u_new)
 
 
+def push(ring: RingState, codes: jax.Array, values: jax.Array) -> RingState:
+    """Step 1: aggregate the leaving entry; write the present token's codes [B, H] and
+    values [B, H, V] to slot pos mod (M + 1). Each buffer is written before it is read."""
+    n, u_bar = aggregate_leaving(ring)
+    slot = ring.pos_offset[0] % ring.z.shape[1]
+    z = jax.lax.dynamic_update_index_in_dim(ring.z, _flat(codes), slot, axis=1)
+    v = jax.lax.dynamic_update_index_in_dim(
+        ring.v, _flat(values.astype(jnp.float32)), slot, axis=1
+    )
+    return ring.replace(z=z, v=v, n=n, u_bar=u_bar)
+
+
+def advance(ring: RingState) -> RingState:
+    """Step 3: read out the entry next to leave; one more token consumed."""
+    leaving = (ring.pos_offset[0] + 1) % ring.z.shape[1]
+    return ring.replace(
+        pos_offset=ring.pos_offset + 1,
+        leaving_z=jax.lax.dynamic_index_in_dim(ring.z, leaving, axis=1, keepdims=False),
+        leaving_v=jax.lax.dynamic_index_in_dim(ring.v, leaving, axis=1, keepdims=False),
+    )
+
+
 def attend_ring(
-    q: jax.Array,
-    z: jax.Array,
-    v: jax.Array,
-    n: jax.Array,
-    u_bar: jax.Array,
-    tables: AttentionTables,
-    pos: jax.Array,
-    *,
-    agg_cache: bool,
+    q: jax.Array, ring: RingState, tables: AttentionTables, *, agg_cache: bool,
     dtype: str = "float32",
-) -> jax.Array:
-    """One query per row and head, q [B, H, K], over the ring (the present token already
-    in it) and the aggregate. Returns [G, V] float32."""
-    size = z.shape[1]
+) -> jax.Array:  # fmt: skip
+    """Step 2: one query per row and head, q [B, H, K], over the ring (the present token
+    already pushed) and the aggregate → [B, H, V] float32. Window keys are codewords
+    (k̂ = C_z), so one [S, K] product scores the window and the aggregate alike."""
+    batch = q.shape[0]
+    size = ring.z.shape[1]
     n_code = tables.codebook.shape[1]
+    pos = ring.pos_offset[0]
     qu = q + tables.u[None]
     qv = q + tables.v[None]
     code_scores = _flat(jnp.einsum("bhk,hsk->bhs", qu, tables.codebook))  # [G, S]
     by_distance = _flat(jnp.einsum("bhk,dhk->bhd", qv, tables.rel))  # [G, M + 1]
-    dist = (pos[0] - jnp.arange(size)) % size  # [M + 1]
-    filled = (dist <= pos[0])[None, :]
+    dist = (pos - jnp.arange(size)) % size  # [M + 1]
+    filled = (dist <= pos)[None, :]
     positional = by_distance[:, dist]
-    scores = jnp.take_along_axis(code_scores, jnp.minimum(z, n_code - 1), axis=-1) + positional
-    scores = jnp.where(filled, scores, -MASK_VALUE)  # [G, M + 1]
+    scores = jnp.take_along_axis(code_scores, jnp.minimum(ring.z, n_code - 1), axis=-1)
+    scores = jnp.where(filled, scores + positional, -MASK_VALUE)  # [G, M + 1]
 
-    agg_scores = (code_scores + aggregate_bias(n))[:, None] if agg_cache else None
-    return softmax_mix(scores[:, None], v, agg_scores, u_bar, dtype)[:, 0]
-
-
-def sublayer_step(
-    sublayer: VQAttention, x: jax.Array, ring: RingState, tables: AttentionTables
-) -> tuple[RingState, jax.Array]:
-    """One token x [B, 1, D] through a (bound) VQAttention → (new ring, residual [B, 1, D])."""
-    b = x.shape[0]
-    size = ring.z.shape[1]
-    n, u_bar = aggregate_leaving(ring)
-    q, keys, values, gate = sublayer.project(x)
-    codes, _, _ = quantize(keys, tables.codebook)
-    slot = ring.pos_offset[0] % size
-    z = jax.lax.dynamic_update_index_in_dim(ring.z, _flat(codes[:, :, 0]), slot, axis=1)
-    v = jax.lax.dynamic_update_index_in_dim(
-        ring.v, _flat(values[:, :, 0].astype(jnp.float32)), slot, axis=1
-    )
-    out = attend_ring(
-        q[:, :, 0], z, v, n, u_bar, tables, ring.pos_offset,
-        agg_cache=sublayer.agg_cache, dtype=sublayer.dtype,
-    )  # fmt: skip
-    res = sublayer.output(_per_head(out, b)[:, :, None], gate)
-    leaving = (slot + 1) % size
-    new_ring = RingState(
-        pos_offset=ring.pos_offset + 1,
-        z=z,
-        v=v,
-        n=n,
-        u_bar=u_bar,
-        leaving_z=jax.lax.dynamic_index_in_dim(z, leaving, axis=1, keepdims=False),
-        leaving_v=jax.lax.dynamic_index_in_dim(v, leaving, axis=1, keepdims=False),
-    )
-    return new_ring, res.astype(x.dtype)
-
-
-def model_step(net, tokens: jax.Array, rings: tuple[RingState, ...], tables):
-    """tokens [B] through a bound Transformer → (new rings, log-probs [B, N]); equal to a
-    block of length 1 through Transformer.__call__. Use with net.apply(method=model_step)."""
-    x = net.embed(tokens[:, None], rings[0].pos_offset)
-    sublayers = [s for layer in net.transformer_layers for s in layer.sublayers()]
-    new_rings = []
-    for sublayer, ring, table in zip(sublayers, rings, tables, strict=True):
-        ring, res = sublayer_step(sublayer, x, ring, table)
-        x = x + res
-        new_rings.append(ring)
-    return tuple(new_rings), net.log_softmax(x)[:, 0]
+    agg_scores = (code_scores + aggregate_bias(ring.n))[:, None] if agg_cache else None
+    out = softmax_mix(scores[:, None], ring.v, agg_scores, ring.u_bar, dtype)[:, 0]
+    return _per_head(out, batch)
 
 
 def empty_rings(config: ModelConfig, batch_size: int) -> tuple[RingState, ...]:

@@ -7,6 +7,7 @@ compiled decoding loop; it knows nothing about the model.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +23,12 @@ class Sampler:
     min_p: float = 0.0  # 0 = off
 
     def __post_init__(self) -> None:
+        for name in ("temperature", "top_p", "min_p"):
+            value = getattr(self, name)
+            if not isinstance(value, int | float) or not math.isfinite(value):
+                raise InputError(f"{name.replace('_', '-')} must be a finite number, got {value}")
+        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool):
+            raise InputError(f"top-k must be an integer, got {self.top_k!r}")
         if not self.temperature >= 0:
             raise InputError(f"temperature must be >= 0, got {self.temperature}")
         if self.top_k < 0:

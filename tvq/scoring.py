@@ -1,4 +1,5 @@
-"""Scoring token streams of any length in one pass through the cached state.
+"""Scoring token streams of any length in one pass through the cached state
+(docs/DESIGN.md section 8).
 
 A text is scored from its first token: the first input is the end-of-document
 id, so the first token is predicted with no context, as in training. Long
@@ -16,8 +17,10 @@ from collections.abc import Iterator
 import jax.numpy as jnp
 import numpy as np
 
-from tvq.model import Model
+from tvq.errors import InputError
+from tvq.model import Model, check_block_len
 from tvq.state import ModelState
+from tvq.tokenizer import Tokenizer, encode_stream
 
 CHUNK_BLOCKS = 32
 MIN_CHUNK = 4096  # tokens per compiled call at least, whatever the block length
@@ -44,8 +47,19 @@ def eos_id(model: Model) -> int:
     return int(tokenizer.eos_id) if tokenizer is not None else 1
 
 
+def require_tokenizer(model: Model) -> Tokenizer:
+    """The model's tokenizer, or InputError: text goes in and out through it."""
+    if model.tokenizer is None:
+        raise InputError(
+            "this model has no tokenizer: save it with one (tvq.Model(..., tokenizer=...)), "
+            "or use a model directory made by `tvq train` or `tvq convert`"
+        )
+    return model.tokenizer
+
+
 def chunk_len(block_len: int) -> int:
     """The largest piece: a whole number of blocks, at least MIN_CHUNK tokens."""
+    block_len = check_block_len(block_len)
     return block_len * max(CHUNK_BLOCKS, -(-MIN_CHUNK // block_len))
 
 
@@ -95,7 +109,7 @@ def score_ids(
     if length == 0:
         empty = np.zeros([batch, 0], np.float32) if keep_log_probs else None
         return ScoreResult(0.0, 0, empty), context
-    block_len = block_len or model.block_len
+    block_len = model.block_len if block_len is None else check_block_len(block_len)
     inputs = np.concatenate([context.last_token[:, None], ids[:, :-1]], axis=1)
     state, total, kept, start = context.state, jnp.zeros([]), [], 0
     for size in piece_sizes(length, block_len):
@@ -111,9 +125,6 @@ def score_ids(
     result = ScoreResult(-float(total), batch * length, log_probs)
     new_context = Context(state=state, last_token=ids[:, -1].copy(), tokens=context.tokens + length)
     return result, new_context
-
-
-READ_SIZE = 1 << 16
 
 
 @dataclasses.dataclass
@@ -139,29 +150,12 @@ class FileScore:
         }
 
 
-def text_pieces(stream, read_size: int = READ_SIZE) -> Iterator[bytes]:
-    """Raw bytes in pieces of about read_size, cut after a newline (or a whole character)."""
-    rest = b""
-    while True:
-        data = stream.read(read_size)
-        if not data:
-            if rest:
-                yield rest
-            return
-        data = rest + data
-        cut = data.rfind(b"\n") + 1
-        if cut == 0:  # no newline: cut before a lead byte near the end (maybe half a character)
-            leads = [i for i in range(max(1, len(data) - 3), len(data)) if data[i] >= 0xC0]
-            cut = leads[-1] if leads else len(data)
-        yield data[:cut]
-        rest = data[cut:]
-
-
 def score_stream(
     model: Model,
     stream,
     name: str,
     *,
+    block_len: int | None = None,
     context: Context | None = None,
     on_piece=None,
     on_tokens=None,
@@ -169,20 +163,24 @@ def score_stream(
     """Scores a binary stream in one pass, piece by piece, carrying the context.
 
     Tokens are scored in whole chunks of one compiled shape as they arrive; only the
-    final remainder uses the smaller shapes. on_piece(score) is called after each chunk
+    final remainder uses the smaller shapes. The ids equal tokenizing the whole text at
+    once (tvq.tokenizer.encode_stream). on_piece(score) is called after each chunk
     (progress; bytes then count the scored tokens); on_tokens(ids, log_probs,
     byte_offset) receives per-token results. Memory stays flat whatever the length.
     """
-    tokenizer = model.tokenizer
+    tokenizer = require_tokenizer(model)
+    block_len = model.block_len if block_len is None else check_block_len(block_len)
     result = FileScore(name)
     context = context or Context.start(model, 1)
-    chunk = chunk_len(model.block_len)
+    chunk = chunk_len(block_len)
     pending: list[int] = []
     raw_bytes, offset = 0, 0
 
     def flush(ids: list[int]) -> None:
         nonlocal context, offset
-        scored, context = score_ids(model, ids, context, keep_log_probs=on_tokens is not None)
+        scored, context = score_ids(
+            model, ids, context, keep_log_probs=on_tokens is not None, block_len=block_len
+        )
         start = offset
         offset += sum(len(tokenizer.token_bytes(i)) for i in ids)
         # Totals first, all together, and reported before the per-token results: an
@@ -196,17 +194,10 @@ def score_stream(
         if on_tokens is not None:
             on_tokens(ids, scored.log_probs[0], start)
 
-    for raw in text_pieces(stream):
-        raw_bytes += len(raw)
-        if hasattr(tokenizer, "encode_bytes"):
-            pending.extend(tokenizer.encode_bytes(raw))
-        else:
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                text = raw.decode("utf-8", errors="replace")
-                result.invalid_utf8 = True
-            pending.extend(tokenizer.encode(text))
+    for ids, n_bytes, invalid in encode_stream(tokenizer, stream):
+        raw_bytes += n_bytes
+        result.invalid_utf8 |= invalid
+        pending.extend(ids)
         ready = len(pending) // chunk * chunk
         if ready:
             flush(pending[:ready])

@@ -1,4 +1,4 @@
-"""The attention state carried between blocks (DESIGN.md section 4, "State").
+"""The attention state carried between blocks (docs/DESIGN.md section 4, "State").
 
 One `AttentionState` per VQ-attention sublayer: the window memory of the last
 M tokens and the per-codeword aggregate of everything older. Its size depends
@@ -7,11 +7,15 @@ on the configuration and batch size, never on how many tokens were read.
 
 from __future__ import annotations
 
+import functools
+from typing import Any
+
 import flax.struct
 import jax
 import numpy as np
 
 from tvq.config import ModelConfig
+from tvq.errors import StateError
 
 
 @flax.struct.dataclass
@@ -68,3 +72,40 @@ def initial_state(config: ModelConfig, batch_size: int) -> ModelState:
             initial_attention_state(config, batch_size) for _ in range(2 * config.n_layer)
         )
     )
+
+
+@functools.lru_cache(maxsize=64)
+def state_shapes(config: ModelConfig, batch_size: int) -> ModelState:
+    """The state's shapes and dtypes, traced once per (config, batch size)."""
+    return jax.eval_shape(lambda: initial_state(config, batch_size))
+
+
+def state_nbytes(config: ModelConfig) -> int:
+    """Bytes of one sequence's state: fixed by the architecture, whatever the length."""
+    leaves = jax.tree_util.tree_leaves(state_shapes(config, 1))
+    return int(sum(np.prod(x.shape) * x.dtype.itemsize for x in leaves))
+
+
+def check_state(config: ModelConfig, state: Any, batch_size: int) -> ModelState:
+    """Raises StateError unless `state` fits this config and batch size."""
+    if not isinstance(state, ModelState):
+        raise StateError(f"state must be a tvq ModelState, got {type(state).__name__}")
+    expected = state_shapes(config, batch_size)
+    if len(state.sublayers) != len(expected.sublayers):
+        raise StateError(
+            f"state has {len(state.sublayers)} sublayers, this model has "
+            f"{len(expected.sublayers)}: it belongs to another model"
+        )
+    if state.batch_size != batch_size:
+        raise StateError(
+            f"state is for batch size {state.batch_size}, the tokens have batch size {batch_size}"
+        )
+    got_leaves = jax.tree_util.tree_leaves(state)
+    want_leaves = jax.tree_util.tree_leaves(expected)
+    for got, want in zip(got_leaves, want_leaves, strict=True):
+        if tuple(got.shape) != tuple(want.shape) or got.dtype != want.dtype:
+            raise StateError(
+                f"state array of shape {tuple(got.shape)} {got.dtype} does not fit this model "
+                f"(expected {tuple(want.shape)} {want.dtype}): it belongs to another model"
+            )
+    return state

@@ -22,22 +22,10 @@ import numpy as np
 from tvq.errors import StateError
 from tvq.model import Model
 from tvq.scoring import Context
-from tvq.state import initial_state
+from tvq.state import state_shapes
 
 FORMAT = "tvq-state"
 VERSION = 1
-
-
-def model_fingerprint(model: Model) -> str:
-    """SHA-256 over the config and every parameter (cached on the model)."""
-    cached = getattr(model, "_fingerprint", None)
-    if cached is None:
-        digest = hashlib.sha256(model.config.to_json().encode())
-        for leaf in jax.tree_util.tree_leaves(model.params):
-            digest.update(np.ascontiguousarray(np.asarray(leaf)).tobytes())
-        cached = "sha256:" + digest.hexdigest()
-        model._fingerprint = cached
-    return cached
 
 
 def _arrays(context: Context) -> dict[str, np.ndarray]:
@@ -56,31 +44,41 @@ def _checksum(arrays: dict[str, np.ndarray]) -> str:
 
 
 def save_state(path: str | os.PathLike, model: Model, context: Context) -> None:
+    """Writes the context of one sequence to `path`, atomically (a temporary file in the
+    same folder, then renamed); StateError if it cannot be written."""
     if context.state.batch_size != 1:
         raise StateError("only a single sequence's state can be saved")
     arrays = _arrays(context)
     header = {
         "format": FORMAT,
         "version": VERSION,
-        "model": model_fingerprint(model),
+        "model": model.fingerprint,
         "tokenizer": model.tokenizer.fingerprint if model.tokenizer else None,
         "tokens": int(context.tokens),
         "checksum": _checksum(arrays),
     }
     arrays["header"] = np.frombuffer(json.dumps(header).encode(), np.uint8)
     path = Path(path)
-    folder = path.parent if str(path.parent) else Path(".")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=folder)
+    if path.is_dir():
+        raise StateError(f"state file {path} is a directory")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    except OSError as e:
+        raise StateError(f"state file {path} cannot be written: {e.strerror}") from None
     try:
         with os.fdopen(fd, "wb") as f:
             np.savez(f, **arrays)
         os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        raise StateError(f"state file {path} cannot be written: {e.strerror}") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
 def load_state(path: str | os.PathLike, model: Model) -> Context:
+    """Reads a state file written by save_state for this model; StateError otherwise."""
     path = Path(path)
     try:
         data = path.read_bytes()
@@ -94,16 +92,16 @@ def load_state(path: str | os.PathLike, model: Model) -> Context:
         header = json.loads(arrays.pop("header").tobytes().decode())
     except (ValueError, KeyError, OSError, zipfile.BadZipFile, json.JSONDecodeError, EOFError):
         raise StateError(f"{path} is not a tvq state file (or it is truncated)") from None
-    if header.get("format") != FORMAT:
+    if not isinstance(header, dict) or header.get("format") != FORMAT:
         raise StateError(f"{path} is not a tvq state file")
     if header.get("checksum") != _checksum(arrays):
         raise StateError(f"state file {path} is corrupt: its checksum does not match")
-    if header.get("model") != model_fingerprint(model):
+    if header.get("model") != model.fingerprint:
         raise StateError(f"state file {path} was saved with another model")
     tokenizer = model.tokenizer.fingerprint if model.tokenizer else None
     if header.get("tokenizer") != tokenizer:
         raise StateError(f"state file {path} was saved with another tokenizer")
-    template = initial_state(model.config, 1)
+    template = state_shapes(model.config, 1)
     treedef = jax.tree_util.tree_structure(template)
     leaves = jax.tree_util.tree_leaves(template)
     try:
@@ -114,5 +112,11 @@ def load_state(path: str | os.PathLike, model: Model) -> Context:
     for got, want in zip(loaded, leaves, strict=True):
         if got.shape != want.shape or got.dtype != want.dtype:
             raise StateError(f"state file {path} does not fit this model's state")
+    if (last_token.shape != (1,) or last_token.dtype != np.int32
+            or not 0 <= int(last_token[0]) < model.config.n_vocab):  # fmt: skip
+        raise StateError(f"state file {path} holds no valid next token")
     state = jax.tree_util.tree_unflatten(treedef, [jax.numpy.asarray(x) for x in loaded])
-    return Context(state=state, last_token=last_token, tokens=int(header.get("tokens", 0)))
+    tokens = header.get("tokens", 0)
+    if not isinstance(tokens, int) or tokens < 0:
+        raise StateError(f"state file {path} has a corrupt header (token count {tokens!r})")
+    return Context(state=state, last_token=last_token, tokens=tokens)

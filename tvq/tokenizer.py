@@ -6,7 +6,9 @@
 
 Both decode through a per-id byte table, so streamed text is exact: the pieces
 that `StreamDecoder` emits concatenate to `decode(all ids)` and never split a
-UTF-8 character.
+UTF-8 character. Both say where a text may be cut so that tokenizing the pieces
+gives exactly the ids of the whole (`cut`); `encode_stream` uses it to tokenize a
+file of any length piece by piece (docs/DESIGN.md section 8).
 """
 
 from __future__ import annotations
@@ -14,8 +16,10 @@ from __future__ import annotations
 import codecs
 import hashlib
 import os
+import re
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Protocol
+from typing import BinaryIO, Protocol
 
 from tvq.errors import TokenizerError
 
@@ -35,6 +39,8 @@ class Tokenizer(Protocol):
     def decode(self, ids: list[int]) -> str: ...
 
     def token_bytes(self, token_id: int) -> bytes: ...
+
+    def cut(self, data: bytes) -> int: ...
 
 
 class StreamDecoder:
@@ -70,6 +76,10 @@ class ByteTokenizer:
 
     def encode_bytes(self, data: bytes) -> list[int]:
         return [b + self.OFFSET for b in data]
+
+    def cut(self, data: bytes) -> int:
+        """Any byte boundary: each byte is its own token."""
+        return len(data)
 
     def token_bytes(self, token_id: int) -> bytes:
         if self.OFFSET <= token_id < self.vocab_size:
@@ -107,6 +117,7 @@ class SentencePieceTokenizer:
         self.eos_id = int(self._sp.eos_id())
         self.unk_id = int(self._sp.unk_id())
         self._bytes = [self._piece_bytes(i) for i in range(self.vocab_size)]
+        self._newline_cuts, self._space_cuts = _safe_cuts(data)
 
     def _piece_bytes(self, token_id: int) -> bytes:
         sp = self._sp
@@ -120,6 +131,20 @@ class SentencePieceTokenizer:
     def encode(self, text: str) -> list[int]:
         return list(self._sp.encode(text))
 
+    def cut(self, data: bytes) -> int:
+        """The last place in data (UTF-8) where the model's own rules force a piece
+        boundary, 0 if none: after a newline (a user-defined piece that no other piece
+        contains), or before a space that follows a non-space (no piece holds a space
+        after another character). Both need a model that adds no dummy prefix and
+        normalises nothing (tvq's own tokenizers); for other models, 0."""
+        at = data.rfind(b"\n") + 1 if self._newline_cuts else 0
+        if self._space_cuts:
+            space = data.rfind(b" ")
+            while space > at and data[space - 1] == 0x20:
+                space = data.rfind(b" ", 0, space - 1)
+            at = max(at, space)
+        return at
+
     def token_bytes(self, token_id: int) -> bytes:
         if 0 <= token_id < self.vocab_size:
             return self._bytes[token_id]
@@ -130,6 +155,63 @@ class SentencePieceTokenizer:
 
     def piece(self, token_id: int) -> str:
         return self._sp.id_to_piece(int(token_id))
+
+
+def _safe_cuts(serialized: bytes) -> tuple[bool, bool]:
+    """(cut after a newline is exact, cut before a space after a non-space is exact), read
+    off the model's own specification (see SentencePieceTokenizer.cut)."""
+    try:
+        from sentencepiece import sentencepiece_model_pb2
+
+        proto = sentencepiece_model_pb2.ModelProto()
+        proto.ParseFromString(serialized)
+    except Exception:  # no protobuf, or a format this code does not know: never cut
+        return False, False
+    norm, trainer = proto.normalizer_spec, proto.trainer_spec
+    if norm.add_dummy_prefix or norm.remove_extra_whitespaces or norm.name != "identity":
+        return False, False
+    user_defined = 4  # ModelProto.SentencePiece.Type.USER_DEFINED
+    pieces = [(p.piece, p.type) for p in proto.pieces]
+    newline = ("\n", user_defined) in pieces and not any(
+        "\n" in piece for piece, kind in pieces if (piece, kind) != ("\n", user_defined)
+    )
+    space = (
+        trainer.split_by_whitespace
+        and not trainer.treat_whitespace_as_suffix
+        and not any(re.search("[^\u2581]\u2581", piece) for piece, _ in pieces)
+    )
+    return newline, bool(space)
+
+
+READ_SIZE = 1 << 16
+
+
+def encode_stream(
+    tokenizer: Tokenizer, stream: BinaryIO, read_size: int = READ_SIZE
+) -> Iterator[tuple[list[int], int, bool]]:
+    """Tokenizes a binary stream piece by piece → (ids, bytes read, invalid UTF-8 seen).
+
+    Pieces are cut only where `tokenizer.cut` says the ids are those of the whole text, so
+    the ids joined equal `encode` of everything read; where no cut is allowed, pieces
+    grow until one is (for a tokenizer that allows none, the whole text is one piece)."""
+    encode_bytes = getattr(tokenizer, "encode_bytes", None)
+    rest, ended = b"", False
+    while not ended:
+        data = stream.read(read_size)
+        ended = not data
+        data = rest + data
+        at = len(data) if ended else tokenizer.cut(data)
+        piece, rest = data[:at], data[at:]
+        if not piece:
+            continue
+        if encode_bytes is not None:
+            yield encode_bytes(piece), len(piece), False
+            continue
+        try:
+            text, invalid = piece.decode("utf-8"), False
+        except UnicodeDecodeError:
+            text, invalid = piece.decode("utf-8", errors="replace"), True
+        yield tokenizer.encode(text), len(piece), invalid
 
 
 def train_sentencepiece(
@@ -175,6 +257,15 @@ def train_sentencepiece(
         raise TokenizerError(f"sentencepiece training failed: {str(e).strip()}") from None
     Path(prefix + ".vocab").unlink(missing_ok=True)
     return SentencePieceTokenizer(prefix + ".model")
+
+
+def check_vocab(tokenizer: Tokenizer | None, n_vocab: int) -> None:
+    """Raises TokenizerError unless the tokenizer's ids are the model's vocabulary."""
+    if tokenizer is not None and tokenizer.vocab_size != n_vocab:
+        raise TokenizerError(
+            f"tokenizer has {tokenizer.vocab_size} ids but the model's vocabulary "
+            f"(n_vocab) is {n_vocab}"
+        )
 
 
 def load_tokenizer(spec: dict, folder: Path | None = None) -> Tokenizer:

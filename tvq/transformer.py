@@ -1,71 +1,41 @@
-"""The whole Transformer-VQ network for one block of tokens (DESIGN.md section 5).
+"""The whole Transformer-VQ network (docs/DESIGN.md section 5), and the only place that
+loops over its sublayers.
 
 tokens → embeddings (+ scaled absolute sinusoids) → n_layer × [VQ-attention,
 VQ-attention] residual sublayers → optional RMSNorm → tied or untied output →
-· e_scale → log-softmax. The loop over blocks lives in model.py; this module
-only knows one block and the state that flows through it.
+· e_scale → log-softmax. Two entry points share that pass: `block` (a block of tokens
+against the window state: scoring and training, folded over blocks by tvq/forward.py)
+and `step` (one token against the decoding rings: tvq/decoding.py).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from tvq.attention import AttentionTables, VQAttention
+from tvq.attention import AttentionTables
 from tvq.config import ModelConfig
 from tvq.layers import RMSNorm, kernel_init, sinusoid, zeros_init
+from tvq.ring import RingState
 from tvq.state import ModelState
+from tvq.sublayer import AttentionModule, SublayerStats, VQAttention, attention_fields
 
 
-class TransformerLayer(nn.Module):
+class TransformerLayer(AttentionModule):
     """Two VQ-attention sublayers, named as in the reference layout."""
 
-    d_model: int
-    d_k: int
-    d_v: int
-    n_head: int
-    n_code: int
-    mem_len: int
-    agg_cache: bool
-    pe_lam: float
-    dtype: str
-    param_dtype: str
-
     def setup(self) -> None:
-        fields = dict(
-            d_model=self.d_model,
-            d_k=self.d_k,
-            d_v=self.d_v,
-            n_head=self.n_head,
-            n_code=self.n_code,
-            mem_len=self.mem_len,
-            agg_cache=self.agg_cache,
-            pe_lam=self.pe_lam,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-        )
+        fields = attention_fields(self)
         self.scanned_attn1 = VQAttention(**fields)
         self.scanned_attn2 = VQAttention(**fields)
 
-    def sublayers(self) -> tuple[VQAttention, VQAttention]:
-        return (self.scanned_attn1, self.scanned_attn2)
-
-    def tables(self) -> tuple[AttentionTables, AttentionTables]:
-        return (self.scanned_attn1.tables(), self.scanned_attn2.tables())
-
-    def __call__(self, x, states, tables, train=False, mask=None):
-        new_states, all_stats = [], []
-        for sublayer, state, table in zip(self.sublayers(), states, tables, strict=True):
-            new_state, res, stats = sublayer(x, state, table, train, mask)
-            x = x + res
-            new_states.append(new_state)
-            all_stats.append(stats)
-        return tuple(new_states), x, all_stats
-
 
 class Transformer(nn.Module):
-    """One block through the whole network; the only module that reads ModelConfig."""
+    """The network; the only module that reads ModelConfig."""
 
     config: ModelConfig
 
@@ -75,19 +45,7 @@ class Transformer(nn.Module):
         if cfg.pe_abs:
             self.position_embedder = PositionScale()
         self.transformer_layers = [
-            TransformerLayer(
-                d_model=cfg.d_model,
-                d_k=cfg.d_k,
-                d_v=cfg.d_v,
-                n_head=cfg.n_head,
-                n_code=cfg.n_code,
-                mem_len=cfg.mem_len,
-                agg_cache=cfg.agg_cache,
-                pe_lam=cfg.pe_lam,
-                dtype=cfg.dtype,
-                param_dtype=cfg.param_dtype,
-            )
-            for _ in range(cfg.n_layer)
+            TransformerLayer(**attention_fields(cfg)) for _ in range(cfg.n_layer)
         ]
         if cfg.e_preln:
             self.out_ln = RMSNorm(cfg.d_model, cfg.param_dtype)
@@ -101,8 +59,60 @@ class Transformer(nn.Module):
                 param_dtype=cfg.param_dtype,
             )
 
+    def sublayers(self) -> list[VQAttention]:
+        """The 2·n_layer sublayers in order; states and tables follow this order."""
+        return [s for layer in self.transformer_layers
+                for s in (layer.scanned_attn1, layer.scanned_attn2)]  # fmt: skip
+
     def tables(self) -> tuple[AttentionTables, ...]:
-        return tuple(t for layer in self.transformer_layers for t in layer.tables())
+        """Per-sublayer values of the parameters alone; computed once per compiled call and
+        passed to every block or step."""
+        return tuple(sublayer.tables() for sublayer in self.sublayers())
+
+    def block(
+        self,
+        tokens: jax.Array,
+        state: ModelState,
+        tables: tuple[AttentionTables, ...],
+        train: bool = False,
+        offsets: jax.Array | None = None,
+    ) -> tuple[ModelState, jax.Array, tuple[SublayerStats, ...] | None]:
+        """A block of tokens [B, L] → (new state, float32 log-probs [B, L, N], per-sublayer
+        training statistics or None). offsets [B, L, D], added to the embeddings, let
+        tests take Jacobians with respect to the inputs."""
+        x = self.embed(tokens, state.sublayers[0].pos_offset)
+        if offsets is not None:
+            x = x + offsets.astype(x.dtype)
+
+        def through(sublayer, x, sub_state, table):
+            return sublayer(x, sub_state, table, train)
+
+        x, states, stats = self._sublayers(through, x, state.sublayers, tables)
+        return ModelState(sublayers=states), self.log_softmax(x), stats if train else None
+
+    def step(
+        self, tokens: jax.Array, rings: tuple[RingState, ...], tables: tuple[AttentionTables, ...]
+    ) -> tuple[tuple[RingState, ...], jax.Array]:
+        """One token per row, tokens [B] → (new rings, float32 log-probs [B, N]); equal to a
+        block of length 1 (docs/DESIGN.md invariant 3)."""
+        x = self.embed(tokens[:, None], rings[0].pos_offset)
+
+        def through(sublayer, x, ring, table):
+            return (*sublayer.step(x, ring, table), None)
+
+        x, rings, _ = self._sublayers(through, x, rings, tables)
+        return rings, self.log_softmax(x)[:, 0]
+
+    def _sublayers(self, through: Callable, x: jax.Array, states: Any, tables: Any):
+        """x through every sublayer with its residual: through(sublayer, x, state, table)
+        → (state, residual, extra). Returns (x, states, extras)."""
+        new_states, extras = [], []
+        for sublayer, state, table in zip(self.sublayers(), states, tables, strict=True):
+            state, res, extra = through(sublayer, x, state, table)
+            x = x + res
+            new_states.append(state)
+            extras.append(extra)
+        return x, tuple(new_states), tuple(extras)
 
     def embed(self, tokens: jax.Array, pos_offset: jax.Array) -> jax.Array:
         """tokens [B, L] → [B, L, D] in the compute dtype."""
@@ -112,16 +122,6 @@ class Transformer(nn.Module):
             positions = pos_offset[:, None] + jnp.arange(tokens.shape[1])[None, :]
             x = x + self.position_embedder() * sinusoid(positions, cfg.d_model, cfg.pe_lam)
         return x.astype(cfg.dtype)
-
-    def body(self, x, state: ModelState, tables, train=False, mask=None):
-        """[B, L, D] features through every layer → (new state, features, per-sublayer stats)."""
-        new_states, all_stats = [], []
-        for i, layer in enumerate(self.transformer_layers):
-            pair = slice(2 * i, 2 * i + 2)
-            states, x, stats = layer(x, state.sublayers[pair], tables[pair], train, mask)
-            new_states.extend(states)
-            all_stats.extend(stats)
-        return ModelState(sublayers=tuple(new_states)), x, all_stats
 
     def log_softmax(self, x: jax.Array) -> jax.Array:
         """Features [B, L, D] → float32 next-token log-probs [B, L, N]."""
@@ -135,12 +135,10 @@ class Transformer(nn.Module):
             logits = self.out_proj(x)
         return jax.nn.log_softmax(logits * cfg.e_scale, axis=-1)
 
-    def __call__(self, tokens, state: ModelState, train=False):
+    def __call__(self, tokens: jax.Array, state: ModelState, train: bool = False):
         """One block end to end; used to create every parameter at init."""
-        tables = self.tables()
-        x = self.embed(tokens, state.sublayers[0].pos_offset)
-        new_state, x, _ = self.body(x, state, tables, train)
-        return new_state, self.log_softmax(x)
+        state, log_probs, _ = self.block(tokens, state, self.tables(), train)
+        return state, log_probs
 
 
 class TokenEmbedder(nn.Module):

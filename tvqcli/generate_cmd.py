@@ -10,11 +10,7 @@ from typing import Annotated
 
 import typer
 
-from tvqcli.main import app, fail, handle_errors, stderr
-
-ModelOption = Annotated[
-    Path | None, typer.Option("--model", "-m", help="Model directory [default: built-in].")
-]
+from tvqcli.app import ModelOption, app, check_output_file, fail, finite, handle_errors, stderr
 
 
 def read_prompt(prompt: str | None, file: Path | None) -> str:
@@ -55,10 +51,16 @@ def generate(
     max_tokens: Annotated[
         int, typer.Option("--max-tokens", "-n", help="Tokens to generate.")
     ] = 200,
-    temperature: Annotated[float, typer.Option("--temperature", "-t", help="0 = greedy.")] = 0.8,
-    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass, in (0, 1].")] = 0.95,
+    temperature: Annotated[
+        float, typer.Option("--temperature", "-t", help="0 = greedy.", callback=finite)
+    ] = 0.8,
+    top_p: Annotated[
+        float, typer.Option(help="Nucleus sampling mass, in (0, 1].", callback=finite)
+    ] = 0.95,
     top_k: Annotated[int, typer.Option(help="Sample among the k likeliest (0 = off).")] = 0,
-    min_p: Annotated[float, typer.Option(help="Drop tokens below min-p × the top one.")] = 0.0,
+    min_p: Annotated[
+        float, typer.Option(help="Drop tokens below min-p × the top one.", callback=finite)
+    ] = 0.0,
     seed: Annotated[int | None, typer.Option(help="Random seed [default: random].")] = None,
     stop: Annotated[
         list[str] | None, typer.Option(help="Stop before this text (repeatable).")
@@ -82,6 +84,7 @@ def generate(
     import tvq
     from tvq.decoding import generate as run_generate
     from tvq.sampling import Sampler
+    from tvq.scoring import require_tokenizer
     from tvq.statefile import load_state as read_state
     from tvq.statefile import save_state as write_state
 
@@ -95,8 +98,10 @@ def generate(
         sampler = Sampler(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
     except tvq.TvqError as e:
         raise fail(str(e), 2) from None
+    check_output_file(save_state, "--save-state")
     text = read_prompt(prompt, file)
     loaded = tvq.load(model)
+    tokenizer = require_tokenizer(loaded)
     context = read_state(load_state, loaded) if load_state is not None else None
     seed = secrets.randbits(31) if seed is None else seed
     out = sys.stdout
@@ -110,7 +115,7 @@ def generate(
         out.flush()
 
     result = run_generate(
-        loaded, loaded.tokenizer.encode(text), max_tokens=max_tokens, sampler=sampler,
+        loaded, tokenizer.encode(text), max_tokens=max_tokens, sampler=sampler,
         seed=seed, num_samples=num_samples, stop=stop or [], context=context,
         on_text=on_text if live else None, ignore_eos=ignore_eos,
     )  # fmt: skip

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Annotated
@@ -9,7 +10,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from tvqcli.main import app, fail, handle_errors, stderr
+from tvqcli.app import app, check_output_dir, fail, handle_errors, stderr
 
 
 @app.command()
@@ -71,13 +72,15 @@ def convert(
 
     if tokenizer is None and not use_bytes:
         raise fail("give the checkpoint's vocabulary: --tokenizer FILE or --bytes", 2)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    if tokenizer is not None and use_bytes:
+        raise fail("give one vocabulary: --tokenizer FILE or --bytes, not both", 2)
+    check_output_dir(out, "--out")
+    if out.exists() and any(out.iterdir()):
         raise fail(f"--out {out} exists and is not empty")
-    model = tvq.Model.from_reference(checkpoint, flags)
     tok = open_tokenizer(tokenizer, use_bytes=use_bytes)
-    model = tvq.Model(
-        model.config, model.params, block_len=model.block_len, tokenizer=tok,
-        metadata={"converted_from": str(checkpoint), "flags": str(flags)},
-    )  # fmt: skip
+    model = tvq.Model.from_reference(checkpoint, flags)
+    model = dataclasses.replace(
+        model, tokenizer=tok, metadata={"converted_from": str(checkpoint), "flags": str(flags)}
+    )
     model.save(out)
     stderr.print(f"wrote {out} ({model.param_count:,} parameters)", highlight=False)

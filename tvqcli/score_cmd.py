@@ -12,8 +12,7 @@ from typing import Annotated
 
 import typer
 
-from tvqcli.generate_cmd import ModelOption
-from tvqcli.main import app, fail, handle_errors, stderr
+from tvqcli.app import ModelOption, app, check_output_file, fail, handle_errors, stderr
 
 FORMATS = ("table", "json", "jsonl", "csv")
 KEYS = ("file", "bytes", "tokens", "nll", "perplexity", "bits_per_token", "bits_per_byte")
@@ -94,7 +93,7 @@ def score(
 ) -> None:
     """Score files: NLL, perplexity, bits per token and bits per byte, per file and in total."""
     import tvq
-    from tvq.scoring import score_stream
+    from tvq.scoring import require_tokenizer, score_stream
     from tvq.statefile import load_state as read_state
     from tvq.statefile import save_state as write_state
 
@@ -105,10 +104,13 @@ def score(
         raise fail("--save-state takes one input (the state after that text)", 2)
     if block_len is not None and block_len < 1:
         raise fail(f"--block-len must be >= 1, got {block_len}", 2)
+    if files.count("-") > 1:
+        raise fail("'-' (stdin) can be scored once", 2)
+    check_output_file(per_token, "--per-token")
+    check_output_file(save_state, "--save-state")
     streams = [open_input(name) for name in files]  # every path is checked before work starts
     loaded = tvq.load(model)
-    if block_len is not None:
-        loaded.block_len = block_len
+    tokenizer = require_tokenizer(loaded)
     start = read_state(load_state, loaded) if load_state is not None else None
     per_token_file = None
     if per_token is not None:
@@ -123,17 +125,18 @@ def score(
         for name, stream in zip(files, streams, strict=True):
 
             def on_tokens(ids, log_probs, offset, name=name):
-                tok = loaded.tokenizer
                 for token, lp in zip(ids, log_probs, strict=True):
-                    text = tok.token_bytes(token).decode("utf-8", errors="replace")
+                    piece = tokenizer.token_bytes(token)
                     per_token_file.write(json.dumps(
-                        {"file": name, "token": text, "id": int(token), "offset": offset,
-                         "logprob": round(float(lp), 6)}, ensure_ascii=False) + "\n")  # fmt: skip
-                    offset += len(tok.token_bytes(token))
+                        {"file": name, "token": piece.decode("utf-8", errors="replace"),
+                         "id": int(token), "offset": offset, "logprob": round(float(lp), 6)},
+                        ensure_ascii=False) + "\n")  # fmt: skip
+                    offset += len(piece)
 
             result, context = score_stream(
-                loaded, stream, "<stdin>" if name == "-" else name, context=start,
-                on_piece=progress.update, on_tokens=on_tokens if per_token_file else None,
+                loaded, stream, "<stdin>" if name == "-" else name, block_len=block_len,
+                context=start, on_piece=progress.update,
+                on_tokens=on_tokens if per_token_file else None,
             )  # fmt: skip
             progress.finish_file(result)
             scores.append(result)

@@ -8,7 +8,17 @@ from typing import Annotated
 
 import typer
 
-from tvqcli.main import app, handle_errors, stderr
+from tvq.config import ModelConfig as Arch
+from tvq.train.settings import DEFAULT_VAL_FRACTION, DEFAULT_VOCAB_SIZE
+from tvq.train.settings import TrainSettings as Run
+from tvqcli.app import app, check_output_dir, finite, handle_errors, stderr
+
+# Architecture fields and training settings passed through to the library; their defaults
+# are the library's (tvq/config.py, tvq/train/settings.py).
+ARCH_FIELDS = ("d_model", "d_k", "d_v", "n_head", "n_code", "n_layer", "mem_len", "agg_cache",
+               "e_scale")  # fmt: skip
+RUN_FIELDS = ("steps", "batch_size", "update_len", "block_len", "lr", "warmup", "weight_decay",
+              "grad_clip", "c_beta", "c_gamma", "seed", "eval_every", "save_every")  # fmt: skip
 
 
 @app.command()
@@ -21,7 +31,7 @@ def train(
         Path | None, typer.Option(help="Use this sentencepiece .model instead of training one.")
     ] = None,
     use_bytes: Annotated[bool, typer.Option("--bytes", help="Byte-level tokenizer.")] = False,
-    vocab_size: Annotated[int, typer.Option(help="Vocabulary of a new tokenizer.")] = 4096,
+    vocab_size: Annotated[int, typer.Option(help="Vocabulary of a new tokenizer.")] = DEFAULT_VOCAB_SIZE,
     from_dir: Annotated[
         Path | None,
         typer.Option("--from", help="Fine-tune this model (architecture and tokenizer)."),
@@ -29,49 +39,55 @@ def train(
     val: Annotated[
         list[Path] | None, typer.Option(help="Hold out this file for evaluation (repeatable).")
     ] = None,
-    val_fraction: Annotated[float, typer.Option(help="Fraction of documents held out.")] = 0.05,
-    d_model: Annotated[int, typer.Option(help="Model width.")] = 256,
-    d_k: Annotated[int, typer.Option(help="Key width per head.")] = 64,
-    d_v: Annotated[int, typer.Option(help="Value width per head.")] = 256,
-    n_head: Annotated[int, typer.Option(help="Heads.")] = 2,
-    n_code: Annotated[int, typer.Option(help="Codewords per head.")] = 128,
-    n_layer: Annotated[int, typer.Option(help="Layers (two attention sublayers each).")] = 3,
-    mem_len: Annotated[int, typer.Option(help="Window memory M.")] = 128,
-    agg_cache: Annotated[bool, typer.Option(help="Aggregate cache of older tokens.")] = True,
+    val_fraction: Annotated[
+        float, typer.Option(help="Fraction of documents held out.", callback=finite)
+    ] = DEFAULT_VAL_FRACTION,
+    d_model: Annotated[int, typer.Option(help="Model width.")] = Arch.d_model,
+    d_k: Annotated[int, typer.Option(help="Key width per head.")] = Arch.d_k,
+    d_v: Annotated[int, typer.Option(help="Value width per head.")] = Arch.d_v,
+    n_head: Annotated[int, typer.Option(help="Heads.")] = Arch.n_head,
+    n_code: Annotated[int, typer.Option(help="Codewords per head.")] = Arch.n_code,
+    n_layer: Annotated[int, typer.Option(help="Layers (two attention sublayers each).")] = Arch.n_layer,
+    mem_len: Annotated[int, typer.Option(help="Window memory M.")] = Arch.mem_len,
+    agg_cache: Annotated[bool, typer.Option(help="Aggregate cache of older tokens.")] = Arch.agg_cache,
     e_scale: Annotated[
-        float | None, typer.Option(help="Output logit scale [default: d_model^-1/2].")
+        float | None,
+        typer.Option(help="Output logit scale [default: d_model^-1/2].", callback=finite),
     ] = None,
-    steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 1000,
-    batch_size: Annotated[int, typer.Option(help="Sequences per step.")] = 16,
-    update_len: Annotated[int, typer.Option(help="Tokens per sequence per step.")] = 256,
-    block_len: Annotated[int, typer.Option(help="Block length L.")] = 128,
-    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 2e-3,
-    warmup: Annotated[int, typer.Option(help="Linear warm-up steps.")] = 100,
-    weight_decay: Annotated[float, typer.Option(help="Decoupled weight decay.")] = 0.01,
-    grad_clip: Annotated[float, typer.Option(help="Gradient clipping norm.")] = 1.0,
-    c_beta: Annotated[float, typer.Option(help="Commitment loss weight.")] = 1e-4,
-    c_gamma: Annotated[float, typer.Option(help="Codebook EMA rate.")] = 0.99,
-    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
-    eval_every: Annotated[int, typer.Option(help="Steps between evaluations.")] = 250,
-    save_every: Annotated[int, typer.Option(help="Steps between checkpoints.")] = 50,
+    steps: Annotated[int, typer.Option(help="Optimizer steps.")] = Run.steps,
+    batch_size: Annotated[int, typer.Option(help="Sequences per step (global).")] = Run.batch_size,
+    update_len: Annotated[int, typer.Option(help="Tokens per sequence per step.")] = Run.update_len,
+    block_len: Annotated[int, typer.Option(help="Block length L.")] = Run.block_len,
+    lr: Annotated[float, typer.Option(help="Peak learning rate.", callback=finite)] = Run.lr,
+    warmup: Annotated[int, typer.Option(help="Linear warm-up steps.")] = Run.warmup,
+    weight_decay: Annotated[
+        float, typer.Option(help="Decoupled weight decay.", callback=finite)
+    ] = Run.weight_decay,
+    grad_clip: Annotated[
+        float, typer.Option(help="Gradient clipping norm.", callback=finite)
+    ] = Run.grad_clip,
+    c_beta: Annotated[
+        float, typer.Option(help="Commitment loss weight.", callback=finite)
+    ] = Run.c_beta,
+    c_gamma: Annotated[float, typer.Option(help="Codebook EMA rate.", callback=finite)] = Run.c_gamma,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = Run.seed,
+    eval_every: Annotated[int, typer.Option(help="Steps between evaluations.")] = Run.eval_every,
+    save_every: Annotated[int, typer.Option(help="Steps between checkpoints.")] = Run.save_every,
     name: Annotated[str, typer.Option(help="Corpus name for the metadata.")] = "",
 ) -> None:
     """Train a model on text files; run the same command again to resume."""
-    from tvq.trainer import train_from_files
+    from tvq.train import train_from_files
 
+    check_output_dir(out, "--out")
     command = full_command(ctx)
+    values = ctx.params
     with _progress() as report:
         model = train_from_files(
             texts=texts, out=out, tokenizer_path=tokenizer, use_bytes=use_bytes,
             vocab_size=vocab_size, from_dir=from_dir, held_out=val or [],
             val_fraction=val_fraction,
-            architecture=dict(d_model=d_model, d_k=d_k, d_v=d_v, n_head=n_head, n_code=n_code,
-                              n_layer=n_layer, mem_len=mem_len, agg_cache=agg_cache,
-                              e_scale=e_scale if e_scale is not None else d_model**-0.5),
-            settings=dict(steps=steps, batch_size=batch_size, update_len=update_len,
-                          block_len=block_len, lr=lr, warmup=warmup, weight_decay=weight_decay,
-                          grad_clip=grad_clip, c_beta=c_beta, c_gamma=c_gamma, seed=seed,
-                          eval_every=eval_every, save_every=save_every),
+            architecture={name: values[name] for name in ARCH_FIELDS},
+            settings={name: values[name] for name in RUN_FIELDS},
             corpus_name=name, command=command, on_progress=report,
         )  # fmt: skip
     meta = model.metadata

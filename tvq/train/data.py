@@ -1,4 +1,5 @@
-"""Training text: find files, read them, hold documents out, tokenize into one stream."""
+"""Training text: find files, read them, hold documents out, tokenize into one stream, and
+cut the stream into the windows of each update (docs/DESIGN.md section 11)."""
 
 from __future__ import annotations
 
@@ -8,13 +9,9 @@ from pathlib import Path
 
 import numpy as np
 
-from tvq.errors import TvqError
+from tvq.errors import CorpusError, TrainingError
 
 TEXT_SUFFIXES = {".txt", ".md", ".text", ""}
-
-
-class CorpusError(TvqError):
-    """No usable training text."""
 
 
 @dataclass
@@ -92,3 +89,32 @@ def token_stream(docs: list[Document], tokenizer) -> np.ndarray:
         pieces.append(np.asarray(tokenizer.encode(doc.text), np.int32))
         pieces.append(np.asarray([tokenizer.eos_id], np.int32))
     return np.concatenate(pieces)
+
+
+class TokenStream:
+    """Training tokens as B contiguous rows; windows advance along the rows, epoch after epoch.
+
+    Each epoch starts the rows at a fresh random shift, so windows do not align the same way
+    twice; the attention state is reset at the start of every epoch.
+    """
+
+    def __init__(self, tokens: np.ndarray, batch_size: int, update_len: int, seed: int) -> None:
+        self.tokens = np.asarray(tokens, np.int32)
+        self.batch_size, self.update_len, self.seed = batch_size, update_len, seed
+        self.row_len = len(self.tokens) // batch_size
+        self.windows_per_epoch = (self.row_len - update_len - 1) // update_len
+        if self.windows_per_epoch < 1:
+            need = batch_size * (2 * update_len + 2)
+            raise TrainingError(
+                f"not enough training text: {len(self.tokens)} tokens, need at least {need} "
+                f"for batch size {batch_size} and update length {update_len}"
+            )
+
+    def window(self, step: int) -> tuple[np.ndarray, np.ndarray, bool]:
+        """(inputs [B, U], targets [B, U], starts_epoch) of update `step`."""
+        epoch, index = divmod(step, self.windows_per_epoch)
+        shift = np.random.default_rng([self.seed, epoch]).integers(0, self.update_len)
+        rows = np.arange(self.batch_size)[:, None] * self.row_len
+        start = rows + shift + index * self.update_len
+        span = self.tokens[start + np.arange(self.update_len + 1)[None, :]]
+        return span[:, :-1], span[:, 1:], index == 0

@@ -8,11 +8,12 @@ from typing import Any
 
 from tvq.checkpoint import TOKENIZER_FILE, is_model_dir
 from tvq.config import ModelConfig
-from tvq.corpus import CorpusError, find_files, read_documents, split_documents, token_stream
-from tvq.errors import TvqError
+from tvq.errors import CorpusError, TrainingError, TvqError
 from tvq.model import Model, load
 from tvq.tokenizer import ByteTokenizer, SentencePieceTokenizer, train_sentencepiece
-from tvq.train import TRAIN_DIR, TrainingError, TrainSettings, run_training
+from tvq.train.data import find_files, read_documents, split_documents, token_stream
+from tvq.train.loop import TRAIN_DIR, run_training
+from tvq.train.settings import DEFAULT_VAL_FRACTION, DEFAULT_VOCAB_SIZE, TrainSettings
 
 
 def check_out_dir(out: Path) -> None:
@@ -35,16 +36,18 @@ def train_from_files(
     out: Path,
     tokenizer_path: Path | None = None,
     use_bytes: bool = False,
-    vocab_size: int = 4096,
+    vocab_size: int = DEFAULT_VOCAB_SIZE,
     from_dir: Path | None = None,
     held_out: list[Path] | None = None,
-    val_fraction: float = 0.05,
+    val_fraction: float = DEFAULT_VAL_FRACTION,
     architecture: dict[str, Any] | None = None,
     settings: dict[str, Any] | None = None,
     corpus_name: str = "",
     command: str = "",
     on_progress: Callable | None = None,
 ) -> Model:
+    """Trains (or resumes, or fine-tunes `from_dir`) a model on text files; writes it to
+    `out` and returns it. architecture: ModelConfig fields; settings: TrainSettings."""
     out = Path(out)
     check_out_dir(out)
     settings_obj = TrainSettings(**(settings or {}))

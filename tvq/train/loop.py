@@ -1,0 +1,216 @@
+"""The resumable training loop (docs/DESIGN.md section 11).
+
+Text is one token stream per batch row; each update sees a window of `update_len`
+tokens per row and carries the attention state (without gradient) into the next
+window, so the model learns to use context far beyond a window. Everything a run needs
+to continue lives in orbax checkpoints under <out>/train/checkpoints (a RunState), from
+which the data position follows; a run stopped by Ctrl-C or a kill resumes from there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tvq.config import ModelConfig
+from tvq.errors import Interrupted, TrainingError
+from tvq.model import Model
+from tvq.params import init_params
+from tvq.scoring import score_ids
+from tvq.state import ModelState, initial_state
+from tvq.train.data import TokenStream
+from tvq.train.settings import TrainSettings
+from tvq.train.step import make_optimizer, make_train_step
+
+TRAIN_DIR = "train"
+
+
+@flax.struct.dataclass
+class RunState:
+    """Everything a checkpoint holds."""
+
+    params: Any
+    opt_state: Any
+    attn_state: ModelState  # carried from window to window, per batch row
+    step: jax.Array  # [] int32: updates done
+    tokens_seen: jax.Array  # [] float32
+
+
+def evaluate(model: Model, documents: Sequence[tuple[list[int], int]]) -> dict[str, float]:
+    """Mean NLL (nats/token) and bits per byte over whole documents, each from its start."""
+    nll, tokens, n_bytes = 0.0, 0, 0
+    for ids, size in documents:
+        result, _ = score_ids(model, ids)
+        nll += result.nll_sum
+        tokens += result.tokens
+        n_bytes += size
+    return dict(
+        loss=nll / max(tokens, 1),
+        bits_per_byte=nll / math.log(2) / max(n_bytes, 1),
+        tokens=tokens,
+        bytes=n_bytes,
+    )
+
+
+@dataclasses.dataclass
+class Progress:
+    step: int
+    steps: int
+    loss: float
+    tokens_per_second: float
+    tokens_seen: int
+    eval: dict[str, float] | None = None
+    resumed_from: int | None = None  # set on the first report of a resumed run
+
+
+def checkpoint_manager(folder: Path):
+    import orbax.checkpoint as ocp
+
+    options = ocp.CheckpointManagerOptions(max_to_keep=2, create=True)
+    return ocp.CheckpointManager(folder.absolute(), options=options)
+
+
+def run_training(
+    *,
+    out: Path,
+    config: ModelConfig,
+    settings: TrainSettings,
+    train_tokens: np.ndarray,
+    val_documents: Sequence[tuple[list[int], int]],
+    tokenizer: Any,
+    metadata: dict[str, Any],
+    init_from: Model | None = None,
+    on_progress: Callable[[Progress], None] | None = None,
+) -> Model:
+    """Trains (or resumes) a run in `out`; writes the model there and returns it."""
+    import orbax.checkpoint as ocp
+
+    train_dir = out / TRAIN_DIR
+    try:
+        train_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise TrainingError(f"{train_dir} cannot be created: {e.strerror}") from None
+    run_file = train_dir / "run.json"
+    run_doc = {
+        "config": config.to_dict(),
+        "settings": dataclasses.asdict(settings),
+        "tokenizer": tokenizer.fingerprint,
+        "data_tokens": int(len(train_tokens)),
+    }
+    if run_file.exists():
+        try:
+            previous = json.loads(run_file.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            raise TrainingError(f"{run_file} is corrupt; use another --out") from None
+        if not isinstance(previous, dict):
+            raise TrainingError(f"{run_file} is corrupt; use another --out")
+        if previous != run_doc:
+            changed = sorted(
+                k for k in run_doc if previous.get(k) != run_doc[k]
+            )  # config, settings, tokenizer or data
+            raise TrainingError(
+                f"{out} holds a run with other {', '.join(changed)}; "
+                "use another --out or the same settings to resume"
+            )
+    else:
+        run_file.write_text(json.dumps(run_doc, indent=2, sort_keys=True))
+
+    stream = TokenStream(train_tokens, settings.batch_size, settings.update_len, settings.seed)
+    optimizer = make_optimizer(settings)
+    params = init_from.params if init_from is not None else init_params(config, settings.seed)
+    params = jax.tree_util.tree_map(jnp.asarray, params)
+    run = RunState(
+        params=params,
+        opt_state=optimizer.init(params),
+        attn_state=initial_state(config, settings.batch_size),
+        step=jnp.zeros([], jnp.int32),
+        tokens_seen=jnp.zeros([], jnp.float32),
+    )
+    manager = checkpoint_manager(train_dir / "checkpoints")
+    latest = manager.latest_step()
+    if latest is not None:
+        abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, run)
+        try:
+            run = manager.restore(latest, args=ocp.args.StandardRestore(abstract))
+        except Exception as e:  # orbax raises many kinds; all mean "unreadable"
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise TrainingError(
+                f"checkpoint {latest} in {train_dir / 'checkpoints'} cannot be restored "
+                f"({first}); remove it to resume from an earlier one"
+            ) from None
+    step = int(run.step)
+    resumed_from = step if latest is not None else None
+    train_step = make_train_step(config, settings, optimizer)
+    tokens_per_step = settings.batch_size * settings.update_len
+
+    def save(at_step: int) -> None:
+        manager.save(at_step, args=ocp.args.StandardSave(run), force=True)
+        manager.wait_until_finished()
+
+    last_eval: dict[str, float] | None = None
+    started, done_here = time.perf_counter(), 0
+    try:
+        while step < settings.steps:
+            inputs, targets, fresh = stream.window(step)
+            if fresh:
+                run = run.replace(attn_state=initial_state(config, settings.batch_size))
+            params, opt_state, attn_state, metrics = train_step(
+                run.params, run.opt_state, run.attn_state, inputs, targets
+            )
+            step += 1
+            run = RunState(params=params, opt_state=opt_state, attn_state=attn_state,
+                           step=jnp.asarray(step, jnp.int32),
+                           tokens_seen=run.tokens_seen + tokens_per_step)  # fmt: skip
+            done_here += 1
+            eval_now = step % settings.eval_every == 0 or step == settings.steps
+            if eval_now and val_documents:
+                model = Model(config, run.params, block_len=settings.block_len)
+                last_eval = evaluate(model, val_documents)
+            if step % settings.save_every == 0 or step == settings.steps:
+                save(step)
+            if on_progress is not None:
+                elapsed = time.perf_counter() - started
+                on_progress(Progress(
+                    step=step, steps=settings.steps, loss=float(metrics.loss),
+                    tokens_per_second=done_here * tokens_per_step / max(elapsed, 1e-9),
+                    tokens_seen=int(run.tokens_seen), eval=last_eval if eval_now else None,
+                    resumed_from=resumed_from,
+                ))  # fmt: skip
+                resumed_from = None
+    except KeyboardInterrupt:
+        save(step)
+        raise Interrupted(
+            f"interrupted at step {step}; saved: run the same command again to resume"
+        ) from None
+    finally:
+        manager.close()
+
+    if last_eval is None and val_documents:
+        last_eval = evaluate(Model(config, run.params), val_documents)
+    metadata = dict(metadata)
+    metadata.update(
+        steps=step,
+        tokens_seen=int(run.tokens_seen),
+        train_settings=dataclasses.asdict(settings),
+    )
+    if last_eval is not None:
+        metadata.update(
+            heldout_loss=round(last_eval["loss"], 5),
+            heldout_bits_per_byte=round(last_eval["bits_per_byte"], 5),
+            heldout_tokens=last_eval["tokens"],
+            heldout_bytes=last_eval["bytes"],
+        )
+    model = Model(config, run.params, block_len=settings.block_len, metadata=metadata,
+                  tokenizer=tokenizer)  # fmt: skip
+    model.save(out)
+    return model

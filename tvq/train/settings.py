@@ -1,0 +1,59 @@
+"""Training settings: tvq's one source of training defaults (`tvq train` shows them).
+
+Everything about a run that is not architecture (docs/DESIGN.md section 11); the
+architecture's defaults are ModelConfig's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from tvq.errors import TrainingError
+
+DEFAULT_VOCAB_SIZE = 4096  # pieces of a tokenizer trained for the run
+DEFAULT_VAL_FRACTION = 0.05  # documents held out when no --val file is named
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSettings:
+    """The optimiser, schedule, data windows and bookkeeping of a run."""
+
+    steps: int = 1000
+    batch_size: int = 16
+    update_len: int = 256
+    block_len: int = 128
+    lr: float = 2e-3
+    warmup: int = 100
+    final_lr_ratio: float = 0.1
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    c_beta: float = 1e-4
+    c_gamma: float = 0.99
+    seed: int = 0
+    eval_every: int = 250
+    save_every: int = 50
+
+    def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if field.type == "int" and (not isinstance(value, int) or isinstance(value, bool)):
+                raise TrainingError(f"{field.name} must be an integer, got {value!r}")
+            if field.type == "float" and (
+                not isinstance(value, int | float) or not math.isfinite(value)
+            ):
+                raise TrainingError(f"{field.name} must be a finite number, got {value!r}")
+        for name in ("steps", "batch_size", "update_len", "block_len", "eval_every", "save_every"):
+            if getattr(self, name) < 1:
+                raise TrainingError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("warmup", "weight_decay", "c_beta", "seed"):
+            if getattr(self, name) < 0:
+                raise TrainingError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise TrainingError(f"learning rate must be positive, got {self.lr}")
+        if not self.grad_clip > 0:
+            raise TrainingError(f"grad_clip must be positive, got {self.grad_clip}")
+        if not 0 <= self.final_lr_ratio <= 1:
+            raise TrainingError(f"final_lr_ratio must be in [0, 1], got {self.final_lr_ratio}")
+        if not 0 <= self.c_gamma < 1:
+            raise TrainingError(f"c_gamma must be in [0, 1), got {self.c_gamma}")

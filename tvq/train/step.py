@@ -1,0 +1,125 @@
+"""One optimisation step (docs/DESIGN.md section 11): next-token loss + commitment over a
+window of tokens, folded over blocks with the attention state carried; AdamW on the
+parameters and an exact EMA on the codebooks.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from tvq.config import ModelConfig
+from tvq.forward import scan_blocks
+from tvq.state import ModelState
+from tvq.sublayer import SublayerStats
+from tvq.train.settings import TrainSettings
+from tvq.transformer import Transformer
+
+
+@flax.struct.dataclass
+class StepMetrics:
+    loss: jax.Array  # [] mean next-token NLL, nats
+    commit: jax.Array  # [] mean commitment ‖k − sg(C_z)‖² per token
+    grad_norm: jax.Array  # [] global norm of the gradient, before clipping
+
+
+def is_codebook(path: tuple) -> bool:
+    return any(getattr(p, "key", None) in ("c_sum", "c_count") for p in path)
+
+
+def make_optimizer(settings: TrainSettings) -> optax.GradientTransformation:
+    """AdamW (β 0.9/0.98, ε 1e-9) after global-norm clipping; linear warm-up, cosine decay;
+    weight decay on matrices only; the codebooks are left to the EMA."""
+    decay_steps = max(1, settings.steps - settings.warmup)
+    schedule = optax.join_schedules(
+        [
+            optax.linear_schedule(0.0, settings.lr, max(1, settings.warmup)),
+            optax.cosine_decay_schedule(settings.lr, decay_steps, alpha=settings.final_lr_ratio),
+        ],
+        [settings.warmup],
+    )
+
+    def decay_mask(params):  # decoupled weight decay on matrices only
+        return jax.tree_util.tree_map(lambda x: x.ndim > 1, params)
+
+    main = optax.chain(
+        optax.clip_by_global_norm(settings.grad_clip),
+        optax.adamw(schedule, b1=0.9, b2=0.98, eps=1e-9, weight_decay=settings.weight_decay,
+                    mask=decay_mask),
+    )  # fmt: skip
+
+    def labels(params):
+        return jax.tree_util.tree_map_with_path(
+            lambda path, _: "codebook" if is_codebook(path) else "main", params
+        )
+
+    return optax.multi_transform({"main": main, "codebook": optax.set_to_zero()}, labels)
+
+
+def train_forward(
+    config: ModelConfig, params: Any, inputs: jax.Array, targets: jax.Array, state: ModelState,
+    block_len: int,
+) -> tuple[tuple[jax.Array, tuple[SublayerStats, ...]], ModelState]:  # fmt: skip
+    """→ ((Σ NLL, per-sublayer statistics summed over blocks), new state)."""
+    net = Transformer(config)
+    variables = {"params": params}
+    tables = net.apply(variables, method=Transformer.tables)
+    zeros = SublayerStats.zeros(config.n_head, config.n_code, config.d_k)
+
+    def step(carry, block):
+        state, nll, stats = carry
+        tokens, block_targets = block
+        state, log_probs, block_stats = net.apply(
+            variables, tokens, state, tables, True, method=Transformer.block
+        )
+        picked = jnp.take_along_axis(log_probs, block_targets[..., None], axis=-1)
+        stats = tuple(a + b for a, b in zip(stats, block_stats, strict=True))
+        return (state, nll - jnp.sum(picked), stats), None
+
+    carry = (state, jnp.zeros([]), (zeros,) * (2 * config.n_layer))
+    (state, nll, stats), _ = scan_blocks(step, carry, (inputs, targets), block_len)
+    return (nll, stats), state
+
+
+def apply_ema(params: Any, stats: tuple[SublayerStats, ...], gamma: float) -> Any:
+    """c_sum ← γ·c_sum + (1 − γ)·Σ k assigned; c_count ← γ·c_count + (1 − γ)·count, per
+    sublayer in Transformer.sublayers order."""
+    params = jax.tree_util.tree_map(lambda x: x, params)  # shallow copy of every dict
+    layers = sorted((k for k in params if k.startswith("transformer_layers_")),
+                    key=lambda k: int(k.rsplit("_", 1)[1]))  # fmt: skip
+    quantizers = [params[layer][sub]["quantizer"]
+                  for layer in layers for sub in ("scanned_attn1", "scanned_attn2")]  # fmt: skip
+    for quantizer, stat in zip(quantizers, stats, strict=True):
+        quantizer["c_sum"] = gamma * quantizer["c_sum"] + (1 - gamma) * stat.code_sum
+        quantizer["c_count"] = gamma * quantizer["c_count"] + (1 - gamma) * stat.code_count
+    return params
+
+
+def make_train_step(config: ModelConfig, settings: TrainSettings, optimizer):
+    """The compiled step: (params, opt_state, attention state, inputs [B, U], targets
+    [B, U]) → (params, opt_state, attention state after the window, StepMetrics)."""
+
+    def loss_fn(params, inputs, targets, state):
+        (nll, stats), new_state = train_forward(
+            config, params, inputs, targets, state, settings.block_len
+        )
+        count = inputs.size
+        commit = sum(s.commit for s in stats) / count
+        loss = nll / count + settings.c_beta * commit
+        return loss, (nll / count, commit, stats, new_state)
+
+    def train_step(params, opt_state, state, inputs, targets):
+        grads, (nll, commit, stats, new_state) = jax.grad(loss_fn, has_aux=True)(
+            params, inputs, targets, state
+        )
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        params = apply_ema(params, stats, settings.c_gamma)
+        metrics = StepMetrics(loss=nll, commit=commit, grad_norm=optax.tree.norm(grads))
+        return params, opt_state, jax.lax.stop_gradient(new_state), metrics
+
+    return jax.jit(train_step, donate_argnums=(0, 1, 2))

@@ -1,0 +1,160 @@
+"""The Typer app, the error boundary and what every command shares.
+
+The library raises typed errors (tvq/errors.py); here they become one red line on
+stderr and an exit code (docs/DESIGN.md section 9): 0 success, 1 an error in the input,
+model, state or checkpoint (or the system, e.g. a full disk), 2 a usage error (bad
+option value), 130 interrupted. No traceback reaches a user; TVQ_DEBUG=1 shows one for
+an error tvq did not expect.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(
+    name="tvq",
+    help="Run linear-time Transformer-VQ language models from the terminal.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+stderr = Console(stderr=True, highlight=False)
+
+ModelOption = Annotated[
+    Path | None, typer.Option("--model", "-m", help="Model directory [default: built-in].")
+]
+
+
+def fail(message: str, code: int = 1) -> typer.Exit:
+    """Prints one red line on stderr; returns the Exit to raise."""
+    stderr.print(f"[red]error:[/red] {message}", markup=True, soft_wrap=True)
+    return typer.Exit(code=code)
+
+
+def quiet_stdout() -> None:
+    """Points stdout at /dev/null, so the exit's final flush cannot raise again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+
+
+def handle_errors(func):
+    """The error boundary of a command: tvq errors → one line and exit 1 (130 for an
+    interruption that saved its work); Ctrl-C → 130; a reader that went away
+    (`tvq ... | head`) → a quiet exit 0, like any Unix tool (click would make the broken
+    pipe exit 1); an OS error (disk full, permissions) → one line and exit 1; anything
+    else → one line naming it as an internal error, exit 1."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        from tvq.errors import Interrupted, TvqError
+
+        try:
+            return func(*args, **kwargs)
+        except Interrupted as e:
+            raise fail(str(e), 130) from None
+        except TvqError as e:
+            raise fail(str(e), 1) from None
+        except KeyboardInterrupt:
+            raise fail("interrupted", 130) from None
+        except BrokenPipeError:
+            quiet_stdout()
+            raise typer.Exit(0) from None
+        except OSError as e:
+            where = f": {e.filename}" if e.filename else ""
+            raise fail(f"{e.strerror or e}{where}", 1) from None
+        except Exception as e:
+            if _is_cli_signal(e) or os.environ.get("TVQ_DEBUG"):
+                raise
+            raise fail(
+                f"internal error: {type(e).__name__}: {e} (TVQ_DEBUG=1 shows the traceback)", 1
+            ) from None
+
+    return wrapper
+
+
+def _is_cli_signal(error: Exception) -> bool:
+    """Typer's own exits and usage errors (click's in older Typer) pass through."""
+    return type(error).__module__.split(".")[0] in ("typer", "click")
+
+
+def finite(value: float | None) -> float | None:
+    """Option callback: inf and nan are usage errors."""
+    if value is not None and not math.isfinite(value):
+        raise typer.BadParameter(f"must be a finite number, got {value}")
+    return value
+
+
+def check_output_file(path: Path | None, option: str) -> None:
+    """Before any work: `path` can be created or replaced (its folder exists and is
+    writable, and it is not a directory)."""
+    if path is None:
+        return
+    if path.is_dir():
+        raise fail(f"{option} {path} is a directory")
+    folder = path.absolute().parent
+    if not folder.is_dir():
+        raise fail(f"{option} {path}: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise fail(f"{option} {path} cannot be written (permission denied)")
+
+
+def check_output_dir(path: Path, option: str) -> None:
+    """Before any work: `path` is a directory or can be made one."""
+    if path.exists() and not path.is_dir():
+        raise fail(f"{option} {path} exists and is not a directory")
+    existing = path.absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise fail(f"{option} {path}: {existing} is not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise fail(f"{option} {path} cannot be written (permission denied)")
+
+
+def enable_compilation_cache() -> None:
+    """JAX's persistent compilation cache in a per-user directory: warm starts are fast.
+    A cache that cannot be made or written is skipped (it only costs speed). Entries are
+    written atomically by JAX, so runs that share a cache may start at the same time."""
+    import jax
+
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    cache_dir = Path(os.environ.get("TVQ_CACHE_DIR") or Path(base) / "tvq" / "jax")
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return
+    if not os.access(cache_dir, os.W_OK | os.X_OK):
+        return
+    jax.config.update("jax_compilation_cache_dir", str(cache_dir))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def show_version(value: bool) -> None:
+    if value:
+        from tvq import __version__
+
+        typer.echo(f"tvq {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=show_version, is_eager=True, help="Show the version."),
+    ] = False,
+) -> None:
+    """Run linear-time Transformer-VQ language models from the terminal.
+
+    Exit codes: 0 success, 1 error (bad input, model, state or checkpoint),
+    2 usage error (bad option), 130 interrupted.
+    """
