@@ -185,3 +185,12 @@ def test_bad_state_and_arguments(model):
     with pytest.raises(tvq.InputError, match="batch_size"):
         model.initial_state(0)
     assert issubclass(tvq.StateError, tvq.TvqError)
+
+
+def test_public_names_resolve():
+    """tvq's names load on first use; every one in __all__ is there, and nothing else."""
+    assert sorted(tvq.__all__) == sorted(tvq._EXPORTS)
+    for name in tvq.__all__:
+        assert getattr(tvq, name) is not None
+    with pytest.raises(AttributeError):
+        tvq.not_a_name  # noqa: B018

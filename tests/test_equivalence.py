@@ -1,4 +1,5 @@
-"""docs/DESIGN.md invariants 2 to 5: chaining, block-length invariance, gradients, log-count bias."""
+"""docs/DESIGN.md invariants 2 to 5: chaining, block-length invariance, gradients, log-count
+bias."""
 
 import itertools
 

@@ -25,7 +25,11 @@ _EXPORTS = {
         )
     },
 }  # fmt: skip
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "AttentionState", "CheckpointError", "ConfigError", "CorpusError", "InputError",
+    "Interrupted", "Model", "ModelConfig", "ModelState", "StateError", "TokenizerError",
+    "TrainingError", "TvqError", "load",
+]  # fmt: skip
 
 if TYPE_CHECKING:
     from tvq.config import ModelConfig

@@ -122,9 +122,7 @@ def push(ring: RingState, codes: jax.Array, values: jax.Array) -> RingState:
     n, u_bar = aggregate_leaving(ring)
     slot = ring.pos_offset[0] % ring.z.shape[1]
     z = jax.lax.dynamic_update_index_in_dim(ring.z, _flat(codes), slot, axis=1)
-    v = jax.lax.dynamic_update_index_in_dim(
-        ring.v, _flat(values.astype(jnp.float32)), slot, axis=1
-    )
+    v = jax.lax.dynamic_update_index_in_dim(ring.v, _flat(values.astype(jnp.float32)), slot, axis=1)
     return ring.replace(z=z, v=v, n=n, u_bar=u_bar)
 
 

@@ -31,7 +31,9 @@ def train(
         Path | None, typer.Option(help="Use this sentencepiece .model instead of training one.")
     ] = None,
     use_bytes: Annotated[bool, typer.Option("--bytes", help="Byte-level tokenizer.")] = False,
-    vocab_size: Annotated[int, typer.Option(help="Vocabulary of a new tokenizer.")] = DEFAULT_VOCAB_SIZE,
+    vocab_size: Annotated[
+        int, typer.Option(help="Vocabulary of a new tokenizer.")
+    ] = DEFAULT_VOCAB_SIZE,
     from_dir: Annotated[
         Path | None,
         typer.Option("--from", help="Fine-tune this model (architecture and tokenizer)."),
@@ -47,9 +49,13 @@ def train(
     d_v: Annotated[int, typer.Option(help="Value width per head.")] = Arch.d_v,
     n_head: Annotated[int, typer.Option(help="Heads.")] = Arch.n_head,
     n_code: Annotated[int, typer.Option(help="Codewords per head.")] = Arch.n_code,
-    n_layer: Annotated[int, typer.Option(help="Layers (two attention sublayers each).")] = Arch.n_layer,
+    n_layer: Annotated[
+        int, typer.Option(help="Layers (two attention sublayers each).")
+    ] = Arch.n_layer,
     mem_len: Annotated[int, typer.Option(help="Window memory M.")] = Arch.mem_len,
-    agg_cache: Annotated[bool, typer.Option(help="Aggregate cache of older tokens.")] = Arch.agg_cache,
+    agg_cache: Annotated[
+        bool, typer.Option(help="Aggregate cache of older tokens.")
+    ] = Arch.agg_cache,
     e_scale: Annotated[
         float | None,
         typer.Option(help="Output logit scale [default: d_model^-1/2].", callback=finite),
@@ -69,7 +75,9 @@ def train(
     c_beta: Annotated[
         float, typer.Option(help="Commitment loss weight.", callback=finite)
     ] = Run.c_beta,
-    c_gamma: Annotated[float, typer.Option(help="Codebook EMA rate.", callback=finite)] = Run.c_gamma,
+    c_gamma: Annotated[
+        float, typer.Option(help="Codebook EMA rate.", callback=finite)
+    ] = Run.c_gamma,
     seed: Annotated[int, typer.Option(help="Random seed.")] = Run.seed,
     eval_every: Annotated[int, typer.Option(help="Steps between evaluations.")] = Run.eval_every,
     save_every: Annotated[int, typer.Option(help="Steps between checkpoints.")] = Run.save_every,

@@ -30,7 +30,7 @@ from tvq.scoring import score_ids
 from tvq.state import ModelState, initial_state
 from tvq.train.data import TokenStream
 from tvq.train.settings import TrainSettings
-from tvq.train.step import make_optimizer, make_train_step
+from tvq.train.step import compiled_step
 
 TRAIN_DIR = "train"
 
@@ -126,9 +126,9 @@ def run_training(
         run_file.write_text(json.dumps(run_doc, indent=2, sort_keys=True))
 
     stream = TokenStream(train_tokens, settings.batch_size, settings.update_len, settings.seed)
-    optimizer = make_optimizer(settings)
+    optimizer, train_step = compiled_step(config, settings)
     params = init_from.params if init_from is not None else init_params(config, settings.seed)
-    params = jax.tree_util.tree_map(jnp.asarray, params)
+    params = jax.tree_util.tree_map(jnp.array, params)  # a copy: the step donates its input
     run = RunState(
         params=params,
         opt_state=optimizer.init(params),
@@ -150,7 +150,6 @@ def run_training(
             ) from None
     step = int(run.step)
     resumed_from = step if latest is not None else None
-    train_step = make_train_step(config, settings, optimizer)
     tokens_per_step = settings.batch_size * settings.update_len
 
     def save(at_step: int) -> None:

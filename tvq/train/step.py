@@ -5,6 +5,7 @@ parameters and an exact EMA on the codebooks.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.struct
@@ -97,6 +98,14 @@ def apply_ema(params: Any, stats: tuple[SublayerStats, ...], gamma: float) -> An
         quantizer["c_sum"] = gamma * quantizer["c_sum"] + (1 - gamma) * stat.code_sum
         quantizer["c_count"] = gamma * quantizer["c_count"] + (1 - gamma) * stat.code_count
     return params
+
+
+@functools.lru_cache(maxsize=8)
+def compiled_step(config: ModelConfig, settings: TrainSettings):
+    """(optimizer, compiled step) for a run; one compilation per (config, settings) in a
+    process, however many runs use it (a fresh closure under jax.jit would recompile)."""
+    optimizer = make_optimizer(settings)
+    return optimizer, make_train_step(config, settings, optimizer)
 
 
 def make_train_step(config: ModelConfig, settings: TrainSettings, optimizer):
