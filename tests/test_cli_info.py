@@ -52,3 +52,12 @@ def test_subprocess_help_and_error(tmp_path):
     )
     assert bad.returncode == 1
     assert bad.stderr.count("\n") == 1 and "not a tvq model directory" in bad.stderr
+
+
+def test_cli_start_up_imports_no_training_or_checkpoint_code():
+    """`tvq --help` and every command's start pay only for what they use: registering the
+    commands imports neither optax, orbax nor flax (tvq's packages load names lazily)."""
+    code = "import sys, tvqcli.main; print(sorted({'optax', 'orbax', 'flax'} & set(sys.modules)))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
