@@ -268,3 +268,29 @@ def test_unreadable_and_unwritable_paths(models, tmp_path):
     folder.chmod(0o500)
     result = invoke("score", SAMPLE, "-m", models / "model", "--save-state", folder / "s")
     assert_one_line_error(result, 1, "cannot be written")
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+def test_a_full_disk_while_writing_keeps_the_results(models):
+    """--per-token on a full disk: the totals scored so far are still printed (marked
+    partial), then one error line and exit 1."""
+    result = invoke("score", SAMPLE, "-m", models / "model", "--per-token", "/dev/full",
+                    "--format", "jsonl")  # fmt: skip
+    assert_one_line_error(result, 1, "No space left on device")
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert rows[-1]["file"] == "TOTAL" and rows[-1]["partial"] is True
+    assert rows[-1]["tokens"] > 0
+
+
+def test_a_run_that_cannot_start_leaves_nothing_in_the_way(tmp_path):
+    """Settings the data cannot fill are refused before the run directory is written, so
+    the corrected command starts cleanly."""
+    out = tmp_path / "m"
+    args = ("train", SAMPLE, "--bytes", "--out", out, "--steps", 1, "--d-model", 16, "--d-k", 8,
+            "--d-v", 8, "--n-code", 4, "--n-layer", 1, "--mem-len", 4, "--update-len", 16,
+            "--block-len", 8, "--eval-every", 5, "--val-fraction", 0)  # fmt: skip
+    assert_one_line_error(invoke(*args, "--batch-size", 1000), 1, "not enough training text")
+    assert not (out / "train" / "run.json").exists()
+    result = invoke(*args, "--batch-size", 2)
+    assert result.exit_code == 0, result.output
+    assert tvq.load(out).metadata["steps"] == 1

@@ -119,19 +119,24 @@ def score(
         except OSError as e:
             raise fail(f"{per_token} cannot be written: {e.strerror}") from None
 
-    scores, partial, context = [], False, None
+    scores, stopped, context, name = [], None, None, files[0]
     progress = _Progress(sum(_size(f) for f in files))
     try:
         for name, stream in zip(files, streams, strict=True):
 
             def on_tokens(ids, log_probs, offset, name=name):
+                lines = []
                 for token, lp in zip(ids, log_probs, strict=True):
                     piece = tokenizer.token_bytes(token)
-                    per_token_file.write(json.dumps(
+                    lines.append(json.dumps(
                         {"file": name, "token": piece.decode("utf-8", errors="replace"),
                          "id": int(token), "offset": offset, "logprob": round(float(lp), 6)},
                         ensure_ascii=False) + "\n")  # fmt: skip
                     offset += len(piece)
+                try:
+                    per_token_file.writelines(lines)
+                except OSError as e:
+                    raise OSError(e.errno, e.strerror, str(per_token)) from None
 
             result, context = score_stream(
                 loaded, stream, "<stdin>" if name == "-" else name, block_len=block_len,
@@ -144,17 +149,24 @@ def score(
                 stderr.print(f"warning: {name} is not valid UTF-8; "
                              "decoded with replacement characters", highlight=False)  # fmt: skip
     except KeyboardInterrupt:
-        partial = True
-        current = progress.current
-        if current is not None and current not in scores:
-            scores.append(current)
+        stopped = ("interrupted: the results above are partial", 130)
+    except OSError as e:  # reading an input or writing --per-token failed part-way
+        where = e.filename or name
+        stopped = (f"{where}: {e.strerror or e}; the results above are partial", 1)
     finally:
         progress.close()
         for stream in streams:
             if stream is not sys.stdin.buffer:
                 stream.close()
         if per_token_file is not None:
-            per_token_file.close()
+            try:
+                per_token_file.close()
+            except OSError:
+                stopped = stopped or (f"{per_token} cannot be written", 1)
+    partial = stopped is not None
+    current = progress.current
+    if partial and current is not None and current not in scores:
+        scores.append(current)
 
     rows = [s.row() for s in scores] + [total_row(scores)]
     if fmt == "table":
@@ -162,9 +174,12 @@ def score(
     else:
         sys.stdout.write(render(rows, fmt, partial))
         sys.stdout.flush()
-    if partial:
-        stderr.print("interrupted: the results above are partial", highlight=False)
-        raise typer.Exit(130)
+    if stopped is not None:
+        message, code = stopped
+        if code == 130:
+            stderr.print(message, highlight=False)
+            raise typer.Exit(code)
+        raise fail(message, code)
     if save_state is not None and context is not None:
         write_state(save_state, loaded, context)
 

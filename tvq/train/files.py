@@ -51,6 +51,8 @@ def train_from_files(
     out = Path(out)
     check_out_dir(out)
     settings_obj = TrainSettings(**(settings or {}))
+    if not isinstance(vocab_size, int) or vocab_size < 1:
+        raise TrainingError(f"vocab_size must be a positive integer, got {vocab_size!r}")
     files = find_files(texts)
     for path in held_out or []:
         if not Path(path).is_file():

@@ -95,6 +95,9 @@ def run_training(
     """Trains (or resumes) a run in `out`; writes the model there and returns it."""
     import orbax.checkpoint as ocp
 
+    # The data must fit the settings before anything is written: a run that cannot start
+    # leaves no run.json behind to refuse the corrected command.
+    stream = TokenStream(train_tokens, settings.batch_size, settings.update_len, settings.seed)
     train_dir = out / TRAIN_DIR
     try:
         train_dir.mkdir(parents=True, exist_ok=True)
@@ -125,7 +128,6 @@ def run_training(
     else:
         run_file.write_text(json.dumps(run_doc, indent=2, sort_keys=True))
 
-    stream = TokenStream(train_tokens, settings.batch_size, settings.update_len, settings.seed)
     optimizer, train_step = compiled_step(config, settings)
     params = init_from.params if init_from is not None else init_params(config, settings.seed)
     params = jax.tree_util.tree_map(jnp.array, params)  # a copy: the step donates its input
