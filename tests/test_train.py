@@ -1,5 +1,6 @@
 """`tvq train` end to end on a tiny corpus: loss goes down, the model loads, runs resume."""
 
+import json
 import os
 import signal
 import subprocess
@@ -83,6 +84,25 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path):
     with pytest.raises(tvq.TvqError, match="other settings"):
         train_from_files(texts=[texts], out=tmp_path / "b", use_bytes=True, architecture=ARCH,
                          settings=dict(SETTINGS, lr=0.5))  # fmt: skip
+    # the training log: every step once (the resumed run replaced nothing it had not redone),
+    # the same losses as the straight run, the schedule's rates, an evaluation every 6 steps
+    straight_log, resumed_log = metrics(tmp_path / "a"), metrics(tmp_path / "b")
+    steps = [r for r in resumed_log if "loss" in r]
+    assert [r["step"] for r in steps] == list(range(1, 13))
+    assert [r["tokens"] for r in steps] == [4 * 32 * n for n in range(1, 13)]
+    for a, b in zip([r for r in straight_log if "loss" in r], steps, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5) and a["lr"] == b["lr"]
+    assert steps[0]["lr"] == 0.0 and steps[2]["lr"] == pytest.approx(1e-2)  # warm-up 2
+    assert steps[-1]["lr"] < steps[2]["lr"] and steps[-1]["tokens_per_second"] > 0
+    evals = [r for r in resumed_log if "val_loss" in r]
+    assert [r["step"] for r in evals] == [6, 12]
+    assert evals[-1]["val_bits_per_byte"] == pytest.approx(
+        resumed.metadata["heldout_bits_per_byte"], abs=1e-4
+    )
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "train" / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_killed_run_resumes(tmp_path):
@@ -106,6 +126,8 @@ def test_killed_run_resumes(tmp_path):
     assert done.returncode == 0, done.stderr
     assert f"resuming from step {saved[-1]}" in done.stderr
     assert tvq.load(out).metadata["steps"] == STEPS_KILLED
+    logged = [r["step"] for r in metrics(out) if "loss" in r]
+    assert logged == list(range(1, STEPS_KILLED + 1))  # steps redone after the kill: once
 
 
 def _ls(folder: Path):

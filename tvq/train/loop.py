@@ -30,9 +30,10 @@ from tvq.scoring import score_ids
 from tvq.state import ModelState, initial_state
 from tvq.train.data import TokenStream
 from tvq.train.settings import TrainSettings
-from tvq.train.step import compiled_step
+from tvq.train.step import compiled_step, learning_rate
 
 TRAIN_DIR = "train"
+METRICS_FILE = "metrics.jsonl"
 
 
 @flax.struct.dataclass
@@ -71,6 +72,33 @@ class Progress:
     tokens_seen: int
     eval: dict[str, float] | None = None
     resumed_from: int | None = None  # set on the first report of a resumed run
+
+
+class MetricsLog:
+    """<out>/train/metrics.jsonl: one JSON object per step (step, loss, lr, tokens,
+    tokens_per_second) and per evaluation (step, val_loss, val_bits_per_byte), flushed
+    as written. A resumed run first drops the records past its checkpoint: those steps
+    run again, so each step appears once."""
+
+    def __init__(self, path: Path, resume_step: int) -> None:
+        kept = []
+        if path.exists():
+            for line in path.read_text(errors="replace").splitlines():
+                try:
+                    step = json.loads(line).get("step")
+                except (json.JSONDecodeError, AttributeError):
+                    continue
+                if isinstance(step, int) and step <= resume_step:
+                    kept.append(line + "\n")
+        path.write_text("".join(kept))
+        self.file = path.open("a", encoding="utf-8")
+
+    def write(self, **record: Any) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
 
 
 def checkpoint_manager(folder: Path):
@@ -153,6 +181,12 @@ def run_training(
     step = int(run.step)
     resumed_from = step if latest is not None else None
     tokens_per_step = settings.batch_size * settings.update_len
+    schedule = learning_rate(settings)
+    try:
+        log = MetricsLog(train_dir / METRICS_FILE, step)
+    except OSError as e:
+        manager.close()
+        raise TrainingError(f"{train_dir / METRICS_FILE} cannot be written: {e.strerror}") from None
 
     def save(at_step: int) -> None:
         manager.save(at_step, args=ocp.args.StandardSave(run), force=True)
@@ -173,19 +207,22 @@ def run_training(
                            step=jnp.asarray(step, jnp.int32),
                            tokens_seen=run.tokens_seen + tokens_per_step)  # fmt: skip
             done_here += 1
+            speed = done_here * tokens_per_step / max(time.perf_counter() - started, 1e-9)
+            log.write(step=step, loss=float(metrics.loss), lr=float(schedule(step - 1)),
+                      tokens=int(run.tokens_seen), tokens_per_second=round(speed, 1))  # fmt: skip
             eval_now = step % settings.eval_every == 0 or step == settings.steps
             if eval_now and val_documents:
                 model = Model(config, run.params, block_len=settings.block_len)
                 last_eval = evaluate(model, val_documents)
+                log.write(step=step, val_loss=last_eval["loss"],
+                          val_bits_per_byte=last_eval["bits_per_byte"])  # fmt: skip
             if step % settings.save_every == 0 or step == settings.steps:
                 save(step)
             if on_progress is not None:
-                elapsed = time.perf_counter() - started
                 on_progress(Progress(
                     step=step, steps=settings.steps, loss=float(metrics.loss),
-                    tokens_per_second=done_here * tokens_per_step / max(elapsed, 1e-9),
-                    tokens_seen=int(run.tokens_seen), eval=last_eval if eval_now else None,
-                    resumed_from=resumed_from,
+                    tokens_per_second=speed, tokens_seen=int(run.tokens_seen),
+                    eval=last_eval if eval_now else None, resumed_from=resumed_from,
                 ))  # fmt: skip
                 resumed_from = None
     except KeyboardInterrupt:
@@ -195,6 +232,7 @@ def run_training(
         ) from None
     finally:
         manager.close()
+        log.close()
 
     if last_eval is None and val_documents:
         last_eval = evaluate(Model(config, run.params), val_documents)

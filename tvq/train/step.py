@@ -32,17 +32,23 @@ def is_codebook(path: tuple) -> bool:
     return any(getattr(p, "key", None) in ("c_sum", "c_count") for p in path)
 
 
-def make_optimizer(settings: TrainSettings) -> optax.GradientTransformation:
-    """AdamW (β 0.9/0.98, ε 1e-9) after global-norm clipping; linear warm-up, cosine decay;
-    weight decay on matrices only; the codebooks are left to the EMA."""
+def learning_rate(settings: TrainSettings) -> optax.Schedule:
+    """Linear warm-up from 0 to lr, then cosine decay to final_lr_ratio · lr; the rate of
+    update n (counting from 0) is schedule(n)."""
     decay_steps = max(1, settings.steps - settings.warmup)
-    schedule = optax.join_schedules(
+    return optax.join_schedules(
         [
             optax.linear_schedule(0.0, settings.lr, max(1, settings.warmup)),
             optax.cosine_decay_schedule(settings.lr, decay_steps, alpha=settings.final_lr_ratio),
         ],
         [settings.warmup],
     )
+
+
+def make_optimizer(settings: TrainSettings) -> optax.GradientTransformation:
+    """AdamW (β 0.9/0.98, ε 1e-9) after global-norm clipping with the `learning_rate`
+    schedule; weight decay on matrices only; the codebooks are left to the EMA."""
+    schedule = learning_rate(settings)
 
     def decay_mask(params):  # decoupled weight decay on matrices only
         return jax.tree_util.tree_map(lambda x: x.ndim > 1, params)
