@@ -20,10 +20,23 @@ def info(
         Path | None, typer.Argument(help="Model directory [default: built-in].")
     ] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    devices: Annotated[
+        bool, typer.Option("--devices", help="Show the devices JAX sees instead of a model.")
+    ] = False,
 ) -> None:
     """Architecture, parameters, tokenizer, training metadata, state size, block length."""
     import tvq
 
+    if devices:
+        from tvq.devices import describe
+
+        seen = describe()
+        if json_output:
+            typer.echo(json.dumps(seen, indent=2))
+        else:
+            for key, value in seen.items():
+                typer.echo(f"  {key:<14} {', '.join(value) if isinstance(value, list) else value}")
+        return
     loaded = tvq.load(model)
     tok = loaded.tokenizer
     report = {

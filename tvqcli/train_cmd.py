@@ -82,6 +82,10 @@ def train(
     eval_every: Annotated[int, typer.Option(help="Steps between evaluations.")] = Run.eval_every,
     save_every: Annotated[int, typer.Option(help="Steps between checkpoints.")] = Run.save_every,
     name: Annotated[str, typer.Option(help="Corpus name for the metadata.")] = "",
+    devices: Annotated[
+        int | None,
+        typer.Option(help="Devices to train on, data parallel [default: all JAX sees].", min=1),
+    ] = None,
 ) -> None:
     """Train a model on text files; run the same command again to resume."""
     from tvq.train import train_from_files
@@ -96,7 +100,7 @@ def train(
             val_fraction=val_fraction,
             architecture={name: values[name] for name in ARCH_FIELDS},
             settings={name: values[name] for name in RUN_FIELDS},
-            corpus_name=name, command=command, on_progress=report,
+            corpus_name=name, command=command, on_progress=report, devices=devices,
         )  # fmt: skip
     meta = model.metadata
     line = f"saved {out} after {meta.get('steps')} steps"

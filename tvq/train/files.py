@@ -45,6 +45,7 @@ def train_from_files(
     corpus_name: str = "",
     command: str = "",
     on_progress: Callable | None = None,
+    devices: int | None = None,
 ) -> Model:
     """Trains (or resumes, or fine-tunes `from_dir`) a model on text files; writes it to
     `out` and returns it. architecture: ModelConfig fields; settings: TrainSettings."""
@@ -98,7 +99,7 @@ def train_from_files(
     return run_training(
         out=out, config=config, settings=settings_obj, train_tokens=train_tokens,
         val_documents=val_documents, tokenizer=tokenizer, metadata=metadata, init_from=base,
-        on_progress=on_progress,
+        on_progress=on_progress, devices=devices,
     )  # fmt: skip
 
 

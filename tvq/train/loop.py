@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tvq.config import ModelConfig
+from tvq.devices import data_mesh, replicated, split_rows
 from tvq.errors import Interrupted, TrainingError
 from tvq.model import Model
 from tvq.params import init_params
@@ -119,9 +120,22 @@ def run_training(
     metadata: dict[str, Any],
     init_from: Model | None = None,
     on_progress: Callable[[Progress], None] | None = None,
+    devices: int | None = None,
 ) -> Model:
-    """Trains (or resumes) a run in `out`; writes the model there and returns it."""
+    """Trains (or resumes) a run in `out`; writes the model there and returns it.
+
+    Data parallel over `devices` devices (None: all that JAX sees): each step's batch
+    rows and the attention state are split over them, parameters and optimiser state are
+    replicated; the numbers do not depend on the device count (float rounding aside),
+    and a run resumes on any count."""
     import orbax.checkpoint as ocp
+
+    mesh = data_mesh(devices)
+    if settings.batch_size % mesh.size:
+        raise TrainingError(
+            f"batch size {settings.batch_size} must be a multiple of the {mesh.size} devices "
+            "(use --devices to choose fewer)"
+        )
 
     # The data must fit the settings before anything is written: a run that cannot start
     # leaves no run.json behind to refuse the corrected command.
@@ -159,12 +173,13 @@ def run_training(
     optimizer, train_step = compiled_step(config, settings)
     params = init_from.params if init_from is not None else init_params(config, settings.seed)
     params = jax.tree_util.tree_map(jnp.array, params)  # a copy: the step donates its input
+    params = replicated(mesh, params)
     run = RunState(
         params=params,
-        opt_state=optimizer.init(params),
-        attn_state=initial_state(config, settings.batch_size),
-        step=jnp.zeros([], jnp.int32),
-        tokens_seen=jnp.zeros([], jnp.float32),
+        opt_state=replicated(mesh, optimizer.init(params)),
+        attn_state=split_rows(mesh, initial_state(config, settings.batch_size)),
+        step=replicated(mesh, jnp.zeros([], jnp.int32)),
+        tokens_seen=replicated(mesh, jnp.zeros([], jnp.float32)),
     )
     manager = checkpoint_manager(train_dir / "checkpoints")
     latest = manager.latest_step()
@@ -189,6 +204,8 @@ def run_training(
         raise TrainingError(f"{train_dir / METRICS_FILE} cannot be written: {e.strerror}") from None
 
     def save(at_step: int) -> None:
+        if manager.latest_step() == at_step:  # e.g. Ctrl-C just after a scheduled save
+            return
         manager.save(at_step, args=ocp.args.StandardSave(run), force=True)
         manager.wait_until_finished()
 
@@ -197,14 +214,17 @@ def run_training(
     try:
         while step < settings.steps:
             inputs, targets, fresh = stream.window(step)
+            inputs, targets = split_rows(mesh, (inputs, targets))
             if fresh:
-                run = run.replace(attn_state=initial_state(config, settings.batch_size))
+                run = run.replace(
+                    attn_state=split_rows(mesh, initial_state(config, settings.batch_size))
+                )
             params, opt_state, attn_state, metrics = train_step(
                 run.params, run.opt_state, run.attn_state, inputs, targets
             )
             step += 1
             run = RunState(params=params, opt_state=opt_state, attn_state=attn_state,
-                           step=jnp.asarray(step, jnp.int32),
+                           step=replicated(mesh, jnp.asarray(step, jnp.int32)),
                            tokens_seen=run.tokens_seen + tokens_per_step)  # fmt: skip
             done_here += 1
             speed = done_here * tokens_per_step / max(time.perf_counter() - started, 1e-9)

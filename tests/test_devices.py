@@ -1,0 +1,47 @@
+"""One device vs many (docs/DESIGN.md invariant 8): data-parallel training over forced CPU
+devices gives the numbers of one device, and a run resumes on another device count."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from tvqcli.main import app
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def forced_devices(count: int) -> dict:
+    return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={count}",
+                PYTHONPATH=str(ROOT))  # fmt: skip
+
+
+def test_training_on_four_devices_equals_one(tmp_path):
+    script = ROOT / "tests" / "scripts" / "data_parallel.py"
+    done = subprocess.run([sys.executable, str(script), str(tmp_path)], env=forced_devices(4),
+                          capture_output=True, text=True, timeout=900)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["devices"] == 4
+    assert len(result["losses"]["1"]) == 4
+    assert result["losses"]["1"] == pytest.approx(result["losses"]["4"], abs=1e-5)
+    assert result["params_1_vs_4"] < 1e-5
+    assert result["steps"] == {"4->1": 4, "1->4": 4}
+    for key, diff in result["resumed_vs_1"].items():
+        assert diff < 1e-5, key
+
+
+def test_devices_option_and_info(tmp_path):
+    runner = CliRunner()
+    info = runner.invoke(app, ["info", "--devices", "--json"])
+    assert info.exit_code == 0, info.output
+    report = json.loads(info.stdout)
+    assert report["devices"] >= 1 and report["processes"] == 1 and report["backend"]
+    result = runner.invoke(app, ["train", str(ROOT / "tests" / "data"), "--bytes", "--out",
+                                 str(tmp_path / "m"), "--devices", "99"])  # fmt: skip
+    assert result.exit_code == 1 and "devices must be between 1 and" in result.stderr
+    assert not (tmp_path / "m" / "train" / "run.json").exists()
