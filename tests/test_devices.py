@@ -30,6 +30,11 @@ def test_training_on_four_devices_equals_one(tmp_path):
     assert len(result["losses"]["1"]) == 4
     assert result["losses"]["1"] == pytest.approx(result["losses"]["4"], abs=1e-5)
     assert result["params_1_vs_4"] < 1e-5
+    # --shard-params: the same numbers, each device holding a quarter of a large array
+    assert result["losses_sharded"] == pytest.approx(result["losses"]["1"], abs=1e-5)
+    assert result["params_1_vs_4_sharded"] < 1e-5
+    assert result["embs_spec"] == [None, "data"] and result["embs_shard"] == [259, 8]
+    assert result["small_spec"] == []  # 3 does not split over 4 devices: replicated
     assert result["steps"] == {"4->1": 4, "1->4": 4}
     for key, diff in result["resumed_vs_1"].items():
         assert diff < 1e-5, key

@@ -40,6 +40,23 @@ def split_rows(mesh: Mesh, tree: Any) -> Any:
     return jax.device_put(tree, NamedSharding(mesh, PartitionSpec(DATA)))
 
 
+def split_largest_axis(mesh: Mesh, tree: Any) -> Any:
+    """Every array of `tree` split over the mesh along its largest axis that the device
+    count divides (replicated if none does): parameters and optimiser state sharded
+    FSDP-style, each device holding about 1/n of them; jit gathers what a step needs."""
+
+    def sharding(x: Any) -> NamedSharding:
+        shape = np.shape(x)
+        axes = [i for i, size in enumerate(shape) if size >= mesh.size and size % mesh.size == 0]
+        if not axes:
+            return NamedSharding(mesh, PartitionSpec())
+        axis = max(axes, key=lambda i: shape[i])
+        return NamedSharding(mesh, PartitionSpec(*[DATA if i == axis else None
+                                                   for i in range(len(shape))]))  # fmt: skip
+
+    return jax.device_put(tree, jax.tree_util.tree_map(sharding, tree))
+
+
 def describe() -> dict[str, Any]:
     """What JAX sees: backend, devices (kind and count) and processes."""
     devices = jax.devices()

@@ -86,6 +86,10 @@ def train(
         int | None,
         typer.Option(help="Devices to train on, data parallel [default: all JAX sees].", min=1),
     ] = None,
+    shard_params: Annotated[
+        bool,
+        typer.Option(help="Split parameters and optimizer state over the devices (FSDP)."),
+    ] = False,
 ) -> None:
     """Train a model on text files; run the same command again to resume."""
     from tvq.train import train_from_files
@@ -101,6 +105,7 @@ def train(
             architecture={name: values[name] for name in ARCH_FIELDS},
             settings={name: values[name] for name in RUN_FIELDS},
             corpus_name=name, command=command, on_progress=report, devices=devices,
+            shard_params=shard_params,
         )  # fmt: skip
     meta = model.metadata
     line = f"saved {out} after {meta.get('steps')} steps"

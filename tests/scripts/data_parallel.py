@@ -9,6 +9,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from tvq.devices import data_mesh, split_largest_axis
 from tvq.errors import Interrupted
 from tvq.train import train_from_files
 
@@ -19,13 +20,14 @@ SETTINGS = dict(steps=4, batch_size=4, update_len=32, block_len=16, lr=1e-2, war
 TEXTS = [Path(__file__).resolve().parent.parent / "data"]
 
 
-def train(out: Path, devices: int, stop_at: int | None = None):
+def train(out: Path, devices: int, stop_at: int | None = None, shard: bool = False):
     def progress(p):
         if p.step == stop_at:
             raise KeyboardInterrupt
 
     return train_from_files(texts=TEXTS, out=out, use_bytes=True, architecture=ARCH,
-                            settings=SETTINGS, devices=devices, on_progress=progress)  # fmt: skip
+                            settings=SETTINGS, devices=devices, on_progress=progress,
+                            shard_params=shard)  # fmt: skip
 
 
 def losses(out: Path) -> list[float]:
@@ -41,6 +43,10 @@ def max_diff(a, b) -> float:
 
 def main(out: Path) -> None:
     one, four = train(out / "one", 1), train(out / "four", 4)
+    sharded = train(out / "sharded", 4, shard=True)
+    mesh = data_mesh(4)
+    embs = split_largest_axis(mesh, one.params)["token_embedder"]["embs"]  # [259, 32]
+    scale = split_largest_axis(mesh, {"x": np.zeros([3])})["x"]
     resumed = {}
     for first, then in ((4, 1), (1, 4)):
         folder = out / f"from{first}to{then}"
@@ -53,6 +59,11 @@ def main(out: Path) -> None:
         "devices": len(jax.devices()),
         "losses": {"1": losses(out / "one"), "4": losses(out / "four")},
         "params_1_vs_4": max_diff(one, four),
+        "params_1_vs_4_sharded": max_diff(one, sharded),
+        "losses_sharded": losses(out / "sharded"),
+        "embs_spec": list(embs.sharding.spec),
+        "embs_shard": list(embs.addressable_shards[0].data.shape),
+        "small_spec": list(scale.sharding.spec),
         "resumed_vs_1": {k: max_diff(one, m) for k, m in resumed.items()},
         "steps": {k: m.metadata["steps"] for k, m in resumed.items()},
     }))  # fmt: skip

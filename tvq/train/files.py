@@ -46,6 +46,7 @@ def train_from_files(
     command: str = "",
     on_progress: Callable | None = None,
     devices: int | None = None,
+    shard_params: bool = False,
 ) -> Model:
     """Trains (or resumes, or fine-tunes `from_dir`) a model on text files; writes it to
     `out` and returns it. architecture: ModelConfig fields; settings: TrainSettings."""
@@ -99,7 +100,7 @@ def train_from_files(
     return run_training(
         out=out, config=config, settings=settings_obj, train_tokens=train_tokens,
         val_documents=val_documents, tokenizer=tokenizer, metadata=metadata, init_from=base,
-        on_progress=on_progress, devices=devices,
+        on_progress=on_progress, devices=devices, shard_params=shard_params,
     )  # fmt: skip
 
 

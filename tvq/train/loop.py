@@ -10,6 +10,7 @@ which the data position follows; a run stopped by Ctrl-C or a kill resumes from 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import time
@@ -23,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tvq.config import ModelConfig
-from tvq.devices import data_mesh, replicated, split_rows
+from tvq.devices import data_mesh, replicated, split_largest_axis, split_rows
 from tvq.errors import Interrupted, TrainingError
 from tvq.model import Model
 from tvq.params import init_params
@@ -121,13 +122,15 @@ def run_training(
     init_from: Model | None = None,
     on_progress: Callable[[Progress], None] | None = None,
     devices: int | None = None,
+    shard_params: bool = False,
 ) -> Model:
     """Trains (or resumes) a run in `out`; writes the model there and returns it.
 
     Data parallel over `devices` devices (None: all that JAX sees): each step's batch
-    rows and the attention state are split over them, parameters and optimiser state are
-    replicated; the numbers do not depend on the device count (float rounding aside),
-    and a run resumes on any count."""
+    rows and the attention state are split over them; parameters and optimiser state are
+    replicated, or with shard_params split over the devices (FSDP-style, for a model
+    larger than one device's memory). The numbers depend on neither (float rounding
+    aside), and a run resumes on any device count."""
     import orbax.checkpoint as ocp
 
     mesh = data_mesh(devices)
@@ -173,10 +176,11 @@ def run_training(
     optimizer, train_step = compiled_step(config, settings)
     params = init_from.params if init_from is not None else init_params(config, settings.seed)
     params = jax.tree_util.tree_map(jnp.array, params)  # a copy: the step donates its input
-    params = replicated(mesh, params)
+    place = functools.partial(split_largest_axis if shard_params else replicated, mesh)
+    params = place(params)
     run = RunState(
         params=params,
-        opt_state=replicated(mesh, optimizer.init(params)),
+        opt_state=place(optimizer.init(params)),
         attn_state=split_rows(mesh, initial_state(config, settings.batch_size)),
         step=replicated(mesh, jnp.zeros([], jnp.int32)),
         tokens_seen=replicated(mesh, jnp.zeros([], jnp.float32)),
@@ -223,6 +227,8 @@ def run_training(
                 run.params, run.opt_state, run.attn_state, inputs, targets
             )
             step += 1
+            if shard_params:  # keep the layout (a no-op when jit kept it)
+                params, opt_state = place(params), place(opt_state)
             run = RunState(params=params, opt_state=opt_state, attn_state=attn_state,
                            step=replicated(mesh, jnp.asarray(step, jnp.int32)),
                            tokens_seen=run.tokens_seen + tokens_per_step)  # fmt: skip
