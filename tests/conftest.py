@@ -6,20 +6,23 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
-
-import jax
-import jax.numpy as jnp
-import numpy as np
-
-import tvq
-from tvq.forward import scan_blocks
-from tvq.state import initial_attention_state
-from tvq.sublayer import VQAttention, attention_fields
-
-DIVISORS_12 = (1, 2, 3, 4, 6, 12)
+import os
 
 # Unit tests compile hundreds of tiny programs; XLA's optimisations cost more time than
-# they save there and do not change results beyond float rounding.
+# they save there and do not change results beyond float rounding. The variable reaches
+# the `tvq` processes that tests start too.
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+import tvq  # noqa: E402
+from tvq.forward import scan_blocks  # noqa: E402
+from tvq.state import initial_attention_state  # noqa: E402
+from tvq.sublayer import VQAttention, attention_fields  # noqa: E402
+
+DIVISORS_12 = (1, 2, 3, 4, 6, 12)
 jax.config.update("jax_disable_most_optimizations", True)
 
 
