@@ -200,7 +200,7 @@ def run_training(
     step = int(run.step)
     resumed_from = step if latest is not None else None
     tokens_per_step = settings.batch_size * settings.update_len
-    schedule = learning_rate(settings)
+    lr_at = jax.jit(learning_rate(settings))  # one dispatch per step, not a dozen eager ops
     try:
         log = MetricsLog(train_dir / METRICS_FILE, step)
     except OSError as e:
@@ -233,9 +233,10 @@ def run_training(
                            step=replicated(mesh, jnp.asarray(step, jnp.int32)),
                            tokens_seen=run.tokens_seen + tokens_per_step)  # fmt: skip
             done_here += 1
+            loss, tokens_seen = float(metrics.loss), int(run.tokens_seen)  # one read each
             speed = done_here * tokens_per_step / max(time.perf_counter() - started, 1e-9)
-            log.write(step=step, loss=float(metrics.loss), lr=float(schedule(step - 1)),
-                      tokens=int(run.tokens_seen), tokens_per_second=round(speed, 1))  # fmt: skip
+            log.write(step=step, loss=loss, lr=float(lr_at(step - 1)), tokens=tokens_seen,
+                      tokens_per_second=round(speed, 1))  # fmt: skip
             eval_now = step % settings.eval_every == 0 or step == settings.steps
             if eval_now and val_documents:
                 model = Model(config, run.params, block_len=settings.block_len)
@@ -246,8 +247,8 @@ def run_training(
                 save(step)
             if on_progress is not None:
                 on_progress(Progress(
-                    step=step, steps=settings.steps, loss=float(metrics.loss),
-                    tokens_per_second=speed, tokens_seen=int(run.tokens_seen),
+                    step=step, steps=settings.steps, loss=loss,
+                    tokens_per_second=speed, tokens_seen=tokens_seen,
                     eval=last_eval if eval_now else None, resumed_from=resumed_from,
                 ))  # fmt: skip
                 resumed_from = None
