@@ -46,6 +46,17 @@ def tokenizer_entry(tokenizer: Any) -> dict[str, Any] | None:
     return entry
 
 
+def local_checkpointer():
+    """An orbax checkpointer for this process alone: a model directory is written and read
+    whole by one process, also in a cluster (where orbax would otherwise wait for all)."""
+    import jax
+    import orbax.checkpoint as ocp
+
+    this = jax.process_index()
+    alone = ocp.options.MultiprocessingOptions(primary_host=this, active_processes={this})
+    return ocp.StandardCheckpointer(multiprocessing_options=alone)
+
+
 def save_model(
     path: str | os.PathLike,
     *,
@@ -56,7 +67,7 @@ def save_model(
     metadata: dict[str, Any],
 ) -> None:
     """Writes a model directory; each part is replaced atomically, config.json last."""
-    import orbax.checkpoint as ocp
+    import jax
 
     path = Path(path).absolute()
     if path.exists() and not path.is_dir():
@@ -73,8 +84,8 @@ def save_model(
     except OSError as e:
         raise CheckpointError(f"model directory {path} cannot be written: {e.strerror}") from None
     try:
-        checkpointer = ocp.StandardCheckpointer()
-        checkpointer.save(tmp / PARAMS_DIR, params)
+        checkpointer = local_checkpointer()
+        checkpointer.save(tmp / PARAMS_DIR, jax.device_get(params))  # host copies
         checkpointer.wait_until_finished()
         document = {
             "format": FORMAT,
@@ -128,7 +139,7 @@ def read_model_dir(path: str | os.PathLike) -> tuple[ModelConfig, Any, dict[str,
     if not params_path.is_dir():
         raise CheckpointError(f"{path} has no parameters ({PARAMS_DIR}/ is missing)")
     try:
-        params = ocp.StandardCheckpointer().restore(params_path)
+        params = local_checkpointer().restore(params_path)
     except Exception as e:  # orbax raises many kinds; all mean "unreadable"
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"parameters in {params_path} cannot be read: {first}") from None

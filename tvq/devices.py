@@ -1,12 +1,15 @@
 """Devices: the mesh a job runs on (docs/DESIGN.md section 12).
 
 Parallelism is declared, not hand-rolled: a `Mesh` with one named axis, `data`, over the
-devices JAX sees, and `NamedSharding`s that split a batch over it or replicate an array
-on every device; `jax.jit` partitions the computation from there.
+devices JAX sees (every process's, in a cluster: tvq/cluster.py), and `NamedSharding`s
+that split a batch over it or replicate an array on every device; `jax.jit` partitions
+the computation from there. Arrays are built with `jax.make_array_from_callback`, so a
+process only ever materialises the rows its own devices hold.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -18,26 +21,40 @@ from tvq.errors import InputError
 DATA = "data"
 
 
-def data_mesh(devices: int | None = None) -> Mesh:
-    """A one-axis mesh over the first `devices` devices (None: all that JAX sees)."""
-    available = jax.devices()
-    count = len(available) if devices is None else devices
-    if not isinstance(count, int) or isinstance(count, bool) or not 1 <= count <= len(available):
+def data_mesh(devices: int | None = None, *, local: bool = False) -> Mesh:
+    """A one-axis mesh over the first `devices` devices of every process (None: all that
+    JAX sees), or of this process alone with `local`."""
+    processes = [jax.process_index()] if local else range(jax.process_count())
+    per_process = [[d for d in jax.devices() if d.process_index == p] for p in processes]
+    available = min(len(group) for group in per_process)
+    count = available if devices is None else devices
+    if not isinstance(count, int) or isinstance(count, bool) or not 1 <= count <= available:
         raise InputError(
-            f"devices must be between 1 and {len(available)} (the devices JAX sees), "
-            f"got {devices!r}"
+            f"devices must be between 1 and {available} (the devices JAX sees"
+            f"{' per process' if len(per_process) > 1 else ''}), got {devices!r}"
         )
-    return Mesh(np.array(available[:count]), (DATA,))
+    return Mesh(np.array([d for group in per_process for d in group[:count]]), (DATA,))
+
+
+def rows_spec(mesh: Mesh, shape: tuple[int, ...]) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec(DATA) if shape else PartitionSpec())
 
 
 def replicated(mesh: Mesh, tree: Any) -> Any:
-    """Every array of `tree` copied to every device of the mesh."""
-    return jax.device_put(tree, NamedSharding(mesh, PartitionSpec()))
+    """Every array of `tree` (the same on every process) copied to every device."""
+    return _place(tree, lambda shape: NamedSharding(mesh, PartitionSpec()))
 
 
 def split_rows(mesh: Mesh, tree: Any) -> Any:
     """Every array of `tree` split along its first (batch) axis over the mesh."""
-    return jax.device_put(tree, NamedSharding(mesh, PartitionSpec(DATA)))
+    return _place(tree, lambda shape: rows_spec(mesh, shape))
+
+
+def rows_from(mesh: Mesh, shape: tuple[int, ...], rows: Callable[[slice], np.ndarray]):
+    """A [B, ...] array split over the mesh by rows, where rows(slice) gives those rows:
+    each process asks only for the rows its devices hold."""
+    return jax.make_array_from_callback(shape, rows_spec(mesh, shape),
+                                        lambda index: rows(index[0]))  # fmt: skip
 
 
 def split_largest_axis(mesh: Mesh, tree: Any) -> Any:
@@ -45,8 +62,7 @@ def split_largest_axis(mesh: Mesh, tree: Any) -> Any:
     count divides (replicated if none does): parameters and optimiser state sharded
     FSDP-style, each device holding about 1/n of them; jit gathers what a step needs."""
 
-    def sharding(x: Any) -> NamedSharding:
-        shape = np.shape(x)
+    def sharding(shape: tuple[int, ...]) -> NamedSharding:
         axes = [i for i, size in enumerate(shape) if size >= mesh.size and size % mesh.size == 0]
         if not axes:
             return NamedSharding(mesh, PartitionSpec())
@@ -54,7 +70,24 @@ def split_largest_axis(mesh: Mesh, tree: Any) -> Any:
         return NamedSharding(mesh, PartitionSpec(*[DATA if i == axis else None
                                                    for i in range(len(shape))]))  # fmt: skip
 
-    return jax.device_put(tree, jax.tree_util.tree_map(sharding, tree))
+    return _place(tree, sharding)
+
+
+def _place(tree: Any, sharding: Callable[[tuple[int, ...]], NamedSharding]) -> Any:
+    def put(x: Any) -> jax.Array:
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:  # already global
+            return jax.device_put(x, sharding(x.shape))
+        host = np.asarray(x)
+        return jax.make_array_from_callback(host.shape, sharding(host.shape),
+                                            lambda index: host[index])  # fmt: skip
+
+    return jax.tree_util.tree_map(put, tree)
+
+
+def to_host(mesh: Mesh, tree: Any) -> Any:
+    """Every array of `tree` whole, as numpy, on every process (a gather where sharded)."""
+    whole = jax.jit(lambda t: t, out_shardings=NamedSharding(mesh, PartitionSpec()))(tree)
+    return jax.tree_util.tree_map(lambda x: np.asarray(x.addressable_data(0)), whole)
 
 
 def describe() -> dict[str, Any]:
@@ -65,5 +98,6 @@ def describe() -> dict[str, Any]:
         "devices": len(devices),
         "local_devices": jax.local_device_count(),
         "processes": jax.process_count(),
+        "process_index": jax.process_index(),
         "kinds": sorted({d.device_kind for d in devices}),
     }

@@ -97,4 +97,4 @@ def on_device(tree: Any) -> Any:
     arguments are committed: a jit's outputs are, host arrays and fresh constants are not,
     so feeding a call's output state back in would compile the same function twice.
     Compiled entry points take their arguments through here."""
-    return jax.device_put(tree, jax.devices()[0])
+    return jax.device_put(tree, jax.local_devices()[0])

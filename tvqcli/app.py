@@ -9,6 +9,7 @@ an error tvq did not expect.
 
 from __future__ import annotations
 
+import enum
 import functools
 import math
 import os
@@ -33,10 +34,54 @@ ModelOption = Annotated[
 ]
 
 
+DevicesOption = Annotated[
+    int | None,
+    typer.Option(help="Devices to use, per process (default: all that JAX sees).", min=1),
+]
+CLUSTER = "Cluster (several processes or hosts)"
+CLUSTER_OPTIONS = ("coordinator", "num_processes", "process_id", "distributed")
+CoordinatorOption = Annotated[
+    str | None,
+    typer.Option(envvar="TVQ_COORDINATOR", rich_help_panel=CLUSTER,
+                 help="HOST:PORT of process 0; every process runs the same command."),
+]  # fmt: skip
+NumProcessesOption = Annotated[
+    int | None,
+    typer.Option(envvar="TVQ_NUM_PROCESSES", rich_help_panel=CLUSTER, help="Processes in all."),
+]
+ProcessIdOption = Annotated[
+    int | None,
+    typer.Option(envvar="TVQ_PROCESS_ID", rich_help_panel=CLUSTER,
+                 help="This process's index, 0 to --num-processes - 1."),
+]  # fmt: skip
+
+
+class Detect(str, enum.Enum):
+    auto = "auto"
+
+
+DistributedOption = Annotated[
+    Detect | None,
+    typer.Option(rich_help_panel=CLUSTER,
+                 help="auto: JAX finds the cluster (Slurm, Open MPI) instead of the three above."),
+]  # fmt: skip
+
+_last_error = ""
+
+
 def fail(message: str, code: int = 1) -> typer.Exit:
     """Prints one red line on stderr; returns the Exit to raise."""
+    global _last_error
+    _last_error = message
     stderr.print(f"[red]error:[/red] {message}", markup=True, soft_wrap=True)
     return typer.Exit(code=code)
+
+
+def join_cluster(coordinator, num_processes, process_id, distributed) -> None:
+    """Joins the cluster the options describe (nothing when none is given)."""
+    from tvq.cluster import ClusterSpec, join
+
+    join(ClusterSpec(coordinator, num_processes, process_id, auto=distributed is not None))
 
 
 def quiet_stdout() -> None:
@@ -54,6 +99,19 @@ def handle_errors(func):
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
+        from tvq import cluster
+
+        try:
+            result = boundary(*args, **kwargs)
+        except typer.Exit as e:
+            if e.exit_code:  # the peers in a cluster stop too, and hear why
+                cluster.leave(error=_last_error or f"exit {e.exit_code}", code=e.exit_code)
+            raise
+        cluster.leave()
+        return result
+
+    def boundary(*args, **kwargs):
+        from tvq import cluster
         from tvq.errors import Interrupted, TvqError
 
         try:
@@ -73,6 +131,9 @@ def handle_errors(func):
         except Exception as e:
             if _is_cli_signal(e) or os.environ.get("TVQ_DEBUG"):
                 raise
+            lost = cluster.peer_failure(e)
+            if lost is not None:
+                raise fail(lost, 1) from None
             raise fail(
                 f"internal error: {type(e).__name__}: {e} (TVQ_DEBUG=1 shows the traceback)", 1
             ) from None

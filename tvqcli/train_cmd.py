@@ -11,7 +11,20 @@ import typer
 from tvq.config import ModelConfig as Arch
 from tvq.train.settings import DEFAULT_VAL_FRACTION, DEFAULT_VOCAB_SIZE
 from tvq.train.settings import TrainSettings as Run
-from tvqcli.app import app, check_output_dir, finite, handle_errors, stderr
+from tvqcli.app import (
+    CLUSTER_OPTIONS,
+    CoordinatorOption,
+    DevicesOption,
+    DistributedOption,
+    NumProcessesOption,
+    ProcessIdOption,
+    app,
+    check_output_dir,
+    finite,
+    handle_errors,
+    join_cluster,
+    stderr,
+)
 
 # Architecture fields and training settings passed through to the library; their defaults
 # are the library's (tvq/config.py, tvq/train/settings.py).
@@ -82,22 +95,29 @@ def train(
     eval_every: Annotated[int, typer.Option(help="Steps between evaluations.")] = Run.eval_every,
     save_every: Annotated[int, typer.Option(help="Steps between checkpoints.")] = Run.save_every,
     name: Annotated[str, typer.Option(help="Corpus name for the metadata.")] = "",
-    devices: Annotated[
-        int | None,
-        typer.Option(help="Devices to train on, data parallel [default: all JAX sees].", min=1),
-    ] = None,
+    devices: DevicesOption = None,
     shard_params: Annotated[
         bool,
         typer.Option(help="Split parameters and optimizer state over the devices (FSDP)."),
     ] = False,
+    coordinator: CoordinatorOption = None,
+    num_processes: NumProcessesOption = None,
+    process_id: ProcessIdOption = None,
+    distributed: DistributedOption = None,
 ) -> None:
-    """Train a model on text files; run the same command again to resume."""
+    """Train a model on text files; run the same command again to resume.
+
+    Data parallel over every device (--devices to use fewer); with --coordinator (or
+    --distributed auto) over several processes or hosts, each running this command."""
     from tvq.train import train_from_files
 
     check_output_dir(out, "--out")
+    join_cluster(coordinator, num_processes, process_id, distributed)
     command = full_command(ctx)
     values = ctx.params
-    with _progress() as report:
+    from tvq import cluster
+
+    with _progress(quiet=not cluster.is_main()) as report:
         model = train_from_files(
             texts=texts, out=out, tokenizer_path=tokenizer, use_bytes=use_bytes,
             vocab_size=vocab_size, from_dir=from_dir, held_out=val or [],
@@ -107,6 +127,8 @@ def train(
             corpus_name=name, command=command, on_progress=report, devices=devices,
             shard_params=shard_params,
         )  # fmt: skip
+    if not cluster.is_main():  # process 0 reports for the cluster
+        return
     meta = model.metadata
     line = f"saved {out} after {meta.get('steps')} steps"
     if "heldout_bits_per_byte" in meta:
@@ -124,7 +146,7 @@ def full_command(ctx: typer.Context) -> str:
     words = ["tvq", ctx.info_name or "train"]
     for param in ctx.command.params:
         value = ctx.params.get(param.name)
-        if value is None or param.name == "help":
+        if value is None or param.name == "help" or param.name in CLUSTER_OPTIONS:
             continue
         if isinstance(param, TyperArgument):
             words += [str(v) for v in value]
@@ -144,10 +166,13 @@ def full_command(ctx: typer.Context) -> str:
 class _progress:
     """A Rich progress bar on stderr (plain lines when stderr is not a terminal)."""
 
+    def __init__(self, quiet: bool = False) -> None:
+        self.quiet = quiet
+
     def __enter__(self):
         from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-        self.live = stderr.is_terminal
+        self.live = stderr.is_terminal and not self.quiet
         self.bar = Progress(
             TextColumn("step {task.completed}/{task.total}"),
             BarColumn(),
@@ -161,6 +186,8 @@ class _progress:
         return self.report
 
     def report(self, progress) -> None:
+        if self.quiet:
+            return
         if progress.resumed_from is not None:
             self.bar.console.print(f"resuming from step {progress.resumed_from}", highlight=False)
         if self.task is None:

@@ -110,11 +110,14 @@ class TokenStream:
                 f"for batch size {batch_size} and update length {update_len}"
             )
 
-    def window(self, step: int) -> tuple[np.ndarray, np.ndarray, bool]:
-        """(inputs [B, U], targets [B, U], starts_epoch) of update `step`."""
+    def starts_epoch(self, step: int) -> bool:
+        return step % self.windows_per_epoch == 0
+
+    def window(self, step: int, rows: slice = slice(None)) -> np.ndarray:
+        """Tokens [B, U + 1] of update `step` (inputs are [:, :-1], targets [:, 1:]), or of
+        the batch rows `rows` only: a process builds just the rows its devices hold."""
         epoch, index = divmod(step, self.windows_per_epoch)
         shift = np.random.default_rng([self.seed, epoch]).integers(0, self.update_len)
-        rows = np.arange(self.batch_size)[:, None] * self.row_len
-        start = rows + shift + index * self.update_len
-        span = self.tokens[start + np.arange(self.update_len + 1)[None, :]]
-        return span[:, :-1], span[:, 1:], index == 0
+        starts = np.arange(self.batch_size)[rows, None] * self.row_len
+        start = starts + shift + index * self.update_len
+        return self.tokens[start + np.arange(self.update_len + 1)[None, :]]

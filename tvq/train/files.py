@@ -6,6 +6,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from tvq import cluster
 from tvq.checkpoint import TOKENIZER_FILE, is_model_dir
 from tvq.config import ModelConfig
 from tvq.errors import CorpusError, TrainingError, TvqError
@@ -105,17 +106,18 @@ def train_from_files(
 
 
 def _own_tokenizer(out: Path, docs, vocab_size: int) -> SentencePieceTokenizer:
-    """Trains (once) a sentencepiece model on the training documents; reused on resume."""
+    """Trains (once) a sentencepiece model on the training documents; reused on resume.
+    In a cluster process 0 trains it and the others wait, then read it."""
     folder = out / TRAIN_DIR
     folder.mkdir(parents=True, exist_ok=True)
     model_path = folder / TOKENIZER_FILE
-    if model_path.exists():
-        return SentencePieceTokenizer(model_path)
-    text_file = folder / "tokenizer-corpus.txt"
-    text_file.write_text("\n".join(d.text for d in docs), encoding="utf-8")
-    try:
-        tokenizer = train_sentencepiece([text_file], folder / "tokenizer.tmp.model", vocab_size)
-    finally:
-        text_file.unlink(missing_ok=True)
-    tokenizer.path.replace(model_path)
+    if cluster.is_main() and not model_path.exists():
+        text_file = folder / "tokenizer-corpus.txt"
+        text_file.write_text("\n".join(d.text for d in docs), encoding="utf-8")
+        try:
+            trained = train_sentencepiece([text_file], folder / "tokenizer.tmp.model", vocab_size)
+        finally:
+            text_file.unlink(missing_ok=True)
+        trained.path.replace(model_path)
+    cluster.barrier("tokenizer")
     return SentencePieceTokenizer(model_path)

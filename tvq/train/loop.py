@@ -23,8 +23,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tvq import cluster
 from tvq.config import ModelConfig
-from tvq.devices import data_mesh, replicated, split_largest_axis, split_rows
+from tvq.devices import data_mesh, replicated, rows_from, split_largest_axis, split_rows, to_host
 from tvq.errors import Interrupted, TrainingError
 from tvq.model import Model
 from tvq.params import init_params
@@ -82,7 +83,10 @@ class MetricsLog:
     as written. A resumed run first drops the records past its checkpoint: those steps
     run again, so each step appears once."""
 
-    def __init__(self, path: Path, resume_step: int) -> None:
+    def __init__(self, path: Path | None, resume_step: int) -> None:
+        self.file = None
+        if path is None:  # a process other than 0 in a cluster: nothing to write
+            return
         kept = []
         if path.exists():
             for line in path.read_text(errors="replace").splitlines():
@@ -96,11 +100,13 @@ class MetricsLog:
         self.file = path.open("a", encoding="utf-8")
 
     def write(self, **record: Any) -> None:
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
+        if self.file is not None:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
 
     def close(self) -> None:
-        self.file.close()
+        if self.file is not None:
+            self.file.close()
 
 
 def checkpoint_manager(folder: Path):
@@ -126,11 +132,14 @@ def run_training(
 ) -> Model:
     """Trains (or resumes) a run in `out`; writes the model there and returns it.
 
-    Data parallel over `devices` devices (None: all that JAX sees): each step's batch
-    rows and the attention state are split over them; parameters and optimiser state are
-    replicated, or with shard_params split over the devices (FSDP-style, for a model
-    larger than one device's memory). The numbers depend on neither (float rounding
-    aside), and a run resumes on any device count."""
+    Data parallel over `devices` devices per process (None: all that JAX sees): each
+    step's batch rows and the attention state are split over them; parameters and
+    optimiser state are replicated, or with shard_params split over the devices
+    (FSDP-style, for a model larger than one device's memory). The numbers depend on
+    neither (float rounding aside), and a run resumes on any device count. In a cluster
+    (tvq/cluster.py) every process runs this with the same arguments; each builds only
+    its devices' rows of a batch, and process 0 alone writes run.json, the log and the
+    model (orbax writes the checkpoints from every process)."""
     import orbax.checkpoint as ocp
 
     mesh = data_mesh(devices)
@@ -155,7 +164,7 @@ def run_training(
         "tokenizer": tokenizer.fingerprint,
         "data_tokens": int(len(train_tokens)),
     }
-    if run_file.exists():
+    if run_file.exists():  # every process checks; process 0 writes it after the barrier
         try:
             previous = json.loads(run_file.read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError):
@@ -170,16 +179,15 @@ def run_training(
                 f"{out} holds a run with other {', '.join(changed)}; "
                 "use another --out or the same settings to resume"
             )
-    else:
+    cluster.barrier("run-checked")
+    if not run_file.exists() and cluster.is_main():
         run_file.write_text(json.dumps(run_doc, indent=2, sort_keys=True))
 
     optimizer, train_step = compiled_step(config, settings)
     params = init_from.params if init_from is not None else init_params(config, settings.seed)
-    params = jax.tree_util.tree_map(jnp.array, params)  # a copy: the step donates its input
     place = functools.partial(split_largest_axis if shard_params else replicated, mesh)
-    params = place(params)
     run = RunState(
-        params=params,
+        params=place(params),  # new arrays: the step donates its inputs
         opt_state=place(optimizer.init(params)),
         attn_state=split_rows(mesh, initial_state(config, settings.batch_size)),
         step=replicated(mesh, jnp.zeros([], jnp.int32)),
@@ -197,12 +205,14 @@ def run_training(
                 f"checkpoint {latest} in {train_dir / 'checkpoints'} cannot be restored "
                 f"({first}); remove it to resume from an earlier one"
             ) from None
-    step = int(run.step)
+    step = int(_value(run.step))
+    cluster.set_context(f"checkpoints in {train_dir / 'checkpoints'} are intact: run the same "
+                        "command again to resume")  # fmt: skip
     resumed_from = step if latest is not None else None
     tokens_per_step = settings.batch_size * settings.update_len
     lr_at = jax.jit(learning_rate(settings))  # one dispatch per step, not a dozen eager ops
     try:
-        log = MetricsLog(train_dir / METRICS_FILE, step)
+        log = MetricsLog(train_dir / METRICS_FILE if cluster.is_main() else None, step)
     except OSError as e:
         manager.close()
         raise TrainingError(f"{train_dir / METRICS_FILE} cannot be written: {e.strerror}") from None
@@ -217,9 +227,10 @@ def run_training(
     started, done_here = time.perf_counter(), 0
     try:
         while step < settings.steps:
-            inputs, targets, fresh = stream.window(step)
-            inputs, targets = split_rows(mesh, (inputs, targets))
-            if fresh:
+            shape = (settings.batch_size, settings.update_len)
+            inputs = rows_from(mesh, shape, lambda rows: stream.window(step, rows)[:, :-1])
+            targets = rows_from(mesh, shape, lambda rows: stream.window(step, rows)[:, 1:])
+            if stream.starts_epoch(step):
                 run = run.replace(
                     attn_state=split_rows(mesh, initial_state(config, settings.batch_size))
                 )
@@ -233,13 +244,13 @@ def run_training(
                            step=replicated(mesh, jnp.asarray(step, jnp.int32)),
                            tokens_seen=run.tokens_seen + tokens_per_step)  # fmt: skip
             done_here += 1
-            loss, tokens_seen = float(metrics.loss), int(run.tokens_seen)  # one read each
+            loss, tokens_seen = float(_value(metrics.loss)), int(_value(run.tokens_seen))
             speed = done_here * tokens_per_step / max(time.perf_counter() - started, 1e-9)
             log.write(step=step, loss=loss, lr=float(lr_at(step - 1)), tokens=tokens_seen,
                       tokens_per_second=round(speed, 1))  # fmt: skip
             eval_now = step % settings.eval_every == 0 or step == settings.steps
             if eval_now and val_documents:
-                model = Model(config, run.params, block_len=settings.block_len)
+                model = Model(config, to_host(mesh, run.params), block_len=settings.block_len)
                 last_eval = evaluate(model, val_documents)
                 log.write(step=step, val_loss=last_eval["loss"],
                           val_bits_per_byte=last_eval["bits_per_byte"])  # fmt: skip
@@ -253,6 +264,11 @@ def run_training(
                 ))  # fmt: skip
                 resumed_from = None
     except KeyboardInterrupt:
+        if cluster.active():  # the peers are in the next step: no collective save now
+            raise Interrupted(
+                f"interrupted at step {step}; the last checkpoint is step "
+                f"{manager.latest_step() or 0}: run the same command again to resume"
+            ) from None
         save(step)
         raise Interrupted(
             f"interrupted at step {step}; saved: run the same command again to resume"
@@ -261,8 +277,9 @@ def run_training(
         manager.close()
         log.close()
 
+    params = to_host(mesh, run.params)
     if last_eval is None and val_documents:
-        last_eval = evaluate(Model(config, run.params), val_documents)
+        last_eval = evaluate(Model(config, params), val_documents)
     metadata = dict(metadata)
     metadata.update(
         steps=step,
@@ -276,7 +293,14 @@ def run_training(
             heldout_tokens=last_eval["tokens"],
             heldout_bytes=last_eval["bytes"],
         )
-    model = Model(config, run.params, block_len=settings.block_len, metadata=metadata,
+    model = Model(config, params, block_len=settings.block_len, metadata=metadata,
                   tokenizer=tokenizer)  # fmt: skip
-    model.save(out)
+    if cluster.is_main():
+        model.save(out)
+    cluster.barrier("model-saved")
     return model
+
+
+def _value(x: jax.Array) -> np.ndarray:
+    """A replicated array's value, read from this process's first copy."""
+    return np.asarray(x.addressable_data(0))
