@@ -113,7 +113,8 @@ def test_killed_process_stops_the_other_and_the_run_resumes_alone(tmp_path):
     assert code == 1 and waited < 60, message
     # the watchdog's line, or the collective's own error when it notices first
     assert "process 1 of 2 stopped responding" in message or (
-        "another process of the cluster stopped" in message), message
+        "another process of the cluster stopped" in message
+    ), message
     assert "run the same command again to resume" in message
 
     resumed = subprocess.run(tvq_cmd(*train), env=env(1), capture_output=True, text=True,
@@ -148,7 +149,10 @@ def test_bad_cluster_options(tmp_path, args, message):
 
 
 def test_cluster_from_environment(tmp_path):
-    result = CliRunner().invoke(app, ["train", str(DATA), "--bytes", "--out", str(tmp_path)],
-                                env={"TVQ_COORDINATOR": "127.0.0.1:1", "TVQ_PROCESS_ID": "0"})
+    result = CliRunner().invoke(
+        app,
+        ["train", str(DATA), "--bytes", "--out", str(tmp_path)],
+        env={"TVQ_COORDINATOR": "127.0.0.1:1", "TVQ_PROCESS_ID": "0"},
+    )
     assert result.exit_code == 1
     assert "missing --num-processes" in result.stderr

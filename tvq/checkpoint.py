@@ -111,8 +111,6 @@ def save_model(
 
 def read_model_dir(path: str | os.PathLike) -> tuple[ModelConfig, Any, dict[str, Any]]:
     """Reads a model directory → (config, params, the whole config.json document)."""
-    import orbax.checkpoint as ocp
-
     path = Path(path).absolute()
     if not path.exists():
         raise CheckpointError(f"model directory {path} does not exist")

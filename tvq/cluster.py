@@ -230,4 +230,3 @@ class Watchdog(threading.Thread):
 
     def _key(self, process: int) -> str:
         return f"tvq/alive/{process}"
-

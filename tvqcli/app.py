@@ -56,7 +56,7 @@ ProcessIdOption = Annotated[
 ]  # fmt: skip
 
 
-class Detect(str, enum.Enum):
+class Detect(enum.StrEnum):
     auto = "auto"
 
 

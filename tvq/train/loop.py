@@ -227,9 +227,10 @@ def run_training(
     started, done_here = time.perf_counter(), 0
     try:
         while step < settings.steps:
+            window = functools.partial(stream.window, step)
             shape = (settings.batch_size, settings.update_len)
-            inputs = rows_from(mesh, shape, lambda rows: stream.window(step, rows)[:, :-1])
-            targets = rows_from(mesh, shape, lambda rows: stream.window(step, rows)[:, 1:])
+            inputs = rows_from(mesh, shape, lambda rows, w=window: w(rows)[:, :-1])
+            targets = rows_from(mesh, shape, lambda rows, w=window: w(rows)[:, 1:])
             if stream.starts_epoch(step):
                 run = run.replace(
                     attn_state=split_rows(mesh, initial_state(config, settings.batch_size))
