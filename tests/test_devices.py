@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+import tvq
+
 from tvqcli.main import app
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -50,3 +52,61 @@ def test_devices_option_and_info(tmp_path):
                                  str(tmp_path / "m"), "--devices", "99"])  # fmt: skip
     assert result.exit_code == 1 and "devices must be between 1 and" in result.stderr
     assert not (tmp_path / "m" / "train" / "run.json").exists()
+
+
+LENGTHS = (900, 0, 3000, 40, 1500, 1, 2000)  # bytes of the seven files scored together
+
+
+def texts_of_lengths(folder: Path) -> list[Path]:
+    source = b"".join(p.read_bytes() for p in sorted((ROOT / "tests" / "data").glob("*.txt")))
+    paths = []
+    for i, n in enumerate(LENGTHS):
+        paths.append(folder / f"text{i}.txt")
+        paths[-1].write_bytes(source[len(source) - n :] if i % 2 else source[:n])
+    return paths
+
+
+def scored_alone(paths: list[Path]) -> list[dict]:
+    from tvq.scoring import score_stream
+
+    model = tvq.load()
+    rows = []
+    for path in paths:
+        with path.open("rb") as f:
+            rows.append(score_stream(model, f, str(path))[0].row())
+    return rows
+
+
+def assert_same_scores(jsonl: str, alone: list[dict]) -> None:
+    rows = [json.loads(line) for line in jsonl.splitlines()]
+    assert [r["file"] for r in rows] == [r["file"] for r in alone] + ["TOTAL"]
+    for got, want in zip(rows, alone, strict=False):
+        assert (got["tokens"], got["bytes"]) == (want["tokens"], want["bytes"])
+        assert got["nll"] == pytest.approx(want["nll"], abs=1e-5), got["file"]
+    assert rows[-1]["tokens"] == sum(r["tokens"] for r in alone)
+
+
+def test_scoring_many_files_on_four_devices_equals_each_alone(tmp_path):
+    paths = texts_of_lengths(tmp_path)
+    done = subprocess.run([sys.executable, "-m", "tvqcli", "score", *map(str, paths), "--format",
+                           "jsonl", "--batch-size", "1"], env=forced_devices(4),
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert_same_scores(done.stdout, scored_alone(paths))
+
+
+def test_samples_split_over_devices_are_the_samples_of_one(tmp_path):
+    def samples(devices: int) -> list[tuple[str, list[float]]]:
+        done = subprocess.run([sys.executable, "-m", "tvqcli", "generate", "To be", "-n", "24",
+                               "--num-samples", "4", "--seed", "5", "--json", "-v"],
+                              env=forced_devices(devices), capture_output=True, text=True,
+                              timeout=600)  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        assert f"{devices} device" in done.stderr
+        records = [json.loads(line) for line in done.stdout.splitlines()]
+        return [(r["text"], r["logprobs"]) for r in records]
+
+    one, four = samples(1), samples(4)
+    assert [text for text, _ in one] == [text for text, _ in four]
+    for (_, a), (_, b) in zip(one, four, strict=True):
+        assert a == pytest.approx(b, abs=1e-4)

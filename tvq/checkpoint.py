@@ -57,6 +57,18 @@ def local_checkpointer():
     return ocp.StandardCheckpointer(multiprocessing_options=alone)
 
 
+def local_target(checkpointer, params_path: Path) -> Any:
+    """The stored tree as arrays on this process's first device: the target orbax needs to
+    restore a checkpoint written on another topology (another device or process count)."""
+    import jax
+
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    stored = checkpointer.metadata(params_path).item_metadata
+    return jax.tree_util.tree_map(
+        lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=device), stored
+    )
+
+
 def save_model(
     path: str | os.PathLike,
     *,
@@ -137,7 +149,8 @@ def read_model_dir(path: str | os.PathLike) -> tuple[ModelConfig, Any, dict[str,
     if not params_path.is_dir():
         raise CheckpointError(f"{path} has no parameters ({PARAMS_DIR}/ is missing)")
     try:
-        params = local_checkpointer().restore(params_path)
+        checkpointer = local_checkpointer()
+        params = checkpointer.restore(params_path, local_target(checkpointer, params_path))
     except Exception as e:  # orbax raises many kinds; all mean "unreadable"
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"parameters in {params_path} cannot be read: {first}") from None

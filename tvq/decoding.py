@@ -17,12 +17,15 @@ import dataclasses
 import functools
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
+from tvq.devices import mesh_for_rows, replicated, split_rows
 from tvq.errors import InputError
 from tvq.forward import on_device
 from tvq.model import Model
@@ -94,12 +97,19 @@ _state_to_ring = jax.jit(model_to_ring)
 _repeat_rows = jax.jit(repeat_rows, static_argnames=("n",))
 
 
-def _chunk(model: Model, rings, token, key, n_steps, forced, n_forced, eos_id, sampler):
+def _chunk(model: Model, rings, token, key, n_steps, forced, n_forced, eos_id, sampler,
+           mesh: Mesh | None = None, params: Any = None):  # fmt: skip
     """decode_chunk, always called in one form: jit keys its compiled code on which
     arguments are positional and which keyword, and on whether arrays are committed
-    (tvq.forward.on_device); a second form would compile the loop again."""
-    rings, token, key, forced = on_device((rings, token, key, forced))
-    return decode_chunk(model.config, model.params, rings, token, key, n_steps, forced,
+    (tvq.forward.on_device); a second form would compile the loop again. With a mesh the
+    rows are split over its devices (`params` replicated on them)."""
+    if mesh is None:
+        rings, token, key, forced = on_device((rings, token, key, forced))
+        params = model.params
+    else:
+        rings, token = split_rows(mesh, (rings, token))
+        key, forced = replicated(mesh, (key, forced))
+    return decode_chunk(model.config, params, rings, token, key, n_steps, forced,
                         n_forced, eos_id, sampler=sampler)  # fmt: skip
 
 
@@ -134,6 +144,7 @@ class Generation:
     generate_seconds: float
     seed: int
     resume: Callable[[], Context] = dataclasses.field(repr=False, compare=False)
+    devices: int = 1  # the rows were split over this many devices
 
     @functools.cached_property
     def context(self) -> Context:
@@ -219,9 +230,12 @@ def generate(
     context: Context | None = None,
     on_text: Callable[[int, str], None] | None = None,
     ignore_eos: bool = False,
+    devices: int | None = None,
 ) -> Generation:
     """Samples `num_samples` continuations of context + prompt as one batch; a row ends
     at an end-of-document token unless ignore_eos (then only max_tokens and stop end it).
+    The rows are split over the local devices (at most `devices`; as many as divide
+    num_samples); the samples do not depend on how many.
 
     on_text(row, text) receives text as soon as it is final (never half a character,
     never the start of a stop string that may still complete).
@@ -257,6 +271,8 @@ def generate(
     rings, token = _feed(model, rings, token, prompt[whole:], sampler)
     if num_samples > 1:
         rings, token = _repeat_rows(rings, n=num_samples), jnp.repeat(token, num_samples)
+    mesh = mesh_for_rows(num_samples, devices)
+    params = replicated(mesh, model.params) if mesh is not None else None
     rows = _TextRows(tokenizer, num_samples, stop, on_text, ignore_eos)
     eos_id = -1 if tokenizer.eos_id is None or ignore_eos else tokenizer.eos_id
     key = jax.random.PRNGKey(seed)
@@ -266,7 +282,7 @@ def generate(
         steps = min(chunk, max_tokens - count)
         before = (rings, token, key)
         rings, token, key, tokens, log_probs, sampled = _chunk(
-            model, rings, token, key, steps, no_forcing, 0, eos_id, sampler
+            model, rings, token, key, steps, no_forcing, 0, eos_id, sampler, mesh, params
         )
         tokens, log_probs, sampled = np.asarray(tokens), np.asarray(log_probs), int(sampled)
         used = 0
@@ -274,7 +290,8 @@ def generate(
             finished = rows.take(tokens[used], log_probs[used])
             used += 1
         if used < sampled:  # a stop string ended it mid-chunk: state after `used` tokens
-            rings, token, *_ = _chunk(model, *before, used, tokens, used, eos_id, sampler)
+            rings, token, *_ = _chunk(model, *before, used, tokens, used, eos_id, sampler,
+                                      mesh, params)  # fmt: skip
         count += used
         chunk = min(2 * chunk, CHUNK)
     rows.finish_all()
@@ -283,7 +300,7 @@ def generate(
     tokens_before = context.tokens + len(prompt) - whole
 
     def resume() -> Context:
-        state = _ring_to_state(model.config, model.params, rings)
+        state = _ring_to_state(model.config, model.params, on_device(rings))
         return Context(state=state, last_token=np.asarray(token), tokens=tokens_before + count)
 
     return Generation(
@@ -294,6 +311,7 @@ def generate(
         generate_seconds=max(finished_at - first, 1e-9),
         seed=seed,
         resume=resume,
+        devices=mesh.size if mesh is not None else 1,
     )
 
 

@@ -75,13 +75,22 @@ def split_largest_axis(mesh: Mesh, tree: Any) -> Any:
 
 def _place(tree: Any, sharding: Callable[[tuple[int, ...]], NamedSharding]) -> Any:
     def put(x: Any) -> jax.Array:
-        if isinstance(x, jax.Array) and not x.is_fully_addressable:  # already global
-            return jax.device_put(x, sharding(x.shape))
+        target = sharding(np.shape(x))
+        if isinstance(x, jax.Array) and (target.is_fully_addressable or not x.is_fully_addressable):
+            return jax.device_put(x, target)  # device to device (a no-op if already there)
         host = np.asarray(x)
-        return jax.make_array_from_callback(host.shape, sharding(host.shape),
-                                            lambda index: host[index])  # fmt: skip
+        return jax.make_array_from_callback(host.shape, target, lambda index: host[index])
 
     return jax.tree_util.tree_map(put, tree)
+
+
+def mesh_for_rows(rows: int, devices: int | None = None) -> Mesh | None:
+    """A mesh over the most local devices (at most `devices`) that split `rows` evenly;
+    None when that is a single device."""
+    count = data_mesh(devices, local=True).size
+    while rows % count:
+        count -= 1
+    return data_mesh(count, local=True) if count > 1 else None
 
 
 def to_host(mesh: Mesh, tree: Any) -> Any:

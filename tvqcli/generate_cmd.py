@@ -10,7 +10,16 @@ from typing import Annotated
 
 import typer
 
-from tvqcli.app import ModelOption, app, check_output_file, fail, finite, handle_errors, stderr
+from tvqcli.app import (
+    DevicesOption,
+    ModelOption,
+    app,
+    check_output_file,
+    fail,
+    finite,
+    handle_errors,
+    stderr,
+)
 
 
 def read_prompt(prompt: str | None, file: Path | None) -> str:
@@ -79,8 +88,11 @@ def generate(
     ] = False,
     load_state: Annotated[Path | None, typer.Option(help="Continue from a saved state.")] = None,
     save_state: Annotated[Path | None, typer.Option(help="Save the state after the text.")] = None,
+    devices: DevicesOption = None,
 ) -> None:
-    """Generate text; tokens stream to stdout as they are sampled."""
+    """Generate text; tokens stream to stdout as they are sampled.
+
+    Several samples (--num-samples) are split over the devices."""
     import tvq
     from tvq.decoding import generate as run_generate
     from tvq.sampling import Sampler
@@ -117,7 +129,7 @@ def generate(
     result = run_generate(
         loaded, tokenizer.encode(text), max_tokens=max_tokens, sampler=sampler,
         seed=seed, num_samples=num_samples, stop=stop or [], context=context,
-        on_text=on_text if live else None, ignore_eos=ignore_eos,
+        on_text=on_text if live else None, ignore_eos=ignore_eos, devices=devices,
     )  # fmt: skip
     timings = {
         "prompt_tokens": result.prompt_tokens,
@@ -147,6 +159,7 @@ def generate(
         stderr.print(
             f"seed {seed} · prompt {result.prompt_tokens} tokens, "
             f"{timings['prompt_tokens_per_second']:.0f} tok/s · generated "
-            f"{result.generated_tokens} tokens, {timings['tokens_per_second']:.0f} tok/s",
+            f"{result.generated_tokens} tokens, {timings['tokens_per_second']:.0f} tok/s"
+            f" · {result.devices} device{'s' if result.devices > 1 else ''}",
             highlight=False,
         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import sys
@@ -12,7 +13,20 @@ from typing import Annotated
 
 import typer
 
-from tvqcli.app import ModelOption, app, check_output_file, fail, handle_errors, stderr
+from tvqcli.app import (
+    CoordinatorOption,
+    DevicesOption,
+    DistributedOption,
+    ModelOption,
+    NumProcessesOption,
+    ProcessIdOption,
+    app,
+    check_output_file,
+    fail,
+    handle_errors,
+    join_cluster,
+    stderr,
+)
 
 FORMATS = ("table", "json", "jsonl", "csv")
 KEYS = ("file", "bytes", "tokens", "nll", "perplexity", "bits_per_token", "bits_per_byte")
@@ -90,9 +104,23 @@ def score(
     load_state: Annotated[Path | None, typer.Option(help="Continue from a saved state.")] = None,
     save_state: Annotated[Path | None, typer.Option(help="Save the state after the text.")] = None,
     block_len: Annotated[int | None, typer.Option(help="Block length (speed only).")] = None,
+    devices: DevicesOption = None,
+    batch_size: Annotated[
+        int, typer.Option(help="Files scored at once per device (continuous batching).", min=1)
+    ] = 4,
+    coordinator: CoordinatorOption = None,
+    num_processes: NumProcessesOption = None,
+    process_id: ProcessIdOption = None,
+    distributed: DistributedOption = None,
 ) -> None:
-    """Score files: NLL, perplexity, bits per token and bits per byte, per file and in total."""
+    """Score files: NLL, perplexity, bits per token and bits per byte, per file and in total.
+
+    Several files are scored together, --batch-size per device on every device, each
+    row taking the next file when its own ends; the numbers are those of scoring each
+    file alone. With --coordinator (or --distributed auto) the files are shared out
+    among the processes and process 0 prints the table."""
     import tvq
+    from tvq import cluster
     from tvq.scoring import require_tokenizer, score_stream
     from tvq.statefile import load_state as read_state
     from tvq.statefile import save_state as write_state
@@ -109,6 +137,10 @@ def score(
     check_output_file(per_token, "--per-token")
     check_output_file(save_state, "--save-state")
     streams = [open_input(name) for name in files]  # every path is checked before work starts
+    join_cluster(coordinator, num_processes, process_id, distributed)
+    if cluster.active() and (per_token is not None or save_state is not None or "-" in files):
+        raise fail("--per-token, --save-state and '-' (stdin) score in one process; "
+                   "leave out the cluster options", 2)  # fmt: skip
     loaded = tvq.load(model)
     tokenizer = require_tokenizer(loaded)
     start = read_state(load_state, loaded) if load_state is not None else None
@@ -121,8 +153,18 @@ def score(
 
     scores, stopped, context, name = [], None, None, files[0]
     progress = _Progress(sum(_size(f) for f in files))
+    batched = cluster.active() or (len(files) > 1 and per_token is None and save_state is None)
     try:
+        if batched:
+            scores, stopped = _score_together(
+                loaded, files, streams, progress, devices=devices, rows=batch_size,
+                block_len=block_len, start=start,
+            )  # fmt: skip
+            if not cluster.is_main():
+                return  # process 0 prints the results of all
         for name, stream in zip(files, streams, strict=True):
+            if batched:
+                break
 
             def on_tokens(ids, log_probs, offset, name=name):
                 lines = []
@@ -184,6 +226,41 @@ def score(
         write_state(save_state, loaded, context)
 
 
+def _score_together(loaded, files, streams, progress, *, devices, rows, block_len, start):
+    """Continuous batching over the devices, and over the processes of a cluster (each
+    scores every P-th file); → (scores in the input order, stop reason or None)."""
+    from tvq import cluster
+    from tvq.batching import BatchScorer
+    from tvq.scoring import FileScore
+
+    import jax
+
+    share = list(range(jax.process_index(), len(files), jax.process_count()))
+    names = ["<stdin>" if files[i] == "-" else files[i] for i in share]
+    scorer = BatchScorer(loaded, [(names[k], streams[i]) for k, i in enumerate(share)],
+                         rows_per_device=rows, devices=devices, block_len=block_len,
+                         start=start)  # fmt: skip
+    stopped = None
+    try:
+        scorer.run(on_step=progress.set_done)
+    except KeyboardInterrupt:
+        stopped = ("interrupted: the results above are partial", 130)
+    except OSError as e:  # reading an input failed part-way
+        stopped = (f"{e.filename or 'input'}: {e.strerror or e}; the results above are partial", 1)
+    mine = [dict(dataclasses.asdict(score), index=share[k]) for k, score in scorer.begun()]
+    shared = cluster.gather("score", {"scores": mine, "stopped": stopped})
+    if shared is None:
+        return [], None
+    merged = sorted((s for part in shared for s in part["scores"]), key=lambda s: s["index"])
+    stops = [part["stopped"] for part in shared if part["stopped"]]
+    for score in merged:
+        if score["invalid_utf8"]:
+            stderr.print(f"warning: {score['file']} is not valid UTF-8; "
+                         "decoded with replacement characters", highlight=False)  # fmt: skip
+    scores = [FileScore(**{k: v for k, v in s.items() if k != "index"}) for s in merged]
+    return scores, (tuple(stops[0]) if stops else None)
+
+
 def _size(name: str) -> int:
     try:
         return Path(name).stat().st_size if name != "-" else 0
@@ -222,6 +299,10 @@ class _Progress:
             bpb = result.row()["bits_per_byte"]
             self.bar.update(self.task, completed=self.done_before + result.bytes,
                             bpb=f"{bpb:.4f}")  # fmt: skip
+
+    def set_done(self, done_bytes: int) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, completed=done_bytes)
 
     def finish_file(self, result) -> None:
         self.done_before += result.bytes
