@@ -11,7 +11,6 @@ import pytest
 from typer.testing import CliRunner
 
 import tvq
-
 from tvqcli.main import app
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -229,11 +229,11 @@ def score(
 def _score_together(loaded, files, streams, progress, *, devices, rows, block_len, start):
     """Continuous batching over the devices, and over the processes of a cluster (each
     scores every P-th file); → (scores in the input order, stop reason or None)."""
+    import jax
+
     from tvq import cluster
     from tvq.batching import BatchScorer
     from tvq.scoring import FileScore
-
-    import jax
 
     share = list(range(jax.process_index(), len(files), jax.process_count()))
     names = ["<stdin>" if files[i] == "-" else files[i] for i in share]
