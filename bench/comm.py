@@ -38,15 +38,16 @@ def attention_flops_per_token(config) -> float:
     """Forward + backward FLOPs per token of the VQ attention beyond the projections:
     scores and value mixing against at most 2M window keys and the S codeword aggregates,
     per sublayer (×3 for forward + backward)."""
-    per_sublayer = 2 * config.n_head * (config.mem_len * 2 + config.n_code) * (
-        config.d_k + config.d_v
+    per_sublayer = (
+        2 * config.n_head * (config.mem_len * 2 + config.n_code) * (config.d_k + config.d_v)
     )
     return 3 * per_sublayer * 2 * config.n_layer
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--d-model", type=int, default=768)
     parser.add_argument("--n-layer", type=int, default=24)
     parser.add_argument("--d-k", type=int, default=128)
@@ -56,8 +57,12 @@ def main() -> None:
     parser.add_argument("--mem-len", type=int, default=512)
     parser.add_argument("--n-vocab", type=int, default=256)
     parser.add_argument("--devices", type=int, default=8)
-    parser.add_argument("--peak-tflops", type=float, default=989.0,
-                        help="dense bf16 peak per device (H100 SXM: 989)")
+    parser.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=989.0,
+        help="dense bf16 peak per device (H100 SXM: 989)",
+    )
     parser.add_argument("--mfu", type=float, default=0.4, help="share of the peak reached")
     parser.add_argument("--tokens", type=int, nargs="+", default=[2048, 8192, 32768],
                         help="tokens per device per step")  # fmt: skip
@@ -84,8 +89,11 @@ def main() -> None:
           f"{per_token / 1e9:.2f} GFLOP per token")  # fmt: skip
     for mode, sent in modes.items():
         print(f"\n{mode}: {sent / 1e6:.0f} MB sent per device per step")
-        head = "link                    GB/s  comm ms  " + "  ".join(
-            f"compute ms @{t:>6}" for t in args.tokens) + "  break-even tokens"
+        head = (
+            "link                    GB/s  comm ms  "
+            + "  ".join(f"compute ms @{t:>6}" for t in args.tokens)
+            + "  break-even tokens"
+        )
         print(head)
         for link, gbs in LINKS.items():
             comm_ms = sent / (gbs * 1e9) * 1e3

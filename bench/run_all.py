@@ -26,6 +26,8 @@ FULL = [
     ["startup.py"],
     # 100 MB takes about 80 minutes on 2 cores: python bench/score_memory.py --generate
     ["score_memory.py", "--big-mb", "16"],
+    ["scaling.py", "--collectives"],
+    ["comm.py"],
 ]
 QUICK = [
     ["score_length.py", "--lengths", "1024", "8192", "--batches", "2", "--batch-length", "8192"],
@@ -35,6 +37,8 @@ QUICK = [
     ["mfu.py", "--block-lens", "128", "--tokens", "4096"],
     ["startup.py", "--repeats", "1"],
     ["score_memory.py", "--small-mb", "0.05", "--big-mb", "0.2", "--generate", "10", "100"],
+    ["scaling.py", "--devices", "1", "2", "--steps", "1", "--files", "2", "--update-len", "64"],
+    ["comm.py"],
 ]
 
 

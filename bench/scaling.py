@@ -68,7 +68,7 @@ def child(args) -> dict:
         import io
 
         texts = [(f"f{i}", io.BytesIO((text * 3)[:n])) for i, n in enumerate(sizes)]
-        return BatchScorer(model, texts, rows_per_device=2, devices=args.count).run()
+        return BatchScorer(model, texts, rows_per_device=1, devices=args.count).run()
 
     started = time.perf_counter()
     results = score()  # compiles
@@ -87,8 +87,11 @@ def allreduce_latency(leaves: int, index: int, port: int) -> float | None:
     jax.distributed.initialize(f"127.0.0.1:{port}", 2, index)
     mesh = Mesh(np.array(jax.devices()), ("data",))
     rows = NamedSharding(mesh, PartitionSpec("data"))
-    x = jax.make_array_from_callback((len(jax.devices()), 1024), rows,
-                                     lambda i: np.ones((len(jax.devices()), 1024), np.float32)[i])
+    x = jax.make_array_from_callback(
+        (len(jax.devices()), 1024),
+        rows,
+        lambda i: np.ones((len(jax.devices()), 1024), np.float32)[i],
+    )
     total = jax.jit(lambda xs: [jnp.sum(a, axis=0) for a in xs],
                     out_shardings=NamedSharding(mesh, PartitionSpec()))  # fmt: skip
     jax.block_until_ready(total([x] * leaves))
@@ -134,7 +137,7 @@ def main() -> None:
 
     print(f"# scaling: {os.cpu_count()} cores, jax {jax.__version__}; global batch "
           f"{args.batch} x {args.update_len} tokens, built-in architecture; {args.files} files "
-          f"scored, 2 rows per device{'' if args.real else '; forced CPU devices'}")  # fmt: skip
+          f"scored, 1 row per device{'' if args.real else '; forced CPU devices'}")  # fmt: skip
     rows = [run_child([str(a) for a in ("--child", n, "--steps", args.steps, "--batch",
                                         args.batch, "--update-len", args.update_len,
                                         "--files", args.files)], env)

@@ -159,11 +159,11 @@ def test_cluster_from_environment(tmp_path):
 
 
 def test_two_processes_score_their_share_and_process_0_prints_all(tmp_path):
-    from test_devices import assert_same_scores, scored_alone, texts_of_lengths
+    from tests.test_devices import assert_same_scores, scored_alone, small_model, texts_of_lengths
 
-    paths = texts_of_lengths(tmp_path)
-    procs = launch(["score", *map(str, paths), "--format", "jsonl", "--batch-size", "2"],
-                   tmp_path)  # fmt: skip
+    paths, model_dir = texts_of_lengths(tmp_path), small_model(tmp_path / "model")
+    procs = launch(["score", *map(str, paths), "--format", "jsonl", "--batch-size", "2", "-m",
+                    str(model_dir)], tmp_path)  # fmt: skip
     assert wait_all(procs) == [0, 0], (tmp_path / "p0.err").read_text()
     assert (tmp_path / "p1.out").read_text() == ""
-    assert_same_scores((tmp_path / "p0.out").read_text(), scored_alone(paths))
+    assert_same_scores((tmp_path / "p0.out").read_text(), scored_alone(paths, model_dir))

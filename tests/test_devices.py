@@ -65,10 +65,20 @@ def texts_of_lengths(folder: Path) -> list[Path]:
     return paths
 
 
-def scored_alone(paths: list[Path]) -> list[dict]:
+def small_model(folder: Path) -> Path:
+    """A random byte-level model (fast to compile and run), saved in `folder`."""
+    from tests.conftest import tiny_config
+    from tvq.tokenizer import ByteTokenizer
+
+    config = tiny_config(n_vocab=259, mem_len=8, e_scale=0.25)
+    tvq.Model.init(config, seed=0, block_len=8).with_tokenizer(ByteTokenizer()).save(folder)
+    return folder
+
+
+def scored_alone(paths: list[Path], model_dir: Path) -> list[dict]:
     from tvq.scoring import score_stream
 
-    model = tvq.load()
+    model = tvq.load(model_dir)
     rows = []
     for path in paths:
         with path.open("rb") as f:
@@ -86,18 +96,22 @@ def assert_same_scores(jsonl: str, alone: list[dict]) -> None:
 
 
 def test_scoring_many_files_on_four_devices_equals_each_alone(tmp_path):
-    paths = texts_of_lengths(tmp_path)
+    paths, model_dir = texts_of_lengths(tmp_path), small_model(tmp_path / "model")
     done = subprocess.run([sys.executable, "-m", "tvqcli", "score", *map(str, paths), "--format",
-                           "jsonl", "--batch-size", "1"], env=forced_devices(4),
-                          capture_output=True, text=True, timeout=600)  # fmt: skip
+                           "jsonl", "--batch-size", "1", "-m", str(model_dir)],
+                          env=forced_devices(4), capture_output=True, text=True,
+                          timeout=600)  # fmt: skip
     assert done.returncode == 0, done.stderr
-    assert_same_scores(done.stdout, scored_alone(paths))
+    assert_same_scores(done.stdout, scored_alone(paths, model_dir))
 
 
 def test_samples_split_over_devices_are_the_samples_of_one(tmp_path):
+    model_dir = small_model(tmp_path / "model")
+
     def samples(devices: int) -> list[tuple[str, list[float]]]:
         done = subprocess.run([sys.executable, "-m", "tvqcli", "generate", "To be", "-n", "24",
-                               "--num-samples", "4", "--seed", "5", "--json", "-v"],
+                               "--num-samples", "4", "--seed", "5", "--json", "-v", "-m",
+                               str(model_dir)],
                               env=forced_devices(devices), capture_output=True, text=True,
                               timeout=600)  # fmt: skip
         assert done.returncode == 0, done.stderr

@@ -90,16 +90,17 @@ class _Row:
 
 
 class BatchScorer:
-    """Scores `texts` ((name, binary stream) pairs) on `rows_per_device` rows of each of
-    `devices` local devices; `results` are in the input order, exact to float rounding
-    against scoring each text alone (tvq.scoring.score_stream)."""
+    """Scores `texts` ((name, binary stream) pairs) on `rows_per_device` rows (default:
+    1 on a CPU, 8 on an accelerator) of each of `devices` local devices; `results` are in
+    the input order, exact to float rounding against scoring each text alone
+    (tvq.scoring.score_stream)."""
 
     def __init__(
         self,
         model: Model,
         texts: Sequence[tuple[str, BinaryIO]],
         *,
-        rows_per_device: int = 4,
+        rows_per_device: int | None = None,
         devices: int | None = None,
         block_len: int | None = None,
         start: Context | None = None,
@@ -108,6 +109,8 @@ class BatchScorer:
         self.tokenizer = require_tokenizer(model)
         self.texts = list(texts)
         self.mesh = data_mesh(devices, local=True)
+        if rows_per_device is None:  # a CPU is as busy with one row as with eight
+            rows_per_device = 1 if jax.default_backend() == "cpu" else 8
         per_device = -(-len(self.texts) // self.mesh.size)  # no more rows than texts need
         self.rows = self.mesh.size * max(1, min(rows_per_device, per_device))
         self.block_len = model.block_len if block_len is None else check_block_len(block_len)

@@ -106,8 +106,13 @@ def score(
     block_len: Annotated[int | None, typer.Option(help="Block length (speed only).")] = None,
     devices: DevicesOption = None,
     batch_size: Annotated[
-        int, typer.Option(help="Files scored at once per device (continuous batching).", min=1)
-    ] = 4,
+        int | None,
+        typer.Option(
+            help="Files scored at once per device (continuous batching) "
+            "(default: 1 on a CPU, which is busy with one; 8 on a GPU).",
+            min=1,
+        ),
+    ] = None,
     coordinator: CoordinatorOption = None,
     num_processes: NumProcessesOption = None,
     process_id: ProcessIdOption = None,
