@@ -2,7 +2,7 @@
 devices, side by side in one run; optionally the latency of one all-reduce between two
 processes (the cost a cluster pays per collective).
 
-    python bench/scaling.py [--devices 1 2 4] [--steps 5] [--files 8] [--collectives]
+    python bench/scaling.py [--devices 1 2 4] [--steps 5] [--files 8] [--rows 1] [--collectives]
 
 Each device count runs in its own process with 4 forced CPU devices (XLA_FLAGS), the job
 told to use 1, 2 or 4 of them, so only the split differs. On a CPU the forced devices
@@ -64,17 +64,17 @@ def child(args) -> dict:
     text = b"".join(p.read_bytes() for p in sorted((ROOT / "tests" / "data").glob("*.txt")))
     sizes = [len(text) * (1 + i % 3) for i in range(args.files)]  # 1x to 3x the sample
 
-    def score():
+    def score(rows: int):
         import io
 
         texts = [(f"f{i}", io.BytesIO((text * 3)[:n])) for i, n in enumerate(sizes)]
-        return BatchScorer(model, texts, rows_per_device=1, devices=args.count).run()
+        return BatchScorer(model, texts, rows_per_device=rows, devices=args.count).run()
 
-    started = time.perf_counter()
-    results = score()  # compiles
-    out["score_first_s"] = time.perf_counter() - started
-    seconds = median_time(score, repeats=3)
-    out["score_tokens_per_s"] = sum(r.tokens for r in results) / seconds
+    out["score_tokens_per_s"] = {}
+    for rows in args.rows:
+        tokens = sum(r.tokens for r in score(rows))  # compiles
+        seconds = median_time(lambda rows=rows: score(rows), repeats=3)
+        out["score_tokens_per_s"][str(rows)] = tokens / seconds
     return out
 
 
@@ -116,6 +116,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8, help="global batch (rows)")
     parser.add_argument("--update-len", type=int, default=256)
     parser.add_argument("--files", type=int, default=8)
+    parser.add_argument("--rows", type=int, nargs="+", default=[1],
+                        help="files in flight per device (each measured)")  # fmt: skip
     parser.add_argument("--real", action="store_true", help="do not force CPU devices")
     parser.add_argument("--collectives", action="store_true",
                         help="also time all-reduces between 2 processes")  # fmt: skip
@@ -137,18 +139,28 @@ def main() -> None:
 
     print(f"# scaling: {os.cpu_count()} cores, jax {jax.__version__}; global batch "
           f"{args.batch} x {args.update_len} tokens, built-in architecture; {args.files} files "
-          f"scored, 1 row per device{'' if args.real else '; forced CPU devices'}")  # fmt: skip
+          f"scored with {'/'.join(map(str, args.rows))} row(s) per device"
+          f"{'' if args.real else '; forced CPU devices'}")  # fmt: skip
     rows = [run_child([str(a) for a in ("--child", n, "--steps", args.steps, "--batch",
                                         args.batch, "--update-len", args.update_len,
-                                        "--files", args.files)], env)
+                                        "--files", args.files, "--rows", *args.rows)], env)
             for n in args.devices]  # fmt: skip
     base = rows[0]
-    print("devices  train step s  train tok/s  ratio  score tok/s  ratio")
+    first = str(args.rows[0])
+    print(
+        "devices  train step s  train tok/s  ratio  "
+        + "  ".join(f"score tok/s ({k} row{'s' if k > 1 else ''})  ratio" for k in args.rows)
+    )
     for r in rows:
-        print(f"{r['devices']:>7}  {r['train_step_s']:12.3f}  {r['train_tokens_per_s']:11.0f}  "
-              f"{r['train_tokens_per_s'] / base['train_tokens_per_s']:5.2f}  "
-              f"{r['score_tokens_per_s']:11.0f}  "
-              f"{r['score_tokens_per_s'] / base['score_tokens_per_s']:5.2f}")  # fmt: skip
+        cells = "  ".join(
+            f"{r['score_tokens_per_s'][str(k)]:>{22 + (k > 1)}.0f}  "
+            f"{r['score_tokens_per_s'][str(k)] / base['score_tokens_per_s'][first]:5.2f}"
+            for k in args.rows
+        )
+        print(
+            f"{r['devices']:>7}  {r['train_step_s']:12.3f}  {r['train_tokens_per_s']:11.0f}  "
+            f"{r['train_tokens_per_s'] / base['train_tokens_per_s']:5.2f}  {cells}"
+        )
     if args.collectives:
         two = dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=2")
         print("\n# all-reduce between 2 processes x 2 CPU devices (Gloo over 127.0.0.1)")

@@ -116,6 +116,13 @@ def train(
     command = full_command(ctx)
     values = ctx.params
     from tvq import cluster
+    from tvq.devices import data_mesh, describe
+
+    if cluster.is_main():
+        seen, used = describe(), data_mesh(devices).size
+        processes = f" in {seen['processes']} processes" if seen["processes"] > 1 else ""
+        stderr.print(f"training on {used} {seen['backend']} device{'s' if used > 1 else ''}"
+                     f"{processes}", highlight=False)  # fmt: skip
 
     with _progress(quiet=not cluster.is_main()) as report:
         model = train_from_files(
