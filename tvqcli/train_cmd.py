@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import shlex
+import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
+from tvq.cluster import active as cluster_active
 from tvq.config import ModelConfig as Arch
 from tvq.train.settings import DEFAULT_VAL_FRACTION, DEFAULT_VOCAB_SIZE
 from tvq.train.settings import TrainSettings as Run
@@ -113,6 +116,8 @@ def train(
 
     check_output_dir(out, "--out")
     join_cluster(coordinator, num_processes, process_id, distributed)
+    if cluster_active():  # Gloo announces its connections on stdout; train prints none
+        os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
     command = full_command(ctx)
     values = ctx.params
     from tvq import cluster
