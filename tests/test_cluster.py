@@ -82,6 +82,8 @@ def test_two_processes_train_like_one(tmp_path):
     assert single.returncode == 0, single.stderr
     assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), abs=1e-5)
     assert len(losses(tmp_path / "two")) == 4  # process 0 alone writes the log
+    # process 0 tokenized the text; the other memory-mapped its token stream
+    assert (tmp_path / "two" / "train" / "data" / "tokens.npy").is_file()
     two, one = tvq.load(tmp_path / "two"), tvq.load(tmp_path / "one")
     leaves = (jax.tree_util.tree_leaves(m.params) for m in (one, two))
     for a, b in zip(*leaves, strict=True):

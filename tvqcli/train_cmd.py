@@ -123,13 +123,11 @@ def train(
     from tvq import cluster
     from tvq.devices import data_mesh, describe
 
-    if cluster.is_main():
-        seen, used = describe(), data_mesh(devices).size
-        processes = f" in {seen['processes']} processes" if seen["processes"] > 1 else ""
-        stderr.print(f"training on {used} {seen['backend']} device{'s' if used > 1 else ''}"
-                     f"{processes}", highlight=False)  # fmt: skip
+    seen, used = describe(), data_mesh(devices).size
+    processes = f" in {seen['processes']} processes" if seen["processes"] > 1 else ""
+    where = f"training on {used} {seen['backend']} device{'s' if used > 1 else ''}{processes}"
 
-    with _progress(quiet=not cluster.is_main()) as report:
+    with _progress(quiet=not cluster.is_main(), where=where) as report:
         model = train_from_files(
             texts=texts, out=out, tokenizer_path=tokenizer, use_bytes=use_bytes,
             vocab_size=vocab_size, from_dir=from_dir, held_out=val or [],
@@ -178,8 +176,8 @@ def full_command(ctx: typer.Context) -> str:
 class _progress:
     """A Rich progress bar on stderr (plain lines when stderr is not a terminal)."""
 
-    def __init__(self, quiet: bool = False) -> None:
-        self.quiet = quiet
+    def __init__(self, quiet: bool = False, where: str = "") -> None:
+        self.quiet, self.where = quiet, where
 
     def __enter__(self):
         from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
@@ -203,6 +201,8 @@ class _progress:
         if progress.resumed_from is not None:
             self.bar.console.print(f"resuming from step {progress.resumed_from}", highlight=False)
         if self.task is None:
+            if self.where:  # once the run has started: errors before it stay one line
+                self.bar.console.print(self.where, highlight=False)
             self.task = self.bar.add_task(
                 "train", total=progress.steps, completed=progress.step - 1, loss=0.0, speed=0.0
             )

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from tvq import cluster
 from tvq.checkpoint import TOKENIZER_FILE, is_model_dir
@@ -56,6 +61,33 @@ def train_from_files(
     settings_obj = TrainSettings(**(settings or {}))
     if not isinstance(vocab_size, int) or vocab_size < 1:
         raise TrainingError(f"vocab_size must be a positive integer, got {vocab_size!r}")
+    base = load(from_dir) if from_dir is not None else None
+    if cluster.active():  # process 0 reads the text; the others read its token file
+        if cluster.is_main():
+            prepared = _prepare(texts, out, tokenizer_path, use_bytes, vocab_size, base,
+                                held_out, val_fraction, architecture, settings_obj,
+                                corpus_name, command)  # fmt: skip
+            _share(out, *prepared)
+        cluster.barrier("data")
+        prepared = _shared(out) if not cluster.is_main() else prepared
+    else:
+        prepared = _prepare(texts, out, tokenizer_path, use_bytes, vocab_size, base, held_out,
+                            val_fraction, architecture, settings_obj, corpus_name,
+                            command)  # fmt: skip
+    config, tokenizer, train_tokens, val_documents, metadata = prepared
+    if base is not None:
+        metadata["fine_tuned_from"] = str(from_dir)
+    return run_training(
+        out=out, config=config, settings=settings_obj, train_tokens=train_tokens,
+        val_documents=val_documents, tokenizer=tokenizer, metadata=metadata, init_from=base,
+        on_progress=on_progress, devices=devices, shard_params=shard_params,
+    )  # fmt: skip
+
+
+def _prepare(texts, out, tokenizer_path, use_bytes, vocab_size, base, held_out, val_fraction,
+             architecture, settings_obj, corpus_name, command):  # fmt: skip
+    """Reads, splits and tokenizes the text → (config, tokenizer, training token stream,
+    held-out documents as (ids, bytes), metadata)."""
     files = find_files(texts)
     for path in held_out or []:
         if not Path(path).is_file():
@@ -69,7 +101,6 @@ def train_from_files(
     if not train_docs:
         raise CorpusError("no training text left after holding out validation documents")
 
-    base = load(from_dir) if from_dir is not None else None
     if base is not None:
         tokenizer = base.tokenizer or ByteTokenizer()
         config = base.config
@@ -96,22 +127,50 @@ def train_from_files(
         tokenizer=dict(kind=tokenizer.kind, vocab_size=tokenizer.vocab_size),
         command=command,
     )
-    if base is not None:
-        metadata["fine_tuned_from"] = str(from_dir)
-    return run_training(
-        out=out, config=config, settings=settings_obj, train_tokens=train_tokens,
-        val_documents=val_documents, tokenizer=tokenizer, metadata=metadata, init_from=base,
-        on_progress=on_progress, devices=devices, shard_params=shard_params,
-    )  # fmt: skip
+    return config, tokenizer, train_tokens, val_documents, metadata
+
+
+DATA_DIR = "data"  # in <out>/train: process 0's tokens for the other processes of a cluster
+
+
+def _share(out: Path, config, tokenizer, train_tokens, val_documents, metadata) -> None:
+    """Writes what the other processes need, each file replaced atomically: they then
+    read only their own rows of the token stream (a memory map), never the text."""
+    folder = out / TRAIN_DIR / DATA_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "tokens.tmp.npy", "wb") as f:
+        np.save(f, np.asarray(train_tokens, np.int32))
+    os.replace(folder / "tokens.tmp.npy", folder / "tokens.npy")
+    if tokenizer.kind == "sentencepiece":
+        shutil.copyfile(tokenizer.path, folder / "tokenizer.tmp.model")
+        os.replace(folder / "tokenizer.tmp.model", folder / TOKENIZER_FILE)
+    document = {"config": config.to_dict(), "tokenizer": tokenizer.kind, "metadata": metadata,
+                "val": [[list(map(int, ids)), size] for ids, size in val_documents]}  # fmt: skip
+    (folder / "prepared.tmp.json").write_text(json.dumps(document))
+    os.replace(folder / "prepared.tmp.json", folder / "prepared.json")
+
+
+def _shared(out: Path):
+    """What process 0 wrote with _share, as _prepare returns it."""
+    folder = out / TRAIN_DIR / DATA_DIR
+    document = json.loads((folder / "prepared.json").read_text())
+    if document["tokenizer"] == "sentencepiece":
+        tokenizer = SentencePieceTokenizer(folder / TOKENIZER_FILE)
+    else:
+        tokenizer = ByteTokenizer()
+    tokens = np.load(folder / "tokens.npy", mmap_mode="r")  # pages are read as rows need them
+    val = [(ids, size) for ids, size in document["val"]]
+    return (ModelConfig.from_dict(document["config"]), tokenizer, tokens, val,
+            document["metadata"])  # fmt: skip
 
 
 def _own_tokenizer(out: Path, docs, vocab_size: int) -> SentencePieceTokenizer:
-    """Trains (once) a sentencepiece model on the training documents; reused on resume.
-    In a cluster process 0 trains it and the others wait, then read it."""
+    """Trains (once) a sentencepiece model on the training documents; reused on resume
+    (in a cluster, by process 0 alone: the others read the copy it shares)."""
     folder = out / TRAIN_DIR
     folder.mkdir(parents=True, exist_ok=True)
     model_path = folder / TOKENIZER_FILE
-    if cluster.is_main() and not model_path.exists():
+    if not model_path.exists():
         text_file = folder / "tokenizer-corpus.txt"
         text_file.write_text("\n".join(d.text for d in docs), encoding="utf-8")
         try:
@@ -119,5 +178,4 @@ def _own_tokenizer(out: Path, docs, vocab_size: int) -> SentencePieceTokenizer:
         finally:
             text_file.unlink(missing_ok=True)
         trained.path.replace(model_path)
-    cluster.barrier("tokenizer")
     return SentencePieceTokenizer(model_path)
