@@ -120,10 +120,11 @@ def score(
 ) -> None:
     """Score files: NLL, perplexity, bits per token and bits per byte, per file and in total.
 
-    Several files are scored together, --batch-size per device on every device, each
-    row taking the next file when its own ends; the numbers are those of scoring each
-    file alone. With --coordinator (or --distributed auto) the files are shared out
-    among the processes and process 0 prints the table."""
+    Several files are scored together, --batch-size per device on every
+    device, a row taking the next file when its own ends; the numbers are
+    those of scoring each file alone. With --coordinator (or --distributed
+    auto) the files are shared out among the processes and process 0
+    prints the table."""
     import tvq
     from tvq import cluster
     from tvq.scoring import require_tokenizer, score_stream

@@ -110,8 +110,9 @@ def train(
 ) -> None:
     """Train a model on text files; run the same command again to resume.
 
-    Data parallel over every device (--devices to use fewer); with --coordinator (or
-    --distributed auto) over several processes or hosts, each running this command."""
+    Data parallel over every device (--devices to use fewer); with
+    --coordinator (or --distributed auto) over several processes or hosts,
+    each running this command."""
     from tvq.train import train_from_files
 
     check_output_dir(out, "--out")
