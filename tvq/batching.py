@@ -118,7 +118,7 @@ class BatchScorer:
         self.start = start or Context.start(model, 1)
         self.results: list[FileScore | None] = [None] * len(self.texts)
         self.active: list[_Row | None] = [None] * self.rows
-        self.bytes_read = 0
+        self.finished_bytes = 0  # bytes of the texts already finished (progress)
 
     def begun(self) -> list[tuple[int, FileScore]]:
         """(input index, score) of every text finished or begun, in the input order; the
@@ -175,13 +175,10 @@ class BatchScorer:
                     row.score.nll_sum += float(nll[r])
                     last[r] = targets[r, counts[r] - 1]
             if on_step is not None:
-                on_step(sum(score.bytes for _, score in self.begun()))
+                running = sum(row.score.bytes for row in self.active if row is not None)
+                on_step(self.finished_bytes + running)
         return [r for r in self.results if r is not None]
 
     def _finish(self, row: _Row) -> None:
         self.results[row.index] = row.score
-
-
-def score_texts(model: Model, texts: Sequence[tuple[str, BinaryIO]], **options) -> list[FileScore]:
-    """Scores many texts at once (see BatchScorer); results in the input order."""
-    return BatchScorer(model, texts, **options).run()
+        self.finished_bytes += row.score.bytes
