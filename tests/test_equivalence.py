@@ -201,8 +201,9 @@ def test_aggregate_equals_explicit_copies():
         u_bar=jnp.asarray(means),
     )
     out = attend(
-        jnp.asarray(q), jnp.asarray(key), jnp.asarray(value), tables, state, agg_cache=True
-    )
+        jnp.asarray(q), jnp.asarray(key), jnp.asarray(value), tables, state.pos_offset,
+        state.n, state.u_bar, agg_cache=True,
+    )  # fmt: skip
 
     # Explicit: the present key (with its d = 0 positional term) plus n_s copies of C_s.
     qq = q[0, 0, 0]

@@ -64,7 +64,9 @@ def attend(
     window_k: jax.Array,
     window_v: jax.Array,
     tables: AttentionTables,
-    state: AttentionState,
+    pos_offset: jax.Array,
+    counts: jax.Array,
+    u_bar: jax.Array,
     *,
     agg_cache: bool,
     dtype: str = "float32",
@@ -72,7 +74,8 @@ def attend(
     """Softmax over the window keys and (with agg_cache) the S codewords.
 
     q [B, H, L, K] (already scaled by c), window_k [B, H, W, K], window_v [B, H, W, V];
-    the state supplies pos_offset and the aggregate. Returns [B, H, L, V] float32.
+    pos_offset [B] (tokens before the block) and the aggregate, counts [B, H, S] and
+    means u_bar [B, H, S, V]. Returns [B, H, L, V] float32.
     """
     _, _, block_len, _ = q.shape
     width = window_k.shape[2]
@@ -84,7 +87,7 @@ def attend(
     i = jnp.arange(block_len)[:, None]
     j = jnp.arange(width)[None, :]
     dist = mem_len + i - j  # [L, W]
-    filled = j[None] >= (mem_len - state.pos_offset)[:, None, None]  # [B, 1, W]
+    filled = j[None] >= (mem_len - pos_offset)[:, None, None]  # [B, 1, W]
     filled = filled[:, None]  # [B, 1, 1, W]
     causal = dist >= 0
     local = dist <= mem_len
@@ -100,8 +103,8 @@ def attend(
     agg_scores = None
     if agg_cache:
         agg_scores = jnp.einsum("bhlk,hsk->bhls", qu, tables.codebook)
-        agg_scores = agg_scores + aggregate_bias(state.n)[:, :, None, :]
-    return softmax_mix(scores, window_v, agg_scores, state.u_bar, dtype)
+        agg_scores = agg_scores + aggregate_bias(counts)[:, :, None, :]
+    return softmax_mix(scores, window_v, agg_scores, u_bar, dtype)
 
 
 def softmax_mix(
@@ -175,3 +178,149 @@ def evict(
         n=n,
         u_bar=u_bar,
     )
+
+
+# -- the parallel form over blocks (docs/DESIGN.md section 8) -----------------------------
+
+
+def block_sums(z: jax.Array, v: jax.Array, n_code: int, block_len: int):
+    """Per-block aggregate contributions of entries z [B, H, n·L], v [B, H, n·L, V]:
+    counts [B, H, n, S] and value sums [B, H, n, S, V]. Code S (an unfilled slot) adds
+    nothing."""
+    b, h, t = z.shape
+    n = t // block_len
+    one_hot = jax.nn.one_hot(z.reshape(b, h, n, block_len), n_code, dtype=jnp.float32)
+    values = v.reshape(b, h, n, block_len, v.shape[-1]).astype(jnp.float32)
+    return jnp.sum(one_hot, axis=3), jnp.einsum("bhnls,bhnlv->bhnsv", one_hot, values)
+
+
+def exclusive_cumsum(x: jax.Array, axis: int) -> jax.Array:
+    """Σ of the entries before each index along `axis` (0 for the first)."""
+    inclusive = jnp.cumsum(x, axis=axis)
+    zero = jnp.zeros_like(jax.lax.slice_in_dim(x, 0, 1, axis=axis))
+    return jnp.concatenate([zero, jax.lax.slice_in_dim(inclusive, 0, -1, axis=axis)], axis=axis)
+
+
+def _blocks_to_batch(x: jax.Array, n: int) -> jax.Array:
+    """[B, H, n, ...] → [B·n, H, ...]: each block becomes a row of its own."""
+    x = jnp.moveaxis(x, 2, 1)
+    return x.reshape(x.shape[0] * n, *x.shape[2:])
+
+
+def _neighbour_memory(state: AttentionState, z, k, v, axis: str, n_devices: int):
+    """Sequence parallelism: the M window entries before this device's run of blocks,
+    i.e. the last M of the left neighbour's (the carried memory on device 0)."""
+    mem_len = state.z.shape[2]
+    shift = [(i, i + 1) for i in range(n_devices - 1)]
+    first = jax.lax.axis_index(axis) == 0
+    taken = []
+    for mine, carried in ((z, state.z), (k, state.k_hat), (v, state.v)):
+        passed = jax.lax.ppermute(mine[:, :, mine.shape[2] - mem_len :], axis, shift)
+        taken.append(jnp.where(first, carried, passed.astype(carried.dtype)))
+    return taken
+
+
+def _before_this_device(state: AttentionState, counts, sums, axis: str, n_devices: int):
+    """Sequence parallelism: the carried aggregate merged with every earlier device's
+    evictions (an exclusive scan of per-device totals), and the aggregate after the last
+    device (the same on every device)."""
+    totals = jax.lax.all_gather((jnp.sum(counts, axis=2), jnp.sum(sums, axis=2)), axis)
+    earlier = jnp.arange(n_devices) < jax.lax.axis_index(axis)
+    before = jax.tree_util.tree_map(
+        lambda t: jnp.einsum("p,p...->...", earlier.astype(t.dtype), t), totals
+    )
+    everything = jax.tree_util.tree_map(lambda t: jnp.sum(t, axis=0), totals)
+    return (
+        merge_into_aggregate(state.n, state.u_bar, *before),
+        merge_into_aggregate(state.n, state.u_bar, *everything),
+    )
+
+
+def _from_last_device(x: jax.Array, axis: str, n_devices: int) -> jax.Array:
+    """The last device's x on every device (exact: the others add zeros)."""
+    last = jax.lax.axis_index(axis) == n_devices - 1
+    return jax.lax.psum(jnp.where(last, x, jnp.zeros_like(x)), axis)
+
+
+def attend_chunk(
+    q: jax.Array,
+    codes: jax.Array,
+    codewords: jax.Array,
+    values: jax.Array,
+    tables: AttentionTables,
+    state: AttentionState,
+    block_len: int,
+    *,
+    n_code: int,
+    agg_cache: bool,
+    dtype: str = "float32",
+    seq_axis: str | None = None,
+    n_devices: int = 1,
+) -> tuple[jax.Array, AttentionState]:
+    """n blocks of L tokens at once, equal to n serial block steps (docs/DESIGN.md
+    section 8). q, codewords [B, H, n·L, K], codes [B, H, n·L], values [B, H, n·L, V]
+    → (output [B, H, n·L, V] float32, state after the n blocks).
+
+    Entries E = memory ++ chunk; block b attends to E[b·L : b·L + W] and to the carried
+    aggregate plus the entries E[: b·L], an exclusive prefix sum of per-block sums.
+    With seq_axis (inside shard_map over n_devices devices, each holding a contiguous
+    run of at least M tokens), the memory comes from the left neighbour and the
+    aggregate from an exclusive scan of the devices' totals.
+    """
+    b, h, t = codes.shape
+    n = t // block_len
+    mem_len = state.z.shape[2]
+    values = values.astype(jnp.float32)
+    pos_offset = state.pos_offset
+    mem_z, mem_k, mem_v = state.z, state.k_hat, state.v
+    if seq_axis is not None:
+        pos_offset = pos_offset + jax.lax.axis_index(seq_axis) * t
+        mem_z, mem_k, mem_v = _neighbour_memory(
+            state, codes, codewords, values, seq_axis, n_devices
+        )
+    ez = jnp.concatenate([mem_z, codes], axis=2)  # [B, H, M + n·L]
+    ek = jnp.concatenate([mem_k, codewords.astype(jnp.float32)], axis=2)
+    ev = jnp.concatenate([mem_v, values], axis=2)
+
+    counts, sums = block_sums(ez[:, :, :t], ev[:, :, :t], n_code, block_len)
+    carried_n, carried_u = state.n, state.u_bar
+    if seq_axis is not None:
+        (carried_n, carried_u), (final_n, final_u) = _before_this_device(
+            state, counts, sums, seq_axis, n_devices
+        )
+    else:
+        final_n, final_u = merge_into_aggregate(
+            state.n, state.u_bar, jnp.sum(counts, axis=2), jnp.sum(sums, axis=2)
+        )
+    block_n, block_u = merge_into_aggregate(
+        carried_n[:, :, None], carried_u[:, :, None],
+        exclusive_cumsum(counts, axis=2), exclusive_cumsum(sums, axis=2),
+    )  # fmt: skip
+
+    width = mem_len + block_len
+    index = jnp.arange(n)[:, None] * block_len + jnp.arange(width)[None, :]  # [n, W]
+    out = attend(
+        _blocks_to_batch(q.reshape(b, h, n, block_len, -1), n),
+        _blocks_to_batch(ek[:, :, index], n),
+        _blocks_to_batch(ev[:, :, index], n),
+        tables,
+        (pos_offset[:, None] + jnp.arange(n)[None, :] * block_len).reshape(b * n),
+        _blocks_to_batch(block_n, n),
+        _blocks_to_batch(block_u, n),
+        agg_cache=agg_cache,
+        dtype=dtype,
+    )  # [B·n, H, L, V]
+    out = jnp.moveaxis(out.reshape(b, n, h, block_len, -1), 1, 2).reshape(b, h, t, -1)
+
+    last = (ez[:, :, t:], ek[:, :, t:], ev[:, :, t:])
+    if seq_axis is not None:
+        last = tuple(_from_last_device(x, seq_axis, n_devices) for x in last)
+    new_state = AttentionState(
+        pos_offset=state.pos_offset + t * n_devices,
+        z=last[0],
+        k_hat=last[1],
+        v=last[2],
+        n=final_n,
+        u_bar=final_u,
+    )
+    return out, new_state

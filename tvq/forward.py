@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from tvq.config import ModelConfig
+from tvq.errors import InputError
 from tvq.state import ModelState
 from tvq.transformer import Transformer
 
@@ -57,6 +58,72 @@ def scan_blocks(step: Callable, carry: Any, seqs: Any, block_len: int) -> tuple[
     return carry, jax.tree_util.tree_map(lambda *a: jnp.concatenate(a, axis=1), *outs)
 
 
+ALGORITHMS = ("serial", "parallel")
+
+# Elements (float32: 4 bytes each) one sublayer's parallel-form intermediates may hold;
+# bounds the chunk, so memory stays flat however long the text.
+PARALLEL_ELEMENTS = 2**27
+
+
+def default_algorithm() -> str:
+    """The faster form for the default device (measured, bench/RESULTS.md section 9):
+    serial on a CPU, where blocks of a few hundred tokens already fill the cores;
+    parallel on an accelerator, where the serial scan leaves it idle between small
+    steps."""
+    return "serial" if jax.default_backend() == "cpu" else "parallel"
+
+
+def check_algorithm(algorithm: Any) -> str:
+    """An algorithm name (None: default_algorithm()), or InputError."""
+    if algorithm is None:
+        return default_algorithm()
+    if algorithm not in ALGORITHMS:
+        raise InputError(f"algorithm must be one of {', '.join(ALGORITHMS)}, got {algorithm!r}")
+    return algorithm
+
+
+def default_chunk_len(config: ModelConfig, batch: int, block_len: int) -> int:
+    """Tokens per chunk of the parallel form: whole blocks, as many as keep one
+    sublayer's per-block windows, scores and aggregates under PARALLEL_ELEMENTS."""
+    width = config.mem_len + block_len
+    per_block = (
+        batch
+        * config.n_head
+        * (
+            config.n_code * (config.d_v + 1)  # per-block aggregate
+            + width * (config.d_k + config.d_v)  # per-block window
+            + block_len * (width + config.n_code)  # scores
+        )
+    )
+    return block_len * max(1, PARALLEL_ELEMENTS // per_block)
+
+
+def fold_blocks(
+    step: Callable, carry: Any, seqs: Any, block_len: int, algorithm: str = "serial",
+    chunk_len: int | None = None,
+) -> tuple[Any, Any]:  # fmt: skip
+    """Folds `step(carry, piece, piece_block_len) -> (carry, out)` over a [B, T, ...]
+    pytree. serial: one block per step (piece_block_len None: the piece is one block).
+    parallel: chunks of chunk_len tokens (a multiple of block_len), each piece of whole
+    blocks in the parallel form (piece_block_len = block_len), a tail shorter than a
+    block as one serial block."""
+    if algorithm == "serial":
+        return scan_blocks(lambda c, x: step(c, x, None), carry, seqs, block_len)
+    if algorithm != "parallel":
+        raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
+
+    def chunk_step(carry, piece):
+        length = jax.tree_util.tree_leaves(piece)[0].shape[1]
+        full = length // block_len * block_len
+        if full in (0, length):
+            return step(carry, piece, block_len if full else None)
+        carry, head = step(carry, jax.tree_util.tree_map(lambda a: a[:, :full], piece), block_len)
+        carry, tail = step(carry, jax.tree_util.tree_map(lambda a: a[:, full:], piece), None)
+        return carry, jax.tree_util.tree_map(lambda *a: jnp.concatenate(a, axis=1), head, tail)
+
+    return scan_blocks(chunk_step, carry, seqs, chunk_len)
+
+
 def forward(
     config: ModelConfig,
     params: Any,
@@ -65,31 +132,39 @@ def forward(
     block_len: int,
     targets: jax.Array | None = None,
     input_offsets: jax.Array | None = None,
+    algorithm: str = "serial",
+    chunk_len: int | None = None,
 ) -> tuple[jax.Array, ModelState]:
     """Runs tokens [B, T] from `state`.
 
     Returns (log-probs [B, T, N], new state), or with targets [B, T] the log-probs of
-    the targets [B, T]; then only one block of logits ever exists. input_offsets
-    [B, T, D], added to the embeddings, lets tests take Jacobians.
+    the targets [B, T]; then only one chunk of logits ever exists. input_offsets
+    [B, T, D], added to the embeddings, lets tests take Jacobians. algorithm "serial"
+    or "parallel" (docs/DESIGN.md section 8) gives the same numbers; chunk_len (parallel
+    only, None: default_chunk_len) bounds memory.
     """
     net = Transformer(config)
     variables = {"params": params}
     tables = net.apply(variables, method=Transformer.tables)
+    if algorithm == "parallel" and chunk_len is None:
+        chunk_len = default_chunk_len(config, tokens.shape[0], block_len)
 
-    def step(carry: ModelState, block):
-        block_tokens, block_targets, block_offsets = block
+    def step(carry: ModelState, piece, piece_block_len):
+        piece_tokens, piece_targets, piece_offsets = piece
         carry, log_probs, _ = net.apply(
-            variables, block_tokens, carry, tables, False, block_offsets, method=Transformer.block
-        )
-        if block_targets is None:
+            variables, piece_tokens, carry, tables, False, piece_offsets, piece_block_len,
+            method=Transformer.block,
+        )  # fmt: skip
+        if piece_targets is None:
             return carry, log_probs
-        return carry, jnp.take_along_axis(log_probs, block_targets[..., None], axis=-1)[..., 0]
+        return carry, jnp.take_along_axis(log_probs, piece_targets[..., None], axis=-1)[..., 0]
 
-    new_state, out = scan_blocks(step, state, (tokens, targets, input_offsets), block_len)
+    seqs = (tokens, targets, input_offsets)
+    new_state, out = fold_blocks(step, state, seqs, block_len, algorithm, chunk_len)
     return out, new_state
 
 
-forward_jit = jax.jit(forward, static_argnames=("config", "block_len"))
+forward_jit = jax.jit(forward, static_argnames=("config", "block_len", "algorithm", "chunk_len"))
 
 
 def on_device(tree: Any) -> Any:
@@ -98,3 +173,68 @@ def on_device(tree: Any) -> Any:
     so feeding a call's output state back in would compile the same function twice.
     Compiled entry points take their arguments through here."""
     return jax.device_put(tree, jax.local_devices()[0])
+
+
+def sequence_parallel_forward(
+    config: ModelConfig,
+    params: Any,
+    tokens: jax.Array,
+    state: ModelState,
+    block_len: int,
+    targets: jax.Array | None,
+    mesh: Any,
+    chunk_len: int | None = None,
+) -> tuple[jax.Array, ModelState]:
+    """forward() with each sequence's time axis spread over the one-axis `mesh`: the
+    parallel form, every device taking a contiguous run of chunk_len tokens of each
+    span of mesh.size · chunk_len (docs/DESIGN.md section 8, "Across devices"); the
+    state goes in and comes out replicated, and a remainder shorter than a span runs
+    on one device. Same numbers as forward()."""
+    from jax.sharding import PartitionSpec
+
+    axis, n_devices = mesh.axis_names[0], mesh.size
+    if chunk_len is None:
+        chunk_len = default_chunk_len(config, tokens.shape[0], block_len)
+    # Each device's run must hold the M entries its right neighbour's first window needs.
+    chunk_len = max(chunk_len, -(-config.mem_len // block_len) * block_len)
+    span = n_devices * chunk_len
+    net = Transformer(config)
+    variables = {"params": params}
+    tables = net.apply(variables, method=Transformer.tables)
+
+    def local(variables, tables, state, piece):
+        piece_tokens, piece_targets = piece
+        state, log_probs, _ = net.apply(
+            variables, piece_tokens, state, tables, False, None, block_len, axis, n_devices,
+            method=Transformer.block,
+        )  # fmt: skip
+        if piece_targets is not None:
+            log_probs = jnp.take_along_axis(log_probs, piece_targets[..., None], axis=-1)[..., 0]
+        return state, log_probs
+
+    along_time = PartitionSpec(None, axis)
+    spread = jax.shard_map(
+        local,
+        mesh=mesh,
+        in_specs=(PartitionSpec(), PartitionSpec(), PartitionSpec(), along_time),
+        out_specs=(PartitionSpec(), along_time),
+        check_vma=False,  # the state is the same on every device: built by psum/all_gather
+    )
+
+    length = tokens.shape[1]
+    whole = length // span * span
+    outs = []
+    if whole:
+        head = jax.tree_util.tree_map(
+            lambda a: None if a is None else to_blocks(a[:, :whole], span), (tokens, targets)
+        )
+        state, ys = jax.lax.scan(lambda c, x: spread(variables, tables, c, x), state, head)
+        outs.append(from_blocks(ys))
+    if whole < length:
+        rest, state = forward(
+            config, params, tokens[:, whole:], state, block_len,
+            None if targets is None else targets[:, whole:], algorithm="parallel",
+            chunk_len=chunk_len,
+        )  # fmt: skip
+        outs.append(rest)
+    return (outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)), state

@@ -22,7 +22,7 @@ import numpy as np
 from tvq import checkpoint, reference
 from tvq.config import ModelConfig
 from tvq.errors import InputError
-from tvq.forward import forward_jit, on_device
+from tvq.forward import check_algorithm, forward_jit, on_device
 from tvq.params import init_params
 from tvq.state import ModelState, check_state, initial_state, state_nbytes
 from tvq.tokenizer import Tokenizer, check_vocab
@@ -104,13 +104,17 @@ class Model:
         *,
         state: ModelState | None = None,
         block_len: int | None = None,
+        algorithm: str | None = None,
     ) -> tuple[jax.Array, ModelState]:
-        """tokens int [B, T] → (float32 log-probs [B, T, n_vocab], state after the tokens)."""
+        """tokens int [B, T] → (float32 log-probs [B, T, n_vocab], state after the tokens).
+        algorithm "serial" or "parallel" (None: the faster for the device) computes the
+        same numbers (docs/DESIGN.md section 8)."""
         tokens = self._check_tokens(tokens, "tokens")
         state = self._check_state(state, tokens.shape[0])
         block_len = self._block_len(block_len)
+        algorithm = check_algorithm(algorithm)
         tokens, state = on_device((tokens, state))
-        return forward_jit(self.config, self.params, tokens, state, block_len)
+        return forward_jit(self.config, self.params, tokens, state, block_len, algorithm=algorithm)
 
     def score(
         self,
@@ -119,8 +123,10 @@ class Model:
         *,
         state: ModelState | None = None,
         block_len: int | None = None,
+        algorithm: str | None = None,
     ) -> tuple[jax.Array, ModelState]:
-        """Log-probs [B, T] of targets[:, t] following inputs[:, t], and the new state."""
+        """Log-probs [B, T] of targets[:, t] following inputs[:, t], and the new state
+        (algorithm: as log_probs)."""
         inputs = self._check_tokens(inputs, "inputs")
         targets = self._check_tokens(targets, "targets")
         if targets.shape != inputs.shape:
@@ -129,8 +135,11 @@ class Model:
             )
         state = self._check_state(state, inputs.shape[0])
         block_len = self._block_len(block_len)
+        algorithm = check_algorithm(algorithm)
         inputs, targets, state = on_device((inputs, targets, state))
-        return forward_jit(self.config, self.params, inputs, state, block_len, targets)
+        return forward_jit(
+            self.config, self.params, inputs, state, block_len, targets, algorithm=algorithm
+        )
 
     @property
     def param_count(self) -> int:

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from tvq import ring as ring_layout
-from tvq.attention import AttentionTables, attend, evict, quantize
+from tvq.attention import AttentionTables, attend, attend_chunk, evict, quantize
 from tvq.layers import RMSNorm, kernel_init, ones_init, rms_normalize, sinusoid, zeros_init
 from tvq.ring import RingState
 from tvq.state import AttentionState
@@ -148,23 +148,40 @@ class VQAttention(AttentionModule):
         return self.res_proj((out.astype(self.dtype) * gate).astype(self.dtype))
 
     def __call__(
-        self, x: jax.Array, state: AttentionState, tables: AttentionTables, train: bool = False
+        self,
+        x: jax.Array,
+        state: AttentionState,
+        tables: AttentionTables,
+        train: bool = False,
+        block_len: int | None = None,
+        seq_axis: str | None = None,
+        n_devices: int = 1,
     ) -> tuple[AttentionState, jax.Array, SublayerStats | None]:
-        """A block x [B, L, D] → (new state, residual [B, L, D], training statistics or
-        None when not training)."""
+        """x [B, T, D] → (new state, residual [B, T, D], training statistics or None when
+        not training). block_len None: x is one block (the serial form's step); an
+        integer dividing T: x is T / block_len blocks computed at once (the parallel
+        form, docs/DESIGN.md section 8), with seq_axis across n_devices devices."""
         q, keys, values, gate = self.project(x)
         codes, codewords, errors = quantize(keys, tables.codebook)
         if train:  # straight-through: the forward value is C_z, gradients reach k
             codewords = codewords + keys - jax.lax.stop_gradient(keys)
 
-        window_z = jnp.concatenate([state.z, codes], axis=2)  # [B, H, W]
-        window_k = jnp.concatenate([state.k_hat, codewords], axis=2)  # [B, H, W, K]
-        window_v = jnp.concatenate([state.v, values.astype(jnp.float32)], axis=2)
-        out = attend(
-            q, window_k, window_v, tables, state, agg_cache=self.agg_cache, dtype=self.dtype
-        )
+        if block_len is None:
+            window_z = jnp.concatenate([state.z, codes], axis=2)  # [B, H, W]
+            window_k = jnp.concatenate([state.k_hat, codewords], axis=2)  # [B, H, W, K]
+            window_v = jnp.concatenate([state.v, values.astype(jnp.float32)], axis=2)
+            out = attend(
+                q, window_k, window_v, tables, state.pos_offset, state.n, state.u_bar,
+                agg_cache=self.agg_cache, dtype=self.dtype,
+            )  # fmt: skip
+            new_state = evict(state, window_z, window_k, window_v, self.n_code)
+        else:
+            out, new_state = attend_chunk(
+                q, codes, codewords, values, tables, state, block_len, n_code=self.n_code,
+                agg_cache=self.agg_cache, dtype=self.dtype, seq_axis=seq_axis,
+                n_devices=n_devices,
+            )  # fmt: skip
         res = self.output(out, gate)
-        new_state = evict(state, window_z, window_k, window_v, self.n_code)
 
         stats = None
         if train:

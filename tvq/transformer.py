@@ -76,16 +76,25 @@ class Transformer(nn.Module):
         tables: tuple[AttentionTables, ...],
         train: bool = False,
         offsets: jax.Array | None = None,
+        block_len: int | None = None,
+        seq_axis: str | None = None,
+        n_devices: int = 1,
     ) -> tuple[ModelState, jax.Array, tuple[SublayerStats, ...] | None]:
         """A block of tokens [B, L] → (new state, float32 log-probs [B, L, N], per-sublayer
         training statistics or None). offsets [B, L, D], added to the embeddings, let
-        tests take Jacobians with respect to the inputs."""
-        x = self.embed(tokens, state.sublayers[0].pos_offset)
+        tests take Jacobians with respect to the inputs. With block_len, the tokens are
+        L / block_len blocks run in the parallel form (docs/DESIGN.md section 8); with
+        seq_axis too, this device's run of blocks of one sequence spread over
+        n_devices devices in order (inside shard_map)."""
+        pos_offset = state.sublayers[0].pos_offset
+        if seq_axis is not None:
+            pos_offset = pos_offset + jax.lax.axis_index(seq_axis) * tokens.shape[1]
+        x = self.embed(tokens, pos_offset)
         if offsets is not None:
             x = x + offsets.astype(x.dtype)
 
         def through(sublayer, x, sub_state, table):
-            return sublayer(x, sub_state, table, train)
+            return sublayer(x, sub_state, table, train, block_len, seq_axis, n_devices)
 
         x, states, stats = self._sublayers(through, x, state.sublayers, tables)
         return ModelState(sublayers=states), self.log_softmax(x), stats if train else None

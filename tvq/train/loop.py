@@ -27,6 +27,7 @@ from tvq import cluster
 from tvq.config import ModelConfig
 from tvq.devices import data_mesh, replicated, rows_from, split_largest_axis, split_rows, to_host
 from tvq.errors import Interrupted, TrainingError
+from tvq.forward import check_algorithm
 from tvq.model import Model
 from tvq.params import init_params
 from tvq.scoring import score_ids
@@ -129,6 +130,7 @@ def run_training(
     on_progress: Callable[[Progress], None] | None = None,
     devices: int | None = None,
     shard_params: bool = False,
+    algorithm: str | None = None,
 ) -> Model:
     """Trains (or resumes) a run in `out`; writes the model there and returns it.
 
@@ -139,7 +141,9 @@ def run_training(
     neither (float rounding aside), and a run resumes on any device count. In a cluster
     (tvq/cluster.py) every process runs this with the same arguments; each builds only
     its devices' rows of a batch, and process 0 alone writes run.json, the log and the
-    model (orbax writes the checkpoints from every process)."""
+    model (orbax writes the checkpoints from every process). algorithm (None: the faster
+    for the device) is the serial or parallel form: same loss and gradient, so a run
+    may resume with the other."""
     import orbax.checkpoint as ocp
 
     mesh = data_mesh(devices)
@@ -183,7 +187,7 @@ def run_training(
     if not run_file.exists() and cluster.is_main():
         run_file.write_text(json.dumps(run_doc, indent=2, sort_keys=True))
 
-    optimizer, train_step = compiled_step(config, settings)
+    optimizer, train_step = compiled_step(config, settings, check_algorithm(algorithm))
     params = init_from.params if init_from is not None else init_params(config, settings.seed)
     place = functools.partial(split_largest_axis if shard_params else replicated, mesh)
     run = RunState(

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import optax
 
 from tvq.config import ModelConfig
-from tvq.forward import scan_blocks
+from tvq.forward import default_chunk_len, fold_blocks
 from tvq.state import ModelState
 from tvq.sublayer import SublayerStats
 from tvq.train.settings import TrainSettings
@@ -69,26 +69,33 @@ def make_optimizer(settings: TrainSettings) -> optax.GradientTransformation:
 
 def train_forward(
     config: ModelConfig, params: Any, inputs: jax.Array, targets: jax.Array, state: ModelState,
-    block_len: int,
+    block_len: int, algorithm: str = "serial",
 ) -> tuple[tuple[jax.Array, tuple[SublayerStats, ...]], ModelState]:  # fmt: skip
-    """→ ((Σ NLL, per-sublayer statistics summed over blocks), new state)."""
+    """→ ((Σ NLL, per-sublayer statistics summed over blocks), new state). Either
+    algorithm (docs/DESIGN.md section 8) gives the same loss and gradient."""
     net = Transformer(config)
     variables = {"params": params}
     tables = net.apply(variables, method=Transformer.tables)
     zeros = SublayerStats.zeros(config.n_head, config.n_code, config.d_k)
 
-    def step(carry, block):
+    def step(carry, piece, piece_block_len):
         state, nll, stats = carry
-        tokens, block_targets = block
+        tokens, block_targets = piece
         state, log_probs, block_stats = net.apply(
-            variables, tokens, state, tables, True, method=Transformer.block
-        )
+            variables, tokens, state, tables, True, None, piece_block_len,
+            method=Transformer.block,
+        )  # fmt: skip
         picked = jnp.take_along_axis(log_probs, block_targets[..., None], axis=-1)
         stats = tuple(a + b for a, b in zip(stats, block_stats, strict=True))
         return (state, nll - jnp.sum(picked), stats), None
 
     carry = (state, jnp.zeros([]), (zeros,) * (2 * config.n_layer))
-    (state, nll, stats), _ = scan_blocks(step, carry, (inputs, targets), block_len)
+    chunk_len = None
+    if algorithm == "parallel":
+        chunk_len = default_chunk_len(config, inputs.shape[0], block_len)
+    (state, nll, stats), _ = fold_blocks(
+        step, carry, (inputs, targets), block_len, algorithm, chunk_len
+    )
     return (nll, stats), state
 
 
@@ -107,20 +114,23 @@ def apply_ema(params: Any, stats: tuple[SublayerStats, ...], gamma: float) -> An
 
 
 @functools.lru_cache(maxsize=8)
-def compiled_step(config: ModelConfig, settings: TrainSettings):
-    """(optimizer, compiled step) for a run; one compilation per (config, settings) in a
-    process, however many runs use it (a fresh closure under jax.jit would recompile)."""
+def compiled_step(config: ModelConfig, settings: TrainSettings, algorithm: str = "serial"):
+    """(optimizer, compiled step) for a run; one compilation per (config, settings,
+    algorithm) in a process, however many runs use it (a fresh closure under jax.jit
+    would recompile)."""
     optimizer = make_optimizer(settings)
-    return optimizer, make_train_step(config, settings, optimizer)
+    return optimizer, make_train_step(config, settings, optimizer, algorithm)
 
 
-def make_train_step(config: ModelConfig, settings: TrainSettings, optimizer):
+def make_train_step(
+    config: ModelConfig, settings: TrainSettings, optimizer, algorithm: str = "serial"
+):
     """The compiled step: (params, opt_state, attention state, inputs [B, U], targets
     [B, U]) → (params, opt_state, attention state after the window, StepMetrics)."""
 
     def loss_fn(params, inputs, targets, state):
         (nll, stats), new_state = train_forward(
-            config, params, inputs, targets, state, settings.block_len
+            config, params, inputs, targets, state, settings.block_len, algorithm
         )
         count = inputs.size
         commit = sum(s.commit for s in stats) / count
