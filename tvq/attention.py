@@ -92,8 +92,12 @@ def attend(
     causal = dist >= 0
     local = dist <= mem_len
 
-    scores = jnp.einsum("bhlk,bhwk->bhlw", qu, window_k)
-    by_distance = jnp.einsum("bhlk,dhk->bhld", qv, tables.rel)  # [B, H, L, M + 1]
+    def dot(spec, a, b):  # products in the compute dtype, sums in float32
+        a, b = a.astype(dtype), b.astype(dtype)
+        return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
+
+    scores = dot("bhlk,bhwk->bhlw", qu, window_k)
+    by_distance = dot("bhlk,dhk->bhld", qv, tables.rel)  # [B, H, L, M + 1]
     index = jnp.broadcast_to(jnp.clip(dist, 0, mem_len), scores.shape)
     positional = jnp.take_along_axis(by_distance, index, axis=-1)
     scores = scores + jnp.where(filled & causal & local, positional, 0.0)
@@ -102,7 +106,7 @@ def attend(
 
     agg_scores = None
     if agg_cache:
-        agg_scores = jnp.einsum("bhlk,hsk->bhls", qu, tables.codebook)
+        agg_scores = dot("bhlk,hsk->bhls", qu, tables.codebook)
         agg_scores = agg_scores + aggregate_bias(counts)[:, :, None, :]
     return softmax_mix(scores, window_v, agg_scores, u_bar, dtype)
 
