@@ -163,3 +163,34 @@ def decode(config, params, cache, token, start, steps: int):
         return new_cache, jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
     return jax.lax.fori_loop(0, steps, step, (cache, token))
+
+
+@functools.partial(jax.jit, static_argnames=("config", "implementation"))
+def score_fused(config, params, inputs, targets, implementation=None):
+    """score() with every product in the config's dtype and the attention by
+    jax.nn.dot_product_attention (cuDNN's flash attention on a GPU with
+    implementation="cudnn"), the usual way to run a quadratic-time transformer fast.
+    Fused kernels want one head width, so a value wider than the key (d_v = r·d_k) is
+    split into r heads that share the query and key: the scores are computed r times,
+    work that flops_per_token does not count."""
+    dtype = jnp.dtype(config.dtype)
+    cast = lambda tree: jax.tree_util.tree_map(lambda a: a.astype(dtype), tree)  # noqa: E731
+    params = cast(params)
+    x = _embed(params, config, inputs, 0).astype(dtype)
+    b, t = inputs.shape
+    h, k, v = config.n_head, config.d_k, config.d_v
+    r = max(1, v // k)
+    for sub in sublayers(params):
+        q, keys, values, gate = _project(sub, x, config)
+        q, keys = q.astype(dtype), keys.astype(dtype)
+        values = values.astype(dtype)
+        # [B, H, T, ·] → [B, T, H·r, K]: each head's value split into r slices of K
+        split = lambda a: jnp.repeat(a.transpose(0, 2, 1, 3), r, axis=2)  # noqa: E731
+        vals = values.transpose(0, 2, 1, 3).reshape(b, t, h * r, v // r)
+        out = jax.nn.dot_product_attention(
+            split(q), split(keys), vals, is_causal=True, scale=1.0,
+            implementation=implementation,
+        )  # fmt: skip
+        out = out.reshape(b, t, h, v).transpose(0, 2, 1, 3)
+        x = x + _output(sub, out, gate.astype(dtype)).astype(dtype)
+    return _log_probs_of(params, config, x.astype(jnp.float32), targets)

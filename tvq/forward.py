@@ -60,9 +60,10 @@ def scan_blocks(step: Callable, carry: Any, seqs: Any, block_len: int) -> tuple[
 
 ALGORITHMS = ("serial", "parallel")
 
-# Elements (float32: 4 bytes each) one sublayer's parallel-form intermediates may hold;
-# bounds the chunk, so memory stays flat however long the text.
-PARALLEL_ELEMENTS = 2**27
+# Elements (float32: 4 bytes each) one sublayer's parallel-form intermediates may hold,
+# on a CPU and on an accelerator; bounds the chunk, so memory stays flat however long
+# the text.
+PARALLEL_ELEMENTS = {"cpu": 2**27, "accelerator": 2**29}
 
 
 def default_algorithm() -> str:
@@ -95,7 +96,8 @@ def default_chunk_len(config: ModelConfig, batch: int, block_len: int) -> int:
             + block_len * (width + config.n_code)  # scores
         )
     )
-    return block_len * max(1, PARALLEL_ELEMENTS // per_block)
+    budget = PARALLEL_ELEMENTS["cpu" if jax.default_backend() == "cpu" else "accelerator"]
+    return block_len * max(1, budget // per_block)
 
 
 def fold_blocks(

@@ -11,8 +11,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 import tvq
 from tvq.forward import forward, sequence_parallel_forward
 
-assert len(jax.devices()) == 4
-mesh = Mesh(np.array(jax.devices()), ("seq",))
+# The forced CPU devices, also on a machine whose default device is a GPU.
+assert len(jax.devices("cpu")) == 4
+mesh = Mesh(np.array(jax.devices("cpu")), ("seq",))
 rng = np.random.default_rng(0)
 report = {}
 for agg_cache in (True, False):

@@ -1,0 +1,272 @@
+"""Speed at scale on an accelerator (issue: the parallel form, GPU numbers).
+
+    python bench/gpu_speed.py SECTION [--out FILE.jsonl] [--quick]
+
+Sections, each meant for its own process (bench/gpu.sh runs them in order):
+  peak    the device's measured matmul peak (bfloat16 and float32, 8192³ and 4096³)
+  check   serial vs parallel on this device: a small float32 model (highest matmul
+          precision) and the paper-size model in bfloat16
+  score   scoring tokens/s for the paper-size model, batch 8, 8k / 32k / 131k tokens
+          per sequence: tvq serial, tvq parallel (8,192-token calls carrying the state,
+          as `tvq score` streams) and the dense baseline (bench/dense.py, fused
+          attention) run whole; MFU against the peak measured in the same process
+  decode  tokens/s of the compiled sampling loop, batch 1 and 64, greedy and the CLI
+          default sampler
+  train   training tokens/s and MFU, serial and parallel (batch 8 × 1,024 tokens)
+
+The paper-size model is the reference's enwik8 shape: d_model 768, d_k 128, d_v 1536,
+24 layers of two single-head sublayers, n_code 512, mem_len = block_len = 512, byte
+vocabulary; random parameters; compute in bfloat16. Every timing: compiled first, then
+block_until_ready and the median of repeats. Each result is printed and appended as
+JSON to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import dense  # noqa: E402
+from common import median_time  # noqa: E402
+from mfu import flops_per_token  # noqa: E402
+
+import tvq  # noqa: E402
+from tvq.forward import default_chunk_len, forward  # noqa: E402
+from tvq.params import init_params  # noqa: E402
+from tvq.state import initial_state  # noqa: E402
+
+PAPER = tvq.ModelConfig(d_model=768, d_k=128, d_v=1536, n_head=1, n_code=512, n_layer=24,
+                        n_vocab=256, mem_len=512, e_scale=768**-0.5, dtype="bfloat16")  # fmt: skip
+BLOCK = 512
+SEGMENT = 8192  # tokens per compiled scoring call
+LENGTHS = (8192, 32768, 131072)
+BATCH = 8
+
+
+def emit(out: Path | None, **record) -> None:
+    record = {"device": str(jax.devices()[0].device_kind), "jax": jax.__version__, **record}
+    print(json.dumps(record), flush=True)
+    if out is not None:
+        with out.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def timed(fn, repeats: int) -> float:
+    """Median seconds of fn() (block_until_ready inside), after one warm-up call; with
+    repeats 0, one call and no warm-up (for runs of a minute, compiled already)."""
+    if repeats == 0:
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        return time.perf_counter() - start
+    return median_time(lambda: jax.block_until_ready(fn()), repeats=repeats)
+
+
+def peak(dtype) -> tuple[float, int]:
+    best = (0.0, 0)
+    for size in (4096, 8192):
+        a = jax.random.normal(jax.random.PRNGKey(0), (size, size), dtype)
+        b = jax.random.normal(jax.random.PRNGKey(1), (size, size), dtype)
+        matmul = jax.jit(lambda x, y: x @ y)
+        best = max(best, (2 * size**3 / timed(lambda a=a, b=b, f=matmul: f(a, b), 10), size))
+    return best
+
+
+def section_peak(out, args) -> None:
+    for dtype in ("bfloat16", "float32"):
+        flops, size = peak(jnp.dtype(dtype))
+        emit(out, section="peak", dtype=dtype, tflops=round(flops / 1e12, 1), size=size)
+
+
+def max_mean(a, b) -> tuple[float, float]:
+    d = jnp.abs(jnp.asarray(a, jnp.float32) - jnp.asarray(b, jnp.float32))
+    return float(jnp.max(d)), float(jnp.mean(d))
+
+
+def section_check(out, args) -> None:
+    small = tvq.ModelConfig(d_model=64, d_k=16, d_v=32, n_head=2, n_code=32, n_layer=2,
+                            n_vocab=256, mem_len=64)  # fmt: skip
+    paper = dataclasses.replace(PAPER, n_layer=4)  # the paper's layers, fewer of them
+    with jax.default_matmul_precision("highest"):
+        for config, length, block in ((small, 2048, 64), (paper, 4096, BLOCK)):
+            params = init_params(config, 0)
+            rng = np.random.default_rng(0)
+            tokens = jnp.asarray(rng.integers(0, config.n_vocab, (2, length)), jnp.int32)
+            run = jax.jit(forward, static_argnames=("config", "block_len", "algorithm"))
+            state = initial_state(config, 2)
+            serial, s1 = run(config, params, tokens, state, block, tokens, algorithm="serial")
+            par, s2 = run(config, params, tokens, state, block, tokens, algorithm="parallel")
+            worst, mean = max_mean(serial, par)
+            state_worst = max(
+                max_mean(a, b)[0]
+                for a, b in zip(
+                    jax.tree_util.tree_leaves(s1), jax.tree_util.tree_leaves(s2), strict=True
+                )
+            )
+            emit(out, section="check", model="paper, 4 layers" if config is paper else "small",
+                 dtype=config.dtype, tokens=length, max_abs_dlogprob=worst,
+                 mean_abs_dlogprob=mean, max_abs_dstate=state_worst)  # fmt: skip
+
+
+def section_score(out, args) -> None:
+    bf16_peak, _ = peak(jnp.bfloat16)
+    params = init_params(PAPER, 0)
+    lengths = LENGTHS[:2] if args.quick else LENGTHS
+    rng = np.random.default_rng(0)
+    data = jnp.asarray(rng.integers(0, 256, (BATCH, max(lengths) + 1)), jnp.int32)
+    run = jax.jit(forward, static_argnames=("config", "block_len", "algorithm", "chunk_len"))
+    per_token: dict[str, dict[int, float]] = {}
+    for algorithm in ("serial", "parallel"):
+        chunk = default_chunk_len(PAPER, BATCH, BLOCK) if algorithm == "parallel" else None
+        start = time.perf_counter()
+        jax.block_until_ready(
+            run(
+                PAPER,
+                params,
+                data[:, :SEGMENT],
+                initial_state(PAPER, BATCH),
+                BLOCK,
+                data[:, 1 : SEGMENT + 1],
+                algorithm=algorithm,
+            )
+        )
+        compile_s = time.perf_counter() - start
+        for length in lengths:
+
+            def score(length=length, algorithm=algorithm):
+                state, total = initial_state(PAPER, BATCH), 0.0
+                for s in range(0, length, SEGMENT):
+                    lp, state = run(
+                        PAPER,
+                        params,
+                        data[:, s : s + SEGMENT],
+                        state,
+                        BLOCK,
+                        data[:, s + 1 : s + SEGMENT + 1],
+                        algorithm=algorithm,
+                    )
+                    total = total + jnp.sum(lp)
+                return total
+
+            seconds = timed(score, 3 if length <= 32768 else 0)
+            rate = BATCH * length / seconds
+            flops = flops_per_token(PAPER, BLOCK)
+            per_token.setdefault(algorithm, {})[length] = seconds / length
+            emit(out, section="score", model=f"tvq {algorithm}", tokens=length, batch=BATCH,
+                 seconds=round(seconds, 4), tokens_per_s=round(rate), chunk_len=chunk,
+                 compile_s=round(compile_s, 1), mfu=round(rate * flops / bf16_peak, 4),
+                 per_token_vs_8k=round(per_token[algorithm][length]
+                                       / per_token[algorithm][lengths[0]], 4))  # fmt: skip
+    impl = "cudnn" if jax.default_backend() == "gpu" else None
+    for length in lengths:
+        inputs, targets = data[:, :length], data[:, 1 : length + 1]
+        try:
+            start = time.perf_counter()
+            compiled = dense.score_fused.lower(PAPER, params, inputs, targets, impl).compile()
+            compile_s = time.perf_counter() - start
+            seconds = timed(lambda c=compiled, i=inputs, t=targets: c(params, i, t),
+                            3 if length <= 32768 else 0)  # fmt: skip
+        except Exception as e:  # noqa: BLE001 - report and go on: the table says why
+            emit(out, section="score", model="dense", tokens=length, error=str(e)[:300])
+            continue
+        rate = BATCH * length / seconds
+        flops = dense.flops_per_token(PAPER, length)
+        tvq_seconds = {alg: per_token[alg][length] * length for alg in per_token}
+        emit(out, section="score", model=f"dense ({impl or 'xla'})", tokens=length,
+             batch=BATCH, seconds=round(seconds, 4), tokens_per_s=round(rate),
+             compile_s=round(compile_s, 1), mfu=round(rate * flops / bf16_peak, 4),
+             tvq_parallel_speedup=round(seconds / tvq_seconds["parallel"], 2),
+             tvq_serial_speedup=round(seconds / tvq_seconds["serial"], 2))  # fmt: skip
+
+
+def section_decode(out, args) -> None:
+    from tvq.decoding import CHUNK, decode_chunk
+    from tvq.ring import empty_rings
+    from tvq.sampling import Sampler
+
+    params = init_params(PAPER, 0)
+    for name, sampler in (("greedy", Sampler(temperature=0)),
+                          ("CLI default", Sampler(temperature=0.8, top_p=0.95))):  # fmt: skip
+        for batch in (1, 64):
+            rings = empty_rings(PAPER, batch)
+            token = jnp.zeros([batch], jnp.int32)
+            forced = jnp.zeros([CHUNK, batch], jnp.int32)
+            key = jax.random.PRNGKey(0)
+            chunks = 8
+
+            def run(rings=rings, token=token, forced=forced, sampler=sampler, key=key):
+                r, t, k = rings, token, key
+                for _ in range(8):
+                    r, t, k, *_ = decode_chunk(PAPER, params, r, t, k, CHUNK, forced, 0, -1,
+                                               sampler=sampler)  # fmt: skip
+                return t
+
+            seconds = timed(run, 3)
+            emit(out, section="decode", sampler=name, batch=batch,
+                 tokens_per_s=round(batch * CHUNK * chunks / seconds),
+                 ms_per_step=round(1000 * seconds / (CHUNK * chunks), 3))  # fmt: skip
+
+
+def section_train(out, args) -> None:
+    from tvq.train import TrainSettings, make_optimizer, make_train_step
+
+    bf16_peak, _ = peak(jnp.bfloat16)
+    settings = TrainSettings(batch_size=BATCH, update_len=1024, block_len=BLOCK)
+    params = init_params(PAPER, 0)
+    optimizer = make_optimizer(settings)
+    rng = np.random.default_rng(1)
+    data = rng.integers(0, 256, (BATCH, settings.update_len + 1))
+    inputs, targets = jnp.asarray(data[:, :-1]), jnp.asarray(data[:, 1:])
+    for algorithm in ("serial", "parallel"):
+        step = make_train_step(PAPER, settings, optimizer, algorithm)
+        carry = {"params": jax.tree_util.tree_map(jnp.copy, params)}
+        carry["opt"] = optimizer.init(carry["params"])
+
+        def once(step=step, carry=carry):
+            p, o, _, metrics = step(carry["params"], carry["opt"],
+                                    initial_state(PAPER, BATCH), inputs, targets)  # fmt: skip
+            carry["params"], carry["opt"] = p, o
+            return metrics
+
+        try:
+            seconds = timed(once, 3)
+        except Exception as e:  # noqa: BLE001 - report (out of memory, say) and go on
+            emit(out, section="train", algorithm=algorithm, error=str(e)[:300])
+            continue
+        rate = BATCH * settings.update_len / seconds
+        flops = 3 * flops_per_token(PAPER, BLOCK)
+        emit(out, section="train", algorithm=algorithm, batch=BATCH,
+             update_len=settings.update_len, tokens_per_s=round(rate),
+             mfu=round(rate * flops / bf16_peak, 4))  # fmt: skip
+
+
+SECTIONS = {"peak": section_peak, "check": section_check, "score": section_score,
+            "decode": section_decode, "train": section_train}  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("section", choices=SECTIONS)
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--quick", action="store_true", help="8k and 32k only")
+    parser.add_argument("--smoke", action="store_true", help="a tiny model and lengths")
+    args = parser.parse_args()
+    if args.smoke:  # checks that the script runs, on any machine, in a minute
+        global PAPER, BLOCK, SEGMENT, LENGTHS, BATCH
+        PAPER = tvq.ModelConfig(d_model=32, d_k=8, d_v=16, n_head=1, n_code=16, n_layer=1,
+                                n_vocab=256, mem_len=32, dtype="bfloat16")  # fmt: skip
+        BLOCK, SEGMENT, LENGTHS, BATCH = 32, 256, (256, 512, 1024), 2
+    emit(args.out, section="devices", devices=[str(d) for d in jax.devices()])
+    SECTIONS[args.section](args.out, args)
+
+
+if __name__ == "__main__":
+    main()
