@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Everything a GPU session measures, in one script (bench/RESULTS.md section 9):
-#   bash bench/gpu.sh [SECTION ...]     (default: tests peak check score decode train)
+#   bash bench/gpu.sh [SECTION ...]     (default: tests peak check score decode train;
+#                                       score-tvq: score without the dense baseline)
 # tests: the model's contract tests on this device (float32 at the highest matmul
 # precision); then bench/gpu_speed.py section by section, each in its own process
 # with its own time limit, appending JSON lines to $OUT/gpu.jsonl.
@@ -11,17 +12,19 @@ OUT=${OUT:-/tmp/tvq-gpu}
 mkdir -p "$OUT"
 python3 -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())"
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,driver_version --format=csv 2>/dev/null
-declare -A LIMIT=([peak]=60 [check]=120 [score]=400 [decode]=150 [train]=240)
+declare -A LIMIT=([peak]=60 [check]=90 [score]=400 [score-tvq]=120 [decode]=120 [train]=200)
 for section in "${@:-tests peak check score decode train}"; do
   for s in $section; do
     echo "== $s ($(date -u +%H:%M:%S))"
     if [ "$s" = tests ]; then
-      JAX_DEFAULT_MATMUL_PRECISION=highest timeout 240 python3 -m pytest -x -q -n 8 \
+      JAX_DEFAULT_MATMUL_PRECISION=highest timeout 180 python3 -m pytest -x -q -n 8 \
         -o addopts="" --durations=5 tests/test_parallel.py tests/test_equivalence.py \
         tests/test_causality.py tests/test_decoding.py tests/test_sampling.py \
         tests/test_scoring.py tests/test_default_model.py 2>&1 | tail -15
     else
-      timeout "${LIMIT[$s]}" python3 bench/gpu_speed.py "$s" --out "$OUT/gpu.jsonl"
+      args=("${s%-tvq}")
+      [ "$s" = score-tvq ] && args+=(--tvq-only)  # tvq alone, no dense baseline
+      timeout "${LIMIT[$s]}" python3 bench/gpu_speed.py "${args[@]}" --out "$OUT/gpu.jsonl"
       echo "(exit $?)"
     fi
   done

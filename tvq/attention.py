@@ -303,10 +303,12 @@ def attend_chunk(
 
     width = mem_len + block_len
     index = jnp.arange(n)[:, None] * block_len + jnp.arange(width)[None, :]  # [n, W]
+    # Every window holds W entries of E: copied in the compute dtype (half the bytes in
+    # bfloat16), as attend() would cast them anyway.
     out = attend(
         _blocks_to_batch(q.reshape(b, h, n, block_len, -1), n),
-        _blocks_to_batch(ek[:, :, index], n),
-        _blocks_to_batch(ev[:, :, index], n),
+        _blocks_to_batch(ek.astype(dtype)[:, :, index], n),
+        _blocks_to_batch(ev.astype(dtype)[:, :, index], n),
         tables,
         (pos_offset[:, None] + jnp.arange(n)[None, :] * block_len).reshape(b * n),
         _blocks_to_batch(block_n, n),
