@@ -12,7 +12,7 @@ OUT=${OUT:-/tmp/tvq-gpu}
 mkdir -p "$OUT"
 python3 -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())"
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,driver_version --format=csv 2>/dev/null
-declare -A LIMIT=([peak]=60 [check]=90 [score]=400 [score-tvq]=120 [decode]=120 [train]=200)
+declare -A LIMIT=([peak]=60 [check]=90 [score]=400 [score-tvq]=100 [decode]=180 [train]=230)
 for section in "${@:-tests peak check score decode train}"; do
   for s in $section; do
     echo "== $s ($(date -u +%H:%M:%S))"

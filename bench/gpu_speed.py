@@ -187,32 +187,46 @@ def section_score(out, args) -> None:
              tvq_serial_speedup=round(seconds / tvq_seconds["serial"], 2))  # fmt: skip
 
 
+STARTED = time.perf_counter()
+
+
+def stage(message: str) -> None:
+    """A progress line with the seconds since the start (to see where a limit went)."""
+    print(f"[{time.perf_counter() - STARTED:7.1f} s] {message}", flush=True)
+
+
 def section_decode(out, args) -> None:
     from tvq.decoding import CHUNK, decode_chunk
     from tvq.ring import empty_rings
     from tvq.sampling import Sampler
 
-    params = init_params(PAPER, 0)
-    for name, sampler in (("greedy", Sampler(temperature=0)),
-                          ("CLI default", Sampler(temperature=0.8, top_p=0.95))):  # fmt: skip
+    for layers in (4, PAPER.n_layer):
+        config = dataclasses.replace(PAPER, n_layer=layers)
+        params = init_params(config, 0)
         for batch in (1, 64):
-            rings = empty_rings(PAPER, batch)
-            token = jnp.zeros([batch], jnp.int32)
-            forced = jnp.zeros([CHUNK, batch], jnp.int32)
-            key = jax.random.PRNGKey(0)
-            chunks = 8
+            samplers = (("greedy", Sampler(temperature=0)),
+                        ("CLI default", Sampler(temperature=0.8, top_p=0.95)))  # fmt: skip
+            for name, sampler in samplers:
+                rings = jax.device_put(empty_rings(config, batch))
+                token = jnp.zeros([batch], jnp.int32)
+                forced = jnp.zeros([CHUNK, batch], jnp.int32)
+                key = jax.random.PRNGKey(0)
+                stage(f"decode {layers} layers batch {batch} {name}: compiling")
+                compiled = decode_chunk.lower(config, params, rings, token, key, CHUNK, forced,
+                                              0, -1, sampler=sampler).compile()  # fmt: skip
+                stage("compiled")
+                chunks = 4
 
-            def run(rings=rings, token=token, forced=forced, sampler=sampler, key=key):
-                r, t, k = rings, token, key
-                for _ in range(8):
-                    r, t, k, *_ = decode_chunk(PAPER, params, r, t, k, CHUNK, forced, 0, -1,
-                                               sampler=sampler)  # fmt: skip
-                return t
+                def run(c=compiled, p=params, rings=rings, token=token, forced=forced, key=key):
+                    r, t, k = rings, token, key
+                    for _ in range(4):
+                        r, t, k, *_ = c(p, r, t, k, CHUNK, forced, 0, -1)
+                    return t
 
-            seconds = timed(run, 3)
-            emit(out, section="decode", sampler=name, batch=batch,
-                 tokens_per_s=round(batch * CHUNK * chunks / seconds),
-                 ms_per_step=round(1000 * seconds / (CHUNK * chunks), 3))  # fmt: skip
+                seconds = timed(run, 3)
+                emit(out, section="decode", layers=layers, sampler=name, batch=batch,
+                     tokens_per_s=round(batch * CHUNK * chunks / seconds),
+                     ms_per_step=round(1000 * seconds / (CHUNK * chunks), 3))  # fmt: skip
 
 
 def section_train(out, args) -> None:
@@ -220,30 +234,36 @@ def section_train(out, args) -> None:
 
     bf16_peak, _ = peak(jnp.bfloat16)
     settings = TrainSettings(batch_size=BATCH, update_len=1024, block_len=BLOCK)
-    params = init_params(PAPER, 0)
-    optimizer = make_optimizer(settings)
     rng = np.random.default_rng(1)
     data = rng.integers(0, 256, (BATCH, settings.update_len + 1))
     inputs, targets = jnp.asarray(data[:, :-1]), jnp.asarray(data[:, 1:])
-    for algorithm in ("serial", "parallel"):
-        step = make_train_step(PAPER, settings, optimizer, algorithm)
-        carry = {"params": jax.tree_util.tree_map(jnp.copy, params)}
-        carry["opt"] = optimizer.init(carry["params"])
-
-        def once(step=step, carry=carry):
-            p, o, _, metrics = step(carry["params"], carry["opt"],
-                                    initial_state(PAPER, BATCH), inputs, targets)  # fmt: skip
-            carry["params"], carry["opt"] = p, o
-            return metrics
-
+    optimizer = make_optimizer(settings)
+    for layers, algorithm in ((4, "parallel"), (4, "serial"), (PAPER.n_layer, "parallel"),
+                              (PAPER.n_layer, "serial")):  # fmt: skip
+        config = dataclasses.replace(PAPER, n_layer=layers)
+        params = init_params(config, 0)
+        step = make_train_step(config, settings, optimizer, algorithm)
+        carry = {"params": params, "opt": optimizer.init(params)}
+        state = jax.device_put(initial_state(config, BATCH))
         try:
+            stage(f"train {layers} layers {algorithm}: compiling")
+            compiled = step.lower(carry["params"], carry["opt"], state, inputs, targets).compile()
+            state = jax.tree_util.tree_map(jnp.copy, state)
+            stage("compiled")
+
+            def once(c=compiled, carry=carry, state=state):  # the step donates its state
+                fresh = jax.tree_util.tree_map(jnp.copy, state)
+                p, o, _, metrics = c(carry["params"], carry["opt"], fresh, inputs, targets)
+                carry["params"], carry["opt"] = p, o
+                return metrics
+
             seconds = timed(once, 3)
         except Exception as e:  # noqa: BLE001 - report (out of memory, say) and go on
-            emit(out, section="train", algorithm=algorithm, error=str(e)[:300])
+            emit(out, section="train", layers=layers, algorithm=algorithm, error=str(e)[:300])
             continue
         rate = BATCH * settings.update_len / seconds
-        flops = 3 * flops_per_token(PAPER, BLOCK)
-        emit(out, section="train", algorithm=algorithm, batch=BATCH,
+        flops = 3 * flops_per_token(config, BLOCK)
+        emit(out, section="train", layers=layers, algorithm=algorithm, batch=BATCH,
              update_len=settings.update_len, tokens_per_s=round(rate),
              mfu=round(rate * flops / bf16_peak, 4))  # fmt: skip
 
