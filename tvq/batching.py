@@ -39,10 +39,13 @@ def step_len(block_len: int) -> int:
     return block_len * max(STEP_BLOCKS, -(-MIN_STEP // block_len))
 
 
-@functools.partial(jax.jit, static_argnames=("config", "block_len"), donate_argnums=(3,))
+@functools.partial(
+    jax.jit, static_argnames=("config", "block_len", "algorithm"), donate_argnums=(3,)
+)
 def _score_step(config: ModelConfig, block_len: int, params: Any, state: ModelState,
                 start: ModelState, reset: jax.Array, inputs: jax.Array, targets: jax.Array,
-                valid: jax.Array) -> tuple[jax.Array, ModelState]:  # fmt: skip
+                valid: jax.Array, algorithm: str = "serial",
+                ) -> tuple[jax.Array, ModelState]:  # fmt: skip
     """Rows flagged `reset` restart from `start`; → (Σ NLL of the valid tokens [R], state)."""
 
     def pick(now: jax.Array, fresh: jax.Array) -> jax.Array:
@@ -50,7 +53,8 @@ def _score_step(config: ModelConfig, block_len: int, params: Any, state: ModelSt
         return jnp.where(flags, fresh, now)
 
     state = jax.tree_util.tree_map(pick, state, start)
-    log_probs, state = forward(config, params, inputs, state, block_len, targets)
+    log_probs, state = forward(config, params, inputs, state, block_len, targets,
+                               algorithm=algorithm)  # fmt: skip
     return -jnp.sum(jnp.where(valid, log_probs, 0.0), axis=1), state
 
 
@@ -166,8 +170,8 @@ class BatchScorer:
                 valid[r, : len(ids)] = True
             inputs = np.concatenate([last[:, None], targets[:, :-1]], axis=1)
             placed = split_rows(self.mesh, (jnp.asarray(reset), inputs, targets, valid))
-            nll, state = _score_step(self.model.config, self.block_len, params, state,
-                                     start_rows, *placed)  # fmt: skip
+            nll, state = _score_step(self.model.config, self.block_len, params, state, start_rows,
+                                     *placed, algorithm=self.model.algorithm)  # fmt: skip
             nll = np.asarray(nll, np.float64)
             for r, row in enumerate(self.active):
                 if row is not None and counts[r]:

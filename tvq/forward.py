@@ -195,10 +195,11 @@ def sequence_parallel_forward(
     from jax.sharding import PartitionSpec
 
     axis, n_devices = mesh.axis_names[0], mesh.size
-    if chunk_len is None:
-        chunk_len = default_chunk_len(config, tokens.shape[0], block_len)
+    if chunk_len is None:  # the call's blocks shared out, within the memory bound
+        share = tokens.shape[1] // n_devices // block_len * block_len
+        chunk_len = min(default_chunk_len(config, tokens.shape[0], block_len), share)
     # Each device's run must hold the M entries its right neighbour's first window needs.
-    chunk_len = max(chunk_len, -(-config.mem_len // block_len) * block_len)
+    chunk_len = max(chunk_len, block_len, -(-config.mem_len // block_len) * block_len)
     span = n_devices * chunk_len
     net = Transformer(config)
     variables = {"params": params}
@@ -240,3 +241,8 @@ def sequence_parallel_forward(
         )  # fmt: skip
         outs.append(rest)
     return (outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)), state
+
+
+sequence_parallel_jit = jax.jit(
+    sequence_parallel_forward, static_argnames=("config", "block_len", "mesh", "chunk_len")
+)

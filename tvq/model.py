@@ -18,16 +18,32 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
 from tvq import checkpoint, reference
 from tvq.config import ModelConfig
+from tvq.devices import replicated
 from tvq.errors import InputError
-from tvq.forward import check_algorithm, forward_jit, on_device
+from tvq.forward import check_algorithm, forward_jit, on_device, sequence_parallel_jit
 from tvq.params import init_params
 from tvq.state import ModelState, check_state, initial_state, state_nbytes
 from tvq.tokenizer import Tokenizer, check_vocab
 
 DEFAULT_BLOCK_LEN = 128
+
+
+DTYPES = ("float32", "bfloat16")
+
+
+def check_sequence_devices(count: Any) -> int:
+    """How many local devices one sequence may be spread over, or InputError."""
+    available = len(jax.local_devices())
+    if not isinstance(count, int) or isinstance(count, bool) or not 1 <= count <= available:
+        raise InputError(
+            f"a sequence can be spread over 1 to {available} devices (the devices JAX "
+            f"sees), got {count!r}"
+        )
+    return count
 
 
 def check_block_len(block_len: Any) -> int:
@@ -43,8 +59,11 @@ def default_block_len(config: ModelConfig) -> int:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Model:
-    """A Transformer-VQ model. `block_len` (None: a default from the config) changes speed,
-    never results; `tokenizer` (optional) must cover exactly the model's vocabulary."""
+    """A Transformer-VQ model. `block_len` (None: a default from the config),
+    `algorithm` (serial or parallel form; None: the faster for the device) and
+    `sequence_devices` (one sequence spread over this many local devices) change speed,
+    never results (docs/DESIGN.md section 8); `tokenizer` (optional) must cover exactly
+    the model's vocabulary. The compute dtype is the config's (`with_dtype`)."""
 
     config: ModelConfig
     params: Any
@@ -52,10 +71,14 @@ class Model:
     block_len: int | None = None
     metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
     tokenizer: Tokenizer | None = None
+    algorithm: str | None = None
+    sequence_devices: int = 1
 
     def __post_init__(self) -> None:
         block_len = default_block_len(self.config) if self.block_len is None else self.block_len
         object.__setattr__(self, "block_len", check_block_len(block_len))
+        object.__setattr__(self, "algorithm", check_algorithm(self.algorithm))
+        object.__setattr__(self, "sequence_devices", check_sequence_devices(self.sequence_devices))
         object.__setattr__(self, "params", on_device(self.params))
         object.__setattr__(self, "metadata", dict(self.metadata or {}))
         check_vocab(self.tokenizer, self.config.n_vocab)
@@ -84,6 +107,14 @@ class Model:
     def with_tokenizer(self, tokenizer: Tokenizer | None) -> Model:
         return dataclasses.replace(self, tokenizer=tokenizer)
 
+    def with_dtype(self, dtype: str) -> Model:
+        """The same parameters computing in `dtype`: "bfloat16" runs the matrix products
+        in bfloat16 with float32 sums, and keeps softmax, normalisation, log-probs and
+        the state in float32 (bench/RESULTS.md section 9 measures the difference)."""
+        if dtype not in DTYPES:
+            raise InputError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        return dataclasses.replace(self, config=dataclasses.replace(self.config, dtype=dtype))
+
     def save(self, path: str | os.PathLike) -> None:
         """Writes a model directory: config.json, the parameters (orbax) and the tokenizer."""
         checkpoint.save_model(
@@ -107,14 +138,11 @@ class Model:
         algorithm: str | None = None,
     ) -> tuple[jax.Array, ModelState]:
         """tokens int [B, T] → (float32 log-probs [B, T, n_vocab], state after the tokens).
-        algorithm "serial" or "parallel" (None: the faster for the device) computes the
-        same numbers (docs/DESIGN.md section 8)."""
+        algorithm "serial" or "parallel" (None: the model's) computes the same numbers
+        (docs/DESIGN.md section 8)."""
         tokens = self._check_tokens(tokens, "tokens")
         state = self._check_state(state, tokens.shape[0])
-        block_len = self._block_len(block_len)
-        algorithm = check_algorithm(algorithm)
-        tokens, state = on_device((tokens, state))
-        return forward_jit(self.config, self.params, tokens, state, block_len, algorithm=algorithm)
+        return self._forward(tokens, state, block_len, None, algorithm)
 
     def score(
         self,
@@ -134,12 +162,29 @@ class Model:
                 f"targets have shape {tuple(targets.shape)} but inputs {tuple(inputs.shape)}"
             )
         state = self._check_state(state, inputs.shape[0])
+        return self._forward(inputs, state, block_len, targets, algorithm)
+
+    def _forward(self, tokens, state, block_len, targets, algorithm):
         block_len = self._block_len(block_len)
-        algorithm = check_algorithm(algorithm)
-        inputs, targets, state = on_device((inputs, targets, state))
+        algorithm = self.algorithm if algorithm is None else check_algorithm(algorithm)
+        if self.sequence_devices > 1:  # the parallel form, spread over devices
+            mesh = self._sequence_mesh
+            tokens, state, targets = replicated(mesh, (tokens, state, targets))
+            return sequence_parallel_jit(
+                self.config, self._sequence_params, tokens, state, block_len, targets, mesh
+            )
+        tokens, state, targets = on_device((tokens, state, targets))
         return forward_jit(
-            self.config, self.params, inputs, state, block_len, targets, algorithm=algorithm
+            self.config, self.params, tokens, state, block_len, targets, algorithm=algorithm
         )
+
+    @functools.cached_property
+    def _sequence_mesh(self) -> Mesh:
+        return Mesh(np.array(jax.local_devices()[: self.sequence_devices]), ("sequence",))
+
+    @functools.cached_property
+    def _sequence_params(self) -> Any:
+        return replicated(self._sequence_mesh, self.params)
 
     @property
     def param_count(self) -> int:

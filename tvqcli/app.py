@@ -66,6 +66,42 @@ DistributedOption = Annotated[
                  help="auto: JAX finds the cluster (Slurm, Open MPI) instead of the three above."),
 ]  # fmt: skip
 
+
+class Algorithm(enum.StrEnum):
+    serial = "serial"
+    parallel = "parallel"
+
+
+AlgorithmOption = Annotated[
+    Algorithm | None,
+    typer.Option(help="serial: one block after another; parallel: a chunk of blocks at "
+                      "once (same numbers) (default: serial on a CPU, parallel on a GPU)."),
+]  # fmt: skip
+
+
+class Dtype(enum.StrEnum):
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+
+
+DtypeOption = Annotated[
+    Dtype | None,
+    typer.Option(help="Compute dtype: bfloat16 runs the matrix products in bfloat16, sums, "
+                      "softmax and state in float32 (default: the model's, float32)."),
+]  # fmt: skip
+
+
+def run_settings(model, algorithm: Algorithm | None = None, dtype: Dtype | None = None):
+    """The model with the speed settings of the command line (same parameters)."""
+    import dataclasses
+
+    if algorithm is not None:
+        model = dataclasses.replace(model, algorithm=algorithm.value)
+    if dtype is not None:
+        model = model.with_dtype(dtype.value)
+    return model
+
+
 _last_error = ""
 
 

@@ -12,12 +12,14 @@ import typer
 
 from tvqcli.app import (
     DevicesOption,
+    DtypeOption,
     ModelOption,
     app,
     check_output_file,
     fail,
     finite,
     handle_errors,
+    run_settings,
     stderr,
 )
 
@@ -89,6 +91,7 @@ def generate(
     load_state: Annotated[Path | None, typer.Option(help="Continue from a saved state.")] = None,
     save_state: Annotated[Path | None, typer.Option(help="Save the state after the text.")] = None,
     devices: DevicesOption = None,
+    dtype: DtypeOption = None,
 ) -> None:
     """Generate text; tokens stream to stdout as they are sampled.
 
@@ -112,9 +115,10 @@ def generate(
         raise fail(str(e), 2) from None
     check_output_file(save_state, "--save-state")
     text = read_prompt(prompt, file)
-    loaded = tvq.load(model)
-    tokenizer = require_tokenizer(loaded)
-    context = read_state(load_state, loaded) if load_state is not None else None
+    base = tvq.load(model)  # state files belong to its parameters, whatever the dtype
+    tokenizer = require_tokenizer(base)
+    context = read_state(load_state, base) if load_state is not None else None
+    loaded = run_settings(base, dtype=dtype)
     seed = secrets.randbits(31) if seed is None else seed
     out = sys.stdout
     live = stream and num_samples == 1 and not json_output
@@ -154,7 +158,7 @@ def generate(
         out.write("\n")
     out.flush()
     if save_state is not None:
-        write_state(save_state, loaded, result.context)
+        write_state(save_state, base, result.context)
     if verbose:
         stderr.print(
             f"seed {seed} · prompt {result.prompt_tokens} tokens, "

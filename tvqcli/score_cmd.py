@@ -14,9 +14,11 @@ from typing import Annotated
 import typer
 
 from tvqcli.app import (
+    AlgorithmOption,
     CoordinatorOption,
     DevicesOption,
     DistributedOption,
+    DtypeOption,
     ModelOption,
     NumProcessesOption,
     ProcessIdOption,
@@ -25,6 +27,7 @@ from tvqcli.app import (
     fail,
     handle_errors,
     join_cluster,
+    run_settings,
     stderr,
 )
 
@@ -113,6 +116,16 @@ def score(
             min=1,
         ),
     ] = None,
+    algorithm: AlgorithmOption = None,
+    dtype: DtypeOption = None,
+    sequence_parallel: Annotated[
+        bool | None,
+        typer.Option(
+            "--sequence-parallel/--no-sequence-parallel",
+            help="Spread each text over the devices, a run of blocks on each (same "
+            "numbers) (default: on for one file on several GPUs).",
+        ),
+    ] = None,
     coordinator: CoordinatorOption = None,
     num_processes: NumProcessesOption = None,
     process_id: ProcessIdOption = None,
@@ -124,7 +137,8 @@ def score(
     device, a row taking the next file when its own ends; the numbers are
     those of scoring each file alone. With --coordinator (or --distributed
     auto) the files are shared out among the processes and process 0
-    prints the table."""
+    prints the table. --sequence-parallel spreads one long text over the
+    devices instead (docs/DESIGN.md section 8)."""
     import tvq
     from tvq import cluster
     from tvq.scoring import require_tokenizer, score_stream
@@ -144,12 +158,18 @@ def score(
     check_output_file(save_state, "--save-state")
     streams = [open_input(name) for name in files]  # every path is checked before work starts
     join_cluster(coordinator, num_processes, process_id, distributed)
-    if cluster.active() and (per_token is not None or save_state is not None or "-" in files):
-        raise fail("--per-token, --save-state and '-' (stdin) score in one process; "
-                   "leave out the cluster options", 2)  # fmt: skip
-    loaded = tvq.load(model)
-    tokenizer = require_tokenizer(loaded)
-    start = read_state(load_state, loaded) if load_state is not None else None
+    if cluster.active() and (per_token is not None or save_state is not None or "-" in files
+                             or sequence_parallel):  # fmt: skip
+        raise fail("--per-token, --save-state, --sequence-parallel and '-' (stdin) score in "
+                   "one process; leave out the cluster options", 2)  # fmt: skip
+    base = tvq.load(model)  # state files belong to its parameters, whatever the settings
+    tokenizer = require_tokenizer(base)
+    start = read_state(load_state, base) if load_state is not None else None
+    loaded = run_settings(base, algorithm, dtype)
+    if sequence_parallel is None:  # on where it pays: one text, several accelerators
+        sequence_parallel = len(files) == 1 and _accelerators(devices) > 1
+    if sequence_parallel:
+        loaded = _spread(loaded, devices)
     per_token_file = None
     if per_token is not None:
         try:
@@ -159,7 +179,9 @@ def score(
 
     scores, stopped, context, name = [], None, None, files[0]
     progress = _Progress(sum(_size(f) for f in files))
-    batched = cluster.active() or (len(files) > 1 and per_token is None and save_state is None)
+    batched = cluster.active() or (
+        len(files) > 1 and per_token is None and save_state is None and not sequence_parallel
+    )
     try:
         if batched:
             scores, stopped = _score_together(
@@ -229,7 +251,30 @@ def score(
             raise typer.Exit(code)
         raise fail(message, code)
     if save_state is not None and context is not None:
-        write_state(save_state, loaded, context)
+        write_state(save_state, base, context)
+
+
+def _accelerators(devices: int | None) -> int:
+    """Local accelerator devices the command may use (0 on a CPU)."""
+    import jax
+
+    if jax.default_backend() == "cpu":
+        return 0
+    count = len(jax.local_devices())
+    return count if devices is None else min(devices, count)
+
+
+def _spread(model, devices: int | None):
+    """The model with each text spread over `devices` local devices (None: all)."""
+    import dataclasses
+
+    import jax
+
+    count = len(jax.local_devices()) if devices is None else devices
+    if count > len(jax.local_devices()):
+        raise fail(f"--devices must be between 1 and {len(jax.local_devices())} "
+                   f"(the devices JAX sees), got {count}", 2)  # fmt: skip
+    return dataclasses.replace(model, sequence_devices=count)
 
 
 def _score_together(loaded, files, streams, progress, *, devices, rows, block_len, start):

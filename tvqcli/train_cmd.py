@@ -16,9 +16,11 @@ from tvq.train.settings import DEFAULT_VAL_FRACTION, DEFAULT_VOCAB_SIZE
 from tvq.train.settings import TrainSettings as Run
 from tvqcli.app import (
     CLUSTER_OPTIONS,
+    AlgorithmOption,
     CoordinatorOption,
     DevicesOption,
     DistributedOption,
+    DtypeOption,
     NumProcessesOption,
     ProcessIdOption,
     app,
@@ -103,6 +105,8 @@ def train(
         bool,
         typer.Option(help="Split parameters and optimizer state over the devices (FSDP)."),
     ] = False,
+    algorithm: AlgorithmOption = None,
+    dtype: DtypeOption = None,
     coordinator: CoordinatorOption = None,
     num_processes: NumProcessesOption = None,
     process_id: ProcessIdOption = None,
@@ -136,7 +140,8 @@ def train(
             architecture={name: values[name] for name in ARCH_FIELDS},
             settings={name: values[name] for name in RUN_FIELDS},
             corpus_name=name, command=command, on_progress=report, devices=devices,
-            shard_params=shard_params,
+            shard_params=shard_params, algorithm=algorithm and algorithm.value,
+            dtype=dtype and dtype.value,
         )  # fmt: skip
     if not cluster.is_main():  # process 0 reports for the cluster
         return

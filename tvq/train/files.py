@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -15,7 +16,7 @@ from tvq import cluster
 from tvq.checkpoint import TOKENIZER_FILE, is_model_dir
 from tvq.config import ModelConfig
 from tvq.errors import CorpusError, TrainingError, TvqError
-from tvq.model import Model, load
+from tvq.model import DTYPES, Model, load
 from tvq.tokenizer import ByteTokenizer, SentencePieceTokenizer, train_sentencepiece
 from tvq.train.data import find_files, read_documents, split_documents, token_stream
 from tvq.train.loop import TRAIN_DIR, run_training
@@ -53,9 +54,13 @@ def train_from_files(
     on_progress: Callable | None = None,
     devices: int | None = None,
     shard_params: bool = False,
+    algorithm: str | None = None,
+    dtype: str | None = None,
 ) -> Model:
     """Trains (or resumes, or fine-tunes `from_dir`) a model on text files; writes it to
-    `out` and returns it. architecture: ModelConfig fields; settings: TrainSettings."""
+    `out` and returns it. architecture: ModelConfig fields; settings: TrainSettings.
+    algorithm: the serial or parallel form (None: the faster for the device); dtype: the
+    compute dtype (None: the architecture's, or the fine-tuned model's)."""
     out = Path(out)
     check_out_dir(out)
     settings_obj = TrainSettings(**(settings or {}))
@@ -75,12 +80,16 @@ def train_from_files(
                             val_fraction, architecture, settings_obj, corpus_name,
                             command)  # fmt: skip
     config, tokenizer, train_tokens, val_documents, metadata = prepared
+    if dtype is not None:
+        if dtype not in DTYPES:
+            raise TrainingError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        config = dataclasses.replace(config, dtype=dtype)
     if base is not None:
         metadata["fine_tuned_from"] = str(from_dir)
     return run_training(
         out=out, config=config, settings=settings_obj, train_tokens=train_tokens,
         val_documents=val_documents, tokenizer=tokenizer, metadata=metadata, init_from=base,
-        on_progress=on_progress, devices=devices, shard_params=shard_params,
+        on_progress=on_progress, devices=devices, shard_params=shard_params, algorithm=algorithm,
     )  # fmt: skip
 
 
