@@ -136,3 +136,36 @@ def test_one_sequence_spread_over_four_devices_equals_one_device():
     for case, diffs in report.items():
         assert diffs["log_probs"] < ATOL, case
         assert diffs["state"] < ATOL, case
+
+
+def test_cli_settings_keep_the_numbers(tmp_path):
+    """tvq score --algorithm parallel / --sequence-parallel (4 devices) give the serial
+    numbers; --dtype bfloat16 stays close; a state saved under one setting continues
+    under another."""
+    from tests.test_cli import invoke
+
+    model = tmp_path / "model"
+    config = tiny_config(n_vocab=259, mem_len=8, e_scale=0.25)
+    tvq.Model.init(config, seed=0, block_len=4).with_tokenizer(tvq.tokenizer.ByteTokenizer()) \
+        .save(model)  # fmt: skip
+    text = ROOT / "tests" / "data" / "macbeth_head.txt"
+
+    def bits(*options) -> float:
+        result = invoke("score", text, "-m", model, "--format", "jsonl", *options)
+        return json.loads(result.output.splitlines()[0])["bits_per_byte"]
+
+    serial = bits("--algorithm", "serial")
+    assert bits("--algorithm", "parallel") == pytest.approx(serial, abs=1e-5)
+    assert bits("--dtype", "bfloat16") == pytest.approx(serial, abs=2e-2)
+    state = tmp_path / "state.tvqs"
+    invoke("score", text, "-m", model, "--dtype", "bfloat16", "--save-state", state)
+    invoke("score", text, "-m", model, "--load-state", state, "--algorithm", "parallel")
+    done = subprocess.run(
+        [sys.executable, "-m", "tvqcli", "score", str(text), "-m", str(model), "--format",
+         "jsonl", "--sequence-parallel"],
+        env=forced_devices(4), capture_output=True, text=True, timeout=300, cwd=ROOT,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout.splitlines()[0])["bits_per_byte"] == pytest.approx(
+        serial, abs=1e-5
+    )
