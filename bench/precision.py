@@ -28,6 +28,7 @@ def per_token(model, path: Path) -> tuple[np.ndarray, float, float]:
     """(log-probs of every token, bits per byte, seconds)."""
     kept = []
     start = time.perf_counter()
+
     def keep(ids, log_probs, offset):
         kept.append(np.asarray(log_probs))
 

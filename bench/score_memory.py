@@ -1,7 +1,7 @@
 """Peak memory of `tvq score` and `tvq generate` at two lengths: it must not grow.
 
     python bench/score_memory.py [--model DIR] [--small-mb 1] [--big-mb 100]
-                                 [--generate 1000 100000]
+                                 [--generate 1000 100000] [--algorithm parallel]
 
 Each file is scored by a separate `tvq score` process, and each generation is a
 separate `tvq generate -n N --ignore-eos` process (the token count printed is read from
@@ -54,9 +54,11 @@ def main() -> None:
     parser.add_argument("--small-mb", type=float, default=1)
     parser.add_argument("--big-mb", type=float, default=100)
     parser.add_argument("--generate", type=int, nargs="*", default=[1000, 100000])
+    parser.add_argument("--algorithm", choices=["serial", "parallel"], default=None,
+                        help="tvq score --algorithm (default: the device's)")  # fmt: skip
     args = parser.parse_args()
     model = ["-m", args.model] if args.model else []
-    print(f"# score_memory: {machine()}")
+    print(f"# score_memory: {machine()}; algorithm {args.algorithm or 'default'}")
     print("file_MiB  peak_RSS_MiB  seconds  ratio")
     with tempfile.TemporaryDirectory() as tmp:
         base = None
@@ -64,6 +66,7 @@ def main() -> None:
             path = Path(tmp) / f"{mb}MB.txt"
             make_file(path, mb)
             cmd = [sys.executable, "-m", "tvqcli", "score", str(path), *model, "--format", "json"]
+            cmd += ["--algorithm", args.algorithm] if args.algorithm else []
             rss, seconds = peak_rss(cmd)
             base = base or rss
             print(f"{mb:>8}  {rss:12.1f}  {seconds:7.1f}  {rss / base:5.3f}")
