@@ -162,8 +162,13 @@ def test_score_formats_and_totals(model_dir, tmp_path):
     a, b = DATA / "hamlet_head.txt", DATA / "macbeth_head.txt"
     rows = json.loads(invoke("score", a, b, "-m", model_dir, "--format", "json").stdout)
     assert [r["file"] for r in rows] == [str(a), str(b), "TOTAL"]
-    keys = {"file", "bytes", "tokens", "nll", "perplexity", "bits_per_token", "bits_per_byte"}
+    keys = {"file", "bytes", "tokens", "nll", "perplexity", "bits_per_token", "bits_per_byte",
+            "words", "word_perplexity", "nll_stderr", "perplexity_ci95"}  # fmt: skip
     assert set(rows[0]) == keys
+    assert rows[0]["words"] == len(a.read_bytes().split())
+    # several files scored together report each file's error as scoring it alone does
+    alone = json.loads(invoke("score", a, "-m", model_dir, "--format", "json").stdout)[0]
+    assert rows[0]["nll_stderr"] == pytest.approx(alone["nll_stderr"], rel=1e-4)
     assert rows[0]["bytes"] == a.stat().st_size == rows[0]["tokens"]  # bytes tokenizer
     total = rows[2]
     assert total["tokens"] == rows[0]["tokens"] + rows[1]["tokens"]
@@ -176,8 +181,9 @@ def test_score_formats_and_totals(model_dir, tmp_path):
         < 1e-9
     )
     csv_text = invoke("score", a, "-m", model_dir, "--format", "csv").stdout
-    assert (
-        csv_text.splitlines()[0] == "file,bytes,tokens,nll,perplexity,bits_per_token,bits_per_byte"
+    assert csv_text.splitlines()[0] == (
+        "file,bytes,tokens,nll,perplexity,bits_per_token,bits_per_byte,words,word_perplexity,"
+        "nll_stderr,perplexity_ci95"
     )
     lines = invoke("score", a, "-m", model_dir, "--format", "jsonl").stdout.splitlines()
     # alone, or batched with another file: the same numbers, to float rounding

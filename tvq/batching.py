@@ -25,7 +25,7 @@ from tvq.config import ModelConfig
 from tvq.devices import data_mesh, replicated, split_rows
 from tvq.forward import forward
 from tvq.model import Model, check_block_len
-from tvq.scoring import Context, FileScore, require_tokenizer
+from tvq.scoring import Context, FileScore, WordCounter, require_tokenizer
 from tvq.state import ModelState
 from tvq.tokenizer import encode_stream
 
@@ -46,7 +46,8 @@ def _score_step(config: ModelConfig, block_len: int, params: Any, state: ModelSt
                 start: ModelState, reset: jax.Array, inputs: jax.Array, targets: jax.Array,
                 valid: jax.Array, algorithm: str = "serial",
                 ) -> tuple[jax.Array, ModelState]:  # fmt: skip
-    """Rows flagged `reset` restart from `start`; → (Σ NLL of the valid tokens [R], state)."""
+    """Rows flagged `reset` restart from `start`; → (NLL of each token [R, S], 0 where not
+    valid, and the state)."""
 
     def pick(now: jax.Array, fresh: jax.Array) -> jax.Array:
         flags = reset.reshape(reset.shape + (1,) * (now.ndim - 1))
@@ -55,7 +56,7 @@ def _score_step(config: ModelConfig, block_len: int, params: Any, state: ModelSt
     state = jax.tree_util.tree_map(pick, state, start)
     log_probs, state = forward(config, params, inputs, state, block_len, targets,
                                algorithm=algorithm)  # fmt: skip
-    return -jnp.sum(jnp.where(valid, log_probs, 0.0), axis=1), state
+    return -jnp.where(valid, log_probs, 0.0), state
 
 
 @dataclasses.dataclass
@@ -153,8 +154,9 @@ class BatchScorer:
                     if index is None:
                         break
                     name, stream = self.texts[index]
-                    self.active[r] = _Row(index, encode_stream(self.tokenizer, stream),
-                                          FileScore(name))  # fmt: skip
+                    score = FileScore(name)
+                    pieces = encode_stream(self.tokenizer, WordCounter(stream, score))
+                    self.active[r] = _Row(index, pieces, score)
                     reset[r], last[r] = True, start_token
             if all(row is None for row in self.active):
                 break
@@ -176,7 +178,8 @@ class BatchScorer:
             for r, row in enumerate(self.active):
                 if row is not None and counts[r]:
                     row.score.tokens += int(counts[r])
-                    row.score.nll_sum += float(nll[r])
+                    row.score.nll_sum += float(nll[r, : counts[r]].sum())
+                    row.score.add_nll(nll[r, : counts[r]])
                     last[r] = targets[r, counts[r] - 1]
             if on_step is not None:
                 running = sum(row.score.bytes for row in self.active if row is not None)

@@ -127,18 +127,97 @@ def score_ids(
     return result, new_context
 
 
+# Tokens per block for the standard error: tokens are correlated, so the error of the
+# mean token NLL is taken over the means of consecutive blocks (batch means).
+ERROR_BLOCK = 256
+
+
+def _merge_moments(a: tuple[int, float, float], b: tuple[int, float, float]):
+    """(count, mean, M2) of two groups merged (Chan et al.'s pairwise update)."""
+    (n_a, mean_a, m2_a), (n_b, mean_b, m2_b) = a, b
+    n = n_a + n_b
+    if n == 0:
+        return 0, 0.0, 0.0
+    delta = mean_b - mean_a
+    return n, mean_a + delta * n_b / n, m2_a + m2_b + delta * delta * n_a * n_b / n
+
+
 @dataclasses.dataclass
 class FileScore:
-    """Totals for one text; `nll` in nats per token."""
+    """Totals for one text; `nll` in nats per token. Also its words (whitespace-separated,
+    counted as bytes are read) and the moments of its ERROR_BLOCK-token block means,
+    from which the standard error of `nll` comes (in constant memory)."""
 
     file: str
     bytes: int = 0
     tokens: int = 0
     nll_sum: float = 0.0
     invalid_utf8: bool = False
+    words: int = 0
+    in_word: bool = False  # the last byte read was part of a word
+    blocks: int = 0  # complete blocks of ERROR_BLOCK tokens
+    block_mean: float = 0.0  # mean of their mean NLLs
+    block_m2: float = 0.0  # Σ (block mean − block_mean)²
+    partial_tokens: int = 0  # tokens of the block being filled
+    partial_sum: float = 0.0
+
+    def count_words(self, data: bytes) -> None:
+        """Counts the words in the next bytes of the text (a word may span reads)."""
+        if not data:
+            return
+        words = len(data.split())
+        if words and self.in_word and not data[:1].isspace():
+            words -= 1  # the first one continues the last read's word
+        self.words += words
+        self.in_word = not data[-1:].isspace()
+
+    def add_nll(self, nll) -> None:
+        """Folds the next tokens' NLLs (nats, in text order) into the error blocks."""
+        values = np.asarray(nll, np.float64).reshape(-1)
+        if not len(values):
+            return
+        need = ERROR_BLOCK - self.partial_tokens
+        if len(values) < need:
+            self.partial_tokens += len(values)
+            self.partial_sum += float(values.sum())
+            return
+        first = self.partial_sum + float(values[:need].sum())
+        rest = values[need:]
+        whole = len(rest) // ERROR_BLOCK * ERROR_BLOCK
+        sums = np.concatenate([[first], rest[:whole].reshape(-1, ERROR_BLOCK).sum(axis=1)])
+        means = sums / ERROR_BLOCK
+        batch = (len(means), float(means.mean()), float(((means - means.mean()) ** 2).sum()))
+        self.blocks, self.block_mean, self.block_m2 = _merge_moments(
+            (self.blocks, self.block_mean, self.block_m2), batch
+        )
+        self.partial_tokens = len(rest) - whole
+        self.partial_sum = float(rest[whole:].sum())
+
+    @property
+    def nll_stderr(self) -> float | None:
+        """Standard error of the mean token NLL by batch means (None below 2 blocks)."""
+        if self.blocks < 2:
+            return None
+        return math.sqrt(self.block_m2 / (self.blocks - 1) / self.blocks)
+
+    @classmethod
+    def total(cls, scores: list[FileScore], name: str = "TOTAL") -> FileScore:
+        """The scores of several texts together (their blocks pooled)."""
+        total = cls(name)
+        for s in scores:
+            total.bytes += s.bytes
+            total.tokens += s.tokens
+            total.nll_sum += s.nll_sum
+            total.words += s.words
+            total.blocks, total.block_mean, total.block_m2 = _merge_moments(
+                (total.blocks, total.block_mean, total.block_m2),
+                (s.blocks, s.block_mean, s.block_m2),
+            )
+        return total
 
     def row(self) -> dict:
         nll = self.nll_sum / self.tokens if self.tokens else 0.0
+        stderr = self.nll_stderr
         return {
             "file": self.file,
             "bytes": self.bytes,
@@ -147,7 +226,24 @@ class FileScore:
             "perplexity": math.exp(nll),
             "bits_per_token": nll / math.log(2),
             "bits_per_byte": self.nll_sum / math.log(2) / self.bytes if self.bytes else 0.0,
-        }
+            "words": self.words,
+            "word_perplexity": math.exp(self.nll_sum / self.words) if self.words else None,
+            "nll_stderr": stderr,
+            "perplexity_ci95": None if stderr is None else
+            [math.exp(nll - 1.96 * stderr), math.exp(nll + 1.96 * stderr)],
+        }  # fmt: skip
+
+
+class WordCounter:
+    """A binary stream that counts the words of what is read from it into `score`."""
+
+    def __init__(self, stream, score: FileScore) -> None:
+        self.stream, self.score = stream, score
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.stream.read(size)
+        self.score.count_words(data)
+        return data
 
 
 def score_stream(
@@ -178,9 +274,8 @@ def score_stream(
 
     def flush(ids: list[int]) -> None:
         nonlocal context, offset
-        scored, context = score_ids(
-            model, ids, context, keep_log_probs=on_tokens is not None, block_len=block_len
-        )
+        scored, context = score_ids(model, ids, context, keep_log_probs=True, block_len=block_len)
+        result.add_nll(-scored.log_probs[0])
         start = offset
         offset += sum(len(tokenizer.token_bytes(i)) for i in ids)
         # Totals first, all together, and reported before the per-token results: an
@@ -194,7 +289,7 @@ def score_stream(
         if on_tokens is not None:
             on_tokens(ids, scored.log_probs[0], start)
 
-    for ids, n_bytes, invalid in encode_stream(tokenizer, stream):
+    for ids, n_bytes, invalid in encode_stream(tokenizer, WordCounter(stream, result)):
         raw_bytes += n_bytes
         result.invalid_utf8 |= invalid
         pending.extend(ids)

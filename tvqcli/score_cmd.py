@@ -52,12 +52,7 @@ def open_input(name: str):
 def total_row(scores) -> dict:
     from tvq.scoring import FileScore
 
-    total = FileScore("TOTAL")
-    for s in scores:
-        total.bytes += s.bytes
-        total.tokens += s.tokens
-        total.nll_sum += s.nll_sum
-    return total.row()
+    return FileScore.total(scores).row()
 
 
 def render(rows: list[dict], fmt: str, partial: bool) -> str:
@@ -84,9 +79,10 @@ def print_table(rows: list[dict], partial: bool) -> None:
     for key in KEYS:
         table.add_column(key, justify="left" if key == "file" else "right")
     for r in rows:
-        table.add_row(r["file"], f"{r['bytes']:,}", f"{r['tokens']:,}", f"{r['nll']:.4f}",
-                      f"{r['perplexity']:.3f}", f"{r['bits_per_token']:.4f}",
-                      f"{r['bits_per_byte']:.4f}")  # fmt: skip
+        spread = "" if r["nll_stderr"] is None else f" ± {r['nll_stderr']:.4f}"
+        table.add_row(r["file"], f"{r['bytes']:,}", f"{r['tokens']:,}",
+                      f"{r['nll']:.4f}{spread}", f"{r['perplexity']:.3f}",
+                      f"{r['bits_per_token']:.4f}", f"{r['bits_per_byte']:.4f}")  # fmt: skip
     Console().print(table)
 
 
@@ -132,6 +128,9 @@ def score(
     distributed: DistributedOption = None,
 ) -> None:
     """Score files: NLL, perplexity, bits per token and bits per byte, per file and in total.
+
+    Also words, word perplexity, and the NLL's standard error (batch means over
+    256-token blocks) with a 95% interval of the perplexity.
 
     Several files are scored together, --batch-size per device on every
     device, a row taking the next file when its own ends; the numbers are
