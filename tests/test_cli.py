@@ -163,7 +163,8 @@ def test_score_formats_and_totals(model_dir, tmp_path):
     rows = json.loads(invoke("score", a, b, "-m", model_dir, "--format", "json").stdout)
     assert [r["file"] for r in rows] == [str(a), str(b), "TOTAL"]
     keys = {"file", "bytes", "tokens", "nll", "perplexity", "bits_per_token", "bits_per_byte",
-            "words", "word_perplexity", "nll_stderr", "perplexity_ci95"}  # fmt: skip
+            "words", "word_perplexity", "nll_stderr", "perplexity_ci95", "protocol", "window",
+            "stride"}  # fmt: skip
     assert set(rows[0]) == keys
     assert rows[0]["words"] == len(a.read_bytes().split())
     # several files scored together report each file's error as scoring it alone does
@@ -183,7 +184,7 @@ def test_score_formats_and_totals(model_dir, tmp_path):
     csv_text = invoke("score", a, "-m", model_dir, "--format", "csv").stdout
     assert csv_text.splitlines()[0] == (
         "file,bytes,tokens,nll,perplexity,bits_per_token,bits_per_byte,words,word_perplexity,"
-        "nll_stderr,perplexity_ci95"
+        "nll_stderr,perplexity_ci95,protocol,window,stride"
     )
     lines = invoke("score", a, "-m", model_dir, "--format", "jsonl").stdout.splitlines()
     # alone, or batched with another file: the same numbers, to float rounding

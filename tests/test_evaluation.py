@@ -10,6 +10,7 @@ import pytest
 
 import tvq
 from tvq.scoring import ERROR_BLOCK, FileScore, score_stream
+from tvq.tokenizer import ByteTokenizer
 
 DATA = Path(__file__).parent / "data"
 
@@ -77,3 +78,71 @@ def test_stderr_shrinks_as_the_text_grows(default_model):
     assert row["words"] == len(text.split())
     assert row["word_perplexity"] == pytest.approx(math.exp(long.nll_sum / row["words"]))
     assert row["word_perplexity"] > row["perplexity"]  # more than one token per word
+
+
+# -- protocols ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def byte_model():
+    from tests.conftest import tiny_config
+
+    config = tiny_config(n_vocab=259, mem_len=4, e_scale=0.25)
+    return tvq.Model.init(config, seed=3, block_len=4).with_tokenizer(ByteTokenizer())
+
+
+def per_token(model, text: bytes, **protocol):
+    kept = []
+
+    def keep(ids, log_probs, offset):
+        kept.append(np.asarray(log_probs))
+
+    result, _ = score_stream(model, io.BytesIO(text), "t", **protocol, on_tokens=keep)
+    return result, np.concatenate(kept)
+
+
+def test_a_window_as_long_as_the_text_is_full_context(byte_model):
+    text = (DATA / "macbeth_head.txt").read_bytes()[:300]
+    full, full_lp = per_token(byte_model, text)
+    window, window_lp = per_token(byte_model, text, window=300)
+    np.testing.assert_allclose(window_lp, full_lp, atol=1e-6)
+    assert (full.row()["protocol"], window.row()["protocol"]) == ("full", "window")
+    shorter, _ = per_token(byte_model, text, window=50)  # less context: a different score
+    assert shorter.tokens == 300 and shorter.row()["window"] == 50
+    assert abs(shorter.nll_sum - full.nll_sum) > 1e-3
+
+
+def test_fixed_windows_restart_from_the_start_state(byte_model):
+    text = (DATA / "hamlet_head.txt").read_bytes()[:100]
+    _, windows = per_token(byte_model, text, window=30)
+    for start in range(0, 100, 30):  # each window alone, as its own text
+        _, alone = per_token(byte_model, text[start : start + 30])
+        np.testing.assert_allclose(windows[start : start + 30], alone, atol=1e-6)
+
+
+def test_stride_one_equals_recomputing_each_token_with_its_window(byte_model):
+    from tvq.scoring import score_ids
+
+    text = (DATA / "hamlet_head.txt").read_bytes()[:40]
+    ids, n = byte_model.tokenizer.encode(text.decode()), 9
+    result, strided = per_token(byte_model, text, window=n, stride=1)
+    assert result.tokens == 40 and result.row()["protocol"] == "stride"
+    for t in range(40):
+        if t < n:  # the first window: everything before t
+            scored, _ = score_ids(byte_model, ids[: t + 1], keep_log_probs=True)
+            expected = scored.log_probs[0, t]
+        else:  # the n - 1 tokens before t, from a fresh state
+            _, context = score_ids(byte_model, ids[t - n + 1 : t])
+            scored, _ = score_ids(byte_model, ids[t : t + 1], context, keep_log_probs=True)
+            expected = scored.log_probs[0, 0]
+        assert strided[t] == pytest.approx(expected, abs=1e-5), t
+
+
+def test_bad_protocols_are_input_errors(byte_model):
+    from tvq.errors import InputError
+
+    for protocol, message in (({"stride": 4}, "a stride needs a window"),
+                              ({"window": 4, "stride": 5}, "must not exceed"),
+                              ({"window": 0}, "positive number of tokens")):  # fmt: skip
+        with pytest.raises(InputError, match=message):
+            score_stream(byte_model, io.BytesIO(b"abc"), "t", **protocol)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Iterator
+from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
@@ -153,6 +154,9 @@ class FileScore:
     tokens: int = 0
     nll_sum: float = 0.0
     invalid_utf8: bool = False
+    protocol: str = "full"  # full, window or stride (tvq.scoring.score_stream)
+    window: int | None = None
+    stride: int | None = None
     words: int = 0
     in_word: bool = False  # the last byte read was part of a word
     blocks: int = 0  # complete blocks of ERROR_BLOCK tokens
@@ -203,7 +207,8 @@ class FileScore:
     @classmethod
     def total(cls, scores: list[FileScore], name: str = "TOTAL") -> FileScore:
         """The scores of several texts together (their blocks pooled)."""
-        total = cls(name)
+        first = scores[0] if scores else cls(name)
+        total = cls(name, protocol=first.protocol, window=first.window, stride=first.stride)
         for s in scores:
             total.bytes += s.bytes
             total.tokens += s.tokens
@@ -231,6 +236,9 @@ class FileScore:
             "nll_stderr": stderr,
             "perplexity_ci95": None if stderr is None else
             [math.exp(nll - 1.96 * stderr), math.exp(nll + 1.96 * stderr)],
+            "protocol": self.protocol,
+            "window": self.window,
+            "stride": self.stride,
         }  # fmt: skip
 
 
@@ -255,6 +263,8 @@ def score_stream(
     context: Context | None = None,
     on_piece=None,
     on_tokens=None,
+    window: int | None = None,
+    stride: int | None = None,
 ) -> tuple[FileScore, Context]:
     """Scores a binary stream in one pass, piece by piece, carrying the context.
 
@@ -263,14 +273,46 @@ def score_stream(
     once (tvq.tokenizer.encode_stream). on_piece(score) is called after each chunk
     (progress; bytes then count the scored tokens); on_tokens(ids, log_probs,
     byte_offset) receives per-token results. Memory stays flat whatever the length.
+
+    Protocols (check_protocol): by default full context, every token seeing everything
+    before it. window N: fixed windows of N tokens, each from a fresh state (the
+    reference implementation's evaluation). window N, stride S: windows of N tokens
+    advancing by S, each token scored once with its window's context only: the first
+    window scores its N tokens, each later one feeds the N − S tokens before its S new
+    tokens from a fresh state, then scores those S (strided perplexity).
     """
     tokenizer = require_tokenizer(model)
     block_len = model.block_len if block_len is None else check_block_len(block_len)
-    result = FileScore(name)
+    window, stride = check_protocol(window, stride)
+    if window is not None and context is not None:
+        raise InputError("a window starts from a fresh state: it cannot continue a state")
+    result = FileScore(name, protocol=protocol_name(window, stride), window=window,
+                       stride=stride)  # fmt: skip
     context = context or Context.start(model, 1)
     chunk = chunk_len(block_len)
     pending: list[int] = []
     raw_bytes, offset = 0, 0
+    position, history = 0, []  # tokens read so far; the last N − S of them
+
+    def through_windows(ids: list[int]) -> None:
+        """Scores ids in the pieces the protocol cuts, fresh at each window's start."""
+        nonlocal context, position, history
+        step = stride or window
+        while ids:
+            if position < window:  # the first window continues the start context
+                take = ids[: window - position]
+            else:
+                into = (position - window) % step
+                if into == 0:  # a new window: its context, unscored, from a fresh state
+                    context = Context.start(model, 1)
+                    if window > step:
+                        _, context = score_ids(model, history, context, block_len=block_len)
+                take = ids[: step - into]
+            flush(take)
+            position += len(take)
+            seen = history + take
+            history = seen[max(0, len(seen) - (window - step)) :]
+            ids = ids[len(take) :]
 
     def flush(ids: list[int]) -> None:
         nonlocal context, offset
@@ -295,9 +337,29 @@ def score_stream(
         pending.extend(ids)
         ready = len(pending) // chunk * chunk
         if ready:
-            flush(pending[:ready])
+            (flush if window is None else through_windows)(pending[:ready])
             pending = pending[ready:]
     if pending:
-        flush(pending)
+        (flush if window is None else through_windows)(pending)
     result.bytes = raw_bytes
     return result, context
+
+
+def check_protocol(window: Any, stride: Any) -> tuple[int | None, int | None]:
+    """(window, stride) as given, or InputError: a stride needs a window, and
+    1 ≤ stride ≤ window."""
+    for name, value in (("window", window), ("stride", stride)):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool)
+                                  or value < 1):  # fmt: skip
+            raise InputError(f"{name} must be a positive number of tokens, got {value!r}")
+    if stride is not None and window is None:
+        raise InputError("a stride needs a window (--window N --stride S)")
+    if stride is not None and stride > window:
+        raise InputError(f"the stride ({stride}) must not exceed the window ({window})")
+    return window, stride
+
+
+def protocol_name(window: int | None, stride: int | None) -> str:
+    if window is None:
+        return "full"
+    return "window" if stride is None else "stride"

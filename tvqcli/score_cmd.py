@@ -112,6 +112,22 @@ def score(
             min=1,
         ),
     ] = None,
+    window: Annotated[
+        int | None,
+        typer.Option(
+            help="Score in windows of N tokens, each from a fresh state "
+            "(default: full context from the first token).",
+            min=1,
+        ),
+    ] = None,
+    stride: Annotated[
+        int | None,
+        typer.Option(
+            help="With --window: windows advance by S tokens, each token scored "
+            "once with its window's context (strided perplexity).",
+            min=1,
+        ),
+    ] = None,
     algorithm: AlgorithmOption = None,
     dtype: DtypeOption = None,
     sequence_parallel: Annotated[
@@ -153,14 +169,21 @@ def score(
         raise fail(f"--block-len must be >= 1, got {block_len}", 2)
     if files.count("-") > 1:
         raise fail("'-' (stdin) can be scored once", 2)
+    if stride is not None and window is None:
+        raise fail("--stride needs --window", 2)
+    if stride is not None and stride > window:
+        raise fail(f"--stride ({stride}) must not exceed --window ({window})", 2)
+    if window is not None and (load_state is not None or save_state is not None):
+        raise fail("--window scores from fresh states: it takes no --load-state or "
+                   "--save-state", 2)  # fmt: skip
     check_output_file(per_token, "--per-token")
     check_output_file(save_state, "--save-state")
     streams = [open_input(name) for name in files]  # every path is checked before work starts
     join_cluster(coordinator, num_processes, process_id, distributed)
     if cluster.active() and (per_token is not None or save_state is not None or "-" in files
-                             or sequence_parallel):  # fmt: skip
-        raise fail("--per-token, --save-state, --sequence-parallel and '-' (stdin) score in "
-                   "one process; leave out the cluster options", 2)  # fmt: skip
+                             or sequence_parallel or window is not None):  # fmt: skip
+        raise fail("--per-token, --save-state, --window, --sequence-parallel and '-' (stdin) "
+                   "score in one process; leave out the cluster options", 2)  # fmt: skip
     base = tvq.load(model)  # state files belong to its parameters, whatever the settings
     tokenizer = require_tokenizer(base)
     start = read_state(load_state, base) if load_state is not None else None
@@ -180,7 +203,8 @@ def score(
     progress = _Progress(sum(_size(f) for f in files))
     batched = cluster.active() or (
         len(files) > 1 and per_token is None and save_state is None and not sequence_parallel
-    )
+        and window is None
+    )  # fmt: skip
     try:
         if batched:
             scores, stopped = _score_together(
@@ -210,7 +234,7 @@ def score(
             result, context = score_stream(
                 loaded, stream, "<stdin>" if name == "-" else name, block_len=block_len,
                 context=start, on_piece=progress.update,
-                on_tokens=on_tokens if per_token_file else None,
+                on_tokens=on_tokens if per_token_file else None, window=window, stride=stride,
             )  # fmt: skip
             progress.finish_file(result)
             scores.append(result)
