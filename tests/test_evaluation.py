@@ -2,6 +2,7 @@
 of the mean token NLL by batch means, and its 95% interval (tvq/scoring.py)."""
 
 import io
+import json
 import math
 from pathlib import Path
 
@@ -146,3 +147,60 @@ def test_bad_protocols_are_input_errors(byte_model):
                               ({"window": 0}, "positive number of tokens")):  # fmt: skip
         with pytest.raises(InputError, match=message):
             score_stream(byte_model, io.BytesIO(b"abc"), "t", **protocol)
+
+
+# -- the long-context curve -----------------------------------------------------------------
+
+
+def test_by_position_buckets_double_and_add_up(byte_model):
+    from tvq.scoring import position_bucket
+
+    assert list(position_bucket(np.array([0, 127, 128, 255, 256, 511, 512, 1023, 1024]))) == [
+        0, 0, 1, 1, 2, 2, 3, 3, 4]  # fmt: skip
+    text = (DATA / "macbeth_head.txt").read_bytes()[:700]
+    result, log_probs = per_token(byte_model, text, by_position=True)
+    rows = result.row()["by_position"]
+    assert [(r["start"], r["end"]) for r in rows] == [(0, 128), (128, 256), (256, 512),
+                                                      (512, 1024)]  # fmt: skip
+    assert [r["tokens"] for r in rows] == [128, 128, 256, 188]
+    for r in rows:  # a bucket's NLL is the mean over its tokens (bytes: 1 token = 1 byte)
+        assert r["nll"] == pytest.approx(-log_probs[r["start"] : r["end"]].mean(), rel=1e-5)
+        assert r["bits_per_byte"] == pytest.approx(r["nll"] / math.log(2), rel=1e-9)
+    total = FileScore.total([result, result]).row()["by_position"]
+    assert [r["tokens"] for r in total] == [256, 256, 512, 376]
+
+
+def test_the_cli_curve_is_the_same_alone_or_batched(tmp_path, byte_model):
+    from tests.test_cli import invoke
+
+    byte_model.save(tmp_path / "m")
+    a, b = DATA / "hamlet_head.txt", DATA / "macbeth_head.txt"
+    both = invoke("score", a, b, "-m", tmp_path / "m", "--by-position", "--format", "json")
+    alone = invoke("score", a, "-m", tmp_path / "m", "--by-position", "--format", "json")
+    batched_rows = json.loads(both.stdout)[0]["by_position"]
+    alone_rows = json.loads(alone.stdout)[0]["by_position"]
+    assert [r["tokens"] for r in batched_rows] == [r["tokens"] for r in alone_rows]
+    for x, y in zip(batched_rows, alone_rows, strict=True):
+        assert x["nll"] == pytest.approx(y["nll"], abs=1e-5)
+    assert (
+        "by_position"
+        not in json.loads(invoke("score", a, "-m", tmp_path / "m", "--format", "json").stdout)[0]
+    )
+
+
+def test_no_agg_cache_changes_nothing_inside_the_window_memory(tmp_path):
+    from tests.conftest import tiny_config
+    from tests.test_cli import invoke
+
+    config = tiny_config(n_vocab=259, mem_len=64, e_scale=0.25)
+    tvq.Model.init(config, seed=4, block_len=8).with_tokenizer(ByteTokenizer()).save(tmp_path / "m")
+    short, long = tmp_path / "short.txt", tmp_path / "long.txt"
+    short.write_bytes((DATA / "hamlet_head.txt").read_bytes()[:60])  # 60 tokens < 64
+    long.write_bytes((DATA / "hamlet_head.txt").read_bytes()[:600])
+
+    def nll(path, *options):
+        out = invoke("score", path, "-m", tmp_path / "m", "--format", "jsonl", *options).stdout
+        return json.loads(out.splitlines()[0])["nll"]
+
+    assert nll(short, "--no-agg-cache") == pytest.approx(nll(short), abs=1e-6)
+    assert abs(nll(long, "--no-agg-cache") - nll(long)) > 1e-4

@@ -109,9 +109,15 @@ class BatchScorer:
         devices: int | None = None,
         block_len: int | None = None,
         start: Context | None = None,
+        by_position: bool = False,
     ) -> None:
         self.model = model
         self.tokenizer = require_tokenizer(model)
+        self.by_position = by_position  # FileScore.by_position for every text
+        self.token_bytes = (
+            np.array([len(self.tokenizer.token_bytes(i)) for i in range(model.config.n_vocab)])
+            if by_position else None
+        )  # fmt: skip
         self.texts = list(texts)
         self.mesh = data_mesh(devices, local=True)
         if rows_per_device is None:  # a CPU is as busy with one row as with eight
@@ -154,7 +160,7 @@ class BatchScorer:
                     if index is None:
                         break
                     name, stream = self.texts[index]
-                    score = FileScore(name)
+                    score = FileScore(name, by_position=[] if self.by_position else None)
                     pieces = encode_stream(self.tokenizer, WordCounter(stream, score))
                     self.active[r] = _Row(index, pieces, score)
                     reset[r], last[r] = True, start_token
@@ -177,6 +183,10 @@ class BatchScorer:
             nll = np.asarray(nll, np.float64)
             for r, row in enumerate(self.active):
                 if row is not None and counts[r]:
+                    if self.by_position:
+                        taken = targets[r, : counts[r]]
+                        row.score.add_positions(row.score.tokens, nll[r, : counts[r]],
+                                                self.token_bytes[taken])  # fmt: skip
                     row.score.tokens += int(counts[r])
                     row.score.nll_sum += float(nll[r, : counts[r]].sum())
                     row.score.add_nll(nll[r, : counts[r]])

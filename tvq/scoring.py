@@ -128,6 +128,20 @@ def score_ids(
     return result, new_context
 
 
+# The long-context curve: token positions 0-128, 128-256, ... doubling to the end.
+FIRST_BUCKET = 128
+
+
+def position_bucket(positions: np.ndarray) -> np.ndarray:
+    """Bucket index of token positions: 0 for [0, 128), k for [128·2^(k−1), 128·2^k)."""
+    scaled = np.maximum(np.asarray(positions, np.int64) // FIRST_BUCKET, 0)
+    return np.where(scaled == 0, 0, np.floor(np.log2(np.maximum(scaled, 1))).astype(np.int64) + 1)
+
+
+def bucket_bounds(index: int) -> tuple[int, int]:
+    return (0, FIRST_BUCKET) if index == 0 else (FIRST_BUCKET << (index - 1), FIRST_BUCKET << index)
+
+
 # Tokens per block for the standard error: tokens are correlated, so the error of the
 # mean token NLL is taken over the means of consecutive blocks (batch means).
 ERROR_BLOCK = 256
@@ -164,6 +178,8 @@ class FileScore:
     block_m2: float = 0.0  # Σ (block mean − block_mean)²
     partial_tokens: int = 0  # tokens of the block being filled
     partial_sum: float = 0.0
+    # [tokens, Σ NLL, bytes] per position bucket (position_bucket), when asked for
+    by_position: list[list[float]] | None = None
 
     def count_words(self, data: bytes) -> None:
         """Counts the words in the next bytes of the text (a word may span reads)."""
@@ -197,6 +213,33 @@ class FileScore:
         self.partial_tokens = len(rest) - whole
         self.partial_sum = float(rest[whole:].sum())
 
+    def add_positions(self, start: int, nll, token_bytes) -> None:
+        """Folds the NLLs and byte lengths of the tokens at positions start, start+1, …
+        into the position buckets (when by_position is on)."""
+        if self.by_position is None or not len(nll):
+            return
+        buckets = position_bucket(start + np.arange(len(nll)))
+        nll, token_bytes = np.asarray(nll, np.float64), np.asarray(token_bytes)
+        for index in np.unique(buckets):
+            mask = buckets == index
+            while len(self.by_position) <= index:
+                self.by_position.append([0, 0.0, 0])
+            cell = self.by_position[index]
+            cell[0] += int(mask.sum())
+            cell[1] += float(nll[mask].sum())
+            cell[2] += int(token_bytes[mask].sum())
+
+    def position_rows(self) -> list[dict]:
+        """by_position as {start, end, tokens, nll, bits_per_byte} per bucket."""
+        rows = []
+        for index, (tokens, nll_sum, n_bytes) in enumerate(self.by_position or []):
+            start, end = bucket_bounds(index)
+            nll = nll_sum / tokens if tokens else None
+            bits = nll_sum / math.log(2) / n_bytes if n_bytes else None
+            rows.append({"start": start, "end": end, "tokens": tokens, "nll": nll,
+                         "bits_per_byte": bits})  # fmt: skip
+        return rows
+
     @property
     def nll_stderr(self) -> float | None:
         """Standard error of the mean token NLL by batch means (None below 2 blocks)."""
@@ -208,8 +251,14 @@ class FileScore:
     def total(cls, scores: list[FileScore], name: str = "TOTAL") -> FileScore:
         """The scores of several texts together (their blocks pooled)."""
         first = scores[0] if scores else cls(name)
-        total = cls(name, protocol=first.protocol, window=first.window, stride=first.stride)
+        total = cls(name, protocol=first.protocol, window=first.window, stride=first.stride,
+                    by_position=None if first.by_position is None else [])  # fmt: skip
         for s in scores:
+            for index, cell in enumerate(s.by_position or []):
+                while len(total.by_position) <= index:
+                    total.by_position.append([0, 0.0, 0])
+                total.by_position[index] = [a + b for a, b in zip(total.by_position[index], cell,
+                                                                  strict=True)]  # fmt: skip
             total.bytes += s.bytes
             total.tokens += s.tokens
             total.nll_sum += s.nll_sum
@@ -239,7 +288,7 @@ class FileScore:
             "protocol": self.protocol,
             "window": self.window,
             "stride": self.stride,
-        }  # fmt: skip
+        } | ({} if self.by_position is None else {"by_position": self.position_rows()})  # fmt: skip
 
 
 class WordCounter:
@@ -265,6 +314,7 @@ def score_stream(
     on_tokens=None,
     window: int | None = None,
     stride: int | None = None,
+    by_position: bool = False,
 ) -> tuple[FileScore, Context]:
     """Scores a binary stream in one pass, piece by piece, carrying the context.
 
@@ -279,7 +329,8 @@ def score_stream(
     reference implementation's evaluation). window N, stride S: windows of N tokens
     advancing by S, each token scored once with its window's context only: the first
     window scores its N tokens, each later one feeds the N − S tokens before its S new
-    tokens from a fresh state, then scores those S (strided perplexity).
+    tokens from a fresh state, then scores those S (strided perplexity). by_position:
+    NLL and bits per byte per log-spaced bucket of token positions in the text.
     """
     tokenizer = require_tokenizer(model)
     block_len = model.block_len if block_len is None else check_block_len(block_len)
@@ -287,7 +338,7 @@ def score_stream(
     if window is not None and context is not None:
         raise InputError("a window starts from a fresh state: it cannot continue a state")
     result = FileScore(name, protocol=protocol_name(window, stride), window=window,
-                       stride=stride)  # fmt: skip
+                       stride=stride, by_position=[] if by_position else None)  # fmt: skip
     context = context or Context.start(model, 1)
     chunk = chunk_len(block_len)
     pending: list[int] = []
@@ -319,7 +370,9 @@ def score_stream(
         scored, context = score_ids(model, ids, context, keep_log_probs=True, block_len=block_len)
         result.add_nll(-scored.log_probs[0])
         start = offset
-        offset += sum(len(tokenizer.token_bytes(i)) for i in ids)
+        lengths = [len(tokenizer.token_bytes(i)) for i in ids]
+        offset += sum(lengths)
+        result.add_positions(result.tokens, -scored.log_probs[0], lengths)
         # Totals first, all together, and reported before the per-token results: an
         # interrupt inside on_tokens (writing a per-token file) then leaves partial
         # totals that the caller has seen and that agree with each other.

@@ -71,18 +71,33 @@ def render(rows: list[dict], fmt: str, partial: bool) -> str:
     raise ValueError(fmt)
 
 
+def sparkline(values: list[float | None]) -> str:
+    """A one-line picture of values (blank where None), low ▁ to high █."""
+    known = [v for v in values if v is not None]
+    if not known:
+        return ""
+    low, high = min(known), max(known)
+    bars = "▁▂▃▄▅▆▇█"
+    return "".join(" " if v is None else bars[round((v - low) / (high - low or 1) * 7)]
+                   for v in values)  # fmt: skip
+
+
 def print_table(rows: list[dict], partial: bool) -> None:
     from rich.console import Console
     from rich.table import Table
 
     table = Table(title="partial results (interrupted)" if partial else None)
-    for key in KEYS:
+    curve = "by_position" in rows[0]
+    for key in KEYS + (("bits/byte by position",) if curve else ()):
         table.add_column(key, justify="left" if key == "file" else "right")
     for r in rows:
         spread = "" if r["nll_stderr"] is None else f" ± {r['nll_stderr']:.4f}"
-        table.add_row(r["file"], f"{r['bytes']:,}", f"{r['tokens']:,}",
-                      f"{r['nll']:.4f}{spread}", f"{r['perplexity']:.3f}",
-                      f"{r['bits_per_token']:.4f}", f"{r['bits_per_byte']:.4f}")  # fmt: skip
+        cells = [r["file"], f"{r['bytes']:,}", f"{r['tokens']:,}", f"{r['nll']:.4f}{spread}",
+                 f"{r['perplexity']:.3f}", f"{r['bits_per_token']:.4f}",
+                 f"{r['bits_per_byte']:.4f}"]  # fmt: skip
+        if curve:
+            cells.append(sparkline([b["bits_per_byte"] for b in r["by_position"]]))
+        table.add_row(*cells)
     Console().print(table)
 
 
@@ -128,6 +143,21 @@ def score(
             min=1,
         ),
     ] = None,
+    by_position: Annotated[
+        bool,
+        typer.Option(
+            "--by-position",
+            help="NLL and bits per byte per token-position bucket "
+            "(0-128, 128-256, ... doubling): the long-context curve.",
+        ),
+    ] = False,
+    no_agg_cache: Annotated[
+        bool,
+        typer.Option(
+            "--no-agg-cache",
+            help="Switch the aggregate cache off (window attention only), for ablations.",
+        ),
+    ] = False,
     algorithm: AlgorithmOption = None,
     dtype: DtypeOption = None,
     sequence_parallel: Annotated[
@@ -188,6 +218,10 @@ def score(
     tokenizer = require_tokenizer(base)
     start = read_state(load_state, base) if load_state is not None else None
     loaded = run_settings(base, algorithm, dtype)
+    if no_agg_cache:  # same parameters, the window alone
+        loaded = dataclasses.replace(
+            loaded, config=dataclasses.replace(loaded.config, agg_cache=False)
+        )
     if sequence_parallel is None:  # on where it pays: one text, several accelerators
         sequence_parallel = len(files) == 1 and _accelerators(devices) > 1
     if sequence_parallel:
@@ -209,7 +243,7 @@ def score(
         if batched:
             scores, stopped = _score_together(
                 loaded, files, streams, progress, devices=devices, rows=batch_size,
-                block_len=block_len, start=start,
+                block_len=block_len, start=start, by_position=by_position,
             )  # fmt: skip
             if not cluster.is_main():
                 return  # process 0 prints the results of all
@@ -235,6 +269,7 @@ def score(
                 loaded, stream, "<stdin>" if name == "-" else name, block_len=block_len,
                 context=start, on_piece=progress.update,
                 on_tokens=on_tokens if per_token_file else None, window=window, stride=stride,
+                by_position=by_position,
             )  # fmt: skip
             progress.finish_file(result)
             scores.append(result)
@@ -300,7 +335,8 @@ def _spread(model, devices: int | None):
     return dataclasses.replace(model, sequence_devices=count)
 
 
-def _score_together(loaded, files, streams, progress, *, devices, rows, block_len, start):
+def _score_together(loaded, files, streams, progress, *, devices, rows, block_len, start,
+                    by_position):  # fmt: skip
     """Continuous batching over the devices, and over the processes of a cluster (each
     scores every P-th file); → (scores in the input order, stop reason or None)."""
     import jax
@@ -313,7 +349,7 @@ def _score_together(loaded, files, streams, progress, *, devices, rows, block_le
     names = ["<stdin>" if files[i] == "-" else files[i] for i in share]
     scorer = BatchScorer(loaded, [(names[k], streams[i]) for k, i in enumerate(share)],
                          rows_per_device=rows, devices=devices, block_len=block_len,
-                         start=start)  # fmt: skip
+                         start=start, by_position=by_position)  # fmt: skip
     stopped = None
     try:
         scorer.run(on_step=progress.set_done)
