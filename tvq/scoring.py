@@ -180,6 +180,23 @@ class FileScore:
     partial_sum: float = 0.0
     # [tokens, Σ NLL, bytes] per position bucket (position_bucket), when asked for
     by_position: list[list[float]] | None = None
+    # against a baseline model (tvq.compare), when there is one
+    baseline_nll_sum: float = 0.0
+    kl_sum: float = 0.0
+    same_top1: int = 0
+    kl_counts: list[int] | None = None  # tvq.compare.kl_histogram, summed
+
+    def add_comparison(self, parts: dict) -> None:
+        """Folds the baseline's per-token numbers (tvq.compare.compare_ids) in."""
+        from tvq.compare import kl_histogram
+
+        self.baseline_nll_sum += float(parts["baseline_nll"].astype(np.float64).sum())
+        self.kl_sum += float(parts["kl"].astype(np.float64).sum())
+        self.same_top1 += int(parts["same_top1"].sum())
+        counts = kl_histogram(parts["kl"])
+        self.kl_counts = (
+            counts + np.asarray(self.kl_counts) if self.kl_counts else counts
+        ).tolist()
 
     def count_words(self, data: bytes) -> None:
         """Counts the words in the next bytes of the text (a word may span reads)."""
@@ -254,6 +271,13 @@ class FileScore:
         total = cls(name, protocol=first.protocol, window=first.window, stride=first.stride,
                     by_position=None if first.by_position is None else [])  # fmt: skip
         for s in scores:
+            if s.kl_counts is not None:
+                total.baseline_nll_sum += s.baseline_nll_sum
+                total.kl_sum += s.kl_sum
+                total.same_top1 += s.same_top1
+                mine = total.kl_counts or []
+                total.kl_counts = (np.add(mine, s.kl_counts).tolist() if mine and s.kl_counts
+                                   else list(mine or s.kl_counts))  # fmt: skip
             for index, cell in enumerate(s.by_position or []):
                 while len(total.by_position) <= index:
                     total.by_position.append([0, 0.0, 0])
@@ -288,7 +312,23 @@ class FileScore:
             "protocol": self.protocol,
             "window": self.window,
             "stride": self.stride,
-        } | ({} if self.by_position is None else {"by_position": self.position_rows()})  # fmt: skip
+        } | ({} if self.by_position is None else {"by_position": self.position_rows()}) \
+          | self.comparison_row()  # fmt: skip
+
+    def comparison_row(self) -> dict:
+        """kl_divergence (mean KL(baseline ‖ model) per token, nats), its 99th
+        percentile, delta_nll (model − baseline, nats per token), same_top1."""
+        from tvq.compare import kl_percentile
+
+        if self.kl_counts is None:
+            return {}
+        tokens = max(self.tokens, 1)
+        return {
+            "kl_divergence": self.kl_sum / tokens,
+            "kl_divergence_p99": kl_percentile(self.kl_counts, 99),
+            "delta_nll": (self.nll_sum - self.baseline_nll_sum) / tokens,
+            "same_top1": self.same_top1 / tokens,
+        }
 
 
 class WordCounter:
@@ -315,6 +355,7 @@ def score_stream(
     window: int | None = None,
     stride: int | None = None,
     by_position: bool = False,
+    baseline: Model | None = None,
 ) -> tuple[FileScore, Context]:
     """Scores a binary stream in one pass, piece by piece, carrying the context.
 
@@ -331,6 +372,8 @@ def score_stream(
     window scores its N tokens, each later one feeds the N − S tokens before its S new
     tokens from a fresh state, then scores those S (strided perplexity). by_position:
     NLL and bits per byte per log-spaced bucket of token positions in the text.
+    baseline: a second model (same tokenizer) scored in the same pass, each token
+    compared (tvq.compare); FileScore.comparison_row.
     """
     tokenizer = require_tokenizer(model)
     block_len = model.block_len if block_len is None else check_block_len(block_len)
@@ -339,7 +382,15 @@ def score_stream(
         raise InputError("a window starts from a fresh state: it cannot continue a state")
     result = FileScore(name, protocol=protocol_name(window, stride), window=window,
                        stride=stride, by_position=[] if by_position else None)  # fmt: skip
+    if baseline is not None:
+        from tvq.compare import check_baseline, compare_ids
+
+        check_baseline(model, baseline)
+        result.kl_counts = []
+    if context is not None and baseline is not None:
+        raise InputError("a comparison with a baseline starts both models from the start")
     context = context or Context.start(model, 1)
+    base_context = Context.start(baseline, 1) if baseline is not None else None
     chunk = chunk_len(block_len)
     pending: list[int] = []
     raw_bytes, offset = 0, 0
@@ -347,7 +398,7 @@ def score_stream(
 
     def through_windows(ids: list[int]) -> None:
         """Scores ids in the pieces the protocol cuts, fresh at each window's start."""
-        nonlocal context, position, history
+        nonlocal context, base_context, position, history
         step = stride or window
         while ids:
             if position < window:  # the first window continues the start context
@@ -358,6 +409,11 @@ def score_stream(
                     context = Context.start(model, 1)
                     if window > step:
                         _, context = score_ids(model, history, context, block_len=block_len)
+                    if baseline is not None:
+                        base_context = Context.start(baseline, 1)
+                        if window > step:
+                            _, base_context = score_ids(baseline, history, base_context,
+                                                        block_len=block_len)  # fmt: skip
                 take = ids[: step - into]
             flush(take)
             position += len(take)
@@ -366,8 +422,16 @@ def score_stream(
             ids = ids[len(take) :]
 
     def flush(ids: list[int]) -> None:
-        nonlocal context, offset
-        scored, context = score_ids(model, ids, context, keep_log_probs=True, block_len=block_len)
+        nonlocal context, base_context, offset
+        if baseline is None:
+            scored, context = score_ids(model, ids, context, keep_log_probs=True,
+                                        block_len=block_len)  # fmt: skip
+        else:
+            parts, context, base_context = compare_ids(model, baseline, ids, context,
+                                                       base_context, block_len)  # fmt: skip
+            nll = parts["nll"].astype(np.float64)
+            scored = ScoreResult(float(nll.sum()), len(ids), -parts["nll"][None, :])
+            result.add_comparison(parts)
         result.add_nll(-scored.log_probs[0])
         start = offset
         lengths = [len(tokenizer.token_bytes(i)) for i in ids]

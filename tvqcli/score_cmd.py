@@ -158,6 +158,20 @@ def score(
             help="Switch the aggregate cache off (window attention only), for ablations.",
         ),
     ] = False,
+    baseline: Annotated[
+        str | None,
+        typer.Option(
+            help="Compare with another model (a directory, or 'builtin') in the "
+            "same pass: KL divergence, delta NLL, top-1 agreement."
+        ),
+    ] = None,
+    baseline_no_agg_cache: Annotated[
+        bool,
+        typer.Option(
+            "--baseline-no-agg-cache",
+            help="The baseline without its aggregate cache (default baseline: this model).",
+        ),
+    ] = False,
     algorithm: AlgorithmOption = None,
     dtype: DtypeOption = None,
     sequence_parallel: Annotated[
@@ -203,6 +217,10 @@ def score(
         raise fail("--stride needs --window", 2)
     if stride is not None and stride > window:
         raise fail(f"--stride ({stride}) must not exceed --window ({window})", 2)
+    comparing = baseline is not None or baseline_no_agg_cache
+    if comparing and (load_state is not None or save_state is not None):
+        raise fail("--baseline starts both models at the start: it takes no --load-state or "
+                   "--save-state", 2)  # fmt: skip
     if window is not None and (load_state is not None or save_state is not None):
         raise fail("--window scores from fresh states: it takes no --load-state or "
                    "--save-state", 2)  # fmt: skip
@@ -211,9 +229,10 @@ def score(
     streams = [open_input(name) for name in files]  # every path is checked before work starts
     join_cluster(coordinator, num_processes, process_id, distributed)
     if cluster.active() and (per_token is not None or save_state is not None or "-" in files
-                             or sequence_parallel or window is not None):  # fmt: skip
-        raise fail("--per-token, --save-state, --window, --sequence-parallel and '-' (stdin) "
-                   "score in one process; leave out the cluster options", 2)  # fmt: skip
+                             or sequence_parallel or window is not None or comparing):  # fmt: skip
+        raise fail("--per-token, --save-state, --window, --baseline, --sequence-parallel "
+                   "and '-' (stdin) score in one process; leave out the cluster options",
+                   2)  # fmt: skip
     base = tvq.load(model)  # state files belong to its parameters, whatever the settings
     tokenizer = require_tokenizer(base)
     start = read_state(load_state, base) if load_state is not None else None
@@ -222,6 +241,7 @@ def score(
         loaded = dataclasses.replace(
             loaded, config=dataclasses.replace(loaded.config, agg_cache=False)
         )
+    other = _baseline(tvq, baseline, loaded, baseline_no_agg_cache) if comparing else None
     if sequence_parallel is None:  # on where it pays: one text, several accelerators
         sequence_parallel = len(files) == 1 and _accelerators(devices) > 1
     if sequence_parallel:
@@ -237,7 +257,7 @@ def score(
     progress = _Progress(sum(_size(f) for f in files))
     batched = cluster.active() or (
         len(files) > 1 and per_token is None and save_state is None and not sequence_parallel
-        and window is None
+        and window is None and not comparing
     )  # fmt: skip
     try:
         if batched:
@@ -269,7 +289,7 @@ def score(
                 loaded, stream, "<stdin>" if name == "-" else name, block_len=block_len,
                 context=start, on_piece=progress.update,
                 on_tokens=on_tokens if per_token_file else None, window=window, stride=stride,
-                by_position=by_position,
+                by_position=by_position, baseline=other,
             )  # fmt: skip
             progress.finish_file(result)
             scores.append(result)
@@ -310,6 +330,26 @@ def score(
         raise fail(message, code)
     if save_state is not None and context is not None:
         write_state(save_state, base, context)
+
+
+def _baseline(tvq, name: str | None, model, no_agg_cache: bool):
+    """The baseline model: a directory, 'builtin', or (None) this model itself; checked
+    against the model's tokenizer before any work."""
+    import dataclasses
+
+    from tvq.compare import check_baseline
+
+    if name is None:
+        other = model
+    elif name == "builtin" and not Path(name).exists():
+        other = tvq.load()
+    else:
+        other = tvq.load(name)
+    if no_agg_cache:
+        config = dataclasses.replace(other.config, agg_cache=False)
+        other = dataclasses.replace(other, config=config)
+    check_baseline(model, other)
+    return other
 
 
 def _accelerators(devices: int | None) -> int:

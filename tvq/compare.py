@@ -1,0 +1,100 @@
+"""Scoring with a baseline model in the same pass (`tvq score --baseline`): per token,
+KL(baseline ‖ model) over the whole vocabulary, both models' NLLs and whether their
+most likely next tokens agree; like llama.cpp's --kl-divergence. Only per-token
+numbers leave the compiled call, never a distribution, so memory stays flat."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tvq.config import ModelConfig
+from tvq.errors import InputError
+from tvq.forward import forward
+from tvq.model import Model
+from tvq.state import ModelState
+
+COMPARE_CHUNK = 2048  # tokens per compiled call: two [T, vocabulary] tables live at once
+
+
+def check_baseline(model: Model, baseline: Model) -> None:
+    """Both models must read the same tokens: the same tokenizer, the same vocabulary."""
+    a, b = model.tokenizer, baseline.tokenizer
+    if a is None or b is None or a.fingerprint != b.fingerprint or \
+            model.config.n_vocab != baseline.config.n_vocab:  # fmt: skip
+        raise InputError("the baseline model has another tokenizer: models compare only on "
+                         "the same tokens")  # fmt: skip
+
+
+@functools.partial(
+    jax.jit, static_argnames=("config", "base_config", "block_len", "algorithm", "base_algorithm")
+)
+def _compare(config: ModelConfig, params: Any, state: ModelState, base_config: ModelConfig,
+             base_params: Any, base_state: ModelState, inputs: jax.Array, targets: jax.Array,
+             block_len: int, algorithm: str, base_algorithm: str):  # fmt: skip
+    """→ (model NLL, baseline NLL, KL(baseline ‖ model), same top-1) per token [B, T],
+    and both states."""
+    log_probs, state = forward(config, params, inputs, state, block_len, algorithm=algorithm)
+    base, base_state = forward(base_config, base_params, inputs, base_state, block_len,
+                               algorithm=base_algorithm)  # fmt: skip
+    kl = jnp.maximum(jnp.sum(jnp.exp(base) * (base - log_probs), axis=-1), 0.0)
+    pick = lambda lp: -jnp.take_along_axis(lp, targets[..., None], axis=-1)[..., 0]  # noqa: E731
+    same = jnp.argmax(log_probs, axis=-1) == jnp.argmax(base, axis=-1)
+    return pick(log_probs), pick(base), kl, same, state, base_state
+
+
+def compare_ids(model: Model, baseline: Model, ids, context, base_context, block_len: int):
+    """Scores ids [T] with both models, each continuing its own context →
+    (dict of per-token arrays nll, baseline_nll, kl, same_top1; context; base_context)."""
+    from tvq.forward import on_device
+    from tvq.scoring import Context, piece_sizes
+
+    ids = np.asarray(ids, np.int32)[None, :]
+    inputs = np.concatenate([context.last_token[:, None], ids[:, :-1]], axis=1)
+    state, base_state = context.state, base_context.state
+    parts: dict[str, list[np.ndarray]] = {"nll": [], "baseline_nll": [], "kl": [], "same_top1": []}
+    start = 0
+    for size in piece_sizes(ids.shape[1], block_len):
+        for _ in range(max(1, size // COMPARE_CHUNK)):
+            step = min(size, COMPARE_CHUNK)
+            piece = slice(start, start + step)
+            args = on_device((state, base_state, inputs[:, piece], ids[:, piece]))
+            *outs, state, base_state = _compare(
+                model.config, model.params, args[0], baseline.config, baseline.params, args[1],
+                args[2], args[3], min(block_len, step), model.algorithm, baseline.algorithm,
+            )  # fmt: skip
+            for key, out in zip(parts, outs, strict=True):
+                parts[key].append(np.asarray(out[0]))
+            start += step
+    length = ids.shape[1]
+    last = ids[:, -1].copy()
+    return (
+        {key: np.concatenate(value) for key, value in parts.items()},
+        Context(state=state, last_token=last, tokens=context.tokens + length),
+        Context(state=base_state, last_token=last, tokens=base_context.tokens + length),
+    )
+
+
+# KL values are binned on a log scale (0.01 decades from 1e-10 to 1e3 nats) for the
+# 99th percentile, in constant memory.
+KL_EDGES = np.logspace(-10, 3, 1301)
+
+
+def kl_histogram(kl: np.ndarray) -> np.ndarray:
+    """Counts per bin: bin 0 holds KL < 1e-10, bin i KL in [edge i−1, edge i)."""
+    return np.bincount(np.searchsorted(KL_EDGES, kl, side="right"), minlength=len(KL_EDGES) + 1)
+
+
+def kl_percentile(counts, q: float) -> float | None:
+    """The upper edge of the bin holding the q-th percentile: 0 below 1e-10, None
+    without tokens."""
+    counts = np.asarray(counts)
+    total = counts.sum()
+    if not total:
+        return None
+    index = int(np.searchsorted(np.cumsum(counts), q / 100 * total))
+    return 0.0 if index == 0 else float(KL_EDGES[min(index, len(KL_EDGES) - 1)])
