@@ -204,3 +204,45 @@ def test_no_agg_cache_changes_nothing_inside_the_window_memory(tmp_path):
 
     assert nll(short, "--no-agg-cache") == pytest.approx(nll(short), abs=1e-6)
     assert abs(nll(long, "--no-agg-cache") - nll(long)) > 1e-4
+
+
+# -- against a baseline ---------------------------------------------------------------------
+
+
+def test_kl_percentile_from_the_log_bins():
+    from tvq.compare import kl_histogram, kl_percentile
+
+    values = np.concatenate([np.zeros(50), np.full(49, 0.01), [2.0]])
+    counts = kl_histogram(values)
+    assert counts.sum() == 100
+    assert kl_percentile(counts, 50) == 0.0  # half the tokens: no divergence at all
+    assert kl_percentile(counts, 99) == pytest.approx(0.01, rel=0.03)  # 0.01-decade bins
+    assert kl_percentile(counts, 100) == pytest.approx(2.0, rel=0.03)
+    assert kl_percentile(np.zeros_like(counts), 99) is None
+
+
+def test_a_model_against_itself_and_against_its_window_alone(tmp_path):
+    from tests.conftest import tiny_config
+    from tests.test_cli import invoke
+
+    config = tiny_config(n_vocab=259, mem_len=8, e_scale=0.25)
+    tvq.Model.init(config, seed=5, block_len=4).with_tokenizer(ByteTokenizer()).save(tmp_path / "m")
+    text = DATA / "hamlet_head.txt"
+
+    def row(*options):
+        out = invoke("score", text, "-m", tmp_path / "m", "--format", "jsonl", *options)
+        return json.loads(out.stdout.splitlines()[0])
+
+    alone = row()
+    same = row("--baseline", tmp_path / "m")
+    assert same["kl_divergence"] == 0.0 and same["kl_divergence_p99"] == 0.0
+    assert same["same_top1"] == 1.0 and same["delta_nll"] == 0.0
+    assert same["nll"] == pytest.approx(alone["nll"], abs=1e-6)  # the model's own numbers
+    ablated = row("--baseline-no-agg-cache")
+    assert ablated["kl_divergence"] > 1e-4 and ablated["kl_divergence_p99"] > 0
+    assert ablated["same_top1"] < 1.0
+    window_only = row("--no-agg-cache")  # the baseline's own score
+    assert ablated["delta_nll"] == pytest.approx(alone["nll"] - window_only["nll"], abs=1e-5)
+    # another tokenizer: refused before any work, one line, exit 1
+    refused = invoke("score", text, "-m", tmp_path / "m", "--baseline", "builtin", code=1)
+    assert "another tokenizer" in refused.output
