@@ -41,6 +41,12 @@ def flush_tiny(shifted: jax.Array) -> jax.Array:
     return jnp.where(shifted < -80.0, -jnp.inf, shifted)
 
 
+def mixed_dot(spec: str, a: jax.Array, b: jax.Array, dtype: str) -> jax.Array:
+    """einsum with the products in the compute dtype and the sums in float32: the one
+    form of every attention score product, so blocks and the decoding ring round alike."""
+    return jnp.einsum(spec, a.astype(dtype), b.astype(dtype), preferred_element_type=jnp.float32)
+
+
 def quantize(keys: jax.Array, codebook: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Nearest codeword per key, ties to the lowest index.
 
@@ -92,12 +98,8 @@ def attend(
     causal = dist >= 0
     local = dist <= mem_len
 
-    def dot(spec, a, b):  # products in the compute dtype, sums in float32
-        a, b = a.astype(dtype), b.astype(dtype)
-        return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
-
-    scores = dot("bhlk,bhwk->bhlw", qu, window_k)
-    by_distance = dot("bhlk,dhk->bhld", qv, tables.rel)  # [B, H, L, M + 1]
+    scores = mixed_dot("bhlk,bhwk->bhlw", qu, window_k, dtype)
+    by_distance = mixed_dot("bhlk,dhk->bhld", qv, tables.rel, dtype)  # [B, H, L, M + 1]
     index = jnp.broadcast_to(jnp.clip(dist, 0, mem_len), scores.shape)
     positional = jnp.take_along_axis(by_distance, index, axis=-1)
     scores = scores + jnp.where(filled & causal & local, positional, 0.0)
@@ -106,7 +108,7 @@ def attend(
 
     agg_scores = None
     if agg_cache:
-        agg_scores = dot("bhlk,hsk->bhls", qu, tables.codebook)
+        agg_scores = mixed_dot("bhlk,hsk->bhls", qu, tables.codebook, dtype)
         agg_scores = agg_scores + aggregate_bias(counts)[:, :, None, :]
     return softmax_mix(scores, window_v, agg_scores, u_bar, dtype)
 

@@ -33,6 +33,7 @@ from tvq.attention import (
     AttentionTables,
     aggregate_bias,
     merge_into_aggregate,
+    mixed_dot,
     softmax_mix,
 )
 from tvq.config import ModelConfig
@@ -149,8 +150,8 @@ def attend_ring(
     pos = ring.pos_offset[0]
     qu = q + tables.u[None]
     qv = q + tables.v[None]
-    code_scores = _flat(jnp.einsum("bhk,hsk->bhs", qu, tables.codebook))  # [G, S]
-    by_distance = _flat(jnp.einsum("bhk,dhk->bhd", qv, tables.rel))  # [G, M + 1]
+    code_scores = _flat(mixed_dot("bhk,hsk->bhs", qu, tables.codebook, dtype))  # [G, S]
+    by_distance = _flat(mixed_dot("bhk,dhk->bhd", qv, tables.rel, dtype))  # [G, M + 1]
     dist = (pos - jnp.arange(size)) % size  # [M + 1]
     filled = (dist <= pos)[None, :]
     positional = by_distance[:, dist]
