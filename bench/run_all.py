@@ -28,6 +28,9 @@ FULL = [
     ["score_memory.py", "--big-mb", "16"],
     ["scaling.py", "--collectives"],
     ["comm.py"],
+    ["parallel.py"],
+    # needs the held-out plays (see RESULTS.md section 9): python bench/precision.py FILES
+    ["gpu_speed.py", "check", "--smoke"],  # on a GPU: bash bench/gpu.sh
 ]
 QUICK = [
     ["score_length.py", "--lengths", "1024", "8192", "--batches", "2", "--batch-length", "8192"],
@@ -39,6 +42,8 @@ QUICK = [
     ["score_memory.py", "--small-mb", "0.05", "--big-mb", "0.2", "--generate", "10", "100"],
     ["scaling.py", "--devices", "1", "2", "--steps", "1", "--files", "2", "--update-len", "64"],
     ["comm.py"],
+    ["parallel.py", "--lengths", "4096", "--repeats", "1"],
+    ["gpu_speed.py", "check", "--smoke"],
 ]
 
 
