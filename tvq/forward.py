@@ -4,7 +4,10 @@ A sequence of any length is cut into blocks of `block_len` tokens (and one short
 tail); a `jax.lax.scan` carries the fixed-size attention state from block to block, so
 time is linear in length and memory is flat. Results do not depend on the block length
 (docs/DESIGN.md invariant 3): it is a speed setting only. Scoring (`forward`) and
-training (tvq/train/step.py) both fold `Transformer.block` with `scan_blocks`.
+training (tvq/train/step.py) both fold `Transformer.block` with `fold_blocks`: one block
+per scan step (the serial form), or chunks of blocks each computed at once (the
+parallel form, docs/DESIGN.md section 12); `sequence_parallel_forward` spreads one
+sequence's chunks over devices.
 """
 
 from __future__ import annotations
