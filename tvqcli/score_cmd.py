@@ -197,7 +197,7 @@ def score(
     those of scoring each file alone. With --coordinator (or --distributed
     auto) the files are shared out among the processes and process 0
     prints the table. --sequence-parallel spreads one long text over the
-    devices instead (docs/DESIGN.md section 8)."""
+    devices instead (docs/DESIGN.md section 12)."""
     import tvq
     from tvq import cluster
     from tvq.scoring import require_tokenizer, score_stream
