@@ -147,6 +147,11 @@ def bucket_bounds(index: int) -> tuple[int, int]:
 ERROR_BLOCK = 256
 
 
+def _exp(x: float) -> float | None:
+    """exp(x), or None where it overflows a float (a text of few, very unlikely words)."""
+    return math.exp(x) if x < 709.0 else None
+
+
 def _merge_moments(a: tuple[int, float, float], b: tuple[int, float, float]):
     """(count, mean, M2) of two groups merged (Chan et al.'s pairwise update)."""
     (n_a, mean_a, m2_a), (n_b, mean_b, m2_b) = a, b
@@ -305,7 +310,7 @@ class FileScore:
             "bits_per_token": nll / math.log(2),
             "bits_per_byte": self.nll_sum / math.log(2) / self.bytes if self.bytes else 0.0,
             "words": self.words,
-            "word_perplexity": math.exp(self.nll_sum / self.words) if self.words else None,
+            "word_perplexity": _exp(self.nll_sum / self.words) if self.words else None,
             "nll_stderr": stderr,
             "perplexity_ci95": None if stderr is None else
             [math.exp(nll - 1.96 * stderr), math.exp(nll + 1.96 * stderr)],
