@@ -232,6 +232,13 @@ def test_score_edge_cases(model_dir, tmp_path):
     invoke("score", DATA / "hamlet_head.txt", "-m", model_dir, "--format", "xml", code=2)
 
 
+def interruptible() -> None:
+    """In the child: SIGINT as a terminal delivers it (default action, not blocked),
+    whatever the test worker that starts it inherited."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT])
+
+
 def test_sigint_prints_partial_results(model_dir, tmp_path):
     big = tmp_path / "big.txt"
     big.write_bytes((DATA / "macbeth_head.txt").read_bytes() * 4000)  # 24 MB: far from done
@@ -239,7 +246,8 @@ def test_sigint_prints_partial_results(model_dir, tmp_path):
     tokens = tmp_path / "tokens.jsonl"
     proc = subprocess.Popen([sys.executable, "-m", "tvqcli", "score", str(big), "-m",
                              str(model_dir), "--format", "jsonl", "--per-token", str(tokens)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)  # fmt: skip
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+                            preexec_fn=interruptible)  # fmt: skip
     deadline = time.time() + 200
     while time.time() < deadline and not (tokens.exists() and tokens.stat().st_size > 0):
         time.sleep(0.1)  # wait for the first scored chunk
