@@ -232,11 +232,14 @@ def test_score_edge_cases(model_dir, tmp_path):
     invoke("score", DATA / "hamlet_head.txt", "-m", model_dir, "--format", "xml", code=2)
 
 
-def interruptible() -> None:
-    """In the child: SIGINT as a terminal delivers it (default action, not blocked),
-    whatever the test worker that starts it inherited."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT])
+# The child takes SIGINT as a terminal delivers it, whatever the test worker that starts
+# it inherited (a blocked or ignored SIGINT is passed on to children); set in the child
+# itself, not in a preexec_fn, which is unsafe after fork in a multithreaded process.
+INTERRUPTIBLE = (
+    "import runpy, signal, sys; signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT]); "
+    "signal.signal(signal.SIGINT, signal.default_int_handler); sys.argv[0] = 'tvq'; "
+    "runpy.run_module('tvqcli', run_name='__main__')"
+)
 
 
 def test_sigint_prints_partial_results(model_dir, tmp_path):
@@ -244,10 +247,9 @@ def test_sigint_prints_partial_results(model_dir, tmp_path):
     big.write_bytes((DATA / "macbeth_head.txt").read_bytes() * 4000)  # 24 MB: far from done
     env = dict(os.environ, TVQ_CACHE_DIR=str(tmp_path / "cache"))
     tokens = tmp_path / "tokens.jsonl"
-    proc = subprocess.Popen([sys.executable, "-m", "tvqcli", "score", str(big), "-m",
+    proc = subprocess.Popen([sys.executable, "-c", INTERRUPTIBLE, "score", str(big), "-m",
                              str(model_dir), "--format", "jsonl", "--per-token", str(tokens)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
-                            preexec_fn=interruptible)  # fmt: skip
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)  # fmt: skip
     deadline = time.time() + 200
     while time.time() < deadline and not (tokens.exists() and tokens.stat().st_size > 0):
         time.sleep(0.1)  # wait for the first scored chunk
