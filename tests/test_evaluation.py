@@ -90,7 +90,7 @@ def test_stderr_shrinks_as_the_text_grows(byte_model):
 def per_token(model, text: bytes, **protocol):
     kept = []
 
-    def keep(ids, log_probs, offset):
+    def keep(ids, log_probs, offset, top):
         kept.append(np.asarray(log_probs))
 
     result, _ = score_stream(model, io.BytesIO(text), "t", **protocol, on_tokens=keep)
@@ -242,3 +242,150 @@ def test_a_model_against_itself_and_against_its_window_alone(tmp_path):
     # another tokenizer: refused before any work, one line, exit 1
     refused = invoke("score", text, "-m", tmp_path / "m", "--baseline", "builtin", code=1)
     assert "another tokenizer" in refused.output
+
+
+# -- top log-probs ---------------------------------------------------------------------------
+
+
+def test_top_logprobs_are_the_largest_of_the_full_distribution(byte_model):
+    text = (DATA / "hamlet_head.txt").read_bytes()[:256]  # one compiled piece
+    kept = []
+    score_stream(byte_model, io.BytesIO(text), "t", top_logprobs=3,
+                 on_tokens=lambda ids, lp, offset, top: kept.append((ids, lp, top)))  # fmt: skip
+    ids = np.concatenate([np.asarray(k[0]) for k in kept])
+    values = np.concatenate([k[2][0] for k in kept])
+    top_ids = np.concatenate([k[2][1] for k in kept])
+    inputs = np.concatenate([[byte_model.tokenizer.eos_id], ids[:-1]])[None]
+    full = np.asarray(byte_model.log_probs(inputs)[0][0])
+    order = np.argsort(-full, axis=-1)[:, :3]
+    np.testing.assert_array_equal(top_ids, order)
+    np.testing.assert_allclose(values, np.take_along_axis(full, order, -1), atol=1e-5)
+    # the same with a baseline in the pass
+    again = []
+    score_stream(byte_model, io.BytesIO(text), "t", top_logprobs=3, baseline=byte_model,
+                 on_tokens=lambda ids, lp, offset, top: again.append(top))  # fmt: skip
+    np.testing.assert_array_equal(np.concatenate([t[1] for t in again]), order)
+
+
+def test_per_token_rows_carry_top_logprobs(tmp_path, byte_model):
+    from tests.test_cli import invoke
+
+    byte_model.save(tmp_path / "m")
+    text = tmp_path / "text.txt"
+    text.write_bytes((DATA / "hamlet_head.txt").read_bytes()[:256])
+    out = tmp_path / "tokens.jsonl"
+    invoke("score", text, "-m", tmp_path / "m", "--per-token", out, "--top-logprobs", 2)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == len(text.read_bytes())
+    for row in rows:
+        first, second = row["top_logprobs"]
+        assert first["logprob"] >= second["logprob"] >= -1e9
+        assert row["logprob"] <= first["logprob"] + 1e-6
+        piece = byte_model.tokenizer.token_bytes(first["id"])
+        assert first["token"] == piece.decode("utf-8", "replace")
+    assert sum(r["id"] == r["top_logprobs"][0]["id"] for r in rows) > 0
+    plain = tmp_path / "plain.jsonl"
+    invoke("score", text, "-m", tmp_path / "m", "--per-token", plain)
+    assert "top_logprobs" not in plain.read_text()
+    refused = invoke("score", text, "-m", tmp_path / "m", "--top-logprobs", 2, code=2)
+    assert "--per-token" in refused.output
+
+
+def test_generation_logprobs_are_the_scored_distribution(byte_model):
+    from tvq.decoding import generate
+    from tvq.sampling import Sampler
+    from tvq.scoring import score_ids
+
+    prompt = list(b"Hamlet: ")
+    prompt = [i + 3 for i in prompt]
+    sample = generate(byte_model, prompt, max_tokens=40, sampler=Sampler(temperature=1.0),
+                      seed=2, logprobs=4, ignore_eos=True).samples[0]  # fmt: skip
+    assert len(sample.top_logprobs) == len(sample.ids) == 40
+    scored, _ = score_ids(byte_model, prompt + sample.ids, top_k=4)
+    np.testing.assert_array_equal([[i for i, _ in top] for top in sample.top_logprobs],
+                                  scored.top_ids[0, len(prompt):])  # fmt: skip
+    np.testing.assert_allclose([[v for _, v in top] for top in sample.top_logprobs],
+                               scored.top_log_probs[0, len(prompt):], atol=1e-4)  # fmt: skip
+    greedy = generate(byte_model, prompt, max_tokens=10, sampler=Sampler(temperature=0),
+                      logprobs=1, ignore_eos=True).samples[0]  # fmt: skip
+    assert greedy.ids == [top[0][0] for top in greedy.top_logprobs]
+    np.testing.assert_allclose(greedy.log_probs, [top[0][1] for top in greedy.top_logprobs])
+    assert generate(byte_model, prompt, max_tokens=3).samples[0].top_logprobs == []
+    with pytest.raises(tvq.TvqError, match="logprobs"):
+        generate(byte_model, prompt, max_tokens=3, logprobs=-1)
+
+
+def test_generate_json_carries_top_logprobs(tmp_path, byte_model):
+    from tests.test_cli import invoke
+
+    byte_model.save(tmp_path / "m")
+    out = invoke("generate", "Ham", "-m", tmp_path / "m", "-n", 5, "--json", "--logprobs", 3,
+                 "--seed", 1, "--ignore-eos")  # fmt: skip
+    record = json.loads(out.stdout)
+    assert len(record["top_logprobs"]) == len(record["tokens"]) == 5
+    for token, lp, top in zip(record["tokens"], record["logprobs"], record["top_logprobs"],
+                              strict=True):  # fmt: skip
+        assert len(top) == 3 and top[0]["logprob"] >= top[1]["logprob"] >= top[2]["logprob"]
+        assert lp <= top[0]["logprob"] + 1e-6
+        if token in [t["id"] for t in top]:
+            assert lp == pytest.approx(next(t["logprob"] for t in top if t["id"] == token))
+    refused = invoke("generate", "Ham", "-m", tmp_path / "m", "--logprobs", 3, code=2)
+    assert "--json" in refused.output
+
+
+# -- the curve as a picture, and progress ---------------------------------------------------
+
+
+def test_plot_writes_a_picture_of_the_curve_and_the_baselines(tmp_path, byte_model):
+    from tests.test_cli import invoke
+
+    byte_model.save(tmp_path / "m")
+    text = tmp_path / "text.txt"
+    text.write_bytes((DATA / "hamlet_head.txt").read_bytes()[:512])
+    png, svg = tmp_path / "curve.png", tmp_path / "curve.svg"
+    out = invoke("score", text, "-m", tmp_path / "m", "--plot", png, "--format", "json",
+                 "--baseline-no-agg-cache")  # fmt: skip
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 1000
+    assert "by_position" not in json.loads(out.stdout)[0]  # drawn, not printed
+    out = invoke("score", text, "-m", tmp_path / "m", "--plot", svg, "--format", "json",
+                 "--by-position", "--baseline", tmp_path / "m")  # fmt: skip
+    assert b"<svg" in svg.read_bytes()[:1000]
+    row = json.loads(out.stdout)[0]
+    assert row["baseline_by_position"] == row["by_position"]  # the model against itself
+    for bad, message in ((tmp_path / "curve.jpg", ".png or .svg"),
+                         (tmp_path / "missing" / "c.png", "does not exist")):  # fmt: skip
+        refused = invoke("score", text, "-m", tmp_path / "m", "--plot", bad,
+                         code=2 if bad.suffix == ".jpg" else 1)  # fmt: skip
+        assert message in refused.output and len(refused.output.strip().splitlines()) == 1
+
+
+def test_plot_without_matplotlib_is_a_clear_error(monkeypatch):
+    import importlib.util
+
+    from tvq.plot import check_plot
+
+    real = importlib.util.find_spec
+
+    def find_spec(name, *args):
+        return None if name == "matplotlib" else real(name, *args)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    with pytest.raises(tvq.TvqError, match=r"pip install 'tvq\[plot\]'"):
+        check_plot("curve.png")
+
+
+def test_progress_shows_all_files_so_far_with_their_spread():
+    from tvqcli.score_cmd import running_bpb
+
+    rng = np.random.default_rng(3)
+    scores = []
+    for n in (3 * ERROR_BLOCK, 5 * ERROR_BLOCK):
+        s = FileScore("f", bytes=2 * n)
+        nll = rng.gamma(2.0, 1.0, n)
+        s.add_nll(nll)
+        s.tokens, s.nll_sum = n, float(nll.sum())
+        scores.append(s)
+    total = FileScore.total(scores).row()
+    spread = 1.96 * total["nll_stderr"] / 2 / math.log(2)  # two bytes a token
+    assert running_bpb(scores) == f"{total['bits_per_byte']:.4f} ± {spread:.4f}"
+    assert running_bpb([FileScore("f")]) == "-"

@@ -31,32 +31,38 @@ def check_baseline(model: Model, baseline: Model) -> None:
 
 
 @functools.partial(
-    jax.jit, static_argnames=("config", "base_config", "block_len", "algorithm", "base_algorithm")
+    jax.jit,
+    static_argnames=("config", "base_config", "block_len", "algorithm", "base_algorithm", "top_k"),
 )
 def _compare(config: ModelConfig, params: Any, state: ModelState, base_config: ModelConfig,
              base_params: Any, base_state: ModelState, inputs: jax.Array, targets: jax.Array,
-             block_len: int, algorithm: str, base_algorithm: str):  # fmt: skip
+             block_len: int, algorithm: str, base_algorithm: str, top_k: int):  # fmt: skip
     """→ (model NLL, baseline NLL, KL(baseline ‖ model), same top-1) per token [B, T],
-    and both states."""
+    the model's top_k log-probs and ids [B, T, k], and both states."""
     log_probs, state = forward(config, params, inputs, state, block_len, algorithm=algorithm)
     base, base_state = forward(base_config, base_params, inputs, base_state, block_len,
                                algorithm=base_algorithm)  # fmt: skip
     kl = jnp.maximum(jnp.sum(jnp.exp(base) * (base - log_probs), axis=-1), 0.0)
     pick = lambda lp: -jnp.take_along_axis(lp, targets[..., None], axis=-1)[..., 0]  # noqa: E731
     same = jnp.argmax(log_probs, axis=-1) == jnp.argmax(base, axis=-1)
-    return pick(log_probs), pick(base), kl, same, state, base_state
+    top_values, top_ids = jax.lax.top_k(log_probs, top_k)
+    return (pick(log_probs), pick(base), kl, same, top_values, top_ids.astype(jnp.int32), state,
+            base_state)  # fmt: skip
 
 
-def compare_ids(model: Model, baseline: Model, ids, context, base_context, block_len: int):
+def compare_ids(model: Model, baseline: Model, ids, context, base_context, block_len: int,
+                top_k: int = 0):  # fmt: skip
     """Scores ids [T] with both models, each continuing its own context →
-    (dict of per-token arrays nll, baseline_nll, kl, same_top1; context; base_context)."""
+    (dict of per-token arrays nll, baseline_nll, kl, same_top1 [T] and top_log_probs,
+    top_ids [T, top_k] (the model's most likely tokens); context; base_context)."""
     from tvq.forward import on_device
     from tvq.scoring import Context, piece_sizes
 
     ids = np.asarray(ids, np.int32)[None, :]
     inputs = np.concatenate([context.last_token[:, None], ids[:, :-1]], axis=1)
     state, base_state = context.state, base_context.state
-    parts: dict[str, list[np.ndarray]] = {"nll": [], "baseline_nll": [], "kl": [], "same_top1": []}
+    keys = ("nll", "baseline_nll", "kl", "same_top1", "top_log_probs", "top_ids")
+    parts: dict[str, list[np.ndarray]] = {key: [] for key in keys}
     start = 0
     for size in piece_sizes(ids.shape[1], block_len):
         for _ in range(max(1, size // COMPARE_CHUNK)):
@@ -66,6 +72,7 @@ def compare_ids(model: Model, baseline: Model, ids, context, base_context, block
             *outs, state, base_state = _compare(
                 model.config, model.params, args[0], baseline.config, baseline.params, args[1],
                 args[2], args[3], min(block_len, step), model.algorithm, baseline.algorithm,
+                top_k,
             )  # fmt: skip
             for key, out in zip(parts, outs, strict=True):
                 parts[key].append(np.asarray(out[0]))

@@ -49,16 +49,20 @@ class DecodeCarry:
     done: jax.Array  # [B] bool: the row has sampled eos_id
     tokens: jax.Array  # [CHUNK, B] int32: sampled (or forced) tokens
     log_probs: jax.Array  # [CHUNK, B] float32: their log-probs
+    top_log_probs: jax.Array  # [CHUNK, B, k] float32: the k most likely tokens' log-probs
+    top_ids: jax.Array  # [CHUNK, B, k] int32: and their ids
 
 
-@functools.partial(jax.jit, static_argnames=("config", "sampler"))
+@functools.partial(jax.jit, static_argnames=("config", "sampler", "top_k"))
 def decode_chunk(config, params, rings, token, key, n_steps, forced, n_forced, eos_id,
-                 sampler: Sampler):  # fmt: skip
+                 sampler: Sampler, top_k: int = 0):  # fmt: skip
     """Samples up to n_steps (≤ CHUNK) tokens after `token` [B], stopping early once every
     row has sampled eos_id. The first n_forced steps take forced [CHUNK, B] instead of
-    sampling (to replay a chunk up to a stop string).
+    sampling (to replay a chunk up to a stop string). Log-probs are the model's, before
+    the sampler's temperature and truncation (those `tvq score` gives).
 
-    Returns (rings, last token [B], key, tokens [CHUNK, B], log-probs [CHUNK, B], steps).
+    Returns (rings, last token [B], key, tokens [CHUNK, B], log-probs [CHUNK, B], steps,
+    the top_k most likely tokens' log-probs [CHUNK, B, top_k] and ids [CHUNK, B, top_k]).
     """
     net = Transformer(config)
     variables = {"params": params}
@@ -73,18 +77,23 @@ def decode_chunk(config, params, rings, token, key, n_steps, forced, n_forced, e
         key, sub = jax.random.split(c.key)
         new = jnp.where(c.step < n_forced, forced[c.step], sampler.sample(sub, log_probs))
         picked = jnp.take_along_axis(log_probs, new[:, None], axis=-1)[:, 0]
+        top_values, top_ids = jax.lax.top_k(log_probs, top_k)
         return DecodeCarry(
             step=c.step + 1, rings=rings, token=new, key=key, done=c.done | (new == eos_id),
             tokens=c.tokens.at[c.step].set(new), log_probs=c.log_probs.at[c.step].set(picked),
+            top_log_probs=c.top_log_probs.at[c.step].set(top_values),
+            top_ids=c.top_ids.at[c.step].set(top_ids.astype(jnp.int32)),
         )  # fmt: skip
 
     init = DecodeCarry(
         step=jnp.zeros([], jnp.int32), rings=rings, token=token, key=key,
         done=jnp.zeros([batch], jnp.bool_), tokens=jnp.zeros([CHUNK, batch], jnp.int32),
         log_probs=jnp.zeros([CHUNK, batch], jnp.float32),
+        top_log_probs=jnp.zeros([CHUNK, batch, top_k], jnp.float32),
+        top_ids=jnp.zeros([CHUNK, batch, top_k], jnp.int32),
     )  # fmt: skip
     c = jax.lax.while_loop(cond, body, init)
-    return c.rings, c.token, c.key, c.tokens, c.log_probs, c.step
+    return c.rings, c.token, c.key, c.tokens, c.log_probs, c.step, c.top_log_probs, c.top_ids
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
@@ -98,7 +107,7 @@ _repeat_rows = jax.jit(repeat_rows, static_argnames=("n",))
 
 
 def _chunk(model: Model, rings, token, key, n_steps, forced, n_forced, eos_id, sampler,
-           mesh: Mesh | None = None, params: Any = None):  # fmt: skip
+           mesh: Mesh | None = None, params: Any = None, top_k: int = 0):  # fmt: skip
     """decode_chunk, always called in one form: jit keys its compiled code on which
     arguments are positional and which keyword, and on whether arrays are committed
     (tvq.forward.on_device); a second form would compile the loop again. With a mesh the
@@ -110,19 +119,20 @@ def _chunk(model: Model, rings, token, key, n_steps, forced, n_forced, eos_id, s
         rings, token = split_rows(mesh, (rings, token))
         key, forced = replicated(mesh, (key, forced))
     return decode_chunk(model.config, params, rings, token, key, n_steps, forced,
-                        n_forced, eos_id, sampler=sampler)  # fmt: skip
+                        n_forced, eos_id, sampler=sampler, top_k=top_k)  # fmt: skip
 
 
-def _feed(model: Model, rings, token, ids: np.ndarray, sampler: Sampler):
+def _feed(model: Model, rings, token, ids: np.ndarray, sampler: Sampler, top_k: int = 0):
     """Feeds ids [T] after `token` through the decoding loop (every step forced), CHUNK
-    at a time; the same compiled loop as sampling, so no other length gets compiled."""
+    at a time; the same compiled loop as sampling (top_k too), so no other length gets
+    compiled."""
     key = jax.random.PRNGKey(0)  # unused: nothing is sampled
     for start in range(0, len(ids), CHUNK):
         piece = ids[start : start + CHUNK]
         forced = np.zeros([CHUNK, 1], np.int32)
         forced[: len(piece), 0] = piece
         rings, token, *_ = _chunk(model, rings, token, key, len(piece), forced, len(piece),
-                                  eos_id=-1, sampler=sampler)  # fmt: skip
+                                  eos_id=-1, sampler=sampler, top_k=top_k)  # fmt: skip
     return rings, token
 
 
@@ -131,6 +141,8 @@ class Sample:
     text: str = ""
     ids: list[int] = dataclasses.field(default_factory=list)
     log_probs: list[float] = dataclasses.field(default_factory=list)
+    # per token, with generate(logprobs=k): the k most likely (id, log-prob), likeliest first
+    top_logprobs: list[list[tuple[int, float]]] = dataclasses.field(default_factory=list)
     finish_reason: str = "length"  # "length", "eos" or "stop"
     done: bool = False
 
@@ -164,19 +176,20 @@ class _TextRows:
         self.ignore_eos = ignore_eos
         self.first_token_at: float | None = None
 
-    def take(self, tokens, log_probs) -> bool:
-        """One sampled token per row; True once every row has finished."""
+    def take(self, tokens, log_probs, top_log_probs, top_ids) -> bool:
+        """One sampled token per row (and its row's top-k [B, k]); True once every row
+        has finished."""
         if self.first_token_at is None:
             self.first_token_at = time.perf_counter()
-        return self._take(tokens, log_probs)
-
-    def _take(self, tokens, log_probs) -> bool:
         for row, sample in enumerate(self.samples):
             if sample.done:
                 continue
             token = int(tokens[row])
             sample.ids.append(token)
             sample.log_probs.append(float(log_probs[row]))
+            if top_ids.shape[-1]:
+                pairs = zip(top_ids[row].tolist(), top_log_probs[row].tolist(), strict=True)
+                sample.top_logprobs.append(list(pairs))
             if token == self.eos_id:
                 if not self.ignore_eos:
                     self._finish(row, "eos")
@@ -231,6 +244,7 @@ def generate(
     on_text: Callable[[int, str], None] | None = None,
     ignore_eos: bool = False,
     devices: int | None = None,
+    logprobs: int = 0,
 ) -> Generation:
     """Samples `num_samples` continuations of context + prompt as one batch; a row ends
     at an end-of-document token unless ignore_eos (then only max_tokens and stop end it).
@@ -238,7 +252,9 @@ def generate(
     num_samples); the samples do not depend on how many.
 
     on_text(row, text) receives text as soon as it is final (never half a character,
-    never the start of a stop string that may still complete).
+    never the start of a stop string that may still complete). logprobs k > 0 also
+    keeps, per sampled token, the k most likely tokens with their log-probs
+    (Sample.top_logprobs), found inside the compiled loop.
     """
     sampler = sampler or Sampler()
     tokenizer = require_tokenizer(model)
@@ -246,6 +262,10 @@ def generate(
         raise InputError(f"max-tokens must be >= 0, got {max_tokens}")
     if num_samples < 1:
         raise InputError(f"num-samples must be >= 1, got {num_samples}")
+    if not isinstance(logprobs, int) or isinstance(logprobs, bool) or \
+            not 0 <= logprobs <= model.config.n_vocab:  # fmt: skip
+        raise InputError(f"logprobs must be between 0 and the vocabulary size "
+                         f"{model.config.n_vocab}, got {logprobs!r}")  # fmt: skip
     started = time.perf_counter()
     fresh = context is None
     context = context or Context.start(model, 1)
@@ -268,7 +288,7 @@ def generate(
 
     rings = empty_rings(model.config, 1) if fresh and not whole else _state_to_ring(context.state)
     token = jnp.asarray(context.last_token, jnp.int32)
-    rings, token = _feed(model, rings, token, prompt[whole:], sampler)
+    rings, token = _feed(model, rings, token, prompt[whole:], sampler, logprobs)
     if num_samples > 1:
         rings, token = _repeat_rows(rings, n=num_samples), jnp.repeat(token, num_samples)
     mesh = mesh_for_rows(num_samples, devices)
@@ -281,17 +301,19 @@ def generate(
     while count < max_tokens and not finished:
         steps = min(chunk, max_tokens - count)
         before = (rings, token, key)
-        rings, token, key, tokens, log_probs, sampled = _chunk(
-            model, rings, token, key, steps, no_forcing, 0, eos_id, sampler, mesh, params
-        )
+        rings, token, key, tokens, log_probs, sampled, top_values, top_ids = _chunk(
+            model, rings, token, key, steps, no_forcing, 0, eos_id, sampler, mesh, params,
+            logprobs,
+        )  # fmt: skip
         tokens, log_probs, sampled = np.asarray(tokens), np.asarray(log_probs), int(sampled)
+        top_values, top_ids = np.asarray(top_values), np.asarray(top_ids)
         used = 0
         while used < sampled and not finished:
-            finished = rows.take(tokens[used], log_probs[used])
+            finished = rows.take(tokens[used], log_probs[used], top_values[used], top_ids[used])
             used += 1
         if used < sampled:  # a stop string ended it mid-chunk: state after `used` tokens
             rings, token, *_ = _chunk(model, *before, used, tokens, used, eos_id, sampler,
-                                      mesh, params)  # fmt: skip
+                                      mesh, params, logprobs)  # fmt: skip
         count += used
         chunk = min(2 * chunk, CHUNK)
     rows.finish_all()

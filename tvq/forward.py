@@ -139,11 +139,13 @@ def forward(
     input_offsets: jax.Array | None = None,
     algorithm: str = "serial",
     chunk_len: int | None = None,
-) -> tuple[jax.Array, ModelState]:
+    top_k: int = 0,
+) -> tuple[Any, ModelState]:
     """Runs tokens [B, T] from `state`.
 
     Returns (log-probs [B, T, N], new state), or with targets [B, T] the log-probs of
-    the targets [B, T]; then only one chunk of logits ever exists. input_offsets
+    the targets [B, T]; then only one chunk of logits ever exists (top_k > 0: also the
+    k most likely tokens per position, pick_targets). input_offsets
     [B, T, D], added to the embeddings, lets tests take Jacobians. algorithm "serial"
     or "parallel" (docs/DESIGN.md section 8) gives the same numbers; chunk_len (parallel
     only, None: default_chunk_len) bounds memory.
@@ -162,14 +164,26 @@ def forward(
         )  # fmt: skip
         if piece_targets is None:
             return carry, log_probs
-        return carry, jnp.take_along_axis(log_probs, piece_targets[..., None], axis=-1)[..., 0]
+        return carry, pick_targets(log_probs, piece_targets, top_k)
 
     seqs = (tokens, targets, input_offsets)
     new_state, out = fold_blocks(step, state, seqs, block_len, algorithm, chunk_len)
     return out, new_state
 
 
-forward_jit = jax.jit(forward, static_argnames=("config", "block_len", "algorithm", "chunk_len"))
+def pick_targets(log_probs: jax.Array, targets: jax.Array, top_k: int = 0) -> Any:
+    """The log-probs of targets [B, T] in log_probs [B, T, N]; top_k > 0: a tuple of
+    those, the top_k largest log-probs [B, T, k] and their token ids [B, T, k]."""
+    picked = jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+    if not top_k:
+        return picked
+    values, ids = jax.lax.top_k(log_probs, top_k)
+    return picked, values, ids.astype(jnp.int32)
+
+
+forward_jit = jax.jit(
+    forward, static_argnames=("config", "block_len", "algorithm", "chunk_len", "top_k")
+)
 
 
 def on_device(tree: Any) -> Any:
@@ -189,7 +203,8 @@ def sequence_parallel_forward(
     targets: jax.Array | None,
     mesh: Any,
     chunk_len: int | None = None,
-) -> tuple[jax.Array, ModelState]:
+    top_k: int = 0,
+) -> tuple[Any, ModelState]:
     """forward() with each sequence's time axis spread over the one-axis `mesh`: the
     parallel form, every device taking a contiguous run of chunk_len tokens of each
     span of mesh.size · chunk_len (docs/DESIGN.md section 8, "Across devices"); the
@@ -215,7 +230,7 @@ def sequence_parallel_forward(
             method=Transformer.block,
         )  # fmt: skip
         if piece_targets is not None:
-            log_probs = jnp.take_along_axis(log_probs, piece_targets[..., None], axis=-1)[..., 0]
+            log_probs = pick_targets(log_probs, piece_targets, top_k)
         return state, log_probs
 
     along_time = PartitionSpec(None, axis)
@@ -235,17 +250,20 @@ def sequence_parallel_forward(
             lambda a: None if a is None else to_blocks(a[:, :whole], span), (tokens, targets)
         )
         state, ys = jax.lax.scan(lambda c, x: spread(variables, tables, c, x), state, head)
-        outs.append(from_blocks(ys))
+        outs.append(jax.tree_util.tree_map(from_blocks, ys))
     if whole < length:
         rest, state = forward(
             config, params, tokens[:, whole:], state, block_len,
             None if targets is None else targets[:, whole:], algorithm="parallel",
-            chunk_len=chunk_len,
+            chunk_len=chunk_len, top_k=top_k,
         )  # fmt: skip
         outs.append(rest)
-    return (outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)), state
+    if len(outs) == 1:
+        return outs[0], state
+    return jax.tree_util.tree_map(lambda *a: jnp.concatenate(a, axis=1), *outs), state
 
 
 sequence_parallel_jit = jax.jit(
-    sequence_parallel_forward, static_argnames=("config", "block_len", "mesh", "chunk_len")
+    sequence_parallel_forward,
+    static_argnames=("config", "block_len", "mesh", "chunk_len", "top_k"),
 )

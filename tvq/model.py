@@ -152,9 +152,11 @@ class Model:
         state: ModelState | None = None,
         block_len: int | None = None,
         algorithm: str | None = None,
-    ) -> tuple[jax.Array, ModelState]:
+        top_k: int = 0,
+    ) -> tuple[Any, ModelState]:
         """Log-probs [B, T] of targets[:, t] following inputs[:, t], and the new state
-        (algorithm: as log_probs)."""
+        (algorithm: as log_probs). top_k > 0: the log-probs are a tuple (of the targets
+        [B, T], the top_k largest [B, T, k], their token ids [B, T, k])."""
         inputs = self._check_tokens(inputs, "inputs")
         targets = self._check_tokens(targets, "targets")
         if targets.shape != inputs.shape:
@@ -162,21 +164,27 @@ class Model:
                 f"targets have shape {tuple(targets.shape)} but inputs {tuple(inputs.shape)}"
             )
         state = self._check_state(state, inputs.shape[0])
-        return self._forward(inputs, state, block_len, targets, algorithm)
+        if not isinstance(top_k, int) or isinstance(top_k, bool) or \
+                not 0 <= top_k <= self.config.n_vocab:  # fmt: skip
+            raise InputError(f"top_k must be between 0 and the vocabulary size "
+                             f"{self.config.n_vocab}, got {top_k!r}")  # fmt: skip
+        return self._forward(inputs, state, block_len, targets, algorithm, top_k)
 
-    def _forward(self, tokens, state, block_len, targets, algorithm):
+    def _forward(self, tokens, state, block_len, targets, algorithm, top_k=0):
         block_len = self._block_len(block_len)
         algorithm = self.algorithm if algorithm is None else check_algorithm(algorithm)
         if self.sequence_devices > 1:  # the parallel form, spread over devices
             mesh = self._sequence_mesh
             tokens, state, targets = replicated(mesh, (tokens, state, targets))
             return sequence_parallel_jit(
-                self.config, self._sequence_params, tokens, state, block_len, targets, mesh
-            )
+                self.config, self._sequence_params, tokens, state, block_len, targets, mesh,
+                top_k=top_k,
+            )  # fmt: skip
         tokens, state, targets = on_device((tokens, state, targets))
         return forward_jit(
-            self.config, self.params, tokens, state, block_len, targets, algorithm=algorithm
-        )
+            self.config, self.params, tokens, state, block_len, targets, algorithm=algorithm,
+            top_k=top_k,
+        )  # fmt: skip
 
     @functools.cached_property
     def _sequence_mesh(self) -> Mesh:

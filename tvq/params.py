@@ -5,6 +5,7 @@ passes, whatever its source (a tvq model directory or a reference checkpoint).
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -19,10 +20,16 @@ from tvq.transformer import Transformer
 
 def init_params(config: ModelConfig, seed: int = 0) -> Any:
     """Fresh parameters for `config`, as a nested dict in the reference layout."""
+    return _init_params(config, jax.random.PRNGKey(seed))
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def _init_params(config: ModelConfig, key: jax.Array) -> Any:
+    """Compiled once per config (a jit of a fresh bound `net.init` would compile anew
+    at every call)."""
     net = Transformer(config)
     tokens = jnp.zeros([1, 1], jnp.int32)
-    variables = jax.jit(net.init)(jax.random.PRNGKey(seed), tokens, initial_state(config, 1))
-    return variables["params"]
+    return net.init(key, tokens, initial_state(config, 1))["params"]
 
 
 def param_layout(config: ModelConfig) -> dict[str, tuple[int, ...]]:

@@ -83,6 +83,9 @@ class ScoreResult:
     nll_sum: float  # nats
     tokens: int
     log_probs: np.ndarray | None = None  # [B, T] per-token log-probs, when asked for
+    # the k most likely tokens per position, when asked for: log-probs and ids [B, T, k]
+    top_log_probs: np.ndarray | None = None
+    top_ids: np.ndarray | None = None
 
     @property
     def nll(self) -> float:
@@ -100,32 +103,44 @@ def score_ids(
     *,
     keep_log_probs: bool = False,
     block_len: int | None = None,
+    top_k: int = 0,
 ) -> tuple[ScoreResult, Context]:
-    """Scores token ids [T] (or [B, T]) continuing `context`; returns the new context too."""
+    """Scores token ids [T] (or [B, T]) continuing `context`; returns the new context too.
+    top_k > 0 keeps the log-probs and also the top_k most likely tokens per position."""
     ids = np.asarray(ids, np.int32)
     if ids.ndim == 1:
         ids = ids[None, :]
     batch, length = ids.shape
     context = context or Context.start(model, batch)
+    keep_log_probs = keep_log_probs or top_k > 0
     if length == 0:
         empty = np.zeros([batch, 0], np.float32) if keep_log_probs else None
-        return ScoreResult(0.0, 0, empty), context
+        tops = (np.zeros([batch, 0, top_k], np.float32), np.zeros([batch, 0, top_k], np.int32))
+        return ScoreResult(0.0, 0, empty, *(tops if top_k else (None, None))), context
     block_len = model.block_len if block_len is None else check_block_len(block_len)
     inputs = np.concatenate([context.last_token[:, None], ids[:, :-1]], axis=1)
     state, total, kept, start = context.state, jnp.zeros([]), [], 0
     for size in piece_sizes(length, block_len):
         piece = slice(start, start + size)
-        scores, state = model.score(
-            inputs[:, piece], ids[:, piece], state=state, block_len=min(block_len, size)
-        )
+        out, state = model.score(inputs[:, piece], ids[:, piece], state=state,
+                                 block_len=min(block_len, size), top_k=top_k)  # fmt: skip
+        scores = out[0] if top_k else out
         total = total + jnp.sum(scores)
         if keep_log_probs:
-            kept.append(scores)
+            kept.append(out if top_k else (out,))
         start += size
-    log_probs = np.asarray(jnp.concatenate(kept, axis=1)) if keep_log_probs else None
-    result = ScoreResult(-float(total), batch * length, log_probs)
+    joined = [np.asarray(jnp.concatenate(part, axis=1)) for part in zip(*kept, strict=True)]
+    result = ScoreResult(-float(total), batch * length, *(joined or [None]))
     new_context = Context(state=state, last_token=ids[:, -1].copy(), tokens=context.tokens + length)
     return result, new_context
+
+
+def top_entries(tokenizer: Tokenizer, ids, log_probs) -> list[dict]:
+    """The most likely tokens at one position as [{token, id, logprob}], likeliest first
+    (the top_logprobs of `tvq score --per-token` and `tvq generate --json`)."""
+    return [{"token": tokenizer.token_bytes(int(i)).decode("utf-8", errors="replace"),
+             "id": int(i), "logprob": round(float(lp), 6)}
+            for i, lp in zip(ids, log_probs, strict=True)]  # fmt: skip
 
 
 # The long-context curve: token positions 0-128, 128-256, ... doubling to the end.
@@ -183,8 +198,10 @@ class FileScore:
     block_m2: float = 0.0  # Σ (block mean − block_mean)²
     partial_tokens: int = 0  # tokens of the block being filled
     partial_sum: float = 0.0
-    # [tokens, Σ NLL, bytes] per position bucket (position_bucket), when asked for
+    # [tokens, Σ NLL, bytes] per position bucket (position_bucket), when asked for; the
+    # baseline's too when there is one
     by_position: list[list[float]] | None = None
+    baseline_by_position: list[list[float]] | None = None
     # against a baseline model (tvq.compare), when there is one
     baseline_nll_sum: float = 0.0
     kl_sum: float = 0.0
@@ -235,32 +252,18 @@ class FileScore:
         self.partial_tokens = len(rest) - whole
         self.partial_sum = float(rest[whole:].sum())
 
-    def add_positions(self, start: int, nll, token_bytes) -> None:
+    def add_positions(self, start: int, nll, token_bytes, baseline_nll=None) -> None:
         """Folds the NLLs and byte lengths of the tokens at positions start, start+1, …
-        into the position buckets (when by_position is on)."""
-        if self.by_position is None or not len(nll):
-            return
-        buckets = position_bucket(start + np.arange(len(nll)))
-        nll, token_bytes = np.asarray(nll, np.float64), np.asarray(token_bytes)
-        for index in np.unique(buckets):
-            mask = buckets == index
-            while len(self.by_position) <= index:
-                self.by_position.append([0, 0.0, 0])
-            cell = self.by_position[index]
-            cell[0] += int(mask.sum())
-            cell[1] += float(nll[mask].sum())
-            cell[2] += int(token_bytes[mask].sum())
+        into the position buckets (when by_position is on), and the baseline's NLLs into
+        its own."""
+        if self.by_position is not None:
+            _fold_positions(self.by_position, start, nll, token_bytes)
+        if self.baseline_by_position is not None and baseline_nll is not None:
+            _fold_positions(self.baseline_by_position, start, baseline_nll, token_bytes)
 
     def position_rows(self) -> list[dict]:
         """by_position as {start, end, tokens, nll, bits_per_byte} per bucket."""
-        rows = []
-        for index, (tokens, nll_sum, n_bytes) in enumerate(self.by_position or []):
-            start, end = bucket_bounds(index)
-            nll = nll_sum / tokens if tokens else None
-            bits = nll_sum / math.log(2) / n_bytes if n_bytes else None
-            rows.append({"start": start, "end": end, "tokens": tokens, "nll": nll,
-                         "bits_per_byte": bits})  # fmt: skip
-        return rows
+        return _position_rows(self.by_position)
 
     @property
     def nll_stderr(self) -> float | None:
@@ -273,8 +276,10 @@ class FileScore:
     def total(cls, scores: list[FileScore], name: str = "TOTAL") -> FileScore:
         """The scores of several texts together (their blocks pooled)."""
         first = scores[0] if scores else cls(name)
+        curves = {key: None if getattr(first, key) is None else []
+                  for key in ("by_position", "baseline_by_position")}  # fmt: skip
         total = cls(name, protocol=first.protocol, window=first.window, stride=first.stride,
-                    by_position=None if first.by_position is None else [])  # fmt: skip
+                    **curves)  # fmt: skip
         for s in scores:
             if s.kl_counts is not None:
                 total.baseline_nll_sum += s.baseline_nll_sum
@@ -283,11 +288,12 @@ class FileScore:
                 mine = total.kl_counts or []
                 total.kl_counts = (np.add(mine, s.kl_counts).tolist() if mine and s.kl_counts
                                    else list(mine or s.kl_counts))  # fmt: skip
-            for index, cell in enumerate(s.by_position or []):
-                while len(total.by_position) <= index:
-                    total.by_position.append([0, 0.0, 0])
-                total.by_position[index] = [a + b for a, b in zip(total.by_position[index], cell,
-                                                                  strict=True)]  # fmt: skip
+            for mine, theirs in ((total.by_position, s.by_position),
+                                 (total.baseline_by_position, s.baseline_by_position)):  # fmt: skip
+                for index, cell in enumerate(theirs or []):
+                    while len(mine) <= index:
+                        mine.append([0, 0.0, 0])
+                    mine[index] = [a + b for a, b in zip(mine[index], cell, strict=True)]
             total.bytes += s.bytes
             total.tokens += s.tokens
             total.nll_sum += s.nll_sum
@@ -322,18 +328,49 @@ class FileScore:
 
     def comparison_row(self) -> dict:
         """kl_divergence (mean KL(baseline ‖ model) per token, nats), its 99th
-        percentile, delta_nll (model − baseline, nats per token), same_top1."""
+        percentile, delta_nll (model − baseline, nats per token), same_top1; and the
+        baseline's curve (baseline_by_position) when by_position is on."""
         from tvq.compare import kl_percentile
 
         if self.kl_counts is None:
             return {}
         tokens = max(self.tokens, 1)
+        curve = self.baseline_by_position
         return {
             "kl_divergence": self.kl_sum / tokens,
             "kl_divergence_p99": kl_percentile(self.kl_counts, 99),
             "delta_nll": (self.nll_sum - self.baseline_nll_sum) / tokens,
             "same_top1": self.same_top1 / tokens,
-        }
+        } | ({} if curve is None else {"baseline_by_position": _position_rows(curve)})
+
+
+def _fold_positions(cells: list[list], start: int, nll, token_bytes) -> None:
+    """Adds [tokens, Σ NLL, bytes] of the tokens at positions start, start+1, … to their
+    position buckets' cells."""
+    if not len(nll):
+        return
+    buckets = position_bucket(start + np.arange(len(nll)))
+    nll, token_bytes = np.asarray(nll, np.float64), np.asarray(token_bytes)
+    for index in np.unique(buckets):
+        mask = buckets == index
+        while len(cells) <= index:
+            cells.append([0, 0.0, 0])
+        cell = cells[index]
+        cell[0] += int(mask.sum())
+        cell[1] += float(nll[mask].sum())
+        cell[2] += int(token_bytes[mask].sum())
+
+
+def _position_rows(cells: list[list] | None) -> list[dict]:
+    """Position-bucket cells as {start, end, tokens, nll, bits_per_byte} per bucket."""
+    rows = []
+    for index, (tokens, nll_sum, n_bytes) in enumerate(cells or []):
+        start, end = bucket_bounds(index)
+        nll = nll_sum / tokens if tokens else None
+        bits = nll_sum / math.log(2) / n_bytes if n_bytes else None
+        rows.append({"start": start, "end": end, "tokens": tokens, "nll": nll,
+                     "bits_per_byte": bits})  # fmt: skip
+    return rows
 
 
 class WordCounter:
@@ -361,6 +398,7 @@ def score_stream(
     stride: int | None = None,
     by_position: bool = False,
     baseline: Model | None = None,
+    top_logprobs: int = 0,
 ) -> tuple[FileScore, Context]:
     """Scores a binary stream in one pass, piece by piece, carrying the context.
 
@@ -368,7 +406,9 @@ def score_stream(
     final remainder uses the smaller shapes. The ids equal tokenizing the whole text at
     once (tvq.tokenizer.encode_stream). on_piece(score) is called after each chunk
     (progress; bytes then count the scored tokens); on_tokens(ids, log_probs,
-    byte_offset) receives per-token results. Memory stays flat whatever the length.
+    byte_offset, top) receives per-token results, top being None or, with
+    top_logprobs k, (log-probs [T, k], ids [T, k]) of the k most likely tokens. Memory
+    stays flat whatever the length.
 
     Protocols (check_protocol): by default full context, every token seeing everything
     before it. window N: fixed windows of N tokens, each from a fresh state (the
@@ -392,6 +432,7 @@ def score_stream(
 
         check_baseline(model, baseline)
         result.kl_counts = []
+        result.baseline_by_position = [] if by_position else None
     if context is not None and baseline is not None:
         raise InputError("a comparison with a baseline starts both models from the start")
     context = context or Context.start(model, 1)
@@ -430,18 +471,21 @@ def score_stream(
         nonlocal context, base_context, offset
         if baseline is None:
             scored, context = score_ids(model, ids, context, keep_log_probs=True,
-                                        block_len=block_len)  # fmt: skip
+                                        block_len=block_len, top_k=top_logprobs)  # fmt: skip
         else:
             parts, context, base_context = compare_ids(model, baseline, ids, context,
-                                                       base_context, block_len)  # fmt: skip
+                                                       base_context, block_len,
+                                                       top_logprobs)  # fmt: skip
             nll = parts["nll"].astype(np.float64)
-            scored = ScoreResult(float(nll.sum()), len(ids), -parts["nll"][None, :])
+            scored = ScoreResult(float(nll.sum()), len(ids), -parts["nll"][None, :],
+                                 parts["top_log_probs"][None], parts["top_ids"][None])  # fmt: skip
             result.add_comparison(parts)
         result.add_nll(-scored.log_probs[0])
         start = offset
         lengths = [len(tokenizer.token_bytes(i)) for i in ids]
         offset += sum(lengths)
-        result.add_positions(result.tokens, -scored.log_probs[0], lengths)
+        result.add_positions(result.tokens, -scored.log_probs[0], lengths,
+                             None if baseline is None else parts["baseline_nll"])  # fmt: skip
         # Totals first, all together, and reported before the per-token results: an
         # interrupt inside on_tokens (writing a per-token file) then leaves partial
         # totals that the caller has seen and that agree with each other.
@@ -451,7 +495,8 @@ def score_stream(
         if on_piece is not None:
             on_piece(result)
         if on_tokens is not None:
-            on_tokens(ids, scored.log_probs[0], start)
+            top = None if not top_logprobs else (scored.top_log_probs[0], scored.top_ids[0])
+            on_tokens(ids, scored.log_probs[0], start, top)
 
     for ids, n_bytes, invalid in encode_stream(tokenizer, WordCounter(stream, result)):
         raw_bytes += n_bytes

@@ -85,6 +85,14 @@ def generate(
     json_output: Annotated[
         bool, typer.Option("--json", help="One JSON object per sample.")
     ] = False,
+    logprobs: Annotated[
+        int,
+        typer.Option(
+            help="With --json: per generated token, its log-prob and the K most likely "
+            "tokens (top_logprobs), the model's own before sampling.",
+            min=0,
+        ),
+    ] = 0,
     verbose: Annotated[
         bool, typer.Option("--verbose", "-v", help="Seed and speed on stderr.")
     ] = False,
@@ -99,7 +107,7 @@ def generate(
     import tvq
     from tvq.decoding import generate as run_generate
     from tvq.sampling import Sampler
-    from tvq.scoring import require_tokenizer
+    from tvq.scoring import require_tokenizer, top_entries
     from tvq.statefile import load_state as read_state
     from tvq.statefile import save_state as write_state
 
@@ -107,6 +115,8 @@ def generate(
         raise fail(f"--max-tokens must be >= 0, got {max_tokens}", 2)
     if num_samples < 1:
         raise fail(f"--num-samples must be >= 1, got {num_samples}", 2)
+    if logprobs and not json_output:
+        raise fail("--logprobs needs --json (they are written into each sample's object)", 2)
     if save_state is not None and num_samples != 1:
         raise fail("--save-state needs --num-samples 1 (one text, one state)", 2)
     try:
@@ -117,6 +127,9 @@ def generate(
     text = read_prompt(prompt, file)
     base = tvq.load(model)  # state files belong to its parameters, whatever the dtype
     tokenizer = require_tokenizer(base)
+    if logprobs > base.config.n_vocab:
+        raise fail(f"--logprobs must be at most the vocabulary size {base.config.n_vocab}, "
+                   f"got {logprobs}", 2)  # fmt: skip
     context = read_state(load_state, base) if load_state is not None else None
     loaded = run_settings(base, dtype=dtype)
     seed = secrets.randbits(31) if seed is None else seed
@@ -134,6 +147,7 @@ def generate(
         loaded, tokenizer.encode(text), max_tokens=max_tokens, sampler=sampler,
         seed=seed, num_samples=num_samples, stop=stop or [], context=context,
         on_text=on_text if live else None, ignore_eos=ignore_eos, devices=devices,
+        logprobs=logprobs,
     )  # fmt: skip
     timings = {
         "prompt_tokens": result.prompt_tokens,
@@ -151,6 +165,10 @@ def generate(
                       "logprobs": [round(x, 6) for x in sample.log_probs],
                       "finish_reason": sample.finish_reason, "seed": seed, "sample": i,
                       "timings": timings}  # fmt: skip
+            if logprobs:
+                record["top_logprobs"] = [
+                    top_entries(tokenizer, *zip(*top, strict=True)) for top in sample.top_logprobs
+                ]
             out.write(json.dumps(record, ensure_ascii=False) + "\n")
         elif not live:
             out.write(("\n\n" if i else "") + sample.text)

@@ -6,8 +6,8 @@ import csv
 import dataclasses
 import io
 import json
+import math
 import sys
-import time
 from pathlib import Path
 from typing import Annotated
 
@@ -115,6 +115,14 @@ def score(
     per_token: Annotated[
         Path | None, typer.Option(help="Write each token's text, byte offset and log-prob (JSONL).")
     ] = None,
+    top_logprobs: Annotated[
+        int,
+        typer.Option(
+            help="With --per-token: also the K most likely tokens at each position "
+            "(top_logprobs: text, id and log-prob).",
+            min=0,
+        ),
+    ] = 0,
     load_state: Annotated[Path | None, typer.Option(help="Continue from a saved state.")] = None,
     save_state: Annotated[Path | None, typer.Option(help="Save the state after the text.")] = None,
     block_len: Annotated[int | None, typer.Option(help="Block length (speed only).")] = None,
@@ -151,6 +159,14 @@ def score(
             "(0-128, 128-256, ... doubling): the long-context curve.",
         ),
     ] = False,
+    plot: Annotated[
+        Path | None,
+        typer.Option(
+            help="Draw bits per byte against token position (log axis) into FILE.png or "
+            "FILE.svg, one line per file, dashed for the baseline (needs matplotlib: "
+            "pip install 'tvq[plot]').",
+        ),
+    ] = None,
     no_agg_cache: Annotated[
         bool,
         typer.Option(
@@ -200,7 +216,7 @@ def score(
     devices instead (docs/DESIGN.md section 12)."""
     import tvq
     from tvq import cluster
-    from tvq.scoring import require_tokenizer, score_stream
+    from tvq.scoring import require_tokenizer, score_stream, top_entries
     from tvq.statefile import load_state as read_state
     from tvq.statefile import save_state as write_state
 
@@ -213,6 +229,8 @@ def score(
         raise fail(f"--block-len must be >= 1, got {block_len}", 2)
     if files.count("-") > 1:
         raise fail("'-' (stdin) can be scored once", 2)
+    if top_logprobs and per_token is None:
+        raise fail("--top-logprobs needs --per-token FILE (it adds to each token's row)", 2)
     if stride is not None and window is None:
         raise fail("--stride needs --window", 2)
     if stride is not None and stride > window:
@@ -225,6 +243,14 @@ def score(
         raise fail("--window scores from fresh states: it takes no --load-state or "
                    "--save-state", 2)  # fmt: skip
     check_output_file(per_token, "--per-token")
+    check_output_file(plot, "--plot")
+    if plot is not None:
+        from tvq.plot import check_plot
+
+        try:
+            check_plot(plot)
+        except tvq.TvqError as e:
+            raise fail(f"--plot: {e}", 2) from None
     check_output_file(save_state, "--save-state")
     streams = [open_input(name) for name in files]  # every path is checked before work starts
     join_cluster(coordinator, num_processes, process_id, distributed)
@@ -235,6 +261,9 @@ def score(
                    2)  # fmt: skip
     base = tvq.load(model)  # state files belong to its parameters, whatever the settings
     tokenizer = require_tokenizer(base)
+    if top_logprobs > base.config.n_vocab:
+        raise fail(f"--top-logprobs must be at most the vocabulary size "
+                   f"{base.config.n_vocab}, got {top_logprobs}", 2)  # fmt: skip
     start = read_state(load_state, base) if load_state is not None else None
     loaded = run_settings(base, algorithm, dtype)
     if no_agg_cache:  # same parameters, the window alone
@@ -254,6 +283,7 @@ def score(
             raise fail(f"{per_token} cannot be written: {e.strerror}") from None
 
     scores, stopped, context, name = [], None, None, files[0]
+    curve = by_position or plot is not None  # the position buckets, shown or drawn
     progress = _Progress(sum(_size(f) for f in files))
     batched = cluster.active() or (
         len(files) > 1 and per_token is None and save_state is None and not sequence_parallel
@@ -263,7 +293,7 @@ def score(
         if batched:
             scores, stopped = _score_together(
                 loaded, files, streams, progress, devices=devices, rows=batch_size,
-                block_len=block_len, start=start, by_position=by_position,
+                block_len=block_len, start=start, by_position=curve,
             )  # fmt: skip
             if not cluster.is_main():
                 return  # process 0 prints the results of all
@@ -271,14 +301,20 @@ def score(
             if batched:
                 break
 
-            def on_tokens(ids, log_probs, offset, name=name):
+            def on_tokens(ids, log_probs, offset, top, name=name):
                 lines = []
-                for token, lp in zip(ids, log_probs, strict=True):
+                for t, (token, lp) in enumerate(zip(ids, log_probs, strict=True)):
                     piece = tokenizer.token_bytes(token)
-                    lines.append(json.dumps(
-                        {"file": name, "token": piece.decode("utf-8", errors="replace"),
-                         "id": int(token), "offset": offset, "logprob": round(float(lp), 6)},
-                        ensure_ascii=False) + "\n")  # fmt: skip
+                    row = {
+                        "file": name,
+                        "token": piece.decode("utf-8", errors="replace"),
+                        "id": int(token),
+                        "offset": offset,
+                        "logprob": round(float(lp), 6),
+                    }
+                    if top is not None:
+                        row["top_logprobs"] = top_entries(tokenizer, top[1][t], top[0][t])
+                    lines.append(json.dumps(row, ensure_ascii=False) + "\n")
                     offset += len(piece)
                 try:
                     per_token_file.writelines(lines)
@@ -289,7 +325,7 @@ def score(
                 loaded, stream, "<stdin>" if name == "-" else name, block_len=block_len,
                 context=start, on_piece=progress.update,
                 on_tokens=on_tokens if per_token_file else None, window=window, stride=stride,
-                by_position=by_position, baseline=other,
+                by_position=curve, baseline=other, top_logprobs=top_logprobs,
             )  # fmt: skip
             progress.finish_file(result)
             scores.append(result)
@@ -316,12 +352,18 @@ def score(
     if partial and current is not None and current not in scores:
         scores.append(current)
 
-    rows = [s.row() for s in scores] + [total_row(scores)]
+    drawn = [s.row() for s in scores] + [total_row(scores)]
+    rows = drawn if by_position else [
+        {k: v for k, v in r.items() if k not in ("by_position", "baseline_by_position")}
+        for r in drawn
+    ]  # fmt: skip
     if fmt == "table":
         print_table(rows, partial)
     else:
         sys.stdout.write(render(rows, fmt, partial))
         sys.stdout.flush()
+    if plot is not None:
+        _draw(drawn, plot, partial)
     if stopped is not None:
         message, code = stopped
         if code == 130:
@@ -330,6 +372,15 @@ def score(
         raise fail(message, code)
     if save_state is not None and context is not None:
         write_state(save_state, base, context)
+
+
+def _draw(rows: list[dict], path: Path, partial: bool) -> None:
+    from tvq.plot import plot_by_position
+
+    try:
+        plot_by_position(rows, path, "partial results (interrupted)" if partial else None)
+    except OSError as e:
+        raise fail(f"--plot {path} cannot be written: {e.strerror or e}") from None
 
 
 def _baseline(tvq, name: str | None, model, no_agg_cache: bool):
@@ -419,11 +470,13 @@ def _size(name: str) -> int:
 
 
 class _Progress:
-    """Bytes done, running bits per byte and ETA on stderr, only when it is a terminal."""
+    """On stderr, only when it is a terminal: bytes done, the running bits per byte of
+    everything scored so far (all files together) with its ± (1.96 standard errors)
+    and an ETA."""
 
     def __init__(self, total_bytes: int) -> None:
         self.current = None
-        self.done_before = 0
+        self.finished: list = []  # scores of the files done
         self.bar = None
         if stderr.is_terminal:
             from rich.progress import (
@@ -435,29 +488,46 @@ class _Progress:
             )
 
             self.bar = Progress(
-                BarColumn(), DownloadColumn(),
-                TextColumn("{task.fields[bpb]} bits/byte"), TimeRemainingColumn(),
-                console=stderr, transient=True,
+                BarColumn(), DownloadColumn(), TextColumn("{task.fields[bpb]} bits/byte"),
+                TimeRemainingColumn(), console=stderr, transient=True,
             )  # fmt: skip
             self.bar.start()
             self.task = self.bar.add_task("score", total=total_bytes or None, bpb="-")
-        self.started = time.perf_counter()
 
     def update(self, result) -> None:
+        """The current file's score so far (sequential scoring)."""
         self.current = result
-        if self.bar is not None:
-            bpb = result.row()["bits_per_byte"]
-            self.bar.update(self.task, completed=self.done_before + result.bytes,
-                            bpb=f"{bpb:.4f}")  # fmt: skip
+        self._show(sum(s.bytes for s in self.finished) + result.bytes,
+                   self.finished + [result])  # fmt: skip
 
-    def set_done(self, done_bytes: int) -> None:
-        if self.bar is not None:
-            self.bar.update(self.task, completed=done_bytes)
+    def set_done(self, done_bytes: int, scores: list) -> None:
+        """Bytes read and every text's score so far (batched scoring)."""
+        self._show(done_bytes, scores)
 
     def finish_file(self, result) -> None:
-        self.done_before += result.bytes
+        self.finished.append(result)
         self.current = None
+
+    def _show(self, done_bytes: int, scores: list) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, completed=done_bytes, bpb=running_bpb(scores))
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.stop()
+
+
+def running_bpb(scores: list) -> str:
+    """Bits per byte of the scores together, "2.1234 ± 0.0123" (± 1.96 standard errors
+    of the mean token NLL, in bits per byte), "-" before any byte."""
+    from tvq.scoring import FileScore
+
+    total = FileScore.total(scores)
+    if not total.bytes or not total.tokens:
+        return "-"
+    row = total.row()
+    text = f"{row['bits_per_byte']:.4f}"
+    if row["nll_stderr"] is not None:
+        spread = 1.96 * row["nll_stderr"] * total.tokens / total.bytes / math.log(2)
+        text += f" ± {spread:.4f}"
+    return text

@@ -16,7 +16,7 @@ from tvq.train import train_from_files
 ARCH = dict(d_model=32, d_k=16, d_v=32, n_head=2, n_code=16, n_layer=1, mem_len=16,
             e_scale=32**-0.5)  # fmt: skip
 SETTINGS = dict(steps=4, batch_size=4, update_len=32, block_len=16, lr=1e-2, warmup=1,
-                eval_every=2, save_every=1)  # fmt: skip
+                eval_every=4, save_every=100)  # fmt: skip
 TEXTS = [Path(__file__).resolve().parent.parent / "data"]
 
 
