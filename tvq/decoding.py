@@ -143,7 +143,7 @@ class Sample:
     log_probs: list[float] = dataclasses.field(default_factory=list)
     # per token, with generate(logprobs=k): the k most likely (id, log-prob), likeliest first
     top_logprobs: list[list[tuple[int, float]]] = dataclasses.field(default_factory=list)
-    finish_reason: str = "length"  # "length", "eos" or "stop"
+    finish_reason: str = "length"  # "length", "eos", "stop" or "cancelled"
     done: bool = False
 
 
@@ -218,6 +218,11 @@ class _TextRows:
         self.samples[row].finish_reason = reason
         self.samples[row].done = True
 
+    def cancel_all(self) -> None:
+        for row, sample in enumerate(self.samples):
+            if not sample.done:
+                self._finish(row, "cancelled")
+
     def finish_all(self) -> None:
         for row, sample in enumerate(self.samples):
             if not sample.done:
@@ -245,6 +250,7 @@ def generate(
     ignore_eos: bool = False,
     devices: int | None = None,
     logprobs: int = 0,
+    should_stop: Callable[[], bool] | None = None,
 ) -> Generation:
     """Samples `num_samples` continuations of context + prompt as one batch; a row ends
     at an end-of-document token unless ignore_eos (then only max_tokens and stop end it).
@@ -254,7 +260,9 @@ def generate(
     on_text(row, text) receives text as soon as it is final (never half a character,
     never the start of a stop string that may still complete). logprobs k > 0 also
     keeps, per sampled token, the k most likely tokens with their log-probs
-    (Sample.top_logprobs), found inside the compiled loop.
+    (Sample.top_logprobs), found inside the compiled loop. should_stop() is asked
+    between chunks (at most CHUNK tokens apart): True ends every row there, with
+    finish_reason "cancelled" (a client that went away).
     """
     sampler = sampler or Sampler()
     tokenizer = require_tokenizer(model)
@@ -299,6 +307,9 @@ def generate(
     no_forcing = np.zeros([CHUNK, num_samples], np.int32)
     count, chunk, finished = 0, 1, False
     while count < max_tokens and not finished:
+        if should_stop is not None and should_stop():
+            rows.cancel_all()
+            break
         steps = min(chunk, max_tokens - count)
         before = (rings, token, key)
         rings, token, key, tokens, log_probs, sampled, top_values, top_ids = _chunk(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from tvqcli import generate_cmd, model_cmd, score_cmd, train_cmd  # noqa: F401  (registers)
+from tvqcli import generate_cmd, model_cmd, score_cmd, serve_cmd, train_cmd  # noqa: F401
 from tvqcli.app import app, enable_compilation_cache, quiet_stdout
 
 __all__ = ["app", "main"]

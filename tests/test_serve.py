@@ -1,0 +1,287 @@
+"""`tvq serve` (tvq/serve.py): a real server process on a free port of 127.0.0.1 with a
+tiny byte-level model, driven by the official `openai` client and by raw HTTP."""
+
+import http.client
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import tvq
+from tvq.tokenizer import ByteTokenizer
+
+openai = pytest.importorskip("openai")
+
+KEY = "test-key"
+
+
+class Server:
+    def __init__(self, model_dir: Path, *options) -> None:
+        env = dict(os.environ, TVQ_CACHE_DIR=os.environ.get("TVQ_TEST_CACHE",
+                                                            "/tmp/tvq-test-cache"))  # fmt: skip
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "tvqcli", "serve", "-m", str(model_dir), "--port", "0",
+             "--api-key", KEY, *map(str, options)],
+            stderr=subprocess.PIPE, text=True, env=env,
+        )  # fmt: skip
+        self.lines: list[str] = []
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            line = self.process.stderr.readline()
+            if not line:
+                break
+            self.lines.append(line)
+            found = re.search(r"http://127\.0\.0\.1:(\d+)/v1", line)
+            if found:
+                self.port = int(found.group(1))
+                threading.Thread(target=self._drain, daemon=True).start()
+                return
+        self.process.kill()
+        raise AssertionError("the server did not start: " + "".join(self.lines))
+
+    def _drain(self) -> None:
+        for line in self.process.stderr:
+            self.lines.append(line)
+
+    def client(self, **kwargs):
+        return openai.OpenAI(base_url=f"http://127.0.0.1:{self.port}/v1", api_key=KEY,
+                             max_retries=0, timeout=120, **kwargs)  # fmt: skip
+
+    def request(self, method: str, path: str, body=None, headers=None):
+        """Raw HTTP → (status, parsed JSON)."""
+        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=120)
+        data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+        sent = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+        connection.request(method, path, body=data, headers=sent | (headers or {}))
+        response = connection.getresponse()
+        payload = response.read()
+        connection.close()
+        return response.status, json.loads(payload) if payload else None
+
+    def stop(self) -> int:
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from tests.conftest import tiny_config
+
+    folder = tmp_path_factory.mktemp("serve") / "tiny"
+    config = tiny_config(n_vocab=259, mem_len=8, e_scale=0.25)
+    tvq.Model.init(config, seed=11, block_len=4).with_tokenizer(ByteTokenizer()).save(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def server(model_dir, tmp_path_factory):
+    sessions = tmp_path_factory.mktemp("sessions")
+    running = Server(model_dir, "--session-dir", sessions, "--max-tokens-limit", 512,
+                     "--max-body-bytes", 4096)  # fmt: skip
+    running.sessions = sessions
+    yield running
+    if running.process.poll() is None:
+        running.stop()
+
+
+def token_bytes(tokens: list[str]) -> bytes:
+    """The bytes of OpenAI-style token texts ("bytes:\\xNN" for partial UTF-8)."""
+    out = b""
+    for token in tokens:
+        if token.startswith("bytes:"):
+            out += bytes(int(h, 16) for h in token[len("bytes:") :].split("\\x")[1:])
+        else:
+            out += token.encode()
+    return out
+
+
+def complete(client, prompt, **kwargs):
+    return client.completions.create(model="tiny", prompt=prompt, **kwargs)
+
+
+def test_completion_models_and_health(server):
+    client = server.client()
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+    assert server.request("GET", "/health") == (200, {"status": "ok"})
+    first = complete(client, "Hamlet: ", max_tokens=12, seed=3, temperature=0.8)
+    again = complete(client, "Hamlet: ", max_tokens=12, seed=3, temperature=0.8)
+    other = complete(client, "Hamlet: ", max_tokens=12, seed=4, temperature=0.8)
+    choice = first.choices[0]
+    assert choice.finish_reason in ("length", "stop") and choice.text
+    assert choice.text == again.choices[0].text != other.choices[0].text
+    assert first.usage.prompt_tokens == 8
+    if choice.finish_reason == "length":
+        assert first.usage.completion_tokens == 12
+    three = complete(client, "Hamlet: ", max_tokens=8, seed=3, n=3)
+    assert [c.index for c in three.choices] == [0, 1, 2]
+    assert len({c.text for c in three.choices}) > 1
+    two_prompts = complete(client, ["A", "B"], max_tokens=4, seed=1, n=2)
+    assert [c.index for c in two_prompts.choices] == [0, 1, 2, 3]
+
+
+def test_streaming_joins_to_the_same_text(server):
+    client = server.client()
+    whole = complete(client, "To be", max_tokens=40, seed=9, n=2)
+    pieces = ["", ""]
+    finished = [None, None]
+    for chunk in complete(client, "To be", max_tokens=40, seed=9, n=2, stream=True):
+        for c in chunk.choices:
+            pieces[c.index] += c.text
+            finished[c.index] = c.finish_reason or finished[c.index]
+    assert pieces == [c.text for c in whole.choices]
+    assert finished == [c.finish_reason for c in whole.choices]
+
+
+def test_logprobs_and_echo_scoring_equal_tvq_score(server, model_dir):
+    from tvq.scoring import score_ids
+
+    client = server.client()
+    model = tvq.load(model_dir)
+    text = "Ophelia, in thy orisons be all my sins remembered."
+    echoed = complete(client, text, max_tokens=0, echo=True, logprobs=2)
+    lp = echoed.choices[0].logprobs
+    assert echoed.choices[0].text == text
+    assert "".join(lp.tokens) == text and lp.text_offset[:3] == [0, 1, 2]
+    scored, _ = score_ids(model, model.tokenizer.encode(text), keep_log_probs=True)
+    np.testing.assert_allclose(lp.token_logprobs, scored.log_probs[0], atol=1e-5)
+    assert all(len(top) == 2 for top in lp.top_logprobs)
+    # generated tokens: their log-probs are those of scoring prompt + completion
+    out = complete(client, "Ophelia", max_tokens=10, seed=2, logprobs=3, temperature=1.0)
+    lp = out.choices[0].logprobs
+    assert token_bytes(lp.tokens) == b"".join(map(model.tokenizer.token_bytes, lp.token_ids))
+    ids = model.tokenizer.encode("Ophelia") + lp.token_ids
+    full, _ = score_ids(model, ids, keep_log_probs=True)
+    np.testing.assert_allclose(lp.token_logprobs, full.log_probs[0, 7:], atol=1e-4)
+    for token, value, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs, strict=True):
+        assert len(top) == 3 and max(top.values()) >= value - 1e-6
+        if token in top:
+            assert top[token] == pytest.approx(value, abs=1e-5)
+
+
+def test_a_session_continued_over_three_requests_equals_one_request(server):
+    client = server.client()
+    server.request("DELETE", "/v1/sessions/talk")
+    parts = ["Horatio: ", "\nHamlet: ", "\nHoratio: "]
+    ids = []  # the whole text's token ids (a byte model: a prompt's ids are its bytes + 3)
+    for i, prompt in enumerate(parts):
+        out = complete(client, prompt, max_tokens=6, seed=20 + i, temperature=1.0,
+                       logprobs=1, extra_body={"session": "talk"})  # fmt: skip
+        assert out.choices[0].finish_reason == "length"
+        ids += [b + 3 for b in prompt.encode()] + out.choices[0].logprobs.token_ids
+        last = out
+    prompt = ids[: len(ids) - 6]
+    whole = complete(client, prompt, max_tokens=6, seed=22, temperature=1.0, logprobs=1)
+    assert whole.choices[0].text == last.choices[0].text
+    np.testing.assert_allclose(whole.choices[0].logprobs.token_logprobs,
+                               last.choices[0].logprobs.token_logprobs, atol=1e-4)  # fmt: skip
+    assert (server.sessions / "talk.state").is_file()
+    assert server.request("DELETE", "/v1/sessions/talk")[0] == 200
+    assert server.request("DELETE", "/v1/sessions/talk")[0] == 404
+    assert not (server.sessions / "talk.state").exists()
+
+
+def test_bad_requests_get_openai_errors(server, tmp_path):
+    status, body = server.request("POST", "/v1/completions", {"prompt": "x"},
+                                  headers={"Authorization": "Bearer wrong"})  # fmt: skip
+    assert status == 401 and body["error"]["type"] == "authentication_error"
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+    connection.request("GET", "/v1/models")
+    assert connection.getresponse().status == 401
+    connection.close()
+    cases = [
+        (b"{not json", None),
+        ({"prompt": "x", "max_tokens": "ten"}, "max_tokens"),
+        ({"prompt": "x", "max_tokens": 100000}, "max_tokens"),
+        ({"prompt": "x", "temperature": -1}, "temperature"),
+        ({"prompt": 3}, "prompt"),
+        ({"prompt": "x", "n": 0}, "n"),
+        ({"prompt": "x", "stop": [1]}, "stop"),
+        ({"prompt": [[1, 2, 999]]}, "prompt"),
+        ({"prompt": "x", "session": "../../etc/passwd"}, "session"),
+        ({"prompt": "x", "session": "a/b"}, "session"),
+        ({"prompt": ["x", "y"], "session": "s"}, "prompt"),
+        ([1, 2], None),
+    ]
+    for body, field in cases:
+        status, answer = server.request("POST", "/v1/completions", body)
+        assert status == 400, (body, answer)
+        assert answer["error"]["type"] == "invalid_request_error"
+        assert answer["error"]["param"] == field, (body, answer)
+        if field:
+            assert field in answer["error"]["message"]
+    status, answer = server.request("POST", "/v1/completions", {"prompt": "x" * 5000})
+    assert status == 413 and "larger than" in answer["error"]["message"]
+    status, _ = server.request("DELETE", "/v1/sessions/..%2F..%2Fetc%2Fpasswd")
+    assert status == 400
+    status, answer = server.request("GET", "/v1/nothing")
+    assert status == 404 and "error" in answer
+    assert not list(Path("/etc").glob("passwd.state"))
+    assert all("Traceback" not in line for line in server.lines)
+
+
+def test_many_clients_at_once_and_one_leaving_mid_stream(server):
+    cases = [("Enter ", 1), ("Exit ", 2), ("Lord ", 3), ("Lady ", 4)]
+    client = server.client()
+    expected = {c: complete(client, c[0], max_tokens=10, seed=c[1]).choices[0].text
+                for c in cases}  # fmt: skip
+    leaving = server.client().completions.create(
+        model="tiny", prompt="Long ", max_tokens=512, seed=5, stream=True,
+        extra_body={"ignore_eos": True},
+    )  # fmt: skip
+    next(iter(leaving))  # the first chunk, then the client goes away
+    leaving.close()
+    answers, errors = [], []
+
+    def client_run(k: int) -> None:
+        mine = server.client()
+        try:
+            for i in range(4):
+                case = cases[(k + i) % 4]
+                out = complete(mine, case[0], max_tokens=10, seed=case[1])
+                answers.append((case, out.choices[0].text))
+        except Exception as e:  # noqa: BLE001
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=client_run, args=(k,)) for k in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not errors and len(answers) == 64
+    assert all(text == expected[case] for case, text in answers)
+
+
+def test_restart_keeps_sessions_and_a_full_queue_answers_429(server, model_dir):
+    client = server.client()
+    first = complete(client, "Polonius: ", max_tokens=5, seed=1, extra_body={"session": "kept"})
+    assert server.stop() == 0
+    assert any("stopped" in line for line in server.lines)
+    again = Server(model_dir, "--session-dir", server.sessions, "--queue-size", 1)
+    try:
+        later = complete(again.client(), " and ", max_tokens=5, seed=2,
+                         extra_body={"session": "kept"})  # fmt: skip
+        whole = complete(again.client(), "Polonius: " + first.choices[0].text + " and ",
+                         max_tokens=5, seed=2)  # fmt: skip
+        assert later.choices[0].text == whole.choices[0].text
+        # one request running, one waiting: a third is refused with 429
+        clients = [again.client(), again.client()]  # kept: a dropped client disconnects
+        streams = []
+        for busy in clients:  # each many seconds of work, until its client goes away
+            streams.append(busy.completions.create(
+                model="tiny", prompt=["Busy "] * 16, max_tokens=4096, seed=1, stream=True,
+                extra_body={"ignore_eos": True}))  # fmt: skip
+            time.sleep(0.5)
+        status, answer = again.request("POST", "/v1/completions", {"prompt": "x"})
+        assert status == 429 and answer["error"]["type"] == "rate_limit_error"
+        for s in streams:
+            s.close()
+    finally:
+        assert again.stop() == 0

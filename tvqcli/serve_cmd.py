@@ -1,0 +1,108 @@
+"""`tvq serve`: an OpenAI-compatible HTTP server (tvq/serve.py)."""
+
+from __future__ import annotations
+
+import signal
+import socket
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from tvqcli.app import (
+    DtypeOption,
+    ModelOption,
+    app,
+    check_output_dir,
+    fail,
+    handle_errors,
+    run_settings,
+    stderr,
+)
+
+
+@app.command()
+@handle_errors
+def serve(
+    model: ModelOption = None,
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port (0: any free port).", min=0, max=65535)] = 8000,
+    api_key: Annotated[
+        str | None,
+        typer.Option(envvar="TVQ_API_KEY", help="Require 'Authorization: Bearer KEY'."),
+    ] = None,
+    max_sessions: Annotated[
+        int, typer.Option(help="Sessions kept in memory (least recently used dropped).", min=1)
+    ] = 64,
+    session_dir: Annotated[
+        Path | None,
+        typer.Option(help="Also keep every session as a state file here (survives a restart)."),
+    ] = None,
+    max_tokens_limit: Annotated[
+        int, typer.Option(help="Largest max_tokens a request may ask for.", min=1)
+    ] = 4096,
+    max_n: Annotated[int, typer.Option(help="Largest n (completions per prompt).", min=1)] = 16,
+    max_prompt_tokens: Annotated[
+        int, typer.Option(help="Longest prompt, in tokens (memory does not grow with it).", min=1)
+    ] = 1_048_576,
+    max_body_bytes: Annotated[
+        int, typer.Option(help="Largest request body (413 beyond).", min=1024)
+    ] = 16 << 20,
+    queue_size: Annotated[
+        int, typer.Option(help="Requests that may wait for the model (429 beyond).", min=1)
+    ] = 64,
+    dtype: DtypeOption = None,
+) -> None:
+    """Serve the model over HTTP with the OpenAI completions API.
+
+    GET /health, GET /v1/models, POST /v1/completions (prompt, max_tokens, temperature,
+    top_p, top_k, min_p, stop, n, seed, stream, logprobs, echo), and sessions: a request
+    with "session": "ID" continues that session's attention state (fixed size, whatever
+    the length) and stores the state after it; DELETE /v1/sessions/ID forgets one.
+    Listens on 127.0.0.1 unless told otherwise; Ctrl-C or SIGTERM stops it cleanly."""
+    import uvicorn
+
+    import tvq
+    from tvq.decoding import generate
+    from tvq.scoring import require_tokenizer
+    from tvq.serve import Engine, ServerSettings, build_app
+
+    if session_dir is not None:
+        check_output_dir(session_dir, "--session-dir")
+    try:
+        listener = socket.create_server((host, port))
+    except OSError as e:
+        raise fail(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    base = tvq.load(model)
+    require_tokenizer(base)
+    loaded = run_settings(base, dtype=dtype)
+    if session_dir is not None:
+        session_dir.mkdir(parents=True, exist_ok=True)
+    generate(loaded, [], max_tokens=1, seed=0)  # compiles the sampling loop before serving
+    settings = ServerSettings(
+        model_name=Path(model).name if model is not None else "tvq-builtin",
+        api_key=api_key, max_sessions=max_sessions, session_dir=session_dir,
+        max_tokens_limit=max_tokens_limit, max_n=max_n, max_prompt_tokens=max_prompt_tokens,
+        max_body_bytes=max_body_bytes, queue_size=queue_size,
+    )  # fmt: skip
+    engine = Engine(loaded, settings, base)
+    config = uvicorn.Config(build_app(engine), log_level="warning", access_log=False,
+                            timeout_graceful_shutdown=30, lifespan="off")  # fmt: skip
+    server = uvicorn.Server(config)
+    bound_host, bound_port = listener.getsockname()[:2]
+    shown = f"[{bound_host}]" if ":" in bound_host else bound_host
+    stderr.print(f"tvq serve: http://{shown}:{bound_port}/v1 (model {settings.model_name}); "
+                 "Ctrl-C stops it", highlight=False)  # fmt: skip
+    # uvicorn stops gracefully on SIGINT/SIGTERM (requests in flight finish, for up to
+    # 30 s), then restores the handlers it found and raises the signal again: these
+    # handlers take it, so the worker stops and the sessions are closed here.
+    stops = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda number, frame: stops.append(number))
+    try:
+        server.run(sockets=[listener])
+    finally:
+        engine.close()
+        listener.close()
+    kept = f" (sessions are in {session_dir})" if session_dir is not None else ""
+    stderr.print(f"tvq serve: stopped{kept}", highlight=False)
