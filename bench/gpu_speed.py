@@ -210,17 +210,20 @@ def section_decode(out, args) -> None:
                 rings = jax.device_put(empty_rings(config, batch))
                 token = jnp.zeros([batch], jnp.int32)
                 forced = jnp.zeros([CHUNK, batch], jnp.int32)
-                key = jax.random.PRNGKey(0)
+                keys = jax.random.split(jax.random.PRNGKey(0), batch)
+                counts = jnp.zeros([batch], jnp.int32)
+                limits = jnp.full([batch], CHUNK, jnp.int32)
                 stage(f"decode {layers} layers batch {batch} {name}: compiling")
-                compiled = decode_chunk.lower(config, params, rings, token, key, CHUNK, forced,
-                                              0, -1, sampler=sampler).compile()  # fmt: skip
+                compiled = decode_chunk.lower(config, params, rings, token, keys, counts, limits,
+                                              forced, 0, -1, sampler=sampler).compile()  # fmt: skip
                 stage("compiled")
                 chunks = 4
 
-                def run(c=compiled, p=params, rings=rings, token=token, forced=forced, key=key):
-                    r, t, k = rings, token, key
-                    for _ in range(4):
-                        r, t, k, *_ = c(p, r, t, k, CHUNK, forced, 0, -1)
+                def run(c=compiled, p=params, rings=rings, token=token, forced=forced, keys=keys,
+                        counts=counts, limits=limits):  # fmt: skip
+                    r, t = rings, token
+                    for i in range(4):
+                        r, t, *_ = c(p, r, t, keys, counts + i * CHUNK, limits, forced, 0, -1)
                     return t
 
                 seconds = timed(run, 3)

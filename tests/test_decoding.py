@@ -196,12 +196,12 @@ def test_each_loop_compiles_once():
 
 
 def test_ignore_eos_goes_on_past_the_end_of_a_document(byte_model):
-    """With no prompt this model soon samples an end of document (seed 1: every row at
+    """With no prompt this model soon samples an end of document (seed 2: every row at
     once); ignore_eos keeps sampling, and the log-probs still equal scoring the text."""
     sampler = Sampler(temperature=1.0)
-    ended = generate(byte_model, [], max_tokens=11, sampler=sampler, seed=1, num_samples=3)
+    ended = generate(byte_model, [], max_tokens=11, sampler=sampler, seed=2, num_samples=3)
     assert [s.finish_reason for s in ended.samples] == ["eos"] * 3
-    result = generate(byte_model, [], max_tokens=11, sampler=sampler, seed=1, num_samples=3,
+    result = generate(byte_model, [], max_tokens=11, sampler=sampler, seed=2, num_samples=3,
                       ignore_eos=True)  # fmt: skip
     eos = byte_model.tokenizer.eos_id
     for sample in result.samples:
@@ -213,3 +213,39 @@ def test_ignore_eos_goes_on_past_the_end_of_a_document(byte_model):
     for row, sample in enumerate(result.samples):
         picked = np.asarray(log_probs[row])[np.arange(11), sample.ids]
         np.testing.assert_allclose(sample.log_probs, picked, atol=ATOL)
+
+
+def test_a_batch_of_requests_gives_each_request_its_own_samples(byte_model):
+    """generate_batch (tvq serve's batches): texts at different positions, with their
+    own seeds, lengths, stop strings and sample counts, side by side in one loop, each
+    get what generate gives them alone (row keys and ring positions are per row)."""
+    from tvq.decoding import Request, generate_batch
+
+    encode = byte_model.tokenizer.encode
+    requests = [
+        Request(encode("To be, or not"), max_tokens=20, seed=1),
+        Request(encode("Once"), max_tokens=7, seed=2, num_samples=2),
+        Request([], max_tokens=12, seed=3, stop=["e"]),
+        Request(encode("xy"), max_tokens=0, seed=4),
+        Request(encode("Long ago, in a kingdom by the sea"), max_tokens=40, seed=5),
+    ]  # 6 rows: padded to 8
+    sampler = Sampler(temperature=1.0, top_p=0.9)
+    streamed = {}
+
+    def on_text(i, j, text):
+        streamed[i, j] = streamed.get((i, j), "") + text
+
+    batched = generate_batch(byte_model, requests, sampler=sampler, logprobs=2, on_text=on_text)
+    for i, (request, samples) in enumerate(zip(requests, batched, strict=True)):
+        alone = generate(byte_model, request.prompt_ids, max_tokens=request.max_tokens,
+                         sampler=sampler, seed=request.seed, num_samples=request.num_samples,
+                         stop=request.stop, logprobs=2).samples  # fmt: skip
+        assert len(samples) == request.num_samples
+        for j, (got, want) in enumerate(zip(samples, alone, strict=True)):
+            assert got.ids == want.ids and got.text == want.text, (i, j)
+            assert got.finish_reason == want.finish_reason
+            assert streamed.get((i, j), "") == got.text
+            np.testing.assert_allclose(got.log_probs, want.log_probs, atol=1e-5)
+            assert [t[0][0] for t in got.top_logprobs] == [t[0][0] for t in want.top_logprobs]
+    assert batched[2][0].finish_reason in ("stop", "eos", "length")
+    assert batched[3][0].ids == [] and batched[4][0].ids

@@ -110,7 +110,8 @@ def complete(client, prompt, **kwargs):
 def test_completion_models_and_health(server):
     client = server.client()
     assert [m.id for m in client.models.list().data] == ["tiny"]
-    assert server.request("GET", "/health") == (200, {"status": "ok"})
+    status, health = server.request("GET", "/health")
+    assert status == 200 and health["status"] == "ok"
     first = complete(client, "Hamlet: ", max_tokens=12, seed=3, temperature=0.8)
     again = complete(client, "Hamlet: ", max_tokens=12, seed=3, temperature=0.8)
     other = complete(client, "Hamlet: ", max_tokens=12, seed=4, temperature=0.8)
@@ -256,7 +257,8 @@ def test_many_clients_at_once_and_one_leaving_mid_stream(server):
     for t in threads:
         t.join(timeout=300)
     assert not errors and len(answers) == 64
-    assert all(text == expected[case] for case, text in answers)
+    assert all(text == expected[case] for case, text in answers)  # batched = alone
+    assert server.request("GET", "/health")[1]["largest_batch"] > 1
 
 
 def test_restart_keeps_sessions_and_a_full_queue_answers_429(server, model_dir):

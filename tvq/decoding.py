@@ -45,7 +45,6 @@ class DecodeCarry:
     step: jax.Array  # [] int32: steps taken in this chunk
     rings: tuple[RingState, ...]  # one per sublayer
     token: jax.Array  # [B] int32: the last token, next input
-    key: jax.Array  # PRNG key
     done: jax.Array  # [B] bool: the row has sampled eos_id
     tokens: jax.Array  # [CHUNK, B] int32: sampled (or forced) tokens
     log_probs: jax.Array  # [CHUNK, B] float32: their log-probs
@@ -54,15 +53,19 @@ class DecodeCarry:
 
 
 @functools.partial(jax.jit, static_argnames=("config", "sampler", "top_k"))
-def decode_chunk(config, params, rings, token, key, n_steps, forced, n_forced, eos_id,
+def decode_chunk(config, params, rings, token, keys, counts, limits, forced, n_forced, eos_id,
                  sampler: Sampler, top_k: int = 0):  # fmt: skip
-    """Samples up to n_steps (≤ CHUNK) tokens after `token` [B], stopping early once every
-    row has sampled eos_id. The first n_forced steps take forced [CHUNK, B] instead of
-    sampling (to replay a chunk up to a stop string). Log-probs are the model's, before
-    the sampler's temperature and truncation (those `tvq score` gives).
+    """Samples tokens after `token` [B]: row r takes limits[r] (≤ CHUNK) steps or stops
+    at eos_id; the loop ends when every row has. Row r's k-th token of its text is drawn
+    with the key fold_in(keys[r], k), k = counts[r] + step, so a row's text depends on
+    its own key only, never on the rows beside it (tvq.serve batches requests). The first
+    n_forced steps take forced [CHUNK, B] instead of sampling (to replay a chunk up to a
+    stop string). Log-probs are the model's, before the sampler's temperature and
+    truncation (those `tvq score` gives). Every row's state advances every step: a row
+    that has stopped keeps going (its later tokens are not used).
 
-    Returns (rings, last token [B], key, tokens [CHUNK, B], log-probs [CHUNK, B], steps,
-    the top_k most likely tokens' log-probs [CHUNK, B, top_k] and ids [CHUNK, B, top_k]).
+    Returns (rings, last token [B], tokens [CHUNK, B], log-probs [CHUNK, B], steps, the
+    top_k most likely tokens' log-probs [CHUNK, B, top_k] and ids [CHUNK, B, top_k]).
     """
     net = Transformer(config)
     variables = {"params": params}
@@ -70,30 +73,31 @@ def decode_chunk(config, params, rings, token, key, n_steps, forced, n_forced, e
     batch = token.shape[0]
 
     def cond(c: DecodeCarry):
-        return (c.step < n_steps) & ~jnp.all(c.done)
+        return jnp.any((c.step < limits) & ~c.done)
 
     def body(c: DecodeCarry) -> DecodeCarry:
         rings, log_probs = net.apply(variables, c.token, c.rings, tables, method=Transformer.step)
-        key, sub = jax.random.split(c.key)
-        new = jnp.where(c.step < n_forced, forced[c.step], sampler.sample(sub, log_probs))
+        row_keys = jax.vmap(jax.random.fold_in)(keys, counts + c.step)
+        new = jnp.where(c.step < n_forced, forced[c.step], sampler.sample_rows(row_keys, log_probs))
+        live = (c.step < limits) & ~c.done
         picked = jnp.take_along_axis(log_probs, new[:, None], axis=-1)[:, 0]
         top_values, top_ids = jax.lax.top_k(log_probs, top_k)
         return DecodeCarry(
-            step=c.step + 1, rings=rings, token=new, key=key, done=c.done | (new == eos_id),
+            step=c.step + 1, rings=rings, token=new, done=c.done | (live & (new == eos_id)),
             tokens=c.tokens.at[c.step].set(new), log_probs=c.log_probs.at[c.step].set(picked),
             top_log_probs=c.top_log_probs.at[c.step].set(top_values),
             top_ids=c.top_ids.at[c.step].set(top_ids.astype(jnp.int32)),
         )  # fmt: skip
 
     init = DecodeCarry(
-        step=jnp.zeros([], jnp.int32), rings=rings, token=token, key=key,
+        step=jnp.zeros([], jnp.int32), rings=rings, token=token,
         done=jnp.zeros([batch], jnp.bool_), tokens=jnp.zeros([CHUNK, batch], jnp.int32),
         log_probs=jnp.zeros([CHUNK, batch], jnp.float32),
         top_log_probs=jnp.zeros([CHUNK, batch, top_k], jnp.float32),
         top_ids=jnp.zeros([CHUNK, batch, top_k], jnp.int32),
     )  # fmt: skip
     c = jax.lax.while_loop(cond, body, init)
-    return c.rings, c.token, c.key, c.tokens, c.log_probs, c.step, c.top_log_probs, c.top_ids
+    return c.rings, c.token, c.tokens, c.log_probs, c.step, c.top_log_probs, c.top_ids
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
@@ -106,19 +110,22 @@ _state_to_ring = jax.jit(model_to_ring)
 _repeat_rows = jax.jit(repeat_rows, static_argnames=("n",))
 
 
-def _chunk(model: Model, rings, token, key, n_steps, forced, n_forced, eos_id, sampler,
-           mesh: Mesh | None = None, params: Any = None, top_k: int = 0):  # fmt: skip
+def _chunk(model: Model, rings, token, keys, counts, limits, forced, n_forced, eos_id,
+           sampler, mesh: Mesh | None = None, params: Any = None, top_k: int = 0):  # fmt: skip
     """decode_chunk, always called in one form: jit keys its compiled code on which
     arguments are positional and which keyword, and on whether arrays are committed
     (tvq.forward.on_device); a second form would compile the loop again. With a mesh the
     rows are split over its devices (`params` replicated on them)."""
+    counts, limits = np.asarray(counts, np.int32), np.asarray(limits, np.int32)
     if mesh is None:
-        rings, token, key, forced = on_device((rings, token, key, forced))
+        rings, token, keys, counts, limits, forced = on_device(
+            (rings, token, keys, counts, limits, forced)
+        )
         params = model.params
     else:
-        rings, token = split_rows(mesh, (rings, token))
-        key, forced = replicated(mesh, (key, forced))
-    return decode_chunk(model.config, params, rings, token, key, n_steps, forced,
+        rings, token, keys, counts, limits = split_rows(mesh, (rings, token, keys, counts, limits))
+        forced = replicated(mesh, forced)
+    return decode_chunk(model.config, params, rings, token, keys, counts, limits, forced,
                         n_forced, eos_id, sampler=sampler, top_k=top_k)  # fmt: skip
 
 
@@ -126,14 +133,22 @@ def _feed(model: Model, rings, token, ids: np.ndarray, sampler: Sampler, top_k: 
     """Feeds ids [T] after `token` through the decoding loop (every step forced), CHUNK
     at a time; the same compiled loop as sampling (top_k too), so no other length gets
     compiled."""
-    key = jax.random.PRNGKey(0)  # unused: nothing is sampled
+    keys = row_keys(0, 1)  # unused: nothing is sampled
     for start in range(0, len(ids), CHUNK):
         piece = ids[start : start + CHUNK]
         forced = np.zeros([CHUNK, 1], np.int32)
         forced[: len(piece), 0] = piece
-        rings, token, *_ = _chunk(model, rings, token, key, len(piece), forced, len(piece),
-                                  eos_id=-1, sampler=sampler, top_k=top_k)  # fmt: skip
+        rings, token, *_ = _chunk(model, rings, token, keys, [0], [len(piece)], forced,
+                                  len(piece), eos_id=-1, sampler=sampler, top_k=top_k)  # fmt: skip
     return rings, token
+
+
+def row_keys(seed: int, n: int) -> np.ndarray:
+    """The keys of n samples of one text [n, 2]: sample i draws from fold_in(key(seed), i)."""
+    return np.asarray(_fold_keys(jax.random.PRNGKey(seed), jnp.arange(n)))
+
+
+_fold_keys = jax.jit(jax.vmap(jax.random.fold_in, in_axes=(None, 0)))
 
 
 @dataclasses.dataclass
@@ -169,10 +184,13 @@ class _TextRows:
     """Host side of the loop: decodes each row, applies stop strings, streams row 0."""
 
     def __init__(self, tokenizer, n, stop, on_text, ignore_eos=False):
+        """stop: the stop strings of every row, or a list of them per row."""
         self.samples = [Sample() for _ in range(n)]
         self.decoders = [StreamDecoder(tokenizer) for _ in range(n)]
         self.pending = [""] * n  # decoded text not yet released (may begin a stop string)
-        self.eos_id, self.stop, self.on_text = tokenizer.eos_id, [s for s in stop if s], on_text
+        per_row = len(stop) == n and all(not isinstance(s, str) for s in stop) and n > 0
+        self.stops = [[s for s in (stop[r] if per_row else stop) if s] for r in range(n)]
+        self.eos_id, self.on_text = tokenizer.eos_id, on_text
         self.ignore_eos = ignore_eos
         self.first_token_at: float | None = None
 
@@ -200,13 +218,13 @@ class _TextRows:
 
     def _release(self, row: int) -> None:
         text = self.pending[row]
-        for stop in self.stop:
+        for stop in self.stops[row]:
             at = text.find(stop)
             if at >= 0:
                 self.pending[row] = text[:at]
                 self._finish(row, "stop", flush=False)
                 return
-        hold = max((k for s in self.stop for k in range(1, len(s)) if text.endswith(s[:k])),
+        hold = max((k for s in self.stops[row] for k in range(1, len(s)) if text.endswith(s[:k])),
                    default=0)  # fmt: skip
         self._out(row, text[: len(text) - hold])
         self.pending[row] = text[len(text) - hold :]
@@ -218,10 +236,21 @@ class _TextRows:
         self.samples[row].finish_reason = reason
         self.samples[row].done = True
 
-    def cancel_all(self) -> None:
+    def cancel(self, mask) -> None:
+        """Ends the rows where mask [B] is true (their clients went away)."""
         for row, sample in enumerate(self.samples):
-            if not sample.done:
+            if mask[row] and not sample.done:
                 self._finish(row, "cancelled")
+
+    def finish_at(self, row: int) -> None:
+        """The row reached its max_tokens."""
+        if not self.samples[row].done:
+            self.pending[row] += self.decoders[row].flush()
+            self._finish(row, "length", flush=False)
+
+    @property
+    def all_done(self) -> bool:
+        return all(s.done for s in self.samples)
 
     def finish_all(self) -> None:
         for row, sample in enumerate(self.samples):
@@ -294,39 +323,17 @@ def generate(
             seed=seed, resume=lambda: _repeat_context(context, num_samples),
         )  # fmt: skip
 
-    rings = empty_rings(model.config, 1) if fresh and not whole else _state_to_ring(context.state)
-    token = jnp.asarray(context.last_token, jnp.int32)
-    rings, token = _feed(model, rings, token, prompt[whole:], sampler, logprobs)
+    rings, token = _prefill(model, context, prompt[whole:], fresh and not whole, sampler, logprobs)
     if num_samples > 1:
         rings, token = _repeat_rows(rings, n=num_samples), jnp.repeat(token, num_samples)
     mesh = mesh_for_rows(num_samples, devices)
     params = replicated(mesh, model.params) if mesh is not None else None
     rows = _TextRows(tokenizer, num_samples, stop, on_text, ignore_eos)
     eos_id = -1 if tokenizer.eos_id is None or ignore_eos else tokenizer.eos_id
-    key = jax.random.PRNGKey(seed)
-    no_forcing = np.zeros([CHUNK, num_samples], np.int32)
-    count, chunk, finished = 0, 1, False
-    while count < max_tokens and not finished:
-        if should_stop is not None and should_stop():
-            rows.cancel_all()
-            break
-        steps = min(chunk, max_tokens - count)
-        before = (rings, token, key)
-        rings, token, key, tokens, log_probs, sampled, top_values, top_ids = _chunk(
-            model, rings, token, key, steps, no_forcing, 0, eos_id, sampler, mesh, params,
-            logprobs,
-        )  # fmt: skip
-        tokens, log_probs, sampled = np.asarray(tokens), np.asarray(log_probs), int(sampled)
-        top_values, top_ids = np.asarray(top_values), np.asarray(top_ids)
-        used = 0
-        while used < sampled and not finished:
-            finished = rows.take(tokens[used], log_probs[used], top_values[used], top_ids[used])
-            used += 1
-        if used < sampled:  # a stop string ended it mid-chunk: state after `used` tokens
-            rings, token, *_ = _chunk(model, *before, used, tokens, used, eos_id, sampler,
-                                      mesh, params, logprobs)  # fmt: skip
-        count += used
-        chunk = min(2 * chunk, CHUNK)
+    rings, token, count = _sample_loop(
+        model, rings, token, rows, row_keys(seed, num_samples), np.full(num_samples, max_tokens),
+        sampler, logprobs, eos_id, should_stop, mesh, params, keep_state=True,
+    )  # fmt: skip
     rows.finish_all()
     finished_at = time.perf_counter()
     first = rows.first_token_at or finished_at
@@ -346,6 +353,138 @@ def generate(
         resume=resume,
         devices=mesh.size if mesh is not None else 1,
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """One text's share of a batch (generate_batch), from the start of a document."""
+
+    prompt_ids: Sequence[int]
+    max_tokens: int = 256
+    seed: int = 0
+    num_samples: int = 1
+    stop: Sequence[str] = ()
+
+
+def generate_batch(
+    model: Model,
+    requests: Sequence[Request],
+    *,
+    sampler: Sampler | None = None,
+    logprobs: int = 0,
+    ignore_eos: bool = False,
+    on_text: Callable[[int, int, str], None] | None = None,
+    should_stop: Callable[[], Sequence[bool]] | None = None,
+) -> list[list[Sample]]:
+    """Samples the continuations of several texts at once: every request's rows share
+    one compiled decoding loop (tvq serve batches concurrent requests so). Each request
+    gets the samples generate() gives it alone with its seed: a row draws from its own
+    keys, and rows of texts at different positions run side by side. The batch is
+    padded to a power of two rows, so few shapes ever compile.
+
+    on_text(request, sample, text) streams text; should_stop() → one bool per request
+    (its client went away) is asked between chunks. Returns the samples per request."""
+    sampler = sampler or Sampler()
+    tokenizer = require_tokenizer(model)
+    owners = [(i, j) for i, r in enumerate(requests) for j in range(r.num_samples)]
+    size = 1 << max(0, len(owners) - 1).bit_length()  # rows, padded to a power of two
+    parts, keys, limits, stops = [], [], [], []
+    for r in requests:
+        prompt = np.asarray(list(r.prompt_ids), np.int32)
+        whole = len(prompt) - len(prompt) % model.block_len
+        context = Context.start(model, 1)
+        if whole:
+            _, context = score_ids(model, prompt[:whole], context)
+        rings, token = _prefill(model, context, prompt[whole:], not whole, sampler, logprobs)
+        parts.append((_repeat_rows(rings, n=r.num_samples), jnp.repeat(token, r.num_samples)))
+        keys.append(row_keys(r.seed, r.num_samples))
+        limits += [r.max_tokens] * r.num_samples
+        stops += [list(r.stop)] * r.num_samples
+    padding = size - len(owners)
+    if padding:  # rows of an empty text that never sample
+        parts.append((empty_rings(model.config, padding),
+                      jnp.full([padding], eos_id_of(tokenizer), jnp.int32)))  # fmt: skip
+        keys.append(row_keys(0, padding))
+        limits += [0] * padding
+        stops += [[]] * padding
+    rings = jax.tree_util.tree_map(lambda *a: jnp.concatenate(a, axis=0), *[p[0] for p in parts])
+    token = jnp.concatenate([p[1] for p in parts])
+
+    def row_text(row: int, text: str) -> None:
+        if on_text is not None and row < len(owners):
+            on_text(*owners[row], text)
+
+    def rows_to_stop():
+        stopped = list(should_stop())
+        return [stopped[i] for i, _ in owners] + [True] * padding
+
+    rows = _TextRows(tokenizer, size, stops, row_text, ignore_eos)
+    eos_id = -1 if tokenizer.eos_id is None or ignore_eos else tokenizer.eos_id
+    mesh = mesh_for_rows(size, None)
+    params = replicated(mesh, model.params) if mesh is not None else None
+    _sample_loop(model, rings, token, rows, np.concatenate(keys), np.asarray(limits), sampler,
+                 logprobs, eos_id, rows_to_stop if should_stop else None, mesh, params,
+                 keep_state=False)  # fmt: skip
+    rows.finish_all()
+    out: list[list[Sample]] = [[] for _ in requests]
+    for row, (i, _) in enumerate(owners):
+        out[i].append(rows.samples[row])
+    return out
+
+
+def eos_id_of(tokenizer) -> int:
+    return int(tokenizer.eos_id) if tokenizer.eos_id is not None else 0
+
+
+def _prefill(model: Model, context: Context, rest: np.ndarray, fresh: bool, sampler: Sampler,
+             logprobs: int):  # fmt: skip
+    """The rings of one text after `context` and then `rest` (less than a block), fed
+    through the decoding loop → (rings, last token)."""
+    rings = empty_rings(model.config, 1) if fresh else _state_to_ring(context.state)
+    token = jnp.asarray(context.last_token, jnp.int32)
+    return _feed(model, rings, token, rest, sampler, logprobs)
+
+
+def _sample_loop(model: Model, rings, token, rows: _TextRows, keys: np.ndarray,
+                 max_tokens: np.ndarray, sampler: Sampler, logprobs: int, eos_id: int,
+                 should_stop, mesh, params, keep_state: bool):  # fmt: skip
+    """Samples every row until it ends (end of document, a stop string, its max_tokens,
+    or should_stop() true for it: a bool, or one per row) in chunks of 1, 2, 4, … up to
+    CHUNK tokens → (rings, last token, tokens taken). keep_state: the rings are the
+    state after the last token taken even when a stop string ended the last row
+    mid-chunk (that chunk is replayed up to it)."""
+    batch = len(max_tokens)
+    no_forcing = np.zeros([CHUNK, batch], np.int32)
+    count, chunk = 0, 1
+    for row in np.flatnonzero(max_tokens <= 0):
+        rows.finish_at(int(row))
+    while not rows.all_done:
+        if should_stop is not None:
+            rows.cancel(np.broadcast_to(should_stop(), [batch]))
+            if rows.all_done:
+                break
+        done = np.array([s.done for s in rows.samples])
+        limits = np.where(done, 0, np.clip(max_tokens - count, 0, chunk))
+        before = (rings, token)
+        rings, token, tokens, log_probs, sampled, top_values, top_ids = _chunk(
+            model, rings, token, keys, np.full(batch, count), limits, no_forcing, 0, eos_id,
+            sampler, mesh, params, logprobs,
+        )  # fmt: skip
+        tokens, log_probs, sampled = np.asarray(tokens), np.asarray(log_probs), int(sampled)
+        top_values, top_ids = np.asarray(top_values), np.asarray(top_ids)
+        used = 0
+        while used < sampled and not rows.all_done:
+            rows.take(tokens[used], log_probs[used], top_values[used], top_ids[used])
+            used += 1
+            for row in np.flatnonzero(max_tokens == count + used):
+                rows.finish_at(int(row))
+        if keep_state and used < sampled:  # a stop string ended it mid-chunk
+            rings, token, *_ = _chunk(model, *before, keys, np.full(batch, count),
+                                      np.full(batch, used), tokens, used, eos_id, sampler,
+                                      mesh, params, logprobs)  # fmt: skip
+        count += used
+        chunk = min(2 * chunk, CHUNK)
+    return rings, token, count
 
 
 def _repeat_context(context: Context, n: int) -> Context:

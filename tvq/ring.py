@@ -44,7 +44,8 @@ from tvq.state import AttentionState, ModelState
 class RingState:
     """One sublayer's state during decoding; rows and heads share one axis, G = B·H."""
 
-    pos_offset: jax.Array  # [B] int32: tokens consumed, the same in every row
+    pos_offset: jax.Array  # [B] int32: tokens consumed, row by row (rows of different
+    # texts may stand at different positions: tvq.serve batches them)
     z: jax.Array  # [G, M + 1] int32: code of position q in slot q mod (M + 1); S = empty
     v: jax.Array  # [G, M + 1, V] float32
     n: jax.Array  # [G, S] float32: the aggregate, as in AttentionState
@@ -117,23 +118,32 @@ def aggregate_leaving(ring: RingState) -> tuple[jax.Array, jax.Array]:
     return ring.n.at[rows, at].set(n_new), ring.u_bar.at[rows, at].set(u_new)
 
 
+def _row_positions(ring: RingState) -> jax.Array:
+    """Each row-and-head's position [G]: its row's pos_offset."""
+    heads = ring.z.shape[0] // ring.pos_offset.shape[0]
+    return jnp.repeat(ring.pos_offset, heads, total_repeat_length=ring.z.shape[0])
+
+
 def push(ring: RingState, codes: jax.Array, values: jax.Array) -> RingState:
     """Step 1: aggregate the leaving entry; write the present token's codes [B, H] and
-    values [B, H, V] to slot pos mod (M + 1). Each buffer is written before it is read."""
+    values [B, H, V] to slot pos mod (M + 1) of each row. Each buffer is written before
+    it is read."""
     n, u_bar = aggregate_leaving(ring)
-    slot = ring.pos_offset[0] % ring.z.shape[1]
-    z = jax.lax.dynamic_update_index_in_dim(ring.z, _flat(codes), slot, axis=1)
-    v = jax.lax.dynamic_update_index_in_dim(ring.v, _flat(values.astype(jnp.float32)), slot, axis=1)
+    rows = jnp.arange(ring.z.shape[0])
+    slot = _row_positions(ring) % ring.z.shape[1]
+    z = ring.z.at[rows, slot].set(_flat(codes), unique_indices=True)
+    v = ring.v.at[rows, slot].set(_flat(values.astype(jnp.float32)), unique_indices=True)
     return ring.replace(z=z, v=v, n=n, u_bar=u_bar)
 
 
 def advance(ring: RingState) -> RingState:
     """Step 3: read out the entry next to leave; one more token consumed."""
-    leaving = (ring.pos_offset[0] + 1) % ring.z.shape[1]
+    rows = jnp.arange(ring.z.shape[0])
+    leaving = (_row_positions(ring) + 1) % ring.z.shape[1]
     return ring.replace(
         pos_offset=ring.pos_offset + 1,
-        leaving_z=jax.lax.dynamic_index_in_dim(ring.z, leaving, axis=1, keepdims=False),
-        leaving_v=jax.lax.dynamic_index_in_dim(ring.v, leaving, axis=1, keepdims=False),
+        leaving_z=ring.z[rows, leaving],
+        leaving_v=ring.v[rows, leaving],
     )
 
 
@@ -147,14 +157,14 @@ def attend_ring(
     batch = q.shape[0]
     size = ring.z.shape[1]
     n_code = tables.codebook.shape[1]
-    pos = ring.pos_offset[0]
+    pos = _row_positions(ring)[:, None]  # [G, 1]
     qu = q + tables.u[None]
     qv = q + tables.v[None]
     code_scores = _flat(mixed_dot("bhk,hsk->bhs", qu, tables.codebook, dtype))  # [G, S]
     by_distance = _flat(mixed_dot("bhk,dhk->bhd", qv, tables.rel, dtype))  # [G, M + 1]
-    dist = (pos - jnp.arange(size)) % size  # [M + 1]
-    filled = (dist <= pos)[None, :]
-    positional = by_distance[:, dist]
+    dist = (pos - jnp.arange(size)[None, :]) % size  # [G, M + 1]
+    filled = dist <= pos
+    positional = jnp.take_along_axis(by_distance, dist, axis=1)
     scores = jnp.take_along_axis(code_scores, jnp.minimum(ring.z, n_code - 1), axis=-1)
     scores = jnp.where(filled, scores + positional, -MASK_VALUE)  # [G, M + 1]
 

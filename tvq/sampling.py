@@ -60,14 +60,22 @@ class Sampler:
 
     def sample(self, key: jax.Array, log_probs: jax.Array) -> jax.Array:
         """One token id per row, int32 [B]: the first token whose cumulative probability
-        reaches u·total, u uniform in (0, 1] (one random number per row)."""
+        reaches u·total, u uniform in (0, 1] (one random number per row, all from key)."""
+        return self._pick(1.0 - jax.random.uniform(key, (log_probs.shape[0], 1)), log_probs)
+
+    def sample_rows(self, keys: jax.Array, log_probs: jax.Array) -> jax.Array:
+        """As sample, row r's random number drawn from its own key keys[r] ([B, 2]): a
+        row's token does not depend on the other rows."""
+        u = 1.0 - jax.vmap(lambda k: jax.random.uniform(k, ()))(keys)
+        return self._pick(u[:, None], log_probs)
+
+    def _pick(self, u: jax.Array, log_probs: jax.Array) -> jax.Array:
         if self.greedy:
             return jnp.argmax(log_probs, axis=-1).astype(jnp.int32)
         probs = jax.nn.softmax(self.filter(log_probs), axis=-1)
         # The barrier keeps XLA from fusing the softmax into the prefix sum, where it
         # recomputes exp over and over (measured: 0.1-0.3 ms a token at batch 1).
         cumulative = jnp.cumsum(jax.lax.optimization_barrier(probs), axis=-1)
-        u = 1.0 - jax.random.uniform(key, (probs.shape[0], 1))
         index = jnp.sum(cumulative < u * cumulative[:, -1:], axis=-1)
         return jnp.minimum(index, probs.shape[-1] - 1).astype(jnp.int32)
 

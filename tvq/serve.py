@@ -17,7 +17,6 @@ import collections
 import dataclasses
 import json
 import math
-import queue
 import re
 import secrets
 import threading
@@ -49,6 +48,7 @@ class ServerSettings:
     max_prompt_tokens: int = 1 << 20  # tokens of one prompt
     max_body_bytes: int = 16 << 20
     queue_size: int = 64  # requests waiting for the model
+    max_batch_rows: int = 64  # rows of concurrent requests decoded together
 
 
 class ApiError(Exception):
@@ -263,9 +263,63 @@ class Job:
     def send(self, *event) -> None:
         self.loop.call_soon_threadsafe(self.events.put_nowait, event)
 
+    def batch_key(self) -> tuple | None:
+        """Requests with equal keys share a batch; None: this one runs alone (it
+        continues a session, or has several prompts)."""
+        r = self.request
+        if r.session is not None or len(r.prompts) != 1:
+            return None
+        return (r.temperature, r.top_k, r.top_p, r.min_p, r.logprobs or 0, r.ignore_eos)
+
+
+class JobQueue:
+    """Jobs waiting for the model, oldest first, at most `limit`. take() returns the
+    oldest job with the waiting jobs that can share its batch."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.jobs, self.closed = limit, collections.deque(), False
+        self.ready = threading.Condition()
+
+    def put(self, job: Job) -> None:
+        with self.ready:
+            if len(self.jobs) >= self.limit:
+                raise ApiError(429, f"the server is busy: {self.limit} requests are waiting; "
+                               "try again shortly", kind="rate_limit_error")  # fmt: skip
+            self.jobs.append(job)
+            self.ready.notify()
+
+    def close(self) -> None:
+        with self.ready:
+            self.closed = True
+            self.ready.notify()
+
+    def take(self, max_rows: int) -> list[Job] | None:
+        """The oldest job and, when it can be batched, every waiting job with the same
+        batch key, up to max_rows rows in all; None once closed."""
+        with self.ready:
+            while not self.jobs and not self.closed:
+                self.ready.wait()
+            if self.closed:
+                return None
+            first = self.jobs.popleft()
+            key = first.batch_key()
+            if key is None:
+                return [first]
+            batch, rows, kept = [first], first.request.n, collections.deque()
+            while self.jobs:
+                job = self.jobs.popleft()
+                if job.batch_key() == key and rows + job.request.n <= max_rows:
+                    batch.append(job)
+                    rows += job.request.n
+                else:
+                    kept.append(job)
+            self.jobs = kept
+            return batch
+
 
 class Engine:
-    """The model behind the server: one worker thread, a bounded queue of jobs."""
+    """The model behind the server: one worker thread takes the oldest waiting request
+    and every waiting request that can share its batch, and runs them together."""
 
     def __init__(self, model: Model, settings: ServerSettings, base: Model | None = None
                  ) -> None:  # fmt: skip
@@ -274,47 +328,79 @@ class Engine:
         self.model, self.settings = model, settings
         self.tokenizer = require_tokenizer(model)
         self.sessions = Sessions(base or model, settings.max_sessions, settings.session_dir)
-        self.jobs: queue.Queue = queue.Queue(maxsize=settings.queue_size)
+        self.jobs = JobQueue(settings.queue_size)
+        # served requests, the model's runs (batches and lone requests), the largest batch
+        self.stats = {"requests": 0, "runs": 0, "largest_batch": 0}
         self.worker = threading.Thread(target=self._work, name="tvq-model", daemon=True)
         self.worker.start()
 
     def submit(self, job: Job) -> None:
-        try:
-            self.jobs.put_nowait(job)
-        except queue.Full:
-            waiting = self.settings.queue_size
-            raise ApiError(429, f"the server is busy: {waiting} requests are waiting; try "
-                           "again shortly", kind="rate_limit_error") from None  # fmt: skip
+        self.jobs.put(job)
 
     def close(self) -> None:
-        self.jobs.put(None)
+        self.jobs.close()
         self.worker.join()
 
     def _work(self) -> None:
         while True:
-            job = self.jobs.get()
-            if job is None:
+            batch = self.jobs.take(self.settings.max_batch_rows)
+            if batch is None:
                 return
-            if job.cancelled.is_set():
+            batch = [job for job in batch if not job.cancelled.is_set()]
+            if not batch:
                 continue
+            self.stats["requests"] += len(batch)
+            self.stats["runs"] += 1
+            self.stats["largest_batch"] = max(self.stats["largest_batch"], len(batch))
             try:
-                self._run(job)
-            except ApiError as e:
-                job.send("error", e)
-            except TvqError as e:
-                job.send("error", ApiError(400, str(e)))
-            except Exception as e:  # noqa: BLE001  (answered as a clean 500, never raised)
-                job.send("error", ApiError(500, f"internal error: {type(e).__name__}",
-                                           kind="server_error"))  # fmt: skip
+                if batch[0].batch_key() is None:
+                    self._run(batch[0])
+                else:
+                    self._run_batch(batch)
+            except Exception as e:  # noqa: BLE001  (answered, never raised)
+                if isinstance(e, ApiError):
+                    error = e
+                elif isinstance(e, TvqError):
+                    error = ApiError(400, str(e))
+                else:
+                    error = ApiError(500, f"internal error: {type(e).__name__}",
+                                     kind="server_error")  # fmt: skip
+                for job in batch:
+                    job.send("error", error)
+
+    def _run_batch(self, jobs: list[Job]) -> None:
+        """Requests of one prompt each, no session and the same sampler: one batch."""
+        from tvq.decoding import Request, generate_batch
+
+        first = jobs[0].request
+        requests, echoed = [], []
+        for job in jobs:
+            r = job.request
+            echoed.append(self._prompt_logprobs(r.prompts[0], None, r)
+                          if r.echo and r.logprobs is not None else None)  # fmt: skip
+            if r.echo:
+                for row in range(r.n):
+                    job.send("text", row, r.prompt_texts[0])
+            requests.append(Request(r.prompts[0], r.max_tokens, _seed(r), r.n, r.stop))
+        samples = generate_batch(
+            self.model, requests, sampler=_sampler(first), logprobs=first.logprobs or 0,
+            ignore_eos=first.ignore_eos,
+            on_text=lambda i, row, text: jobs[i].send("text", row, text),
+            should_stop=lambda: [job.cancelled.is_set() for job in jobs],
+        )  # fmt: skip
+        for job, mine, prompt_lp in zip(jobs, samples, echoed, strict=True):
+            r = job.request
+            for row, sample in enumerate(mine):
+                job.send("choice", row, self._choice(r, sample, prompt_lp))
+            usage = {"prompt_tokens": len(r.prompts[0]),
+                     "completion_tokens": sum(len(s.ids) for s in mine)}  # fmt: skip
+            job.send("done", usage | {"total_tokens": sum(usage.values())})
 
     def _run(self, job: Job) -> None:
         from tvq.decoding import generate
-        from tvq.sampling import Sampler
 
         r = job.request
-        sampler = Sampler(temperature=r.temperature, top_k=r.top_k, top_p=r.top_p,
-                          min_p=r.min_p)  # fmt: skip
-        seed = secrets.randbits(31) if r.seed is None else r.seed % (1 << 31)
+        sampler, seed = _sampler(r), _seed(r)
         usage = {"prompt_tokens": 0, "completion_tokens": 0}
         for p, (ids, text) in enumerate(zip(r.prompts, r.prompt_texts, strict=True)):
             if job.cancelled.is_set():
@@ -340,14 +426,16 @@ class Engine:
             if r.session is not None and not job.cancelled.is_set():
                 self.sessions.put(r.session, result.context)
             for row, sample in enumerate(result.samples):
-                choice = {
-                    "finish_reason": "length" if sample.finish_reason == "length" else "stop",
-                    "logprobs": None if r.logprobs is None else
-                    self._logprobs(sample, echoed, text if r.echo else ""),
-                }  # fmt: skip
-                job.send("choice", p * r.n + row, choice)
+                job.send("choice", p * r.n + row, self._choice(r, sample, echoed))
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
         job.send("done", usage)
+
+    def _choice(self, r: CompletionRequest, sample, echoed) -> dict:
+        """A choice's finish_reason and logprobs (its text has been sent)."""
+        return {
+            "finish_reason": "length" if sample.finish_reason == "length" else "stop",
+            "logprobs": None if r.logprobs is None else self._logprobs(sample, echoed),
+        }
 
     def _prompt_logprobs(self, ids: list[int], start: Context | None, r: CompletionRequest):
         """The prompt's tokens with their log-probs and top log-probs (echo)."""
@@ -356,7 +444,7 @@ class Engine:
         scored, _ = score_ids(self.model, ids, start, top_k=r.logprobs)
         return ids, scored.log_probs[0], scored.top_log_probs[0], scored.top_ids[0]
 
-    def _logprobs(self, sample, echoed, echo_text: str) -> dict:
+    def _logprobs(self, sample, echoed) -> dict:
         """The OpenAI shape: tokens, token_logprobs, top_logprobs, text_offset; and the
         tokens' ids (token_ids, a tvq extension)."""
         tokens, values, tops = [], [], []
@@ -385,6 +473,17 @@ class Engine:
             "text_offset": offsets,
             "token_ids": [int(t) for t in tokens],  # a tvq extension
         }
+
+
+def _sampler(r: CompletionRequest):
+    from tvq.sampling import Sampler
+
+    return Sampler(temperature=r.temperature, top_k=r.top_k, top_p=r.top_p, min_p=r.min_p)
+
+
+def _seed(r: CompletionRequest) -> int:
+    """The request's seed (a random one when it gives none), as generate takes it."""
+    return secrets.randbits(31) if r.seed is None else r.seed % (1 << 31)
 
 
 def token_text(tokenizer, token: int) -> str:
@@ -432,7 +531,7 @@ def build_app(engine: Engine):
         return wrapped
 
     async def health(request: Request) -> Response:
-        return JSONResponse({"status": "ok"})
+        return JSONResponse({"status": "ok"} | engine.stats)
 
     async def models(request: Request) -> Response:
         return JSONResponse({"object": "list", "data": [

@@ -51,6 +51,10 @@ def serve(
     queue_size: Annotated[
         int, typer.Option(help="Requests that may wait for the model (429 beyond).", min=1)
     ] = 64,
+    batch_rows: Annotated[
+        int,
+        typer.Option(help="Rows of concurrent requests decoded together in one batch.", min=1),
+    ] = 64,
     dtype: DtypeOption = None,
 ) -> None:
     """Serve the model over HTTP with the OpenAI completions API.
@@ -83,7 +87,7 @@ def serve(
         model_name=Path(model).name if model is not None else "tvq-builtin",
         api_key=api_key, max_sessions=max_sessions, session_dir=session_dir,
         max_tokens_limit=max_tokens_limit, max_n=max_n, max_prompt_tokens=max_prompt_tokens,
-        max_body_bytes=max_body_bytes, queue_size=queue_size,
+        max_body_bytes=max_body_bytes, queue_size=queue_size, max_batch_rows=batch_rows,
     )  # fmt: skip
     engine = Engine(loaded, settings, base)
     config = uvicorn.Config(build_app(engine), log_level="warning", access_log=False,
