@@ -1,8 +1,9 @@
 """Load on `tvq serve`: 1, 4 and 16 concurrent clients, each sending streamed completion
-requests one after another, against one server process (the built-in model unless
---model). Prints requests/s, generated tokens/s, p50/p99 latency and p50/p99 time to the
-first token per level, side by side in one run, and the ratio of each level's tokens/s
-to one client's (how much serving several clients at once gains).
+requests one after another, against two server processes side by side in one run (the
+built-in model unless --model): one that decodes concurrent requests together (the
+default) and one that serves them one at a time (`--batch-rows 1`). Prints, per server
+and level, requests/s, generated tokens/s, p50/p99 latency and p50/p99 time to the first
+token, and the batched server's tokens/s over the one-at-a-time server's.
 
     python bench/serve_load.py [--requests 8] [--max-tokens 64] [--model DIR]
 """
@@ -25,8 +26,8 @@ PROMPTS = [line for line in (ROOT / "tests" / "data" / "hamlet_head.txt").read_t
            if line.strip()][:32]  # fmt: skip
 
 
-def start_server(model: str | None) -> tuple[subprocess.Popen, int]:
-    command = [sys.executable, "-m", "tvqcli", "serve", "--port", "0"]
+def start_server(model: str | None, *options: str) -> tuple[subprocess.Popen, int]:
+    command = [sys.executable, "-m", "tvqcli", "serve", "--port", "0", *options]
     if model:
         command += ["-m", model]
     process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, cwd=ROOT)
@@ -99,20 +100,30 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--model", default=None)
     args = parser.parse_args()
-    process, port = start_server(args.model)
+    servers = {"batched": start_server(args.model),
+               "one at a time": start_server(args.model, "--batch-rows", "1")}  # fmt: skip
+    rows = []
     try:
-        one_request(port, PROMPTS[0], args.max_tokens, seed=0)  # warm-up: the sampler compiles
-        rows = [level(port, clients, args.requests, args.max_tokens) for clients in (1, 4, 16)]
+        for _, port in servers.values():  # warm-up: every batch shape the levels use
+            for clients in (16, 4, 1):
+                level(port, clients, 1, args.max_tokens)
+        for clients in (1, 4, 16):  # the two servers alternate, level by level
+            for name, (_, port) in servers.items():
+                rows.append({"server": name} | level(port, clients, args.requests,
+                                                     args.max_tokens))  # fmt: skip
     finally:
-        process.terminate()
-        process.wait(timeout=60)
-    base = rows[0]["tokens_per_second"]
-    print("| clients | requests | req/s | tokens/s | × 1 client | latency p50 / p99 (s) "
-          "| first token p50 / p99 (s) |")  # fmt: skip
-    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+        for process, _ in servers.values():
+            process.terminate()
+            process.wait(timeout=60)
+    print("| server | clients | requests | req/s | tokens/s | batched ÷ one at a time "
+          "| latency p50 / p99 (s) | first token p50 / p99 (s) |")  # fmt: skip
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
-        print(f"| {r['clients']} | {r['requests']} | {r['requests_per_second']:.2f} | "
-              f"{r['tokens_per_second']:.0f} | {r['tokens_per_second'] / base:.2f} | "
+        alone = next(x for x in rows if x["server"] == "one at a time"
+                     and x["clients"] == r["clients"])  # fmt: skip
+        ratio = r["tokens_per_second"] / alone["tokens_per_second"]
+        print(f"| {r['server']} | {r['clients']} | {r['requests']} | "
+              f"{r['requests_per_second']:.2f} | {r['tokens_per_second']:.0f} | {ratio:.2f} | "
               f"{r['latency_p50']:.2f} / {r['latency_p99']:.2f} | "
               f"{r['ttft_p50']:.3f} / {r['ttft_p99']:.3f} |")  # fmt: skip
     print(json.dumps(rows))

@@ -74,9 +74,10 @@ def test_total_pools_the_blocks_of_every_file():
 
 def test_stderr_shrinks_as_the_text_grows(byte_model):
     text = (DATA / "macbeth_head.txt").read_bytes() + (DATA / "hamlet_head.txt").read_bytes()
-    short, _ = score_stream(byte_model, io.BytesIO(text[:2000]), "short")
+    text = text[:8192]  # pieces of one compiled shape: two of 4096 tokens, one of 2048
+    short, _ = score_stream(byte_model, io.BytesIO(text[:2048]), "short")
     long, _ = score_stream(byte_model, io.BytesIO(text), "long")
-    assert long.tokens == 5 * short.tokens
+    assert long.tokens == 4 * short.tokens
     assert long.nll_stderr < short.nll_stderr
     row = long.row()
     assert row["words"] == len(text.split())
@@ -190,8 +191,8 @@ def test_no_agg_cache_changes_nothing_inside_the_window_memory(tmp_path):
     config = tiny_config(n_vocab=259, mem_len=64, e_scale=0.25)
     tvq.Model.init(config, seed=4, block_len=8).with_tokenizer(ByteTokenizer()).save(tmp_path / "m")
     short, long = tmp_path / "short.txt", tmp_path / "long.txt"
-    short.write_bytes((DATA / "hamlet_head.txt").read_bytes()[:60])  # 60 tokens < 64
-    long.write_bytes((DATA / "hamlet_head.txt").read_bytes()[:600])
+    short.write_bytes((DATA / "hamlet_head.txt").read_bytes()[:32])  # 32 tokens < 64
+    long.write_bytes((DATA / "hamlet_head.txt").read_bytes()[:512])
 
     def nll(path, *options):
         out = invoke("score", path, "-m", tmp_path / "m", "--format", "jsonl", *options).stdout
@@ -223,7 +224,7 @@ def test_a_model_against_itself_and_against_its_window_alone(tmp_path):
     config = tiny_config(n_vocab=259, mem_len=8, e_scale=0.25)
     tvq.Model.init(config, seed=5, block_len=4).with_tokenizer(ByteTokenizer()).save(tmp_path / "m")
     text = tmp_path / "text.txt"
-    text.write_bytes((DATA / "hamlet_head.txt").read_bytes()[:1200])
+    text.write_bytes((DATA / "hamlet_head.txt").read_bytes()[:1024])  # one compiled piece
 
     def row(*options):
         out = invoke("score", text, "-m", tmp_path / "m", "--format", "jsonl", *options)
@@ -310,7 +311,6 @@ def test_generation_logprobs_are_the_scored_distribution(byte_model):
                       logprobs=1, ignore_eos=True).samples[0]  # fmt: skip
     assert greedy.ids == [top[0][0] for top in greedy.top_logprobs]
     np.testing.assert_allclose(greedy.log_probs, [top[0][1] for top in greedy.top_logprobs])
-    assert generate(byte_model, prompt, max_tokens=3).samples[0].top_logprobs == []
     with pytest.raises(tvq.TvqError, match="logprobs"):
         generate(byte_model, prompt, max_tokens=3, logprobs=-1)
 

@@ -110,8 +110,9 @@ def test_killed_run_resumes(tmp_path):
     texts = corpus(tmp_path)
     out = tmp_path / "model"
     cmd = [sys.executable, "-m", "tvqcli", "train", str(texts), "--out", str(out),
-           "--steps", str(STEPS_KILLED), "--eval-every", "1000", *TRAIN_ARGS]  # fmt: skip
-    env = dict(os.environ, TVQ_CACHE_DIR=str(tmp_path / "cache"))
+           "--steps", str(STEPS_KILLED), "--eval-every", "1000", *TRAIN_ARGS,
+           "--save-every", "20"]  # fmt: skip
+    env = dict(os.environ, TVQ_CACHE_DIR=os.environ.get("TVQ_TEST_CACHE", "/tmp/tvq-test-cache"))
     proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, stdout=subprocess.PIPE)
     checkpoints = out / "train" / "checkpoints"
     deadline = time.time() + 120
