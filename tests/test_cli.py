@@ -79,8 +79,8 @@ def test_generate_is_repeatable_and_streams(model_dir):
 
 
 def test_generate_ignore_eos(model_dir):
-    """Seed 2 samples an end of document at once; --ignore-eos samples on to -n."""
-    args = ("generate", "-m", model_dir, "-n", 40, "--seed", 2, "-t", 1.5, "--json")
+    """Seed 13 samples an end of document at once; --ignore-eos samples on to -n."""
+    args = ("generate", "-m", model_dir, "-n", 40, "--seed", 13, "-t", 1.5, "--json")
     ended = json.loads(invoke(*args).stdout)
     assert (ended["finish_reason"], len(ended["tokens"])) == ("eos", 1)
     record = json.loads(invoke(*args, "--ignore-eos").stdout)

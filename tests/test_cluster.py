@@ -95,7 +95,7 @@ def test_two_processes_train_like_one(tmp_path):
 def test_killed_process_stops_the_other_and_the_run_resumes_alone(tmp_path):
     out = tmp_path / "run"
     train = ["train", str(DATA), "--bytes", *ARCH, *RUN, "--steps", "20", "--save-every",
-             "5", "--eval-every", "1000", "--out", str(out)]  # fmt: skip
+             "5", "--eval-every", "1000", "--val-fraction", "0", "--out", str(out)]  # fmt: skip
     procs = launch(train, tmp_path)
     try:
         checkpoints = out / "train" / "checkpoints"

@@ -146,7 +146,7 @@ def test_logprobs_and_echo_scoring_equal_tvq_score(server, model_dir):
 
     client = server.client()
     model = tvq.load(model_dir)
-    text = "Ophelia, in thy orisons be all my sins remembered."
+    text = "Ophelia, in thy orisons be all my sins remembered."[:32]  # one compiled piece
     echoed = complete(client, text, max_tokens=0, echo=True, logprobs=2)
     lp = echoed.choices[0].logprobs
     assert echoed.choices[0].text == text
@@ -155,7 +155,7 @@ def test_logprobs_and_echo_scoring_equal_tvq_score(server, model_dir):
     np.testing.assert_allclose(lp.token_logprobs, scored.log_probs[0], atol=1e-5)
     assert all(len(top) == 2 for top in lp.top_logprobs)
     # generated tokens: their log-probs are those of scoring prompt + completion
-    out = complete(client, "Ophelia", max_tokens=10, seed=2, logprobs=3, temperature=1.0)
+    out = complete(client, "Ophelia", max_tokens=9, seed=2, logprobs=3, temperature=1.0)
     lp = out.choices[0].logprobs
     assert token_bytes(lp.tokens) == b"".join(map(model.tokenizer.token_bytes, lp.token_ids))
     ids = model.tokenizer.encode("Ophelia") + lp.token_ids
@@ -183,6 +183,7 @@ def test_a_session_continued_over_three_requests_equals_one_request(server):
     assert whole.choices[0].text == last.choices[0].text
     np.testing.assert_allclose(whole.choices[0].logprobs.token_logprobs,
                                last.choices[0].logprobs.token_logprobs, atol=1e-4)  # fmt: skip
+    assert last.usage.session_tokens == len(ids)  # what the session holds: a new one holds 0
     assert (server.sessions / "talk.state").is_file()
     assert server.request("DELETE", "/v1/sessions/talk")[0] == 200
     assert server.request("DELETE", "/v1/sessions/talk")[0] == 404
@@ -261,12 +262,14 @@ def test_many_clients_at_once_and_one_leaving_mid_stream(server):
     assert server.request("GET", "/health")[1]["largest_batch"] > 1
 
 
-def test_restart_keeps_sessions_and_a_full_queue_answers_429(server, model_dir):
-    client = server.client()
-    first = complete(client, "Polonius: ", max_tokens=5, seed=1, extra_body={"session": "kept"})
+def test_restart_keeps_sessions_and_a_full_queue_answers_429(model_dir, tmp_path):
+    # a server of its own: the module's may still serve tests on this worker after this one
+    server = Server(model_dir, "--session-dir", tmp_path)
+    first = complete(server.client(), "Polonius: ", max_tokens=5, seed=1,
+                     extra_body={"session": "kept"})  # fmt: skip
     assert server.stop() == 0
     assert any("stopped" in line for line in server.lines)
-    again = Server(model_dir, "--session-dir", server.sessions, "--queue-size", 1)
+    again = Server(model_dir, "--session-dir", tmp_path, "--queue-size", 1)
     try:
         later = complete(again.client(), " and ", max_tokens=5, seed=2,
                          extra_body={"session": "kept"})  # fmt: skip
@@ -287,3 +290,21 @@ def test_restart_keeps_sessions_and_a_full_queue_answers_429(server, model_dir):
             s.close()
     finally:
         assert again.stop() == 0
+
+
+def test_sessions_beyond_the_limit_drop_the_least_recently_used(model_dir, tmp_path):
+    from tvq.scoring import Context
+    from tvq.serve import Sessions
+
+    model = tvq.load(model_dir)
+    memory = Sessions(model, limit=2, folder=None)
+    for name in ("a", "b"):
+        memory.put(name, Context.start(model))
+    assert memory.get("a") is not None  # a is now the most recently used
+    memory.put("c", Context.start(model))
+    assert memory.get("b") is None and memory.get("a") is not None
+    on_disk = Sessions(model, limit=1, folder=tmp_path)
+    for name in ("a", "b"):
+        on_disk.put(name, Context.start(model))
+    assert on_disk.get("a") is not None  # dropped from memory, read back from its file
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.state", "b.state"]

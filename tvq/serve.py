@@ -401,7 +401,7 @@ class Engine:
 
         r = job.request
         sampler, seed = _sampler(r), _seed(r)
-        usage = {"prompt_tokens": 0, "completion_tokens": 0}
+        usage, held = {"prompt_tokens": 0, "completion_tokens": 0}, {}
         for p, (ids, text) in enumerate(zip(r.prompts, r.prompt_texts, strict=True)):
             if job.cancelled.is_set():
                 return
@@ -425,10 +425,11 @@ class Engine:
             usage["completion_tokens"] += sum(len(s.ids) for s in result.samples)
             if r.session is not None and not job.cancelled.is_set():
                 self.sessions.put(r.session, result.context)
+                held = {"session_tokens": int(result.context.tokens)}  # an extension
             for row, sample in enumerate(result.samples):
                 job.send("choice", p * r.n + row, self._choice(r, sample, echoed))
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
-        job.send("done", usage)
+        job.send("done", usage | held)
 
     def _choice(self, r: CompletionRequest, sample, echoed) -> dict:
         """A choice's finish_reason and logprobs (its text has been sent)."""

@@ -59,11 +59,12 @@ def serve(
 ) -> None:
     """Serve the model over HTTP with the OpenAI completions API.
 
-    GET /health, GET /v1/models, POST /v1/completions (prompt, max_tokens, temperature,
-    top_p, top_k, min_p, stop, n, seed, stream, logprobs, echo), and sessions: a request
-    with "session": "ID" continues that session's attention state (fixed size, whatever
-    the length) and stores the state after it; DELETE /v1/sessions/ID forgets one.
-    Listens on 127.0.0.1 unless told otherwise; Ctrl-C or SIGTERM stops it cleanly."""
+    GET /health, GET /v1/models, POST /v1/completions (prompt, max_tokens,
+    temperature, top_p, top_k, min_p, stop, n, seed, stream, logprobs, echo).
+    Sessions: "session": "ID" continues that session's attention state (a fixed
+    size, whatever the length) and keeps the state after the request;
+    DELETE /v1/sessions/ID forgets one. Concurrent requests are decoded together.
+    Listens on 127.0.0.1 unless told otherwise; Ctrl-C or SIGTERM stops it."""
     import uvicorn
 
     import tvq

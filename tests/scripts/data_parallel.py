@@ -27,7 +27,7 @@ def train(out: Path, devices: int, stop_at: int | None = None, shard: bool = Fal
 
     return train_from_files(texts=TEXTS, out=out, use_bytes=True, architecture=ARCH,
                             settings=SETTINGS, devices=devices, on_progress=progress,
-                            shard_params=shard)  # fmt: skip
+                            shard_params=shard, val_fraction=0)  # fmt: skip
 
 
 def losses(out: Path) -> list[float]:
