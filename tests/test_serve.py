@@ -154,9 +154,12 @@ def test_logprobs_and_echo_scoring_equal_tvq_score(server, model_dir):
     scored, _ = score_ids(model, model.tokenizer.encode(text), keep_log_probs=True)
     np.testing.assert_allclose(lp.token_logprobs, scored.log_probs[0], atol=1e-5)
     assert all(len(top) == 2 for top in lp.top_logprobs)
+    bare = complete(client, text, max_tokens=0, echo=True, logprobs=0).choices[0].logprobs
+    assert bare.token_logprobs == lp.token_logprobs and bare.top_logprobs == [{}] * len(text)
     # generated tokens: their log-probs are those of scoring prompt + completion
     out = complete(client, "Ophelia", max_tokens=9, seed=2, logprobs=3, temperature=1.0)
     lp = out.choices[0].logprobs
+    assert lp.text_offset[0] == len("Ophelia")  # offsets count from the prompt's start
     assert token_bytes(lp.tokens) == b"".join(map(model.tokenizer.token_bytes, lp.token_ids))
     ids = model.tokenizer.encode("Ophelia") + lp.token_ids
     full, _ = score_ids(model, ids, keep_log_probs=True)
@@ -203,6 +206,7 @@ def test_bad_requests_get_openai_errors(server, tmp_path):
         ({"prompt": "x", "max_tokens": "ten"}, "max_tokens"),
         ({"prompt": "x", "max_tokens": 100000}, "max_tokens"),
         ({"prompt": "x", "temperature": -1}, "temperature"),
+        ({"prompt": "x", "min_p": 1}, "min_p"),
         ({"prompt": 3}, "prompt"),
         ({"prompt": "x", "n": 0}, "n"),
         ({"prompt": "x", "stop": [1]}, "stop"),

@@ -124,7 +124,7 @@ def parse_completion(body: Any, tokenizer, n_vocab: int, settings: ServerSetting
                            lambda v: 0 < v <= 1, "in (0, 1]")),
         top_k=_field(body, "top_k", (int,), 0, lambda v: v >= 0, ">= 0"),
         min_p=float(_field(body, "min_p", (int, float), 0.0,
-                           lambda v: 0 <= v <= 1, "in [0, 1]")),
+                           lambda v: 0 <= v < 1, "in [0, 1)")),
         stop=_stop(body.get("stop")),
         n=_field(body, "n", (int,), 1, lambda v: 1 <= v <= settings.max_n,
                  f"between 1 and {settings.max_n}"),
@@ -391,7 +391,7 @@ class Engine:
         for job, mine, prompt_lp in zip(jobs, samples, echoed, strict=True):
             r = job.request
             for row, sample in enumerate(mine):
-                job.send("choice", row, self._choice(r, sample, prompt_lp))
+                job.send("choice", row, self._choice(r, sample, prompt_lp, r.prompt_texts[0]))
             usage = {"prompt_tokens": len(r.prompts[0]),
                      "completion_tokens": sum(len(s.ids) for s in mine)}  # fmt: skip
             job.send("done", usage | {"total_tokens": sum(usage.values())})
@@ -427,25 +427,30 @@ class Engine:
                 self.sessions.put(r.session, result.context)
                 held = {"session_tokens": int(result.context.tokens)}  # an extension
             for row, sample in enumerate(result.samples):
-                job.send("choice", p * r.n + row, self._choice(r, sample, echoed))
+                job.send("choice", p * r.n + row, self._choice(r, sample, echoed, text))
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
         job.send("done", usage | held)
 
-    def _choice(self, r: CompletionRequest, sample, echoed) -> dict:
-        """A choice's finish_reason and logprobs (its text has been sent)."""
+    def _choice(self, r: CompletionRequest, sample, echoed, prompt_text: str) -> dict:
+        """A choice's finish_reason and logprobs (its text has been sent); text offsets
+        count from the start of the prompt."""
+        start = 0 if r.echo else len(prompt_text)
         return {
             "finish_reason": "length" if sample.finish_reason == "length" else "stop",
-            "logprobs": None if r.logprobs is None else self._logprobs(sample, echoed),
+            "logprobs": None if r.logprobs is None else self._logprobs(sample, echoed, start),
         }
 
     def _prompt_logprobs(self, ids: list[int], start: Context | None, r: CompletionRequest):
         """The prompt's tokens with their log-probs and top log-probs (echo)."""
         if not ids:
             return [], np.zeros([0]), np.zeros([0, 0]), np.zeros([0, 0], np.int32)
-        scored, _ = score_ids(self.model, ids, start, top_k=r.logprobs)
+        k = r.logprobs or 0
+        scored, _ = score_ids(self.model, ids, start, keep_log_probs=True, top_k=k)
+        if not k:
+            return ids, scored.log_probs[0], np.zeros([len(ids), 0]), np.zeros([len(ids), 0], int)
         return ids, scored.log_probs[0], scored.top_log_probs[0], scored.top_ids[0]
 
-    def _logprobs(self, sample, echoed) -> dict:
+    def _logprobs(self, sample, echoed, start: int) -> dict:
         """The OpenAI shape: tokens, token_logprobs, top_logprobs, text_offset; and the
         tokens' ids (token_ids, a tvq extension)."""
         tokens, values, tops = [], [], []
@@ -461,7 +466,7 @@ class Engine:
             values.append(float(lp))
             tops.append(top)
         texts = [token_text(self.tokenizer, t) for t in tokens]
-        offsets, at = [], 0
+        offsets, at = [], start
         for t in tokens:
             offsets.append(at)
             at += len(self.tokenizer.token_bytes(t).decode("utf-8", errors="replace"))
