@@ -30,7 +30,7 @@ app = typer.Typer(
 stderr = Console(stderr=True, highlight=False)
 
 ModelOption = Annotated[
-    Path | None, typer.Option("--model", "-m", help="Model directory [default: built-in].")
+    Path | None, typer.Option("--model", "-m", help="Model directory.", show_default="built-in")
 ]
 
 

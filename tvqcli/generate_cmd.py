@@ -72,7 +72,7 @@ def generate(
     min_p: Annotated[
         float, typer.Option(help="Drop tokens below min-p × the top one.", callback=finite)
     ] = 0.0,
-    seed: Annotated[int | None, typer.Option(help="Random seed [default: random].")] = None,
+    seed: Annotated[int | None, typer.Option(help="Random seed.", show_default="random")] = None,
     stop: Annotated[
         list[str] | None, typer.Option(help="Stop before this text (repeatable).")
     ] = None,

@@ -17,7 +17,7 @@ from tvqcli.app import app, check_output_dir, fail, handle_errors, stderr
 @handle_errors
 def info(
     model: Annotated[
-        Path | None, typer.Argument(help="Model directory [default: built-in].")
+        Path | None, typer.Argument(help="Model directory.", show_default="built-in")
     ] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
     devices: Annotated[

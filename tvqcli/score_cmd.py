@@ -109,7 +109,9 @@ def score(
     fmt: Annotated[
         str | None,
         typer.Option(
-            "--format", help="table, json, jsonl or csv [default: table on a terminal, else jsonl]."
+            "--format",
+            help="table, json, jsonl or csv.",
+            show_default="table on a terminal, else jsonl",
         ),  # fmt: skip
     ] = None,
     per_token: Annotated[

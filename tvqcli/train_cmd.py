@@ -76,7 +76,7 @@ def train(
     ] = Arch.agg_cache,
     e_scale: Annotated[
         float | None,
-        typer.Option(help="Output logit scale [default: d_model^-1/2].", callback=finite),
+        typer.Option(help="Output logit scale.", show_default="d_model^-1/2", callback=finite),
     ] = None,
     steps: Annotated[int, typer.Option(help="Optimizer steps.")] = Run.steps,
     batch_size: Annotated[int, typer.Option(help="Sequences per step (global).")] = Run.batch_size,
