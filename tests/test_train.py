@@ -35,8 +35,8 @@ def corpus(tmp_path: Path) -> Path:
     folder = tmp_path / "corpus"
     folder.mkdir()
     text = (DATA / "macbeth_head.txt").read_text()
-    (folder / "one.txt").write_text(text[:3000])
-    (folder / "two.txt").write_text(text[3000:])
+    (folder / "one.txt").write_text(text[:4096])  # whole compiled pieces when scored
+    (folder / "two.txt").write_text(text[4096:5120])
     (folder / "empty.txt").write_text("")
     return folder
 
