@@ -33,6 +33,16 @@ def tiny_config(**overrides) -> tvq.ModelConfig:
     return tvq.ModelConfig(**fields)
 
 
+def save_byte_model(folder, seed: int):
+    """A small random byte-level model with a spread-out output (not a trained one),
+    saved in `folder` → folder."""
+    from tvq.tokenizer import ByteTokenizer
+
+    config = tiny_config(n_vocab=259, mem_len=8, e_scale=0.25)
+    tvq.Model.init(config, seed=seed, block_len=4).with_tokenizer(ByteTokenizer()).save(folder)
+    return folder
+
+
 def random_tokens(config: tvq.ModelConfig, batch: int, length: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, config.n_vocab, size=(batch, length))
 

@@ -13,7 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 import tvq
-from tests.conftest import tiny_config
+from tests.conftest import save_byte_model, tiny_config
 from tvq.decoding import generate
 from tvq.sampling import Sampler
 from tvq.scoring import score_ids
@@ -26,11 +26,7 @@ DATA = Path(__file__).parent / "data"
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    """A small random byte-level model with a spread-out output (not a trained one)."""
-    path = tmp_path_factory.mktemp("cli") / "model"
-    config = tiny_config(n_vocab=259, mem_len=8, e_scale=0.25)
-    tvq.Model.init(config, seed=0, block_len=4).with_tokenizer(ByteTokenizer()).save(path)
-    return path
+    return save_byte_model(tmp_path_factory.mktemp("cli") / "model", seed=0)
 
 
 def invoke(*args, input=None, code=0):

@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 
 import tvq
-from tvq.tokenizer import ByteTokenizer
 
 openai = pytest.importorskip("openai")
 
@@ -73,12 +72,9 @@ class Server:
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    from tests.conftest import tiny_config
+    from tests.conftest import save_byte_model
 
-    folder = tmp_path_factory.mktemp("serve") / "tiny"
-    config = tiny_config(n_vocab=259, mem_len=8, e_scale=0.25)
-    tvq.Model.init(config, seed=11, block_len=4).with_tokenizer(ByteTokenizer()).save(folder)
-    return folder
+    return save_byte_model(tmp_path_factory.mktemp("serve") / "tiny", seed=11)
 
 
 @pytest.fixture(scope="module")

@@ -28,10 +28,10 @@ from jax.sharding import Mesh
 from tvq.devices import mesh_for_rows, replicated, split_rows
 from tvq.errors import InputError
 from tvq.forward import on_device
-from tvq.model import Model
+from tvq.model import Model, check_top_k
 from tvq.ring import RingState, empty_rings, model_from_ring, model_to_ring, repeat_rows
 from tvq.sampling import Sampler
-from tvq.scoring import Context, require_tokenizer, score_ids
+from tvq.scoring import Context, eos_id, require_tokenizer, score_ids
 from tvq.tokenizer import StreamDecoder
 from tvq.transformer import Transformer
 
@@ -183,13 +183,13 @@ class Generation:
 class _TextRows:
     """Host side of the loop: decodes each row, applies stop strings, streams row 0."""
 
-    def __init__(self, tokenizer, n, stop, on_text, ignore_eos=False):
-        """stop: the stop strings of every row, or a list of them per row."""
+    def __init__(self, tokenizer, stops, on_text, ignore_eos=False):
+        """stops: each row's stop strings (one list per row)."""
+        n = len(stops)
         self.samples = [Sample() for _ in range(n)]
         self.decoders = [StreamDecoder(tokenizer) for _ in range(n)]
         self.pending = [""] * n  # decoded text not yet released (may begin a stop string)
-        per_row = len(stop) == n and all(not isinstance(s, str) for s in stop) and n > 0
-        self.stops = [[s for s in (stop[r] if per_row else stop) if s] for r in range(n)]
+        self.stops = [[s for s in row if s] for row in stops]
         self.eos_id, self.on_text = tokenizer.eos_id, on_text
         self.ignore_eos = ignore_eos
         self.first_token_at: float | None = None
@@ -243,7 +243,7 @@ class _TextRows:
                 self._finish(row, "cancelled")
 
     def finish_at(self, row: int) -> None:
-        """The row reached its max_tokens."""
+        """Ends the row, if it is running, as "length" (its max_tokens, or the end)."""
         if not self.samples[row].done:
             self.pending[row] += self.decoders[row].flush()
             self._finish(row, "length", flush=False)
@@ -253,10 +253,8 @@ class _TextRows:
         return all(s.done for s in self.samples)
 
     def finish_all(self) -> None:
-        for row, sample in enumerate(self.samples):
-            if not sample.done:
-                self.pending[row] += self.decoders[row].flush()
-                self._finish(row, "length", flush=False)
+        for row in range(len(self.samples)):
+            self.finish_at(row)
 
     def _out(self, row: int, text: str) -> None:
         if text:
@@ -299,10 +297,7 @@ def generate(
         raise InputError(f"max-tokens must be >= 0, got {max_tokens}")
     if num_samples < 1:
         raise InputError(f"num-samples must be >= 1, got {num_samples}")
-    if not isinstance(logprobs, int) or isinstance(logprobs, bool) or \
-            not 0 <= logprobs <= model.config.n_vocab:  # fmt: skip
-        raise InputError(f"logprobs must be between 0 and the vocabulary size "
-                         f"{model.config.n_vocab}, got {logprobs!r}")  # fmt: skip
+    check_top_k(logprobs, model.config.n_vocab, "logprobs")
     started = time.perf_counter()
     fresh = context is None
     context = context or Context.start(model, 1)
@@ -328,7 +323,7 @@ def generate(
         rings, token = _repeat_rows(rings, n=num_samples), jnp.repeat(token, num_samples)
     mesh = mesh_for_rows(num_samples, devices)
     params = replicated(mesh, model.params) if mesh is not None else None
-    rows = _TextRows(tokenizer, num_samples, stop, on_text, ignore_eos)
+    rows = _TextRows(tokenizer, [list(stop)] * num_samples, on_text, ignore_eos)
     eos_id = -1 if tokenizer.eos_id is None or ignore_eos else tokenizer.eos_id
     rings, token, count = _sample_loop(
         model, rings, token, rows, row_keys(seed, num_samples), np.full(num_samples, max_tokens),
@@ -403,7 +398,7 @@ def generate_batch(
     padding = size - len(owners)
     if padding:  # rows of an empty text that never sample
         parts.append((empty_rings(model.config, padding),
-                      jnp.full([padding], eos_id_of(tokenizer), jnp.int32)))  # fmt: skip
+                      jnp.full([padding], eos_id(model), jnp.int32)))  # fmt: skip
         keys.append(row_keys(0, padding))
         limits += [0] * padding
         stops += [[]] * padding
@@ -418,22 +413,18 @@ def generate_batch(
         stopped = list(should_stop())
         return [stopped[i] for i, _ in owners] + [True] * padding
 
-    rows = _TextRows(tokenizer, size, stops, row_text, ignore_eos)
-    eos_id = -1 if tokenizer.eos_id is None or ignore_eos else tokenizer.eos_id
+    rows = _TextRows(tokenizer, stops, row_text, ignore_eos)
+    end_id = -1 if tokenizer.eos_id is None or ignore_eos else tokenizer.eos_id
     mesh = mesh_for_rows(size, None)
     params = replicated(mesh, model.params) if mesh is not None else None
     _sample_loop(model, rings, token, rows, np.concatenate(keys), np.asarray(limits), sampler,
-                 logprobs, eos_id, rows_to_stop if should_stop else None, mesh, params,
+                 logprobs, end_id, rows_to_stop if should_stop else None, mesh, params,
                  keep_state=False)  # fmt: skip
     rows.finish_all()
     out: list[list[Sample]] = [[] for _ in requests]
     for row, (i, _) in enumerate(owners):
         out[i].append(rows.samples[row])
     return out
-
-
-def eos_id_of(tokenizer) -> int:
-    return int(tokenizer.eos_id) if tokenizer.eos_id is not None else 0
 
 
 def _prefill(model: Model, context: Context, rest: np.ndarray, fresh: bool, sampler: Sampler,

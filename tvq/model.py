@@ -46,6 +46,14 @@ def check_sequence_devices(count: Any) -> int:
     return count
 
 
+def check_top_k(value: Any, n_vocab: int, name: str) -> int:
+    """How many most likely tokens to report, 0 to n_vocab, or InputError."""
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= n_vocab:
+        raise InputError(f"{name} must be between 0 and the vocabulary size {n_vocab}, "
+                         f"got {value!r}")  # fmt: skip
+    return value
+
+
 def check_block_len(block_len: Any) -> int:
     """A positive integer block length, or InputError."""
     if not isinstance(block_len, int | np.integer) or isinstance(block_len, bool) or block_len < 1:
@@ -164,10 +172,7 @@ class Model:
                 f"targets have shape {tuple(targets.shape)} but inputs {tuple(inputs.shape)}"
             )
         state = self._check_state(state, inputs.shape[0])
-        if not isinstance(top_k, int) or isinstance(top_k, bool) or \
-                not 0 <= top_k <= self.config.n_vocab:  # fmt: skip
-            raise InputError(f"top_k must be between 0 and the vocabulary size "
-                             f"{self.config.n_vocab}, got {top_k!r}")  # fmt: skip
+        check_top_k(top_k, self.config.n_vocab, "top_k")
         return self._forward(inputs, state, block_len, targets, algorithm, top_k)
 
     def _forward(self, tokens, state, block_len, targets, algorithm, top_k=0):
