@@ -137,10 +137,10 @@ class BatchScorer:
         running = {row.index: row.score for row in self.active if row is not None}
         return [(i, r or running[i]) for i, r in enumerate(self.results) if r or i in running]
 
-    def run(self, on_step: Callable[[int, list[FileScore]], None] | None = None
+    def run(self, on_step: Callable[[int, Callable[[], list]], None] | None = None
             ) -> list[FileScore]:  # fmt: skip
-        """Scores everything; on_step(bytes read so far, the scores of the texts finished
-        or begun) after each step (progress)."""
+        """Scores everything; on_step(bytes read so far, begun) after each step
+        (progress), begun() giving (index, score) of the texts finished or begun."""
         rows, length = self.rows, self.step_len
         params = replicated(self.mesh, self.model.params)
         start_host = jax.tree_util.tree_map(
@@ -195,7 +195,7 @@ class BatchScorer:
                     last[r] = targets[r, counts[r] - 1]
             if on_step is not None:
                 running = sum(row.score.bytes for row in self.active if row is not None)
-                on_step(self.finished_bytes + running, [score for _, score in self.begun()])
+                on_step(self.finished_bytes + running, self.begun)
         return [r for r in self.results if r is not None]
 
     def _finish(self, row: _Row) -> None:

@@ -8,6 +8,7 @@ import io
 import json
 import math
 import sys
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -471,6 +472,9 @@ def _size(name: str) -> int:
         return 0
 
 
+SHOW_EVERY_S = 0.25  # the running bits per byte, refreshed at most this often
+
+
 class _Progress:
     """On stderr, only when it is a terminal: bytes done, the running bits per byte of
     everything scored so far (all files together) with its ± (1.96 standard errors)
@@ -479,7 +483,7 @@ class _Progress:
     def __init__(self, total_bytes: int) -> None:
         self.current = None
         self.finished: list = []  # scores of the files done
-        self.bar = None
+        self.bar, self.shown_at = None, float("-inf")
         if stderr.is_terminal:
             from rich.progress import (
                 BarColumn,
@@ -500,19 +504,26 @@ class _Progress:
         """The current file's score so far (sequential scoring)."""
         self.current = result
         self._show(sum(s.bytes for s in self.finished) + result.bytes,
-                   self.finished + [result])  # fmt: skip
+                   lambda: self.finished + [result])  # fmt: skip
 
-    def set_done(self, done_bytes: int, scores: list) -> None:
-        """Bytes read and every text's score so far (batched scoring)."""
-        self._show(done_bytes, scores)
+    def set_done(self, done_bytes: int, begun) -> None:
+        """Bytes read, and begun() → (index, score) of every text so far (batched)."""
+        self._show(done_bytes, lambda: [score for _, score in begun()])
 
     def finish_file(self, result) -> None:
         self.finished.append(result)
         self.current = None
 
-    def _show(self, done_bytes: int, scores: list) -> None:
-        if self.bar is not None:
-            self.bar.update(self.task, completed=done_bytes, bpb=running_bpb(scores))
+    def _show(self, done_bytes: int, scores) -> None:
+        """scores() is asked only on a terminal, at most every SHOW_EVERY_S seconds:
+        pooling every file's score costs time in the number of files."""
+        if self.bar is None:
+            return
+        now = time.monotonic()
+        if now - self.shown_at >= SHOW_EVERY_S:
+            self.shown_at = now
+            self.bar.update(self.task, bpb=running_bpb(scores()))
+        self.bar.update(self.task, completed=done_bytes)
 
     def close(self) -> None:
         if self.bar is not None:
