@@ -18,7 +18,8 @@ from tests.test_causality import assert_dependence, expected_dependence
 from tests.test_devices import forced_devices
 from tvq.errors import InputError
 from tvq.forward import forward, forward_jit
-from tvq.train.step import train_forward
+from tvq.train.settings import TrainSettings
+from tvq.train.step import dropout_key, train_forward
 
 ATOL = 1e-5
 ROOT = Path(__file__).resolve().parent.parent
@@ -89,16 +90,19 @@ def test_parallel_form_is_causal(block_len, mem_len, agg_cache):
     assert_dependence(norm, expected_dependence(2 * mem_len, agg_cache))
 
 
-@pytest.mark.parametrize("agg_cache", [False, True])
-def test_training_gradient_is_the_serial_forms(agg_cache):
+@pytest.mark.parametrize("agg_cache,dropout", [(False, False), (True, False), (True, True)])
+def test_training_gradient_is_the_serial_forms(agg_cache, dropout):
     config = tiny_config(mem_len=4, agg_cache=agg_cache)
     model = tvq.Model.init(config, seed=4)
     data = jnp.asarray(random_tokens(config, 2, 21))
     state = model.initial_state(2)
+    # dropout: each block draws from its own key, so both forms drop the same values
+    settings = TrainSettings(p_dropemb=0.2, p_dropres=0.3, p_droplyr=0.4) if dropout else None
+    key = dropout_key(0, 5)
 
     def loss(params, algorithm):
         (nll, stats), new_state = train_forward(config, params, data[:, :-1], data[:, 1:],
-                                                state, 3, algorithm)  # fmt: skip
+                                                state, 3, algorithm, settings, key)  # fmt: skip
         return nll + sum(s.commit for s in stats), (stats, new_state)
 
     grad = jax.jit(jax.grad(loss, has_aux=True), static_argnums=1)

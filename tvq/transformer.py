@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
+import flax.struct
 import jax
 import jax.numpy as jnp
 
@@ -23,6 +24,17 @@ from tvq.layers import RMSNorm, kernel_init, sinusoid, zeros_init
 from tvq.ring import RingState
 from tvq.state import ModelState
 from tvq.sublayer import AttentionModule, SublayerStats, VQAttention, attention_fields
+
+
+@flax.struct.dataclass
+class Dropout:
+    """Training-time dropout of one piece of tokens (docs/DESIGN.md section 11), as
+    multipliers already scaled by 1/(1 − p): `embedding` [B, L, D] for the token
+    embeddings, `residuals` one [B, L, D] per sublayer for its residual branch (residual
+    dropout times layer drop). Made by tvq.train.step.dropout_multipliers."""
+
+    embedding: jax.Array
+    residuals: tuple[jax.Array, ...]
 
 
 class TransformerLayer(AttentionModule):
@@ -79,22 +91,30 @@ class Transformer(nn.Module):
         block_len: int | None = None,
         seq_axis: str | None = None,
         n_devices: int = 1,
+        dropout: Dropout | None = None,
     ) -> tuple[ModelState, jax.Array, tuple[SublayerStats, ...] | None]:
         """A block of tokens [B, L] → (new state, float32 log-probs [B, L, N], per-sublayer
         training statistics or None). offsets [B, L, D], added to the embeddings, let
         tests take Jacobians with respect to the inputs. With block_len, the tokens are
         L / block_len blocks run in the parallel form (docs/DESIGN.md section 8); with
         seq_axis too, this device's run of blocks of one sequence spread over
-        n_devices devices in order (inside shard_map)."""
+        n_devices devices in order (inside shard_map). dropout (training only) multiplies
+        the embeddings and each sublayer's residual."""
         pos_offset = state.sublayers[0].pos_offset
         if seq_axis is not None:
             pos_offset = pos_offset + jax.lax.axis_index(seq_axis) * tokens.shape[1]
         x = self.embed(tokens, pos_offset)
         if offsets is not None:
             x = x + offsets.astype(x.dtype)
+        if dropout is not None:
+            x = x * dropout.embedding.astype(x.dtype)
 
-        def through(sublayer, x, sub_state, table):
-            return sublayer(x, sub_state, table, train, block_len, seq_axis, n_devices)
+        def through(index, sublayer, x, sub_state, table):
+            sub_state, res, stats = sublayer(x, sub_state, table, train, block_len, seq_axis,
+                                             n_devices)  # fmt: skip
+            if dropout is not None:
+                res = res * dropout.residuals[index].astype(res.dtype)
+            return sub_state, res, stats
 
         x, states, stats = self._sublayers(through, x, state.sublayers, tables)
         return ModelState(sublayers=states), self.log_softmax(x), stats if train else None
@@ -106,18 +126,19 @@ class Transformer(nn.Module):
         block of length 1 (docs/DESIGN.md invariant 3)."""
         x = self.embed(tokens[:, None], rings[0].pos_offset)
 
-        def through(sublayer, x, ring, table):
+        def through(index, sublayer, x, ring, table):
             return (*sublayer.step(x, ring, table), None)
 
         x, rings, _ = self._sublayers(through, x, rings, tables)
         return rings, self.log_softmax(x)[:, 0]
 
     def _sublayers(self, through: Callable, x: jax.Array, states: Any, tables: Any):
-        """x through every sublayer with its residual: through(sublayer, x, state, table)
-        → (state, residual, extra). Returns (x, states, extras)."""
+        """x through every sublayer with its residual: through(index, sublayer, x, state,
+        table) → (state, residual, extra). Returns (x, states, extras)."""
         new_states, extras = [], []
-        for sublayer, state, table in zip(self.sublayers(), states, tables, strict=True):
-            state, res, extra = through(sublayer, x, state, table)
+        pairs = enumerate(zip(self.sublayers(), states, tables, strict=True))
+        for index, (sublayer, state, table) in pairs:
+            state, res, extra = through(index, sublayer, x, state, table)
             x = x + res
             new_states.append(state)
             extras.append(extra)

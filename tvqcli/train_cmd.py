@@ -36,7 +36,8 @@ from tvqcli.app import (
 ARCH_FIELDS = ("d_model", "d_k", "d_v", "n_head", "n_code", "n_layer", "mem_len", "agg_cache",
                "e_scale")  # fmt: skip
 RUN_FIELDS = ("steps", "batch_size", "update_len", "block_len", "lr", "warmup", "weight_decay",
-              "grad_clip", "c_beta", "c_gamma", "seed", "eval_every", "save_every")  # fmt: skip
+              "grad_clip", "c_beta", "c_gamma", "p_dropemb", "p_dropres", "p_droplyr", "seed",
+              "eval_every", "save_every")  # fmt: skip
 
 
 @app.command()
@@ -96,6 +97,16 @@ def train(
     c_gamma: Annotated[
         float, typer.Option(help="Codebook EMA rate.", callback=finite)
     ] = Run.c_gamma,
+    p_dropemb: Annotated[
+        float, typer.Option(help="Dropout of the token embeddings.", callback=finite)
+    ] = Run.p_dropemb,
+    p_dropres: Annotated[
+        float, typer.Option(help="Dropout of each sublayer's residual.", callback=finite)
+    ] = Run.p_dropres,
+    p_droplyr: Annotated[
+        float,
+        typer.Option(help="Layer drop: a whole sublayer, per sequence and step.", callback=finite),
+    ] = Run.p_droplyr,
     seed: Annotated[int, typer.Option(help="Random seed.")] = Run.seed,
     eval_every: Annotated[int, typer.Option(help="Steps between evaluations.")] = Run.eval_every,
     save_every: Annotated[int, typer.Option(help="Steps between checkpoints.")] = Run.save_every,

@@ -175,6 +175,8 @@ def run_training(
             raise TrainingError(f"{run_file} is corrupt; use another --out") from None
         if not isinstance(previous, dict):
             raise TrainingError(f"{run_file} is corrupt; use another --out")
+        if isinstance(previous.get("settings"), dict):  # settings added since, at defaults
+            previous["settings"] = dataclasses.asdict(TrainSettings()) | previous["settings"]
         if previous != run_doc:
             changed = sorted(
                 k for k in run_doc if previous.get(k) != run_doc[k]
@@ -240,7 +242,7 @@ def run_training(
                     attn_state=split_rows(mesh, initial_state(config, settings.batch_size))
                 )
             params, opt_state, attn_state, metrics = train_step(
-                run.params, run.opt_state, run.attn_state, inputs, targets
+                run.params, run.opt_state, run.attn_state, inputs, targets, run.step
             )
             step += 1
             if shard_params:  # keep the layout (a no-op when jit kept it)

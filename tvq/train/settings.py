@@ -30,6 +30,12 @@ class TrainSettings:
     grad_clip: float = 1.0
     c_beta: float = 1e-4
     c_gamma: float = 0.99
+    # dropout, named as in the reference implementation: of the token embeddings, of each
+    # sublayer's residual branch, and of whole sublayers per sequence and window (layer
+    # drop); 0 = off (docs/DESIGN.md section 11)
+    p_dropemb: float = 0.0
+    p_dropres: float = 0.0
+    p_droplyr: float = 0.0
     seed: int = 0
     eval_every: int = 250
     save_every: int = 50
@@ -55,5 +61,12 @@ class TrainSettings:
             raise TrainingError(f"grad_clip must be positive, got {self.grad_clip}")
         if not 0 <= self.final_lr_ratio <= 1:
             raise TrainingError(f"final_lr_ratio must be in [0, 1], got {self.final_lr_ratio}")
+        for name in ("p_dropemb", "p_dropres", "p_droplyr"):
+            if not 0 <= getattr(self, name) < 1:
+                raise TrainingError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         if not 0 <= self.c_gamma < 1:
             raise TrainingError(f"c_gamma must be in [0, 1), got {self.c_gamma}")
+
+    @property
+    def dropout(self) -> bool:
+        return max(self.p_dropemb, self.p_dropres, self.p_droplyr) > 0

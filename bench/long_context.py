@@ -1,0 +1,76 @@
+"""How much the aggregate cache helps: the same parameters with it on and off, by position.
+
+    python bench/long_context.py FILE ... [--model DIR]
+
+Each file is scored once in the CLI's streaming path (full context) with the model as
+the main model and the same parameters without the aggregate cache (window attention
+only) as the baseline, token by token in one pass (`tvq score --baseline-no-agg-cache
+--by-position`). Prints the TOTAL curve per position bucket, then the summary that issue
+15 asks for: mean NLL (nats/token) of positions 0-512 with the cache on, and of
+positions from 8,192 on, on and off, and the gain (off − on).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine  # noqa: E402
+
+import tvq  # noqa: E402
+from tvq.scoring import FileScore, bucket_bounds, score_stream  # noqa: E402
+
+FAR = 8192  # "beyond 8k": the position buckets from here on
+NEAR = 512  # the first positions, with little context
+
+
+def mean_nll(cells: list[list[float]], lo: int, hi: float) -> tuple[float, int]:
+    """Mean NLL and token count over the position buckets inside [lo, hi)."""
+    tokens = nll = 0.0
+    for index, (n, total, _) in enumerate(cells):
+        start, end = bucket_bounds(index)
+        if start >= lo and end <= hi:
+            tokens, nll = tokens + n, nll + total
+    return (nll / tokens if tokens else float("nan")), int(tokens)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("files", nargs="+", type=Path)
+    parser.add_argument("--model", default=None)
+    args = parser.parse_args()
+    model = tvq.load(args.model)
+    window_only = dataclasses.replace(
+        model, config=dataclasses.replace(model.config, agg_cache=False)
+    )
+    scores = []
+    for path in args.files:
+        with path.open("rb") as f:
+            score, _ = score_stream(model, f, path.name, by_position=True,
+                                    baseline=window_only)  # fmt: skip
+        scores.append(score)
+    total = FileScore.total(scores)
+    print(f"# long_context: {machine()}; {model.metadata.get('corpus', 'model')}")
+    print("positions  tokens  nll_on  nll_off  gain")
+    curves = zip(total.by_position, total.baseline_by_position, strict=True)
+    for index, (on, off) in enumerate(curves):
+        start, end = bucket_bounds(index)
+        print(f"{start}-{end}  {int(on[0])}  {on[1] / on[0]:.4f}  {off[1] / off[0]:.4f}  "
+              f"{(off[1] - on[1]) / on[0]:+.4f}")  # fmt: skip
+    near, n_near = mean_nll(total.by_position, 0, NEAR)
+    far_on, n_far = mean_nll(total.by_position, FAR, float("inf"))
+    far_off, _ = mean_nll(total.baseline_by_position, FAR, float("inf"))
+    bpb_on = total.row()["bits_per_byte"]
+    print(f"TOTAL bits per byte: on {bpb_on:.4f}")
+    print(f"first {NEAR} positions ({n_near} tokens): nll {near:.4f}")
+    print(
+        f"positions >= {FAR} ({n_far} tokens): nll on {far_on:.4f}, off {far_off:.4f}, "
+        f"gain {far_off - far_on:+.4f} nats/token; on - first {NEAR}: {far_on - near:+.4f}"
+    )
+
+
+if __name__ == "__main__":
+    main()
