@@ -343,13 +343,14 @@ def test_plot_writes_a_picture_of_the_curve_and_the_baselines(tmp_path, byte_mod
     text = tmp_path / "text.txt"
     text.write_bytes((DATA / "hamlet_head.txt").read_bytes()[:512])
     png, svg = tmp_path / "curve.png", tmp_path / "curve.svg"
-    out = invoke("score", text, "-m", tmp_path / "m", "--plot", png, "--format", "json",
-                 "--baseline-no-agg-cache")  # fmt: skip
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 1000
-    assert "by_position" not in json.loads(out.stdout)[0]  # drawn, not printed
     out = invoke("score", text, "-m", tmp_path / "m", "--plot", svg, "--format", "json",
-                 "--by-position", "--baseline", tmp_path / "m")  # fmt: skip
+                 "--baseline-no-agg-cache")  # fmt: skip
     assert b"<svg" in svg.read_bytes()[:1000]
+    assert b"text.txt (no aggregate cache)" in svg.read_bytes()  # the dashed line's legend
+    assert "by_position" not in json.loads(out.stdout)[0]  # drawn, not printed
+    out = invoke("score", text, "-m", tmp_path / "m", "--plot", png, "--format", "json",
+                 "--by-position", "--baseline", tmp_path / "m")  # fmt: skip
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 1000
     row = json.loads(out.stdout)[0]
     assert row["baseline_by_position"] == row["by_position"]  # the model against itself
     for bad, message in ((tmp_path / "curve.jpg", ".png or .svg"),

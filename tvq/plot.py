@@ -28,11 +28,15 @@ def check_plot(path: str | os.PathLike) -> Path:
     return path
 
 
-def plot_by_position(rows: list[dict], path: str | os.PathLike, title: str | None = None) -> None:
+def plot_by_position(
+    rows: list[dict], path: str | os.PathLike, title: str | None = None,
+    baseline_label: str = "baseline",
+) -> None:  # fmt: skip
     """Draws score rows (tvq.scoring.FileScore.row with by_position) into path: each
     bucket's bits per byte as a step over its positions [start, end), solid for the
-    model and dashed for the baseline (baseline_by_position) in the same colour. With
-    several texts the TOTAL row is drawn too, in black; with one it equals the text."""
+    model and dashed for the baseline (baseline_by_position, named baseline_label in the
+    legend) in the same colour. With several texts the TOTAL row is drawn too, in black;
+    with one it equals the text."""
     path = check_plot(path)
     from matplotlib.figure import Figure
     from matplotlib.ticker import FuncFormatter
@@ -43,8 +47,8 @@ def plot_by_position(rows: list[dict], path: str | os.PathLike, title: str | Non
     axes = figure.add_subplot()
     for index, row in enumerate(drawn):
         colour = "black" if row["file"] == "TOTAL" else f"C{index % 10}"
-        for key, style, suffix in (("by_position", "-", ""),
-                                   ("baseline_by_position", "--", " (baseline)")):  # fmt: skip
+        lines = (("by_position", "-", ""), ("baseline_by_position", "--", f" ({baseline_label})"))
+        for key, style, suffix in lines:
             buckets = row.get(key)
             if not buckets:
                 continue

@@ -366,7 +366,10 @@ def score(
         sys.stdout.write(render(rows, fmt, partial))
         sys.stdout.flush()
     if plot is not None:
-        _draw(drawn, plot, partial)
+        label = "baseline"
+        if baseline_no_agg_cache:
+            label = "no aggregate cache" if baseline is None else "baseline, no aggregate cache"
+        _draw(drawn, plot, partial, label)
     if stopped is not None:
         message, code = stopped
         if code == 130:
@@ -377,11 +380,12 @@ def score(
         write_state(save_state, base, context)
 
 
-def _draw(rows: list[dict], path: Path, partial: bool) -> None:
+def _draw(rows: list[dict], path: Path, partial: bool, baseline_label: str) -> None:
     from tvq.plot import plot_by_position
 
     try:
-        plot_by_position(rows, path, "partial results (interrupted)" if partial else None)
+        plot_by_position(rows, path, "partial results (interrupted)" if partial else None,
+                         baseline_label)  # fmt: skip
     except OSError as e:
         raise fail(f"--plot {path} cannot be written: {e.strerror or e}") from None
 
