@@ -28,8 +28,8 @@ class ModelConfig:
     d_k: int = 64
     d_v: int = 256
     n_head: int = 2
-    n_code: int = 128
-    n_layer: int = 3
+    n_code: int = 256
+    n_layer: int = 4
     n_vocab: int = 259
     mem_len: int = 128
     agg_cache: bool = True

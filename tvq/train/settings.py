@@ -20,8 +20,8 @@ class TrainSettings:
     """The optimiser, schedule, data windows and bookkeeping of a run."""
 
     steps: int = 1000
-    batch_size: int = 16
-    update_len: int = 256
+    batch_size: int = 8
+    update_len: int = 1024  # > block_len + mem_len: the aggregate is learnt (DESIGN §11)
     block_len: int = 128
     lr: float = 2e-3
     warmup: int = 100
