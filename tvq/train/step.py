@@ -93,6 +93,8 @@ def dropout_multipliers(
         block_key = jax.random.fold_in(jax.random.fold_in(key, 1), block)
 
         def mask(index, p):
+            if p == 0:  # nothing to draw for a rate that is off
+                return jnp.ones((batch, block_len, d_model))
             keep = jax.random.bernoulli(jax.random.fold_in(block_key, index), 1.0 - p,
                                         (batch, block_len, d_model))  # fmt: skip
             return keep / (1.0 - p)
