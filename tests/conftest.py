@@ -7,11 +7,17 @@ import collections
 import contextlib
 import dataclasses
 import os
+from pathlib import Path
 
 # Unit tests compile hundreds of tiny programs; XLA's optimisations cost more time than
-# they save there and do not change results beyond float rounding. The variable reaches
-# the `tvq` processes that tests start too.
+# they save there and do not change results beyond float rounding. XLA:CPU's fusion
+# emitters compile each fusion more slowly than the older emitters (about 30% of the
+# suite's compilation; same numbers). The variables reach the `tvq` processes that
+# tests start too (tests that force a device count add to XLA_FLAGS: forced_devices).
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
+FAST_COMPILE_FLAGS = "--xla_cpu_use_fusion_emitters=false"
+if FAST_COMPILE_FLAGS not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE_FLAGS}".strip()
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -22,8 +28,16 @@ from tvq.forward import scan_blocks  # noqa: E402
 from tvq.state import initial_attention_state  # noqa: E402
 from tvq.sublayer import VQAttention, attention_fields  # noqa: E402
 
+ROOT = Path(__file__).resolve().parent.parent
 DIVISORS_12 = (1, 2, 3, 4, 6, 12)
 jax.config.update("jax_disable_most_optimizations", True)
+
+
+def forced_devices(count: int, **extra: str) -> dict:
+    """The environment of a subprocess with `count` forced CPU devices (XLA_FLAGS) that
+    imports tvq from this tree."""
+    flags = f"{os.environ['XLA_FLAGS']} --xla_force_host_platform_device_count={count}"
+    return dict(os.environ, XLA_FLAGS=flags, PYTHONPATH=str(ROOT), **extra)
 
 
 def tiny_config(**overrides) -> tvq.ModelConfig:

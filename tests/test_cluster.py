@@ -4,7 +4,6 @@ the numbers of one process; killing one stops the other with a clear line, and t
 checkpoints resume in a single process."""
 
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -18,6 +17,7 @@ import pytest
 from typer.testing import CliRunner
 
 import tvq
+from tests.conftest import forced_devices
 from tvqcli.main import app
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -35,8 +35,7 @@ def free_port() -> int:
 
 
 def env(devices: int) -> dict:
-    return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-                PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")  # fmt: skip
+    return forced_devices(devices, PYTHONUNBUFFERED="1")
 
 
 def tvq_cmd(*args: str) -> list[str]:

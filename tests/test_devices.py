@@ -2,7 +2,6 @@
 devices gives the numbers of one device, and a run resumes on another device count."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,14 +10,10 @@ import pytest
 from typer.testing import CliRunner
 
 import tvq
+from tests.conftest import forced_devices
 from tvqcli.main import app
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def forced_devices(count: int) -> dict:
-    return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={count}",
-                PYTHONPATH=str(ROOT))  # fmt: skip
 
 
 def test_training_on_four_devices_equals_one(tmp_path):

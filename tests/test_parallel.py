@@ -13,9 +13,8 @@ import numpy as np
 import pytest
 
 import tvq
-from tests.conftest import random_tokens, tiny_config, with_param
+from tests.conftest import forced_devices, random_tokens, tiny_config, with_param
 from tests.test_causality import assert_dependence, expected_dependence
-from tests.test_devices import forced_devices
 from tvq.errors import InputError
 from tvq.forward import forward, forward_jit
 from tvq.train.settings import TrainSettings
