@@ -18,6 +18,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from tvq import warm
 from tvq.config import ModelConfig
 from tvq.errors import CheckpointError, ConfigError, TokenizerError
 from tvq.params import check_params
@@ -67,6 +68,11 @@ def local_target(checkpointer, params_path: Path) -> Any:
     return jax.tree_util.tree_map(
         lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=device), stored
     )
+
+
+def restore_params(params_path: Path) -> Any:
+    checkpointer = local_checkpointer()
+    return checkpointer.restore(params_path, local_target(checkpointer, params_path))
 
 
 def save_model(
@@ -149,8 +155,7 @@ def read_model_dir(path: str | os.PathLike) -> tuple[ModelConfig, Any, dict[str,
     if not params_path.is_dir():
         raise CheckpointError(f"{path} has no parameters ({PARAMS_DIR}/ is missing)")
     try:
-        checkpointer = local_checkpointer()
-        params = checkpointer.restore(params_path, local_target(checkpointer, params_path))
+        params = warm.params(params_path, lambda: restore_params(params_path))
     except Exception as e:  # orbax raises many kinds; all mean "unreadable"
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"parameters in {params_path} cannot be read: {first}") from None

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
+from tvq import warm
 from tvq.devices import mesh_for_rows, replicated, split_rows
 from tvq.errors import InputError
 from tvq.forward import on_device
@@ -125,8 +126,9 @@ def _chunk(model: Model, rings, token, keys, counts, limits, forced, n_forced, e
     else:
         rings, token, keys, counts, limits = split_rows(mesh, (rings, token, keys, counts, limits))
         forced = replicated(mesh, forced)
-    return decode_chunk(model.config, params, rings, token, keys, counts, limits, forced,
-                        n_forced, eos_id, sampler=sampler, top_k=top_k)  # fmt: skip
+    return warm.call(decode_chunk, ("config", "sampler", "top_k"), model.config, params, rings,
+                     token, keys, counts, limits, forced, n_forced, eos_id, sampler=sampler,
+                     top_k=top_k)  # fmt: skip
 
 
 def _feed(model: Model, rings, token, ids: np.ndarray, sampler: Sampler, top_k: int = 0):
@@ -145,10 +147,21 @@ def _feed(model: Model, rings, token, ids: np.ndarray, sampler: Sampler, top_k: 
 
 def row_keys(seed: int, n: int) -> np.ndarray:
     """The keys of n samples of one text [n, 2]: sample i draws from fold_in(key(seed), i)."""
-    return np.asarray(_fold_keys(jax.random.PRNGKey(seed), jnp.arange(n)))
+    return np.asarray(warm.call(_fold_keys, (), seed_key(seed), np.arange(n, dtype=np.int32)))
 
 
-_fold_keys = jax.jit(jax.vmap(jax.random.fold_in, in_axes=(None, 0)))
+def seed_key(seed: int) -> np.ndarray:
+    """jax.random.PRNGKey(seed)'s data, made on the host when that is plain: with the
+    default threefry keys and 32-bit integers it is [0, seed mod 2**32] (held equal by
+    tests/test_sampling.py); no XLA program runs for it at start-up."""
+    if jax.config.jax_enable_x64 or jax.config.jax_default_prng_impl != "threefry2x32":
+        return np.asarray(jax.random.PRNGKey(seed))
+    return np.array([0, seed % 2**32], np.uint32)
+
+
+@jax.jit
+def _fold_keys(key: jax.Array, rows: jax.Array) -> jax.Array:
+    return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, rows)
 
 
 @dataclasses.dataclass

@@ -181,9 +181,8 @@ def pick_targets(log_probs: jax.Array, targets: jax.Array, top_k: int = 0) -> An
     return picked, values, ids.astype(jnp.int32)
 
 
-forward_jit = jax.jit(
-    forward, static_argnames=("config", "block_len", "algorithm", "chunk_len", "top_k")
-)
+FORWARD_STATIC = ("config", "block_len", "algorithm", "chunk_len", "top_k")
+forward_jit = jax.jit(forward, static_argnames=FORWARD_STATIC)
 
 
 def on_device(tree: Any) -> Any:

@@ -20,11 +20,17 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from tvq import checkpoint, reference
+from tvq import checkpoint, reference, warm
 from tvq.config import ModelConfig
 from tvq.devices import replicated
 from tvq.errors import InputError
-from tvq.forward import check_algorithm, forward_jit, on_device, sequence_parallel_jit
+from tvq.forward import (
+    FORWARD_STATIC,
+    check_algorithm,
+    forward_jit,
+    on_device,
+    sequence_parallel_jit,
+)
 from tvq.params import init_params
 from tvq.state import ModelState, check_state, initial_state, state_nbytes
 from tvq.tokenizer import Tokenizer, check_vocab
@@ -186,9 +192,9 @@ class Model:
                 top_k=top_k,
             )  # fmt: skip
         tokens, state, targets = on_device((tokens, state, targets))
-        return forward_jit(
-            self.config, self.params, tokens, state, block_len, targets, algorithm=algorithm,
-            top_k=top_k,
+        return warm.call(
+            forward_jit, FORWARD_STATIC, self.config, self.params, tokens, state, block_len,
+            targets, algorithm=algorithm, top_k=top_k,
         )  # fmt: skip
 
     @functools.cached_property

@@ -1,5 +1,5 @@
 """`tvq serve`: an OpenAI-compatible completions server with constant-size sessions
-(docs/DESIGN.md section 14).
+(docs/DESIGN.md section 13).
 
 The HTTP side (Starlette, run by uvicorn) parses and checks requests on the event loop;
 the model runs on one worker thread that takes jobs from a bounded queue, first come

@@ -217,7 +217,8 @@ def check_output_dir(path: Path, option: str) -> None:
 
 
 def enable_compilation_cache() -> None:
-    """JAX's persistent compilation cache in a per-user directory: warm starts are fast.
+    """JAX's persistent compilation cache in a per-user directory, and tvq's own warm-start
+    files beside it (tvq.warm: traced programs, parameters): warm starts are fast.
     A cache that cannot be made or written is skipped (it only costs speed). Entries are
     written atomically by JAX, so runs that share a cache may start at the same time."""
     import jax
@@ -233,6 +234,9 @@ def enable_compilation_cache() -> None:
     jax.config.update("jax_compilation_cache_dir", str(cache_dir))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    from tvq import warm
+
+    warm.enable(cache_dir / "warm")
 
 
 def show_version(value: bool) -> None:
