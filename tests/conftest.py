@@ -6,6 +6,8 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import importlib.util
+import mmap
 import os
 from pathlib import Path
 
@@ -15,9 +17,26 @@ from pathlib import Path
 # suite's compilation; same numbers). The variables reach the `tvq` processes that
 # tests start too (tests that force a device count add to XLA_FLAGS: forced_devices).
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
-FAST_COMPILE_FLAGS = "--xla_cpu_use_fusion_emitters=false"
-if FAST_COMPILE_FLAGS not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE_FLAGS}".strip()
+FAST_COMPILE_FLAG = "xla_cpu_use_fusion_emitters"
+
+
+def xla_knows(flag: str) -> bool:
+    """Whether the installed jaxlib has an XLA flag (an unknown flag in XLA_FLAGS aborts
+    every process), read off its shared libraries without importing it."""
+    spec = importlib.util.find_spec("jaxlib")
+    for folder in spec.submodule_search_locations if spec else []:
+        for library in Path(folder).glob("*.so"):
+            if library.stat().st_size == 0:
+                continue
+            with library.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+                if m.find(flag.encode()) >= 0:
+                    return True
+    return False
+
+
+if FAST_COMPILE_FLAG not in os.environ.get("XLA_FLAGS", "") and xla_knows(FAST_COMPILE_FLAG):
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --{FAST_COMPILE_FLAG}=false"
+    os.environ["XLA_FLAGS"] = flags.strip()
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -36,7 +55,7 @@ jax.config.update("jax_disable_most_optimizations", True)
 def forced_devices(count: int, **extra: str) -> dict:
     """The environment of a subprocess with `count` forced CPU devices (XLA_FLAGS) that
     imports tvq from this tree."""
-    flags = f"{os.environ['XLA_FLAGS']} --xla_force_host_platform_device_count={count}"
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={count}"
     return dict(os.environ, XLA_FLAGS=flags, PYTHONPATH=str(ROOT), **extra)
 
 
