@@ -13,7 +13,6 @@ positions from 8,192 on, on and off, and the gain (off − on).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 from pathlib import Path
 
@@ -43,9 +42,7 @@ def main() -> None:
     parser.add_argument("--model", default=None)
     args = parser.parse_args()
     model = tvq.load(args.model)
-    window_only = dataclasses.replace(
-        model, config=dataclasses.replace(model.config, agg_cache=False)
-    )
+    window_only = model.with_agg_cache(False)
     scores = []
     for path in args.files:
         with path.open("rb") as f:

@@ -67,6 +67,20 @@ def test_mem_len_matters():
     assert max_diff(short[:, 3:], long[:, 3:]) > 1e-3
 
 
+def test_with_agg_cache_switches_only_the_aggregate():
+    tokens = random_tokens(tiny_config(), 1, T)
+    model = tvq.Model.init(tiny_config(mem_len=2))
+    off = model.with_agg_cache(False)
+    assert off.with_agg_cache(True).config == model.config and not off.config.agg_cache
+    for a, b in zip(jax.tree_util.tree_leaves(off.params), jax.tree_util.tree_leaves(model.params),
+                    strict=True):  # fmt: skip
+        np.testing.assert_array_equal(a, b)
+    want = tvq.Model(tiny_config(mem_len=2, agg_cache=False), model.params).log_probs(tokens)[0]
+    got = off.log_probs(tokens)[0]
+    assert max_diff(got, want) == 0
+    assert max_diff(got[:, 3:], model.log_probs(tokens)[0][:, 3:]) > 1e-3  # beyond the window
+
+
 def test_bfloat16_close_to_float32():
     f32 = tiny_config(mem_len=4)
     bf16 = tiny_config(mem_len=4, dtype="bfloat16")

@@ -129,6 +129,13 @@ class Model:
             raise InputError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
         return dataclasses.replace(self, config=dataclasses.replace(self.config, dtype=dtype))
 
+    def with_agg_cache(self, agg_cache: bool) -> Model:
+        """The same parameters with the aggregate cache on or off (off: each query sees
+        its window alone, docs/DESIGN.md section 4); for ablations and baselines."""
+        return dataclasses.replace(
+            self, config=dataclasses.replace(self.config, agg_cache=bool(agg_cache))
+        )
+
     def save(self, path: str | os.PathLike) -> None:
         """Writes a model directory: config.json, the parameters (orbax) and the tokenizer."""
         checkpoint.save_model(

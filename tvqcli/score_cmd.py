@@ -270,9 +270,7 @@ def score(
     start = read_state(load_state, base) if load_state is not None else None
     loaded = run_settings(base, algorithm, dtype)
     if no_agg_cache:  # same parameters, the window alone
-        loaded = dataclasses.replace(
-            loaded, config=dataclasses.replace(loaded.config, agg_cache=False)
-        )
+        loaded = loaded.with_agg_cache(False)
     other = _baseline(tvq, baseline, loaded, baseline_no_agg_cache) if comparing else None
     if sequence_parallel is None:  # on where it pays: one text, several accelerators
         sequence_parallel = len(files) == 1 and _accelerators(devices) > 1
@@ -393,7 +391,6 @@ def _draw(rows: list[dict], path: Path, partial: bool, baseline_label: str) -> N
 def _baseline(tvq, name: str | None, model, no_agg_cache: bool):
     """The baseline model: a directory, 'builtin', or (None) this model itself; checked
     against the model's tokenizer before any work."""
-    import dataclasses
 
     from tvq.compare import check_baseline
 
@@ -404,8 +401,7 @@ def _baseline(tvq, name: str | None, model, no_agg_cache: bool):
     else:
         other = tvq.load(name)
     if no_agg_cache:
-        config = dataclasses.replace(other.config, agg_cache=False)
-        other = dataclasses.replace(other, config=config)
+        other = other.with_agg_cache(False)
     check_baseline(model, other)
     return other
 
