@@ -59,6 +59,13 @@ def test_a_stored_executable_runs_without_tracing(folder):
     assert len(list((folder / "executables").iterdir())) == 3
 
 
+def test_inside_a_trace_the_call_is_inlined(folder):
+    x, y = jnp.arange(3.0), jnp.ones(3)
+    outer = jax.jit(lambda a: warm.call(scaled, ("power",), a, y, power=2))
+    np.testing.assert_array_equal(outer(x), x**2)
+    assert not (folder / "executables").exists()
+
+
 def test_a_damaged_executable_is_compiled_again(folder):
     x, y = jnp.arange(3.0), jnp.ones(3)
     warm.call(scaled, ("power",), x, y, power=2)

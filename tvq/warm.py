@@ -140,6 +140,8 @@ def call(jitted: Callable, static: tuple[str, ...], *args: Any, **kwargs: Any) -
     dynamic = [a for name, a in zip(names, args, strict=False) if name not in static]
     dynamic_kw = {name: value for name, value in kwargs.items() if name not in static}
     leaves, tree = jax.tree_util.tree_flatten((dynamic, dynamic_kw))
+    if any(isinstance(leaf, jax.core.Tracer) for leaf in leaves):  # inside a trace: inline
+        return jitted(*args, **kwargs)
     call_key = (jitted, tuple(sorted(fixed.items())), tree, tuple(map(_signature, leaves)))
     compiled = _loaded.get(call_key)
     if compiled is not None:
