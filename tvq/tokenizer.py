@@ -14,6 +14,7 @@ file of any length piece by piece (docs/DESIGN.md section 8).
 from __future__ import annotations
 
 import codecs
+import functools
 import hashlib
 import os
 import re
@@ -117,7 +118,7 @@ class SentencePieceTokenizer:
         self.eos_id = int(self._sp.eos_id())
         self.unk_id = int(self._sp.unk_id())
         self._bytes = [self._piece_bytes(i) for i in range(self.vocab_size)]
-        self._newline_cuts, self._space_cuts = _safe_cuts(data)
+        self._data = data
 
     def _piece_bytes(self, token_id: int) -> bytes:
         sp = self._sp
@@ -128,6 +129,12 @@ class SentencePieceTokenizer:
             return bytes([int(piece[3:5], 16)])
         return piece.replace("\u2581", " ").encode("utf-8")
 
+    @functools.cached_property
+    def _cuts(self) -> tuple[bool, bool]:
+        """_safe_cuts of this model, worked out on first use (streaming input needs it;
+        generating does not, so its start-up skips parsing the model's protobuf)."""
+        return _safe_cuts(self._data)
+
     def encode(self, text: str) -> list[int]:
         return list(self._sp.encode(text))
 
@@ -137,8 +144,9 @@ class SentencePieceTokenizer:
         contains), or before a space that follows a non-space (no piece holds a space
         after another character). Both need a model that adds no dummy prefix and
         normalises nothing (tvq's own tokenizers); for other models, 0."""
-        at = data.rfind(b"\n") + 1 if self._newline_cuts else 0
-        if self._space_cuts:
+        newline_cuts, space_cuts = self._cuts
+        at = data.rfind(b"\n") + 1 if newline_cuts else 0
+        if space_cuts:
             space = data.rfind(b" ")
             while space > at and data[space - 1] == 0x20:
                 space = data.rfind(b" ", 0, space - 1)
