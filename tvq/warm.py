@@ -22,8 +22,10 @@ Without `enable` (the library's default) nothing is read or written.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
+import io
 import os
 import pickle
 import platform
@@ -50,10 +52,6 @@ def enable(folder: str | os.PathLike | None) -> None:
     _loaded.clear()
 
 
-def folder() -> Path | None:
-    return _folder
-
-
 def _write(path: Path, data: bytes) -> None:
     """Writes atomically, then drops the least recently used files of the folder beyond
     its KEEP (entries of older tvq sources and other models pile up otherwise). A folder
@@ -61,9 +59,16 @@ def _write(path: Path, data: bytes) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp.")
+    except OSError:
+        return
+    try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         os.replace(tmp, path)
+    except OSError:  # a full disk: leave no half-written file behind
+        Path(tmp).unlink(missing_ok=True)
+        return
+    try:
         entries = sorted(path.parent.glob("[!.]*"), key=lambda p: p.stat().st_mtime_ns)
         for old in entries[: max(0, len(entries) - KEEP[path.parent.name])]:
             old.unlink(missing_ok=True)
@@ -124,6 +129,11 @@ def _signature(leaf: Any) -> tuple:
     return (array.shape, array.dtype, "host")
 
 
+@functools.cache
+def _parameter_names(jitted: Callable) -> list[str]:
+    return list(inspect.signature(jitted.__wrapped__).parameters)
+
+
 def call(jitted: Callable, static: tuple[str, ...], *args: Any, **kwargs: Any) -> Any:
     """`jitted(*args, **kwargs)`, from an executable stored by an earlier process when
     there is one; `static` names the function's static arguments (its jit
@@ -134,7 +144,7 @@ def call(jitted: Callable, static: tuple[str, ...], *args: Any, **kwargs: Any) -
         from jax.experimental import serialize_executable
     except ImportError:
         return jitted(*args, **kwargs)
-    names = list(inspect.signature(jitted.__wrapped__).parameters)
+    names = _parameter_names(jitted)
     fixed = {**dict(zip(names, args, strict=False)), **kwargs}
     fixed = {name: value for name, value in fixed.items() if name in static}
     dynamic = [a for name, a in zip(names, args, strict=False) if name not in static]
@@ -220,15 +230,13 @@ def params(path: Path, read: Callable[[], Any]) -> Any:
 
 
 def _copy_bytes(leaves: list) -> bytes:
-    import io
-
     arrays = {}
     for path, leaf in leaves:
         name = "/".join(str(getattr(k, "key", k)) for k in path)
         array = np.asarray(leaf)
-        # dtypes numpy cannot store (bfloat16) go as raw bytes, their name kept aside
-        arrays[f"{array.dtype.name}:{name}"] = array.view(f"V{array.dtype.itemsize}") \
-            if array.dtype.kind == "V" or array.dtype.name == "bfloat16" else array  # fmt: skip
+        # dtypes numpy cannot store (bfloat16: kind "V") go as raw bytes, their name aside
+        raw = array.dtype.kind == "V"
+        arrays[f"{array.dtype.name}:{name}"] = array.view(f"V{array.itemsize}") if raw else array
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)
     return buffer.getvalue()
