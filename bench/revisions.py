@@ -2,10 +2,12 @@
 refactor must not slow tvq down.
 
     python bench/revisions.py REV [--rounds 4] [--tokens 300] [--score-tokens 8192]
+                              [--temperature 0] [--top-p 1]
 
 REV is checked out into a temporary git worktree. Each round runs one fresh process per
 tree, alternating, so drift of the machine hits both alike; each process loads the
-built-in model, warms up, then times greedy decoding at batch 1 (`generate`, tokens/s)
+built-in model, warms up, then times decoding at batch 1 (`generate`, tokens/s; greedy,
+or the sampler `--temperature` and `--top-p` give: the CLI's default is 0.8 and 0.95)
 and scoring (`score_ids`, tokens/s), median of 3. The table gives medians over rounds
 and the ratio working tree / REV (above 1: the working tree is faster).
 """
@@ -34,11 +36,12 @@ from tvq.decoding import generate
 from tvq.sampling import Sampler
 from tvq.scoring import score_ids
 tokens, score_tokens = int(sys.argv[1]), int(sys.argv[2])
+sampler = Sampler(temperature=float(sys.argv[3]), top_p=float(sys.argv[4]))
 model = tvq.load()
 prompt = model.tokenizer.encode("To be, or not to be, that is the question:")
 ids = np.random.default_rng(0).integers(3, model.config.n_vocab, score_tokens)
 def decode():
-    r = generate(model, prompt, max_tokens=tokens, sampler=Sampler(temperature=0),
+    r = generate(model, prompt, max_tokens=tokens, sampler=sampler,
                  ignore_eos=True)
     return r.generated_tokens / r.generate_seconds
 def score():
@@ -54,7 +57,8 @@ print(json.dumps({"decode": statistics.median(decode() for _ in range(3)),
 def measure(tree: Path, args: argparse.Namespace, cache: str) -> dict[str, float]:
     env = dict(os.environ, PYTHONPATH=str(tree), JAX_COMPILATION_CACHE_DIR=cache)
     done = subprocess.run(
-        [sys.executable, "-c", PROBE, str(args.tokens), str(args.score_tokens)],
+        [sys.executable, "-c", PROBE, str(args.tokens), str(args.score_tokens),
+         str(args.temperature), str(args.top_p)],
         cwd=tree, env=env, capture_output=True, text=True, check=True,
     )  # fmt: skip
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -66,6 +70,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--tokens", type=int, default=300)
     parser.add_argument("--score-tokens", type=int, default=8192)
+    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--top-p", type=float, default=1.0)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(tmp) / "base"
@@ -80,7 +86,8 @@ def main() -> None:
         finally:
             subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(base)],
                            check=False)  # fmt: skip
-    print(f"# revisions: {machine()}; {args.rounds} rounds, alternating")
+    print(f"# revisions: {machine()}; {args.rounds} rounds, alternating; decoding at "
+          f"temperature {args.temperature}, top-p {args.top_p}")  # fmt: skip
     print(f"{'':24}{'decode tok/s':>14}{'score tok/s':>14}")
     medians = {}
     for name, runs in results.items():

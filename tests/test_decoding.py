@@ -9,9 +9,9 @@ import pytest
 
 import tvq
 from tests.conftest import count_compilations, random_tokens, tiny_config, with_param
-from tvq.decoding import generate
+from tvq.decoding import generate, row_keys
 from tvq.ring import empty_rings, model_from_ring, model_to_ring
-from tvq.sampling import Sampler
+from tvq.sampling import Sampler, row_uniforms
 from tvq.scoring import score_ids
 from tvq.tokenizer import ByteTokenizer
 from tvq.transformer import Transformer
@@ -175,6 +175,23 @@ def test_samples_of_one_prompt(byte_model, prompt_text):
     assert result.context.tokens == len(prompt) + 11
     np.testing.assert_array_equal(result.context.last_token, [s.ids[-1] for s in result.samples])
     assert_states_close(result.context.state, want)
+
+
+def test_each_token_is_drawn_with_its_own_key(byte_model):
+    """Row r's k-th token is the sampler's pick at the random number of the key
+    fold_in(keys[r], k) (the loop draws a chunk's numbers before it runs), from the
+    log-probs of scoring the row's text."""
+    prompt = byte_model.tokenizer.encode("To be")
+    sampler = Sampler(temperature=3.0, top_p=0.95)  # flat: every draw matters
+    result = generate(byte_model, prompt, max_tokens=40, sampler=sampler, seed=7, num_samples=2)
+    assert len(set(result.samples[0].ids)) > 10
+    rows = [byte_model.tokenizer.eos_id, *prompt]
+    texts = np.asarray([rows + s.ids[:-1] for s in result.samples])
+    log_probs, _ = byte_model.log_probs(texts)
+    for row, (key, sample) in enumerate(zip(row_keys(7, 2), result.samples, strict=True)):
+        keys = jax.vmap(jax.random.fold_in, (None, 0))(key, jnp.arange(40))
+        want = sampler.pick(row_uniforms(keys), log_probs[row, len(rows) - 1 :])
+        assert sample.ids == np.asarray(want).tolist()
 
 
 def test_each_loop_compiles_once():

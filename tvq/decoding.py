@@ -31,7 +31,7 @@ from tvq.errors import InputError
 from tvq.forward import on_device
 from tvq.model import Model, check_top_k
 from tvq.ring import RingState, empty_rings, model_from_ring, model_to_ring, repeat_rows
-from tvq.sampling import Sampler
+from tvq.sampling import Sampler, row_uniforms
 from tvq.scoring import Context, eos_id, require_tokenizer, score_ids
 from tvq.tokenizer import StreamDecoder
 from tvq.transformer import Transformer
@@ -72,14 +72,19 @@ def decode_chunk(config, params, rings, token, keys, counts, limits, forced, n_f
     variables = {"params": params}
     tables = net.apply(variables, method=Transformer.tables)
     batch = token.shape[0]
+    # Every step's random numbers [CHUNK, B], drawn before the loop: XLA:CPU runs the
+    # threefry hash as small loops of its own, which cost more per step than the draw.
+    steps = jnp.arange(CHUNK, dtype=jnp.int32)[:, None]
+    step_keys = jax.vmap(jax.vmap(jax.random.fold_in), (None, 0))(keys, counts + steps)
+    uniforms = jax.vmap(row_uniforms)(step_keys)  # [CHUNK, B]
 
     def cond(c: DecodeCarry):
         return jnp.any((c.step < limits) & ~c.done)
 
     def body(c: DecodeCarry) -> DecodeCarry:
         rings, log_probs = net.apply(variables, c.token, c.rings, tables, method=Transformer.step)
-        row_keys = jax.vmap(jax.random.fold_in)(keys, counts + c.step)
-        new = jnp.where(c.step < n_forced, forced[c.step], sampler.sample_rows(row_keys, log_probs))
+        sampled = sampler.pick(uniforms[c.step], log_probs)
+        new = jnp.where(c.step < n_forced, forced[c.step], sampled)
         live = (c.step < limits) & ~c.done
         picked = jnp.take_along_axis(log_probs, new[:, None], axis=-1)[:, 0]
         top_values, top_ids = jax.lax.top_k(log_probs, top_k)

@@ -66,7 +66,11 @@ class Sampler:
     def sample_rows(self, keys: jax.Array, log_probs: jax.Array) -> jax.Array:
         """As sample, row r's random number drawn from its own key keys[r] ([B, 2]): a
         row's token does not depend on the other rows."""
-        u = 1.0 - jax.vmap(lambda k: jax.random.uniform(k, ()))(keys)
+        return self.pick(row_uniforms(keys), log_probs)
+
+    def pick(self, u: jax.Array, log_probs: jax.Array) -> jax.Array:
+        """As sample_rows with each row's random number u [B] in (0, 1] given (drawn
+        ahead, e.g. for a whole chunk of decoding steps at once)."""
         return self._pick(u[:, None], log_probs)
 
     def _pick(self, u: jax.Array, log_probs: jax.Array) -> jax.Array:
@@ -78,6 +82,11 @@ class Sampler:
         cumulative = jnp.cumsum(jax.lax.optimization_barrier(probs), axis=-1)
         index = jnp.sum(cumulative < u * cumulative[:, -1:], axis=-1)
         return jnp.minimum(index, probs.shape[-1] - 1).astype(jnp.int32)
+
+
+def row_uniforms(keys: jax.Array) -> jax.Array:
+    """One number in (0, 1] per key [B, 2] → [B]: 1 − uniform(key)."""
+    return 1.0 - jax.vmap(lambda k: jax.random.uniform(k, ()))(keys)
 
 
 def top_p_cutoff(probs: jax.Array, top_p: float) -> jax.Array:
