@@ -212,6 +212,28 @@ def test_each_loop_compiles_once():
     assert counts["jit(forward)"] == 1
 
 
+def test_scoring_tails_share_the_decoding_loop():
+    """A text's tail shorter than a block is scored by the decoding loop: texts of 9, 10
+    and 11 tokens (blocks of 4) compile the forward once (their 8 tokens of whole blocks)
+    and the loop once, and every log-prob and the final state equal the blockwise
+    forward's (block length 1, so no tail)."""
+    config = tiny_config(n_vocab=259, mem_len=5, e_scale=0.25, d_model=20)
+    params = jax.device_put(tvq.Model.init(config, seed=2).params, jax.devices()[0])
+    model = tvq.Model(config, params, block_len=4, tokenizer=ByteTokenizer())
+    tokens = np.asarray(random_tokens(config, 1, 11)[0])
+    with count_compilations() as counts:
+        scored = [score_ids(model, tokens[:n], keep_log_probs=True, top_k=2) for n in (9, 10, 11)]
+    assert counts["jit(forward)"] == 1
+    assert counts["jit(decode_chunk)"] == 1
+    for (result, context), n in zip(scored, (9, 10, 11), strict=True):
+        want, want_context = score_ids(model, tokens[:n], keep_log_probs=True, top_k=2,
+                                       block_len=1)  # fmt: skip
+        np.testing.assert_allclose(result.log_probs, want.log_probs, atol=ATOL)
+        np.testing.assert_allclose(result.top_log_probs, want.top_log_probs, atol=ATOL)
+        np.testing.assert_array_equal(result.top_ids, want.top_ids)
+        assert_states_close(context.state, want_context.state)
+
+
 def test_ignore_eos_goes_on_past_the_end_of_a_document(byte_model):
     """With no prompt this model soon samples an end of document (seed 2: every row at
     once); ignore_eos keeps sampling, and the log-probs still equal scoring the text."""

@@ -137,17 +137,36 @@ def _chunk(model: Model, rings, token, keys, counts, limits, forced, n_forced, e
 
 
 def _feed(model: Model, rings, token, ids: np.ndarray, sampler: Sampler, top_k: int = 0):
-    """Feeds ids [T] after `token` through the decoding loop (every step forced), CHUNK
-    at a time; the same compiled loop as sampling (top_k too), so no other length gets
-    compiled."""
-    keys = row_keys(0, 1)  # unused: nothing is sampled
-    for start in range(0, len(ids), CHUNK):
-        piece = ids[start : start + CHUNK]
-        forced = np.zeros([CHUNK, 1], np.int32)
-        forced[: len(piece), 0] = piece
-        rings, token, *_ = _chunk(model, rings, token, keys, [0], [len(piece)], forced,
-                                  len(piece), eos_id=-1, sampler=sampler, top_k=top_k)  # fmt: skip
-    return rings, token
+    """Feeds ids [B, T] after `token` [B] through the decoding loop (every step forced),
+    CHUNK at a time; the same compiled loop as sampling (top_k too), so no other length
+    gets compiled. Returns (rings, last token, scored): scored holds the log-probs of the
+    ids [B, T] and, with top_k, the k most likely tokens' log-probs and ids [B, T, k]."""
+    batch, length = ids.shape
+    keys = row_keys(0, batch)  # unused: nothing is sampled
+    parts = []
+    for start in range(0, length, CHUNK):
+        piece = ids[:, start : start + CHUNK]
+        n = piece.shape[1]
+        forced = np.zeros([CHUNK, batch], np.int32)
+        forced[:n] = piece.T
+        rings, token, _, log_probs, _, top_values, top_ids = _chunk(
+            model, rings, token, keys, np.zeros(batch), np.full(batch, n), forced, n,
+            eos_id=-1, sampler=sampler, top_k=top_k,
+        )  # fmt: skip
+        parts.append((log_probs[:n].T, top_values[:n].swapaxes(0, 1), top_ids[:n].swapaxes(0, 1)))
+    scored = [jnp.concatenate(p, axis=1) for p in zip(*parts, strict=True)]
+    return rings, token, tuple(scored if top_k else scored[:1])
+
+
+def feed_ids(model: Model, state, token, ids: np.ndarray, top_k: int = 0):
+    """Scores ids [B, T] following `token` [B] from `state` (a ModelState) through the
+    decoding loop → (scored as _feed's, the state after). tvq.scoring sends each text's
+    tail shorter than a block this way: one compiled loop serves every tail length,
+    where the blockwise forward compiles one program per length."""
+    rings = _state_to_ring(on_device(state))
+    token = jnp.asarray(token, jnp.int32)
+    rings, _, scored = _feed(model, rings, token, ids, Sampler(temperature=0), top_k)
+    return scored, _ring_to_state(model.config, model.params, on_device(rings))
 
 
 def row_keys(seed: int, n: int) -> np.ndarray:
@@ -451,7 +470,8 @@ def _prefill(model: Model, context: Context, rest: np.ndarray, fresh: bool, samp
     through the decoding loop → (rings, last token)."""
     rings = empty_rings(model.config, 1) if fresh else _state_to_ring(context.state)
     token = jnp.asarray(context.last_token, jnp.int32)
-    return _feed(model, rings, token, rest, sampler, logprobs)
+    rings, token, _ = _feed(model, rings, token, rest[None, :], sampler, logprobs)
+    return rings, token
 
 
 def _sample_loop(model: Model, rings, token, rows: _TextRows, keys: np.ndarray,

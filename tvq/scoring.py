@@ -120,15 +120,26 @@ def score_ids(
     block_len = model.block_len if block_len is None else check_block_len(block_len)
     inputs = np.concatenate([context.last_token[:, None], ids[:, :-1]], axis=1)
     state, total, kept, start = context.state, jnp.zeros([]), [], 0
-    for size in piece_sizes(length, block_len):
+    # Whole blocks through the blockwise forward; the tail shorter than a block through
+    # the decoding loop (equal within rounding, docs/DESIGN.md invariant 6), which is
+    # one compiled program for every tail length.
+    tail = length % block_len
+    for size in piece_sizes(length - tail, block_len):
         piece = slice(start, start + size)
         out, state = model.score(inputs[:, piece], ids[:, piece], state=state,
                                  block_len=min(block_len, size), top_k=top_k)  # fmt: skip
-        scores = out[0] if top_k else out
-        total = total + jnp.sum(scores)
+        out = out if top_k else (out,)
+        total = total + jnp.sum(out[0])
         if keep_log_probs:
-            kept.append(out if top_k else (out,))
+            kept.append(out)
         start += size
+    if tail:
+        from tvq.decoding import feed_ids  # decoding is built on this module
+
+        out, state = feed_ids(model, state, inputs[:, start], ids[:, start:], top_k)
+        total = total + jnp.sum(out[0])
+        if keep_log_probs:
+            kept.append(out)
     joined = [np.asarray(jnp.concatenate(part, axis=1)) for part in zip(*kept, strict=True)]
     result = ScoreResult(-float(total), batch * length, *(joined or [None]))
     new_context = Context(state=state, last_token=ids[:, -1].copy(), tokens=context.tokens + length)
