@@ -8,8 +8,9 @@ Three measurements in one run:
 2. `profile`: the same loop traced with jax.profiler (XLA:CPU's per-thunk trace events
    on): how many thunks (XLA's units of work: a fused kernel, a matrix product, a copy)
    one step runs, and the share of the traced time spent in matrix products, in the
-   sampler's nucleus search and in everything else. Tracing adds a few microseconds per
-   thunk, so shares are reported, not the traced times.
+   sampler's nucleus search and in everything else. Tracing adds a microsecond or two
+   to every thunk, so the shares overweight the many small ones (time the nucleus
+   search alone for its true cost).
 3. `floor`: a compiled loop that only streams the bytes one token must read (every
    matrix the step multiplies by, the parameters and the per-sublayer state at the
    model's shapes) through chained matrix-vector products, nothing else: the time no
