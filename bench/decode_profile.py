@@ -122,8 +122,7 @@ def stream_ms(arrays: list[jax.Array], steps: int = 200, repeats: int = 7) -> fl
     def one_pass(_, x):
         for a in arrays:
             flat = a.reshape(-1, a.shape[-1])
-            y = x[: flat.shape[0]] if x.shape[0] >= flat.shape[0] else jnp.resize(x, flat.shape[0])
-            x = x + 1e-6 * jnp.sum(y @ flat)
+            x = x + 1e-6 * jnp.sum(x[: flat.shape[0]] @ flat)
         return x
 
     width = max(a.reshape(-1, a.shape[-1]).shape[0] for a in arrays)

@@ -63,14 +63,10 @@ class Sampler:
         reaches u·total, u uniform in (0, 1] (one random number per row, all from key)."""
         return self._pick(1.0 - jax.random.uniform(key, (log_probs.shape[0], 1)), log_probs)
 
-    def sample_rows(self, keys: jax.Array, log_probs: jax.Array) -> jax.Array:
-        """As sample, row r's random number drawn from its own key keys[r] ([B, 2]): a
-        row's token does not depend on the other rows."""
-        return self.pick(row_uniforms(keys), log_probs)
-
     def pick(self, u: jax.Array, log_probs: jax.Array) -> jax.Array:
-        """As sample_rows with each row's random number u [B] in (0, 1] given (drawn
-        ahead, e.g. for a whole chunk of decoding steps at once)."""
+        """One token id per row [B] as sample does, with each row's random number u [B]
+        in (0, 1] given: row_uniforms(keys) draws one per row's own key, so a row's token
+        does not depend on the other rows (drawn ahead for a chunk of decoding steps)."""
         return self._pick(u[:, None], log_probs)
 
     def _pick(self, u: jax.Array, log_probs: jax.Array) -> jax.Array:

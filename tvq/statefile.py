@@ -12,7 +12,6 @@ import hashlib
 import io
 import json
 import os
-import tempfile
 import zipfile
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import jax
 import numpy as np
 
 from tvq.errors import StateError
+from tvq.fileio import write_atomically
 from tvq.model import Model
 from tvq.scoring import Context
 from tvq.state import state_shapes
@@ -62,19 +62,9 @@ def save_state(path: str | os.PathLike, model: Model, context: Context) -> None:
     if path.is_dir():
         raise StateError(f"state file {path} is a directory")
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        write_atomically(path, lambda f: np.savez(f, **arrays))
     except OSError as e:
         raise StateError(f"state file {path} cannot be written: {e.strerror}") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except OSError as e:
-        Path(tmp).unlink(missing_ok=True)
-        raise StateError(f"state file {path} cannot be written: {e.strerror}") from None
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def load_state(path: str | os.PathLike, model: Model) -> Context:

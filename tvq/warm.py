@@ -29,7 +29,6 @@ import io
 import os
 import pickle
 import platform
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -37,6 +36,8 @@ from typing import Any
 import jax
 import jaxlib
 import numpy as np
+
+from tvq.fileio import write_atomically
 
 PARAMS_LIMIT = 512 * 2**20  # bytes: larger models are read through orbax every time
 KEEP = {"executables": 64, "params": 8}  # files kept per kind; the least recently used go
@@ -58,15 +59,8 @@ def _write(path: Path, data: bytes) -> None:
     that cannot be written only costs speed."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp.")
-    except OSError:
-        return
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except OSError:  # a full disk: leave no half-written file behind
-        Path(tmp).unlink(missing_ok=True)
+        write_atomically(path, lambda f: f.write(data))
+    except OSError:  # a full disk: write_atomically leaves no half-written file behind
         return
     try:
         entries = sorted(path.parent.glob("[!.]*"), key=lambda p: p.stat().st_mtime_ns)
