@@ -196,7 +196,7 @@ def stage(message: str) -> None:
 
 
 def section_decode(out, args) -> None:
-    from tvq.decoding import CHUNK, decode_chunk
+    from tvq.decode_loop import CHUNK, decode_chunk
     from tvq.ring import empty_rings
     from tvq.sampling import Sampler
 

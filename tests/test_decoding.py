@@ -9,7 +9,8 @@ import pytest
 
 import tvq
 from tests.conftest import count_compilations, random_tokens, tiny_config, with_param
-from tvq.decoding import generate, row_keys
+from tvq.decode_loop import row_keys
+from tvq.decoding import generate
 from tvq.ring import empty_rings, model_from_ring, model_to_ring
 from tvq.sampling import Sampler, row_uniforms
 from tvq.scoring import score_ids

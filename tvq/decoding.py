@@ -7,8 +7,9 @@ sampled in chunks by one compiled `jax.lax.while_loop` (no Python per token); be
 chunks the host streams the text and applies stop strings. The first chunk is one
 token, so the first text appears at once, and chunks then double up to `CHUNK`.
 The attention memory lives in a ring during decoding (tvq.ring): each token is written
-in place, and its cost does not depend on the position. The network pass per token
-is `Transformer.step`.
+in place, and its cost does not depend on the position. The compiled loop itself, whose
+network pass per token is `Transformer.step`, is tvq/decode_loop.py; this module is the
+host side: prompts, sample rows, stop strings, streaming.
 """
 
 from __future__ import annotations
@@ -17,175 +18,28 @@ import dataclasses
 import functools
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh
 
-from tvq import warm
-from tvq.devices import mesh_for_rows, replicated, split_rows
+from tvq.decode_loop import (
+    CHUNK,
+    feed,
+    repeat_ring_rows,
+    ring_to_state,
+    row_keys,
+    run_chunk,
+    state_to_ring,
+)
+from tvq.devices import mesh_for_rows, replicated
 from tvq.errors import InputError
 from tvq.forward import on_device
 from tvq.model import Model, check_top_k
-from tvq.ring import RingState, empty_rings, model_from_ring, model_to_ring, repeat_rows
-from tvq.sampling import Sampler, row_uniforms
+from tvq.ring import empty_rings
+from tvq.sampling import Sampler
 from tvq.scoring import Context, eos_id, require_tokenizer, score_ids
 from tvq.tokenizer import StreamDecoder
-from tvq.transformer import Transformer
-
-CHUNK = 32  # most tokens sampled per compiled call
-
-
-@flax.struct.dataclass
-class DecodeCarry:
-    """The state of the compiled sampling loop, B rows."""
-
-    step: jax.Array  # [] int32: steps taken in this chunk
-    rings: tuple[RingState, ...]  # one per sublayer
-    token: jax.Array  # [B] int32: the last token, next input
-    done: jax.Array  # [B] bool: the row has sampled eos_id
-    tokens: jax.Array  # [CHUNK, B] int32: sampled (or forced) tokens
-    log_probs: jax.Array  # [CHUNK, B] float32: their log-probs
-    top_log_probs: jax.Array  # [CHUNK, B, k] float32: the k most likely tokens' log-probs
-    top_ids: jax.Array  # [CHUNK, B, k] int32: and their ids
-
-
-@functools.partial(jax.jit, static_argnames=("config", "sampler", "top_k"))
-def decode_chunk(config, params, rings, token, keys, counts, limits, forced, n_forced, eos_id,
-                 sampler: Sampler, top_k: int = 0):  # fmt: skip
-    """Samples tokens after `token` [B]: row r takes limits[r] (≤ CHUNK) steps or stops
-    at eos_id; the loop ends when every row has. Row r's k-th token of its text is drawn
-    with the key fold_in(keys[r], k), k = counts[r] + step, so a row's text depends on
-    its own key only, never on the rows beside it (tvq.serve batches requests). The first
-    n_forced steps take forced [CHUNK, B] instead of sampling (to replay a chunk up to a
-    stop string). Log-probs are the model's, before the sampler's temperature and
-    truncation (those `tvq score` gives). Every row's state advances every step: a row
-    that has stopped keeps going (its later tokens are not used).
-
-    Returns (rings, last token [B], tokens [CHUNK, B], log-probs [CHUNK, B], steps, the
-    top_k most likely tokens' log-probs [CHUNK, B, top_k] and ids [CHUNK, B, top_k]).
-    """
-    net = Transformer(config)
-    variables = {"params": params}
-    tables = net.apply(variables, method=Transformer.tables)
-    batch = token.shape[0]
-    # Every step's random numbers [CHUNK, B], drawn before the loop: XLA:CPU runs the
-    # threefry hash as small loops of its own, which cost more per step than the draw.
-    steps = jnp.arange(CHUNK, dtype=jnp.int32)[:, None]
-    step_keys = jax.vmap(jax.vmap(jax.random.fold_in), (None, 0))(keys, counts + steps)
-    uniforms = jax.vmap(row_uniforms)(step_keys)  # [CHUNK, B]
-
-    def cond(c: DecodeCarry):
-        return jnp.any((c.step < limits) & ~c.done)
-
-    def body(c: DecodeCarry) -> DecodeCarry:
-        rings, log_probs = net.apply(variables, c.token, c.rings, tables, method=Transformer.step)
-        sampled = sampler.pick(uniforms[c.step], log_probs)
-        new = jnp.where(c.step < n_forced, forced[c.step], sampled)
-        live = (c.step < limits) & ~c.done
-        picked = jnp.take_along_axis(log_probs, new[:, None], axis=-1)[:, 0]
-        top_values, top_ids = jax.lax.top_k(log_probs, top_k)
-        return DecodeCarry(
-            step=c.step + 1, rings=rings, token=new, done=c.done | (live & (new == eos_id)),
-            tokens=c.tokens.at[c.step].set(new), log_probs=c.log_probs.at[c.step].set(picked),
-            top_log_probs=c.top_log_probs.at[c.step].set(top_values),
-            top_ids=c.top_ids.at[c.step].set(top_ids.astype(jnp.int32)),
-        )  # fmt: skip
-
-    init = DecodeCarry(
-        step=jnp.zeros([], jnp.int32), rings=rings, token=token,
-        done=jnp.zeros([batch], jnp.bool_), tokens=jnp.zeros([CHUNK, batch], jnp.int32),
-        log_probs=jnp.zeros([CHUNK, batch], jnp.float32),
-        top_log_probs=jnp.zeros([CHUNK, batch, top_k], jnp.float32),
-        top_ids=jnp.zeros([CHUNK, batch, top_k], jnp.int32),
-    )  # fmt: skip
-    c = jax.lax.while_loop(cond, body, init)
-    return c.rings, c.token, c.tokens, c.log_probs, c.step, c.top_log_probs, c.top_ids
-
-
-@functools.partial(jax.jit, static_argnames=("config",))
-def _ring_to_state(config, params, rings):
-    net = Transformer(config)
-    return model_from_ring(rings, net.apply({"params": params}, method=Transformer.tables))
-
-
-_state_to_ring = jax.jit(model_to_ring)
-_repeat_rows = jax.jit(repeat_rows, static_argnames=("n",))
-
-
-def _chunk(model: Model, rings, token, keys, counts, limits, forced, n_forced, eos_id,
-           sampler, mesh: Mesh | None = None, params: Any = None, top_k: int = 0):  # fmt: skip
-    """decode_chunk, always called in one form: jit keys its compiled code on which
-    arguments are positional and which keyword, and on whether arrays are committed
-    (tvq.forward.on_device); a second form would compile the loop again. With a mesh the
-    rows are split over its devices (`params` replicated on them)."""
-    counts, limits = np.asarray(counts, np.int32), np.asarray(limits, np.int32)
-    if mesh is None:
-        rings, token, keys, counts, limits, forced = on_device(
-            (rings, token, keys, counts, limits, forced)
-        )
-        params = model.params
-    else:
-        rings, token, keys, counts, limits = split_rows(mesh, (rings, token, keys, counts, limits))
-        forced = replicated(mesh, forced)
-    return warm.call(decode_chunk, ("config", "sampler", "top_k"), model.config, params, rings,
-                     token, keys, counts, limits, forced, n_forced, eos_id, sampler=sampler,
-                     top_k=top_k)  # fmt: skip
-
-
-def _feed(model: Model, rings, token, ids: np.ndarray, sampler: Sampler, top_k: int = 0):
-    """Feeds ids [B, T] after `token` [B] through the decoding loop (every step forced),
-    CHUNK at a time; the same compiled loop as sampling (top_k too), so no other length
-    gets compiled. Returns (rings, last token, scored): scored holds the log-probs of the
-    ids [B, T] and, with top_k, the k most likely tokens' log-probs and ids [B, T, k]."""
-    batch, length = ids.shape
-    keys = row_keys(0, batch)  # unused: nothing is sampled
-    parts = []
-    for start in range(0, length, CHUNK):
-        piece = ids[:, start : start + CHUNK]
-        n = piece.shape[1]
-        forced = np.zeros([CHUNK, batch], np.int32)
-        forced[:n] = piece.T
-        rings, token, _, log_probs, _, top_values, top_ids = _chunk(
-            model, rings, token, keys, np.zeros(batch), np.full(batch, n), forced, n,
-            eos_id=-1, sampler=sampler, top_k=top_k,
-        )  # fmt: skip
-        parts.append((log_probs[:n].T, top_values[:n].swapaxes(0, 1), top_ids[:n].swapaxes(0, 1)))
-    scored = [jnp.concatenate(p, axis=1) for p in zip(*parts, strict=True)]
-    return rings, token, tuple(scored if top_k else scored[:1])
-
-
-def feed_ids(model: Model, state, token, ids: np.ndarray, top_k: int = 0):
-    """Scores ids [B, T] following `token` [B] from `state` (a ModelState) through the
-    decoding loop → (scored as _feed's, the state after). tvq.scoring sends each text's
-    tail shorter than a block this way: one compiled loop serves every tail length,
-    where the blockwise forward compiles one program per length."""
-    rings = _state_to_ring(on_device(state))
-    token = jnp.asarray(token, jnp.int32)
-    rings, _, scored = _feed(model, rings, token, ids, Sampler(temperature=0), top_k)
-    return scored, _ring_to_state(model.config, model.params, on_device(rings))
-
-
-def row_keys(seed: int, n: int) -> np.ndarray:
-    """The keys of n samples of one text [n, 2]: sample i draws from fold_in(key(seed), i)."""
-    return np.asarray(warm.call(_fold_keys, (), seed_key(seed), np.arange(n, dtype=np.int32)))
-
-
-def seed_key(seed: int) -> np.ndarray:
-    """jax.random.PRNGKey(seed)'s data, made on the host when that is plain: with the
-    default threefry keys and 32-bit integers it is [0, seed mod 2**32] (held equal by
-    tests/test_sampling.py); no XLA program runs for it at start-up."""
-    if jax.config.jax_enable_x64 or jax.config.jax_default_prng_impl != "threefry2x32":
-        return np.asarray(jax.random.PRNGKey(seed))
-    return np.array([0, seed % 2**32], np.uint32)
-
-
-@jax.jit
-def _fold_keys(key: jax.Array, rows: jax.Array) -> jax.Array:
-    return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, rows)
 
 
 @dataclasses.dataclass
@@ -357,7 +211,7 @@ def generate(
 
     rings, token = _prefill(model, context, prompt[whole:], fresh and not whole, sampler, logprobs)
     if num_samples > 1:
-        rings, token = _repeat_rows(rings, n=num_samples), jnp.repeat(token, num_samples)
+        rings, token = repeat_ring_rows(rings, n=num_samples), jnp.repeat(token, num_samples)
     mesh = mesh_for_rows(num_samples, devices)
     params = replicated(mesh, model.params) if mesh is not None else None
     rows = _TextRows(tokenizer, [list(stop)] * num_samples, on_text, ignore_eos)
@@ -372,7 +226,7 @@ def generate(
     tokens_before = context.tokens + len(prompt) - whole
 
     def resume() -> Context:
-        state = _ring_to_state(model.config, model.params, on_device(rings))
+        state = ring_to_state(model.config, model.params, on_device(rings))
         return Context(state=state, last_token=np.asarray(token), tokens=tokens_before + count)
 
     return Generation(
@@ -428,7 +282,7 @@ def generate_batch(
         if whole:
             _, context = score_ids(model, prompt[:whole], context)
         rings, token = _prefill(model, context, prompt[whole:], not whole, sampler, logprobs)
-        parts.append((_repeat_rows(rings, n=r.num_samples), jnp.repeat(token, r.num_samples)))
+        parts.append((repeat_ring_rows(rings, n=r.num_samples), jnp.repeat(token, r.num_samples)))
         keys.append(row_keys(r.seed, r.num_samples))
         limits += [r.max_tokens] * r.num_samples
         stops += [list(r.stop)] * r.num_samples
@@ -468,9 +322,9 @@ def _prefill(model: Model, context: Context, rest: np.ndarray, fresh: bool, samp
              logprobs: int):  # fmt: skip
     """The rings of one text after `context` and then `rest` (less than a block), fed
     through the decoding loop → (rings, last token)."""
-    rings = empty_rings(model.config, 1) if fresh else _state_to_ring(context.state)
+    rings = empty_rings(model.config, 1) if fresh else state_to_ring(context.state)
     token = jnp.asarray(context.last_token, jnp.int32)
-    rings, token, _ = _feed(model, rings, token, rest[None, :], sampler, logprobs)
+    rings, token, _ = feed(model, rings, token, rest[None, :], sampler, logprobs)
     return rings, token
 
 
@@ -495,7 +349,7 @@ def _sample_loop(model: Model, rings, token, rows: _TextRows, keys: np.ndarray,
         done = np.array([s.done for s in rows.samples])
         limits = np.where(done, 0, np.clip(max_tokens - count, 0, chunk))
         before = (rings, token)
-        rings, token, tokens, log_probs, sampled, top_values, top_ids = _chunk(
+        rings, token, tokens, log_probs, sampled, top_values, top_ids = run_chunk(
             model, rings, token, keys, np.full(batch, count), limits, no_forcing, 0, eos_id,
             sampler, mesh, params, logprobs,
         )  # fmt: skip
@@ -508,7 +362,7 @@ def _sample_loop(model: Model, rings, token, rows: _TextRows, keys: np.ndarray,
             for row in np.flatnonzero(max_tokens == count + used):
                 rows.finish_at(int(row))
         if keep_state and used < sampled:  # a stop string ended it mid-chunk
-            rings, token, *_ = _chunk(model, *before, keys, np.full(batch, count),
+            rings, token, *_ = run_chunk(model, *before, keys, np.full(batch, count),
                                       np.full(batch, used), tokens, used, eos_id, sampler,
                                       mesh, params, logprobs)  # fmt: skip
         count += used

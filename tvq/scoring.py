@@ -18,6 +18,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
+from tvq.decode_loop import feed_ids
 from tvq.errors import InputError
 from tvq.model import Model, check_block_len
 from tvq.state import ModelState
@@ -134,8 +135,6 @@ def score_ids(
             kept.append(out)
         start += size
     if tail:
-        from tvq.decoding import feed_ids  # decoding is built on this module
-
         out, state = feed_ids(model, state, inputs[:, start], ids[:, start:], top_k)
         total = total + jnp.sum(out[0])
         if keep_log_probs:
