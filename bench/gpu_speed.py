@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import sys
 import time
@@ -41,7 +42,7 @@ from mfu import flops_per_token  # noqa: E402
 
 import tvq  # noqa: E402
 from tvq.forward import default_chunk_len, forward  # noqa: E402
-from tvq.params import init_params  # noqa: E402
+from tvq.params import init_params, nest, param_layout  # noqa: E402
 from tvq.state import initial_state  # noqa: E402
 
 PAPER = tvq.ModelConfig(d_model=768, d_k=128, d_v=1536, n_head=1, n_code=512, n_layer=24,
@@ -50,6 +51,27 @@ BLOCK = 512
 SEGMENT = 8192  # tokens per compiled scoring call
 LENGTHS = (8192, 32768, 131072)
 BATCH = 8
+
+
+def random_params(config: tvq.ModelConfig, seed: int = 0):
+    """Random parameters of the right shapes and scales, made with numpy on the host: the
+    compiled flax init of the 24-layer model took ~100 s on the H100 (RESULTS section 9),
+    and speed does not depend on where the numbers came from. Kernels normal(1/√fan-in),
+    embeddings normal(1), norm gains 1, biases 0, codebook counts 1."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name, shape in param_layout(config).items():
+        leaf = name.rsplit("/", 1)[-1]
+        if leaf == "kernel":
+            value = rng.standard_normal(shape, np.float32) / np.sqrt(shape[0])
+        elif leaf in ("embs", "c_sum"):
+            value = rng.standard_normal(shape, np.float32)
+        elif leaf in ("g", "c_count"):
+            value = np.ones(shape, np.float32)
+        else:
+            value = np.zeros(shape, np.float32)
+        out[name] = jnp.asarray(value, config.param_dtype)
+    return nest(out)
 
 
 def emit(out: Path | None, **record) -> None:
@@ -117,8 +139,8 @@ def section_check(out, args) -> None:
 
 def section_score(out, args) -> None:
     bf16_peak, _ = peak(jnp.bfloat16)
-    params = init_params(PAPER, 0)
-    lengths = LENGTHS[:2] if args.quick else LENGTHS
+    params = random_params(PAPER, 0)
+    lengths = args.lengths or (LENGTHS[:2] if args.quick else LENGTHS)
     rng = np.random.default_rng(0)
     data = jnp.asarray(rng.integers(0, 256, (BATCH, max(lengths) + 1)), jnp.int32)
     run = jax.jit(forward, static_argnames=("config", "block_len", "algorithm", "chunk_len"))
@@ -200,10 +222,10 @@ def section_decode(out, args) -> None:
     from tvq.ring import empty_rings
     from tvq.sampling import Sampler
 
-    for layers in (4, PAPER.n_layer):
+    for layers in args.layers or (4, PAPER.n_layer):
         config = dataclasses.replace(PAPER, n_layer=layers)
-        params = init_params(config, 0)
-        for batch in (1, 64):
+        params = random_params(config, 0)
+        for batch in args.batches or (1, 64):
             samplers = (("greedy", Sampler(temperature=0)),
                         ("CLI default", Sampler(temperature=0.8, top_p=0.95)))  # fmt: skip
             for name, sampler in samplers:
@@ -241,10 +263,11 @@ def section_train(out, args) -> None:
     data = rng.integers(0, 256, (BATCH, settings.update_len + 1))
     inputs, targets = jnp.asarray(data[:, :-1]), jnp.asarray(data[:, 1:])
     optimizer = make_optimizer(settings)
-    for layers, algorithm in ((4, "parallel"), (4, "serial"), (PAPER.n_layer, "parallel"),
-                              (PAPER.n_layer, "serial")):  # fmt: skip
+    for layers, algorithm in itertools.product(
+        args.layers or (4, PAPER.n_layer), ("parallel", "serial")
+    ):
         config = dataclasses.replace(PAPER, n_layer=layers)
-        params = init_params(config, 0)
+        params = random_params(config, 0)
         step = make_train_step(config, settings, optimizer, algorithm)
         carry = {"params": params, "opt": optimizer.init(params)}
         state = jax.device_put(initial_state(config, BATCH))
@@ -282,6 +305,27 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="8k and 32k only")
     parser.add_argument("--tvq-only", action="store_true", help="score: no dense baseline")
     parser.add_argument("--smoke", action="store_true", help="a tiny model and lengths")
+    parser.add_argument(
+        "--layers",
+        type=int,
+        nargs="+",
+        default=None,
+        help="decode, train: only these layer counts (default 4 and 24)",
+    )
+    parser.add_argument(
+        "--batches",
+        type=int,
+        nargs="+",
+        default=None,
+        help="decode: only these batch sizes (default 1 and 64)",
+    )
+    parser.add_argument(
+        "--lengths",
+        type=int,
+        nargs="+",
+        default=None,
+        help="score: only these tokens per sequence (multiples of 8,192)",
+    )
     args = parser.parse_args()
     if args.smoke:  # checks that the script runs, on any machine, in a minute
         global PAPER, BLOCK, SEGMENT, LENGTHS, BATCH

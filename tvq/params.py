@@ -101,10 +101,11 @@ def check_params(params: Any, config: ModelConfig, source: str) -> Any:
                 f"the config needs {want[name]}"
             )
     dtype = config.param_dtype
-    return jax.tree_util.tree_map(lambda x: jnp.asarray(x, dtype), _nest(got))
+    return jax.tree_util.tree_map(lambda x: jnp.asarray(x, dtype), nest(got))
 
 
-def _nest(flat: dict[str, Any]) -> dict[str, Any]:
+def nest(flat: dict[str, Any]) -> dict[str, Any]:
+    """{"a/b/c": leaf} → nested dict (the inverse of flatten)."""
     tree: dict[str, Any] = {}
     for name, leaf in flat.items():
         node = tree
