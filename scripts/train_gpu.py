@@ -16,9 +16,10 @@ then Shakespeare alone at a third of the rate (Milton's editions carry notes and
 The candidates run at the same time, so first a short probe of each (all together) gives
 its tokens/s with the others beside it; each stage's step count then fits its share of
 the budget, so every cosine schedule ends. For each finished model the script prints and
-writes to DIR/summary.jsonl: the held-out bits per byte (`tvq score`, TOTAL) and the
-long-context gain of bench/long_context.py, then packs the model directories into
-DIR/models.tar.NN parts of 15 MB (a device call returns files of at most 16 MiB):
+writes to DIR/summary.jsonl the held-out bits per byte (TOTAL, as `tvq score` gives it)
+and the long-context gain, both from one pass of bench/long_context.py, then packs the
+model directories, best first and as many as fit 55 MB, into DIR/models.tar.NN parts of
+15 MB (a device call returns at most 8 files of 16 MiB, 64 MiB in all):
 `cat DIR/models.tar.* | tar x` unpacks them.
 """
 
@@ -139,6 +140,8 @@ def main() -> None:
                         help="tiny models, a few files: checks that it runs, on a CPU")  # fmt: skip
     args = parser.parse_args()
     started = time.perf_counter()
+    # several processes share one accelerator: each takes memory as it needs it
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     args.out.mkdir(parents=True, exist_ok=True)
     args.work.mkdir(parents=True, exist_ok=True)
     train, milton, held = texts(args.data, args.work)
@@ -156,9 +159,10 @@ def main() -> None:
         with summary.open("a") as f:
             f.write(json.dumps(record) + "\n")
 
-    # 1. Probe: a few steps of each, all at once (their compiled steps are then cached).
+    # 1. Probe: a few steps of each, all at once, and one evaluation (their compiled
+    # programs are then in JAX's cache for the real runs).
     probe_steps = 4 if args.smoke else PROBE_STEPS
-    probes = {name: stage_command(c, train + milton, held[:0], args.work / f"probe-{name}",
+    probes = {name: stage_command(c, train + milton, held, args.work / f"probe-{name}",
                                   probe_steps, None, 1, probe_steps)
               for name, c in candidates.items()}  # fmt: skip
     codes = run_all(probes, args.work / "logs")
