@@ -6,6 +6,7 @@ numbers leave the compiled call, never a distribution, so memory stays flat."""
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterable
 from typing import Any
 
 import jax
@@ -14,7 +15,7 @@ import numpy as np
 
 from tvq.config import ModelConfig
 from tvq.errors import InputError
-from tvq.forward import forward
+from tvq.forward import forward, on_device
 from tvq.model import Model
 from tvq.state import ModelState
 
@@ -50,21 +51,19 @@ def _compare(config: ModelConfig, params: Any, state: ModelState, base_config: M
             base_state)  # fmt: skip
 
 
-def compare_ids(model: Model, baseline: Model, ids, context, base_context, block_len: int,
+def compare_ids(model: Model, baseline: Model, ids, last_token, state: ModelState,
+                base_state: ModelState, sizes: Iterable[int], block_len: int,
                 top_k: int = 0):  # fmt: skip
-    """Scores ids [T] with both models, each continuing its own context →
+    """Scores ids [T] with both models, each continuing its own state after the token
+    last_token [1], in pieces of the given sizes (summing to T; tvq.scoring cuts them) →
     (dict of per-token arrays nll, baseline_nll, kl, same_top1 [T] and top_log_probs,
-    top_ids [T, top_k] (the model's most likely tokens); context; base_context)."""
-    from tvq.forward import on_device
-    from tvq.scoring import Context, piece_sizes
-
+    top_ids [T, top_k] (the model's most likely tokens); state; base_state)."""
     ids = np.asarray(ids, np.int32)[None, :]
-    inputs = np.concatenate([context.last_token[:, None], ids[:, :-1]], axis=1)
-    state, base_state = context.state, base_context.state
+    inputs = np.concatenate([np.asarray(last_token)[:, None], ids[:, :-1]], axis=1)
     keys = ("nll", "baseline_nll", "kl", "same_top1", "top_log_probs", "top_ids")
     parts: dict[str, list[np.ndarray]] = {key: [] for key in keys}
     start = 0
-    for size in piece_sizes(ids.shape[1], block_len):
+    for size in sizes:
         for _ in range(max(1, size // COMPARE_CHUNK)):
             step = min(size, COMPARE_CHUNK)
             piece = slice(start, start + step)
@@ -77,13 +76,7 @@ def compare_ids(model: Model, baseline: Model, ids, context, base_context, block
             for key, out in zip(parts, outs, strict=True):
                 parts[key].append(np.asarray(out[0]))
             start += step
-    length = ids.shape[1]
-    last = ids[:, -1].copy()
-    return (
-        {key: np.concatenate(value) for key, value in parts.items()},
-        Context(state=state, last_token=last, tokens=context.tokens + length),
-        Context(state=base_state, last_token=last, tokens=base_context.tokens + length),
-    )
+    return {key: np.concatenate(value) for key, value in parts.items()}, state, base_state
 
 
 # KL values are binned on a log scale (0.01 decades from 1e-10 to 1e3 nats) for the

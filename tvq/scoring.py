@@ -18,6 +18,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
+from tvq.compare import check_baseline, compare_ids, kl_histogram, kl_percentile
 from tvq.decode_loop import feed_ids
 from tvq.errors import InputError
 from tvq.model import Model, check_block_len
@@ -220,8 +221,6 @@ class FileScore:
 
     def add_comparison(self, parts: dict) -> None:
         """Folds the baseline's per-token numbers (tvq.compare.compare_ids) in."""
-        from tvq.compare import kl_histogram
-
         self.baseline_nll_sum += float(parts["baseline_nll"].astype(np.float64).sum())
         self.kl_sum += float(parts["kl"].astype(np.float64).sum())
         self.same_top1 += int(parts["same_top1"].sum())
@@ -340,8 +339,6 @@ class FileScore:
         """kl_divergence (mean KL(baseline ‖ model) per token, nats), its 99th
         percentile, delta_nll (model − baseline, nats per token), same_top1; and the
         baseline's curve (baseline_by_position) when by_position is on."""
-        from tvq.compare import kl_percentile
-
         if self.kl_counts is None:
             return {}
         tokens = max(self.tokens, 1)
@@ -438,8 +435,6 @@ def score_stream(
     result = FileScore(name, protocol=protocol_name(window, stride), window=window,
                        stride=stride, by_position=[] if by_position else None)  # fmt: skip
     if baseline is not None:
-        from tvq.compare import check_baseline, compare_ids
-
         check_baseline(model, baseline)
         result.kl_counts = []
         result.baseline_by_position = [] if by_position else None
@@ -483,9 +478,13 @@ def score_stream(
             scored, context = score_ids(model, ids, context, keep_log_probs=True,
                                         block_len=block_len, top_k=top_logprobs)  # fmt: skip
         else:
-            parts, context, base_context = compare_ids(model, baseline, ids, context,
-                                                       base_context, block_len,
-                                                       top_logprobs)  # fmt: skip
+            parts, state, base_state = compare_ids(
+                model, baseline, ids, context.last_token, context.state, base_context.state,
+                piece_sizes(len(ids), block_len), block_len, top_logprobs,
+            )  # fmt: skip
+            last, after = np.asarray(ids[-1:], np.int32), len(ids)
+            context = Context(state=state, last_token=last, tokens=context.tokens + after)
+            base_context = Context(base_state, last.copy(), base_context.tokens + after)
             nll = parts["nll"].astype(np.float64)
             scored = ScoreResult(float(nll.sum()), len(ids), -parts["nll"][None, :],
                                  parts["top_log_probs"][None], parts["top_ids"][None])  # fmt: skip
