@@ -49,6 +49,18 @@ CANDIDATES = {
     "d256x6": dict(d_model=256, d_v=256, n_layer=6, p_dropemb=0.1, p_dropres=0.1, lr=2e-3),
     # wider (8.9M, 36 MB), a little residual dropout
     "d384x4": dict(d_model=384, d_v=320, n_layer=4, p_dropemb=0.15, p_dropres=0.05, lr=2e-3),
+    # the shipped model continued on Shakespeare alone (its stage 2 only, the whole budget,
+    # at this rate): on the CPU every such continuation has helped so far
+    "continued": dict(
+        d_model=256,
+        d_v=256,
+        n_layer=4,
+        p_dropemb=0.0,
+        p_dropres=0.0,
+        lr=6e-4,
+        update_len=2048,
+        base=ROOT / "tvq" / "models" / "default",
+    ),
 }
 COMMON = dict(d_k=64, n_head=2, n_code=256, mem_len=128, batch_size=32, update_len=1024,
               block_len=128, warmup=200, weight_decay=0.01, grad_clip=1.0, c_beta=1e-4,
@@ -113,7 +125,7 @@ def stage_command(settings: dict, files: list[str], held: list[str], out: Path, 
     train = {k: settings[k] for k in ("batch_size", "update_len", "block_len", "lr", "warmup",
                                       "weight_decay", "grad_clip", "c_beta", "c_gamma",
                                       "p_dropemb", "p_dropres")}  # fmt: skip
-    if stage == 2:
+    if stage == 2 and "base" not in settings:
         train.update(lr=settings["lr"] / 3, warmup=20)
     corpus = ("Shakespeare and Milton" if stage == 1 else
               "Shakespeare and Milton, then Shakespeare alone")  # fmt: skip
@@ -164,8 +176,9 @@ def main() -> None:
     # 1. Probe: a few steps of each, all at once, and one evaluation (their compiled
     # programs are then in JAX's cache for the real runs).
     probe_steps = 4 if args.smoke else PROBE_STEPS
-    probes = {name: stage_command(c, train + milton, held, args.work / f"probe-{name}",
-                                  probe_steps, None, 1, probe_steps)
+    probes = {name: stage_command(c, train if "base" in c else train + milton, held,
+                                  args.work / f"probe-{name}", probe_steps, c.get("base"),
+                                  2 if "base" in c else 1, probe_steps)
               for name, c in candidates.items()}  # fmt: skip
     codes = run_all(probes, args.work / "logs")
     rates = {}
@@ -179,13 +192,16 @@ def main() -> None:
         report(candidate=name, probe_tokens_per_s=round(rates[name]))
     # 2. Train: each stage's steps fit its share of the budget at the probed rate (a tenth
     # kept back for evaluations and saves).
-    runs = {}
+    runs = {name: candidates[name]["base"] for name in rates if "base" in candidates[name]}
     for stage, share in ((1, STAGE1_SHARE), (2, 1 - STAGE1_SHARE)):
         commands = {}
         for name, rate in rates.items():
             c = candidates[name]
+            if "base" in c and stage == 1:
+                continue  # one stage, the whole budget
+            part = 1.0 if "base" in c else share
             per_step = c["batch_size"] * c["update_len"]
-            steps = max(2, int(0.9 * share * args.budget * rate / per_step))
+            steps = max(2, int(0.9 * part * args.budget * rate / per_step))
             base = runs.get(name)
             if stage == 2 and base is None:
                 continue  # stage 1 failed
