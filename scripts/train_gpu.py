@@ -220,9 +220,10 @@ def main() -> None:
     # 3. Evaluate: held-out bits per byte and the long-context gain (bench/long_context.py:
     # the same parameters with and without the aggregate cache, one pass).
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    long_context = [sys.executable, str(ROOT / "bench" / "long_context.py"), "--json"]
     evals = {
         name: subprocess.Popen(
-            [sys.executable, str(ROOT / "bench" / "long_context.py"), *held, "--model", str(model)],
+            [*long_context, *held, "--model", str(model)],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -234,11 +235,13 @@ def main() -> None:
     results = {}
     for name, proc in evals.items():
         stdout, stderr = proc.communicate()
-        lines = stdout.strip().splitlines()
-        bpb = next((float(x.split()[-1]) for x in lines if x.startswith("TOTAL bits")), None)
+        try:
+            summary = json.loads(stdout.strip().splitlines()[-1])
+        except (IndexError, ValueError):
+            summary = dict(bits_per_byte=None, error=stderr[-300:])
+        bpb = summary["bits_per_byte"]
         results[name] = bpb if bpb is not None else float("inf")
-        report(candidate=name, model=str(runs[name]), held_out_bits_per_byte=bpb,
-               long_context=lines[-2:] if lines else stderr[-300:])  # fmt: skip
+        report(candidate=name, model=str(runs[name]), held_out=summary)
     # 4. Pack the model directories (their logs, not their checkpoints), best first, in
     # parts of 15 MB, as many models as fit 55 MB (what a device call returns: 64 MiB).
     pack = args.work / "models.tar"
