@@ -186,31 +186,42 @@ def evict(
     )
 
 
-# -- the parallel form over blocks (docs/DESIGN.md section 8) -----------------------------
+# -- the parallel form over blocks (docs/DESIGN.md section 12) ----------------------------
 
 
 def block_sums(z: jax.Array, v: jax.Array, n_code: int, block_len: int):
-    """Per-block aggregate contributions of entries z [B, H, n·L], v [B, H, n·L, V]:
-    counts [B, H, n, S] and value sums [B, H, n, S, V]. Code S (an unfilled slot) adds
-    nothing."""
+    """Per-block aggregate contributions of entries z [B, H, n·L], v [B, H, n·L, V],
+    block-major: counts [n, B, H, S] and value sums [n, B, H, S, V]. Code S (an unfilled
+    slot) adds nothing."""
     b, h, t = z.shape
     n = t // block_len
     one_hot = jax.nn.one_hot(z.reshape(b, h, n, block_len), n_code, dtype=jnp.float32)
     values = v.reshape(b, h, n, block_len, v.shape[-1]).astype(jnp.float32)
-    return jnp.sum(one_hot, axis=3), jnp.einsum("bhnls,bhnlv->bhnsv", one_hot, values)
+    return jnp.sum(one_hot, axis=3).transpose(2, 0, 1, 3), jnp.einsum(
+        "bhnls,bhnlv->nbhsv", one_hot, values
+    )
 
 
-def exclusive_cumsum(x: jax.Array, axis: int) -> jax.Array:
-    """Σ of the entries before each index along `axis` (0 for the first)."""
-    inclusive = jnp.cumsum(x, axis=axis)
-    zero = jnp.zeros_like(jax.lax.slice_in_dim(x, 0, 1, axis=axis))
-    return jnp.concatenate([zero, jax.lax.slice_in_dim(inclusive, 0, -1, axis=axis)], axis=axis)
+def aggregates_before_blocks(
+    n: jax.Array, u_bar: jax.Array, counts: jax.Array, sums: jax.Array
+) -> tuple[tuple[jax.Array, jax.Array], tuple[jax.Array, jax.Array]]:
+    """The aggregate (n, u_bar) [B, H, S(, V)] merged with block after block of counts
+    [n, B, H, S] and sums [n, B, H, S, V], as the serial form evicts them: returns the
+    aggregate each block sees (everything before it, [n, B, H, S(, V)]) and the one
+    after the last block. A scan of merge_into_aggregate: one pass over the sums, the
+    serial form's rounding, and no [n, ...] prefix sum (XLA:CPU computes jnp.cumsum as
+    a reduce-window, quadratic in n)."""
+
+    def step(aggregate, block):
+        return merge_into_aggregate(*aggregate, *block), aggregate
+
+    after, before = jax.lax.scan(step, (n, u_bar), (counts, sums))
+    return before, after
 
 
-def _blocks_to_batch(x: jax.Array, n: int) -> jax.Array:
-    """[B, H, n, ...] → [B·n, H, ...]: each block becomes a row of its own."""
-    x = jnp.moveaxis(x, 2, 1)
-    return x.reshape(x.shape[0] * n, *x.shape[2:])
+def _block_rows(x: jax.Array) -> jax.Array:
+    """[n, B, ...] → [n·B, ...]: each block of each sequence a row of its own."""
+    return x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])
 
 
 def _neighbour_memory(state: AttentionState, z, k, v, axis: str, n_devices: int):
@@ -228,18 +239,13 @@ def _neighbour_memory(state: AttentionState, z, k, v, axis: str, n_devices: int)
 
 def _before_this_device(state: AttentionState, counts, sums, axis: str, n_devices: int):
     """Sequence parallelism: the carried aggregate merged with every earlier device's
-    evictions (an exclusive scan of per-device totals), and the aggregate after the last
-    device (the same on every device)."""
-    totals = jax.lax.all_gather((jnp.sum(counts, axis=2), jnp.sum(sums, axis=2)), axis)
+    evictions (an exclusive scan of per-device totals)."""
+    totals = jax.lax.all_gather((jnp.sum(counts, axis=0), jnp.sum(sums, axis=0)), axis)
     earlier = jnp.arange(n_devices) < jax.lax.axis_index(axis)
     before = jax.tree_util.tree_map(
         lambda t: jnp.einsum("p,p...->...", earlier.astype(t.dtype), t), totals
     )
-    everything = jax.tree_util.tree_map(lambda t: jnp.sum(t, axis=0), totals)
-    return (
-        merge_into_aggregate(state.n, state.u_bar, *before),
-        merge_into_aggregate(state.n, state.u_bar, *everything),
-    )
+    return merge_into_aggregate(state.n, state.u_bar, *before)
 
 
 def _from_last_device(x: jax.Array, axis: str, n_devices: int) -> jax.Array:
@@ -264,14 +270,14 @@ def attend_chunk(
     n_devices: int = 1,
 ) -> tuple[jax.Array, AttentionState]:
     """n blocks of L tokens at once, equal to n serial block steps (docs/DESIGN.md
-    section 8). q, codewords [B, H, n·L, K], codes [B, H, n·L], values [B, H, n·L, V]
+    section 12). q, codewords [B, H, n·L, K], codes [B, H, n·L], values [B, H, n·L, V]
     → (output [B, H, n·L, V] float32, state after the n blocks).
 
     Entries E = memory ++ chunk; block b attends to E[b·L : b·L + W] and to the carried
-    aggregate plus the entries E[: b·L], an exclusive prefix sum of per-block sums.
-    With seq_axis (inside shard_map over n_devices devices, each holding a contiguous
-    run of at least M tokens), the memory comes from the left neighbour and the
-    aggregate from an exclusive scan of the devices' totals.
+    aggregate merged with the per-block sums of E[: b·L], block after block
+    (aggregates_before_blocks). With seq_axis (inside shard_map over n_devices devices,
+    each holding a contiguous run of at least M tokens), the memory comes from the left
+    neighbour and the carried aggregate from an exclusive scan of the devices' totals.
     """
     b, h, t = codes.shape
     n = t // block_len
@@ -289,46 +295,38 @@ def attend_chunk(
     ev = jnp.concatenate([mem_v, values], axis=2)
 
     counts, sums = block_sums(ez[:, :, :t], ev[:, :, :t], n_code, block_len)
-    carried_n, carried_u = state.n, state.u_bar
+    carried = (state.n, state.u_bar)
     if seq_axis is not None:
-        (carried_n, carried_u), (final_n, final_u) = _before_this_device(
-            state, counts, sums, seq_axis, n_devices
-        )
-    else:
-        final_n, final_u = merge_into_aggregate(
-            state.n, state.u_bar, jnp.sum(counts, axis=2), jnp.sum(sums, axis=2)
-        )
-    block_n, block_u = merge_into_aggregate(
-        carried_n[:, :, None], carried_u[:, :, None],
-        exclusive_cumsum(counts, axis=2), exclusive_cumsum(sums, axis=2),
-    )  # fmt: skip
+        carried = _before_this_device(state, counts, sums, seq_axis, n_devices)
+    (block_n, block_u), final = aggregates_before_blocks(*carried, counts, sums)
 
+    # The blocks become rows of a batch of n·B, block-major like the aggregates. Every
+    # window holds W entries of E: copied in the compute dtype (half the bytes in
+    # bfloat16), as attend() would cast them anyway.
     width = mem_len + block_len
     index = jnp.arange(n)[:, None] * block_len + jnp.arange(width)[None, :]  # [n, W]
-    # Every window holds W entries of E: copied in the compute dtype (half the bytes in
-    # bfloat16), as attend() would cast them anyway.
     out = attend(
-        _blocks_to_batch(q.reshape(b, h, n, block_len, -1), n),
-        _blocks_to_batch(ek.astype(dtype)[:, :, index], n),
-        _blocks_to_batch(ev.astype(dtype)[:, :, index], n),
+        _block_rows(jnp.moveaxis(q.reshape(b, h, n, block_len, -1), 2, 0)),
+        _block_rows(jnp.moveaxis(ek.astype(dtype)[:, :, index], 2, 0)),
+        _block_rows(jnp.moveaxis(ev.astype(dtype)[:, :, index], 2, 0)),
         tables,
-        (pos_offset[:, None] + jnp.arange(n)[None, :] * block_len).reshape(b * n),
-        _blocks_to_batch(block_n, n),
-        _blocks_to_batch(block_u, n),
+        (pos_offset[None, :] + jnp.arange(n)[:, None] * block_len).reshape(n * b),
+        _block_rows(block_n),
+        _block_rows(block_u),
         agg_cache=agg_cache,
         dtype=dtype,
-    )  # [B·n, H, L, V]
-    out = jnp.moveaxis(out.reshape(b, n, h, block_len, -1), 1, 2).reshape(b, h, t, -1)
+    )  # [n·B, H, L, V]
+    out = jnp.moveaxis(out.reshape(n, b, h, block_len, -1), 0, 2).reshape(b, h, t, -1)
 
-    last = (ez[:, :, t:], ek[:, :, t:], ev[:, :, t:])
-    if seq_axis is not None:
+    last = (ez[:, :, t:], ek[:, :, t:], ev[:, :, t:], *final)
+    if seq_axis is not None:  # the last device's memory and aggregate are the state after
         last = tuple(_from_last_device(x, seq_axis, n_devices) for x in last)
     new_state = AttentionState(
         pos_offset=state.pos_offset + t * n_devices,
         z=last[0],
         k_hat=last[1],
         v=last[2],
-        n=final_n,
-        u_bar=final_u,
+        n=last[3],
+        u_bar=last[4],
     )
     return out, new_state

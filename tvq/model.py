@@ -160,7 +160,7 @@ class Model:
     ) -> tuple[jax.Array, ModelState]:
         """tokens int [B, T] → (float32 log-probs [B, T, n_vocab], state after the tokens).
         algorithm "serial" or "parallel" (None: the model's) computes the same numbers
-        (docs/DESIGN.md section 8)."""
+        (docs/DESIGN.md section 12)."""
         tokens = self._check_tokens(tokens, "tokens")
         state = self._check_state(state, tokens.shape[0])
         return self._forward(tokens, state, block_len, None, algorithm)

@@ -160,7 +160,7 @@ class VQAttention(AttentionModule):
         """x [B, T, D] → (new state, residual [B, T, D], training statistics or None when
         not training). block_len None: x is one block (the serial form's step); an
         integer dividing T: x is T / block_len blocks computed at once (the parallel
-        form, docs/DESIGN.md section 8), with seq_axis across n_devices devices."""
+        form, docs/DESIGN.md section 12), with seq_axis across n_devices devices."""
         q, keys, values, gate = self.project(x)
         codes, codewords, errors = quantize(keys, tables.codebook)
         if train:  # straight-through: the forward value is C_z, gradients reach k

@@ -116,7 +116,7 @@ def train_forward(
     key: jax.Array | None = None,
 ) -> tuple[tuple[jax.Array, tuple[SublayerStats, ...]], ModelState]:  # fmt: skip
     """→ ((Σ NLL, per-sublayer statistics summed over blocks), new state). Either
-    algorithm (docs/DESIGN.md section 8) gives the same loss and gradient, with dropout
+    algorithm (docs/DESIGN.md section 12) gives the same loss and gradient, with dropout
     too. Dropout when settings asks for it, drawn from `key` (dropout_key)."""
     net = Transformer(config)
     variables = {"params": params}
