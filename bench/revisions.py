@@ -3,14 +3,16 @@ refactor must not slow tvq down.
 
     python bench/revisions.py REV [--rounds 4] [--tokens 300] [--score-tokens 8192]
                               [--temperature 0] [--top-p 1] [--algorithm serial|parallel]
+                              [--train]
 
 REV is checked out into a temporary git worktree. Each round runs one fresh process per
 tree, alternating, so drift of the machine hits both alike; each process loads the
 built-in model, warms up, then times decoding at batch 1 (`generate`, tokens/s; greedy,
 or the sampler `--temperature` and `--top-p` give: the CLI's default is 0.8 and 0.95)
 and scoring (`score_ids`, tokens/s, in the form `--algorithm` names; default: the
-device's), median of 3. The table gives medians over rounds and the ratio working tree
-/ REV (above 1: the working tree is faster).
+device's), and with --train one step of the default training recipe (tokens/s), median
+of 3. The table gives medians over rounds and the ratio working tree / REV (above 1:
+the working tree is faster).
 """
 
 from __future__ import annotations
@@ -31,37 +33,60 @@ ROOT = Path(__file__).resolve().parent.parent
 
 PROBE = """
 import dataclasses, json, statistics, sys, time
-import jax, numpy as np
+import jax, jax.numpy as jnp, numpy as np
 import tvq
 from tvq.decoding import generate
 from tvq.sampling import Sampler
 from tvq.scoring import score_ids
-tokens, score_tokens = int(sys.argv[1]), int(sys.argv[2])
-sampler = Sampler(temperature=float(sys.argv[3]), top_p=float(sys.argv[4]))
+args = json.loads(sys.argv[1])
+sampler = Sampler(temperature=args["temperature"], top_p=args["top_p"])
 model = tvq.load()
-if sys.argv[5] != "default":
-    model = dataclasses.replace(model, algorithm=sys.argv[5])
+if args["algorithm"] != "default":
+    model = dataclasses.replace(model, algorithm=args["algorithm"])
 prompt = model.tokenizer.encode("To be, or not to be, that is the question:")
-ids = np.random.default_rng(0).integers(3, model.config.n_vocab, score_tokens)
+ids = np.random.default_rng(0).integers(3, model.config.n_vocab, args["score_tokens"])
 def decode():
-    r = generate(model, prompt, max_tokens=tokens, sampler=sampler,
+    r = generate(model, prompt, max_tokens=args["tokens"], sampler=sampler,
                  ignore_eos=True)
     return r.generated_tokens / r.generate_seconds
 def score():
     start = time.perf_counter()
     result, _ = score_ids(model, ids)
-    return score_tokens / (time.perf_counter() - start)
-decode(); score()
-print(json.dumps({"decode": statistics.median(decode() for _ in range(3)),
-                  "score": statistics.median(score() for _ in range(3))}))
+    return len(ids) / (time.perf_counter() - start)
+rates = {"decode": decode, "score": score}
+if args["train"]:
+    from tvq.state import initial_state
+    from tvq.train import TrainSettings, make_optimizer, make_train_step
+    settings = TrainSettings()
+    rows, length = settings.batch_size, settings.update_len
+    data = np.random.default_rng(1).integers(3, model.config.n_vocab, (rows, length + 1))
+    inputs, targets = jnp.asarray(data[:, :-1]), jnp.asarray(data[:, 1:])
+    optimizer = make_optimizer(settings)
+    step = make_train_step(model.config, settings, optimizer, model.algorithm)
+    params = jax.tree_util.tree_map(jnp.copy, model.params)  # the step may donate them
+    carry = [params, optimizer.init(params)]
+    def train():
+        start = time.perf_counter()
+        params, opt, _, metrics = step(*carry, initial_state(model.config, rows), inputs,
+                                       targets)
+        jax.block_until_ready(metrics)
+        carry[:] = params, opt
+        return rows * length / (time.perf_counter() - start)
+    rates["train"] = train
+for rate in rates.values():
+    rate()
+print(json.dumps({name: statistics.median(rate() for _ in range(3))
+                  for name, rate in rates.items()}))
 """
+COLUMNS = {"decode": "decode tok/s", "score": "score tok/s", "train": "train tok/s"}
 
 
 def measure(tree: Path, args: argparse.Namespace, cache: str) -> dict[str, float]:
     env = dict(os.environ, PYTHONPATH=str(tree), JAX_COMPILATION_CACHE_DIR=cache)
+    settings = {name: getattr(args, name) for name in (
+        "tokens", "score_tokens", "temperature", "top_p", "algorithm", "train")}  # fmt: skip
     done = subprocess.run(
-        [sys.executable, "-c", PROBE, str(args.tokens), str(args.score_tokens),
-         str(args.temperature), str(args.top_p), args.algorithm],
+        [sys.executable, "-c", PROBE, json.dumps(settings)],
         cwd=tree, env=env, capture_output=True, text=True, check=True,
     )  # fmt: skip
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -77,6 +102,7 @@ def main() -> None:
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--algorithm", choices=("default", "serial", "parallel"),
                         default="default")  # fmt: skip
+    parser.add_argument("--train", action="store_true", help="also time a training step")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(tmp) / "base"
@@ -94,14 +120,15 @@ def main() -> None:
     print(f"# revisions: {machine()}; {args.rounds} rounds, alternating; decoding at "
           f"temperature {args.temperature}, top-p {args.top_p}; scoring in the "
           f"{args.algorithm} form")  # fmt: skip
-    print(f"{'':24}{'decode tok/s':>14}{'score tok/s':>14}")
+    columns = [name for name in COLUMNS if name in results["working tree"][0]]
+    print(f"{'':24}" + "".join(f"{COLUMNS[name]:>14}" for name in columns))
     medians = {}
     for name, runs in results.items():
-        medians[name] = {k: statistics.median(r[k] for r in runs) for k in ("decode", "score")}
-        print(f"{name:24}{medians[name]['decode']:>14.0f}{medians[name]['score']:>14.0f}")
+        medians[name] = {k: statistics.median(r[k] for r in runs) for k in columns}
+        print(f"{name:24}" + "".join(f"{medians[name][k]:>14.0f}" for k in columns))
     new, old = medians["working tree"], medians[args.rev]
-    print(f"{'ratio (working / ' + args.rev[:10] + ')':24}{new['decode'] / old['decode']:>14.3f}"
-          f"{new['score'] / old['score']:>14.3f}")  # fmt: skip
+    print(f"{'ratio (working / ' + args.rev[:10] + ')':24}"
+          + "".join(f"{new[k] / old[k]:>14.3f}" for k in columns))  # fmt: skip
 
 
 if __name__ == "__main__":

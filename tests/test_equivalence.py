@@ -8,7 +8,7 @@ import pytest
 
 import tvq
 from tests.conftest import DIVISORS_12, count_compilations, random_tokens, tiny_config, with_param
-from tvq.attention import AttentionTables, aggregate_bias, attend
+from tvq.attention import AttentionTables, aggregate_bias, attend, code_sums
 from tvq.forward import forward
 from tvq.state import AttentionState
 
@@ -231,3 +231,22 @@ def test_aggregate_equals_explicit_copies():
     weights = np.exp(np.array(keys_scores) - max(keys_scores))
     expected = (weights / weights.sum()) @ np.array(values)
     np.testing.assert_allclose(np.asarray(out[0, 0, 0]), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["scatter", "one_hot"])
+def test_code_sums_count_and_add_per_code(method):
+    """The aggregate's per-code counts and value sums (both methods: the CPU's scatter-add
+    and the accelerators' one-hot product) equal a plain loop; code S adds nothing."""
+    rng = np.random.default_rng(3)
+    n_code = 5
+    codes = rng.integers(0, n_code + 1, size=(2, 3, 7))  # code 5: unfilled slots
+    values = rng.normal(size=(2, 3, 7, 4)).astype(np.float32)
+    counts, sums = code_sums(jnp.asarray(codes), jnp.asarray(values), n_code, method)
+    expected_counts = np.zeros((2, 3, n_code), np.float32)
+    expected_sums = np.zeros((2, 3, n_code, 4), np.float32)
+    for index in np.ndindex(codes.shape):
+        if codes[index] < n_code:
+            expected_counts[index[:-1] + (codes[index],)] += 1
+            expected_sums[index[:-1] + (codes[index],)] += values[index]
+    np.testing.assert_array_equal(np.asarray(counts), expected_counts)
+    np.testing.assert_allclose(np.asarray(sums), expected_sums, rtol=1e-6, atol=1e-6)

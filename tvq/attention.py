@@ -11,6 +11,8 @@ parameters is tvq/sublayer.py; the one-token ring form is tvq/ring.py.
 
 from __future__ import annotations
 
+import math
+
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -163,6 +165,33 @@ def merge_into_aggregate(
     return n_new, (n / denom)[..., None] * u_bar + total / denom[..., None]
 
 
+def code_sums(
+    codes: jax.Array, values: jax.Array, n_code: int, method: str | None = None
+) -> tuple[jax.Array, jax.Array]:
+    """How many entries of each row went to each code, and the sum of their values:
+    codes [..., L] int, values [..., L, V] → counts [..., S], sums [..., S, V] float32.
+    Code S (an unfilled slot) adds nothing. method "scatter" (a scatter-add, O(L·V)
+    additions: the CPU default) or "one_hot" (a one-hot product, O(L·S·V) but on the
+    matrix units and in a fixed order: the accelerator default); they give the same
+    sums (bench/RESULTS.md section 9)."""
+    values = values.astype(jnp.float32)
+    if method is None:
+        method = "scatter" if jax.default_backend() == "cpu" else "one_hot"
+    if method == "one_hot":
+        one_hot = jax.nn.one_hot(codes, n_code, dtype=jnp.float32)
+        return jnp.sum(one_hot, axis=-2), jnp.einsum("...ls,...lv->...sv", one_hot, values)
+    *lead, length = codes.shape
+    rows = math.prod(lead)
+    segments = jnp.arange(rows)[:, None] * (n_code + 1) + codes.reshape(rows, length)
+    segments, size = segments.reshape(-1), rows * (n_code + 1)
+    counts = jax.ops.segment_sum(jnp.ones(segments.shape, jnp.float32), segments, size)
+    sums = jax.ops.segment_sum(values.reshape(rows * length, -1), segments, size)
+    return (
+        counts.reshape(*lead, n_code + 1)[..., :n_code],
+        sums.reshape(*lead, n_code + 1, -1)[..., :n_code, :],
+    )
+
+
 def evict(
     state: AttentionState,
     window_z: jax.Array,
@@ -171,11 +200,10 @@ def evict(
     n_code: int,
 ) -> AttentionState:
     """Moves the oldest L window entries into the aggregate; keeps the last M as memory.
-    Slots never filled hold code S: their one-hot row is zero, so they add nothing."""
+    Slots never filled hold code S, so they add nothing."""
     block_len = window_z.shape[2] - state.z.shape[2]
-    gone = jax.nn.one_hot(window_z[:, :, :block_len], n_code, dtype=jnp.float32)  # [B, H, L, S]
-    added = jnp.einsum("bhls,bhlv->bhsv", gone, window_v[:, :, :block_len].astype(jnp.float32))
-    n, u_bar = merge_into_aggregate(state.n, state.u_bar, jnp.sum(gone, axis=2), added)
+    count, added = code_sums(window_z[:, :, :block_len], window_v[:, :, :block_len], n_code)
+    n, u_bar = merge_into_aggregate(state.n, state.u_bar, count, added)
     return AttentionState(
         pos_offset=state.pos_offset + block_len,
         z=window_z[:, :, block_len:],
@@ -191,15 +219,11 @@ def evict(
 
 def block_sums(z: jax.Array, v: jax.Array, n_code: int, block_len: int):
     """Per-block aggregate contributions of entries z [B, H, n·L], v [B, H, n·L, V],
-    block-major: counts [n, B, H, S] and value sums [n, B, H, S, V]. Code S (an unfilled
-    slot) adds nothing."""
+    block-major: counts [n, B, H, S] and value sums [n, B, H, S, V] (code_sums)."""
     b, h, t = z.shape
     n = t // block_len
-    one_hot = jax.nn.one_hot(z.reshape(b, h, n, block_len), n_code, dtype=jnp.float32)
-    values = v.reshape(b, h, n, block_len, v.shape[-1]).astype(jnp.float32)
-    return jnp.sum(one_hot, axis=3).transpose(2, 0, 1, 3), jnp.einsum(
-        "bhnls,bhnlv->nbhsv", one_hot, values
-    )
+    z = jnp.moveaxis(z.reshape(b, h, n, block_len), 2, 0)
+    return code_sums(z, jnp.moveaxis(v.reshape(b, h, n, block_len, -1), 2, 0), n_code)
 
 
 def aggregates_before_blocks(

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from tvq import ring as ring_layout
-from tvq.attention import AttentionTables, attend, attend_chunk, evict, quantize
+from tvq.attention import AttentionTables, attend, attend_chunk, code_sums, evict, quantize
 from tvq.layers import RMSNorm, kernel_init, ones_init, rms_normalize, sinusoid, zeros_init
 from tvq.ring import RingState
 from tvq.state import AttentionState
@@ -185,11 +185,12 @@ class VQAttention(AttentionModule):
 
         stats = None
         if train:
-            assigned = jax.nn.one_hot(codes, self.n_code)  # [B, H, L, S]
+            by_head = jnp.moveaxis(jax.lax.stop_gradient(keys), 1, 0)  # [H, B, L, K]
+            count, total = code_sums(jnp.moveaxis(codes, 1, 0), by_head, self.n_code)
             stats = SublayerStats(
                 commit=jnp.sum(errors),
-                code_sum=jnp.einsum("bhls,bhlk->hsk", assigned, jax.lax.stop_gradient(keys)),
-                code_count=jnp.sum(assigned, axis=(0, 2)),
+                code_sum=jnp.sum(total, axis=1),
+                code_count=jnp.sum(count, axis=1),
             )
         return new_state, res.astype(x.dtype), stats
 
