@@ -11,8 +11,6 @@ parameters is tvq/sublayer.py; the one-token ring form is tvq/ring.py.
 
 from __future__ import annotations
 
-import math
-
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -180,16 +178,17 @@ def code_sums(
     if method == "one_hot":
         one_hot = jax.nn.one_hot(codes, n_code, dtype=jnp.float32)
         return jnp.sum(one_hot, axis=-2), jnp.einsum("...ls,...lv->...sv", one_hot, values)
-    *lead, length = codes.shape
-    rows = math.prod(lead)
-    segments = jnp.arange(rows)[:, None] * (n_code + 1) + codes.reshape(rows, length)
-    segments, size = segments.reshape(-1), rows * (n_code + 1)
-    counts = jax.ops.segment_sum(jnp.ones(segments.shape, jnp.float32), segments, size)
-    sums = jax.ops.segment_sum(values.reshape(rows * length, -1), segments, size)
-    return (
-        counts.reshape(*lead, n_code + 1)[..., :n_code],
-        sums.reshape(*lead, n_code + 1, -1)[..., :n_code, :],
-    )
+
+    def one_row(row_codes: jax.Array, row_values: jax.Array) -> tuple[jax.Array, jax.Array]:
+        size = n_code + 1  # segment S collects the unfilled slots and is dropped
+        counts = jax.ops.segment_sum(jnp.ones(row_codes.shape, jnp.float32), row_codes, size)
+        return counts[:n_code], jax.ops.segment_sum(row_values, row_codes, size)[:n_code]
+
+    # vmap per leading axis, not one flattened scatter: the leading axes stay batch axes
+    # of the scatter, so a batch split over devices is summed where it lies.
+    for _ in codes.shape[:-1]:
+        one_row = jax.vmap(one_row)
+    return one_row(codes, values)
 
 
 def evict(
