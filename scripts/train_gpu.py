@@ -236,12 +236,12 @@ def main() -> None:
     for name, proc in evals.items():
         stdout, stderr = proc.communicate()
         try:
-            summary = json.loads(stdout.strip().splitlines()[-1])
+            held_out = json.loads(stdout.strip().splitlines()[-1])
         except (IndexError, ValueError):
-            summary = dict(bits_per_byte=None, error=stderr[-300:])
-        bpb = summary["bits_per_byte"]
+            held_out = dict(bits_per_byte=None, error=stderr[-300:])
+        bpb = held_out["bits_per_byte"]
         results[name] = bpb if bpb is not None else float("inf")
-        report(candidate=name, model=str(runs[name]), held_out=summary)
+        report(candidate=name, model=str(runs[name]), held_out=held_out)
     # 4. Pack the model directories (their logs, not their checkpoints), best first, in
     # parts of 15 MB, as many models as fit 55 MB (what a device call returns: 64 MiB).
     pack = args.work / "models.tar"
