@@ -484,7 +484,8 @@ def score_stream(
             )  # fmt: skip
             last, after = np.asarray(ids[-1:], np.int32), len(ids)
             context = Context(state=state, last_token=last, tokens=context.tokens + after)
-            base_context = Context(base_state, last.copy(), base_context.tokens + after)
+            base_context = Context(state=base_state, last_token=last.copy(),
+                                   tokens=base_context.tokens + after)  # fmt: skip
             nll = parts["nll"].astype(np.float64)
             scored = ScoreResult(float(nll.sum()), len(ids), -parts["nll"][None, :],
                                  parts["top_log_probs"][None], parts["top_ids"][None])  # fmt: skip
