@@ -44,6 +44,9 @@ def main() -> None:
     parser.add_argument("--model", default=None)
     parser.add_argument("--json", action="store_true", help="print the summary as JSON only")
     args = parser.parse_args()
+    for path in args.files:
+        if not path.is_file():
+            parser.error(f"{path} is not a file")
     model = tvq.load(args.model)
     window_only = model.with_agg_cache(False)
     scores = []

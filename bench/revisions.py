@@ -104,6 +104,10 @@ def main() -> None:
                         default="default")  # fmt: skip
     parser.add_argument("--train", action="store_true", help="also time a training step")
     args = parser.parse_args()
+    known = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--verify", "-q",
+                            f"{args.rev}^{{commit}}"], capture_output=True)  # fmt: skip
+    if known.returncode != 0:
+        parser.error(f"{args.rev} is not a commit of this repository")
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(tmp) / "base"
         subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "-q", str(base),
