@@ -50,7 +50,7 @@ from common import machine  # noqa: E402
 
 import tvq  # noqa: E402
 from tvq.decoding import generate  # noqa: E402
-from tvq.sampling import Sampler  # noqa: E402
+from tvq.text.sampling import Sampler  # noqa: E402
 
 SAMPLER = Sampler(temperature=0.8, top_p=0.95)
 

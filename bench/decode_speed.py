@@ -22,8 +22,8 @@ from common import machine  # noqa: E402
 
 import tvq  # noqa: E402
 from tvq.decoding import generate  # noqa: E402
-from tvq.model import DTYPES  # noqa: E402
-from tvq.sampling import Sampler  # noqa: E402
+from tvq.runtime.model import DTYPES  # noqa: E402
+from tvq.text.sampling import Sampler  # noqa: E402
 
 SAMPLERS = {
     "greedy": Sampler(temperature=0),

@@ -18,7 +18,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from tvq.layers import rms_normalize, sinusoid
+from tvq.nn.layers import rms_normalize, sinusoid
 
 QUERY_BLOCK = 256
 

@@ -41,9 +41,9 @@ from common import median_time  # noqa: E402
 from mfu import flops_per_token  # noqa: E402
 
 import tvq  # noqa: E402
-from tvq.forward import default_chunk_len, forward  # noqa: E402
-from tvq.params import init_params, nest, param_layout  # noqa: E402
-from tvq.state import initial_state  # noqa: E402
+from tvq.nn.params import init_params, nest, param_layout  # noqa: E402
+from tvq.nn.state import initial_state  # noqa: E402
+from tvq.runtime.forward import default_chunk_len, forward  # noqa: E402
 
 PAPER = tvq.ModelConfig(d_model=768, d_k=128, d_v=1536, n_head=1, n_code=512, n_layer=24,
                         n_vocab=256, mem_len=512, e_scale=768**-0.5, dtype="bfloat16")  # fmt: skip
@@ -218,9 +218,9 @@ def stage(message: str) -> None:
 
 
 def section_decode(out, args) -> None:
-    from tvq.decode_loop import CHUNK, decode_chunk
-    from tvq.ring import empty_rings
-    from tvq.sampling import Sampler
+    from tvq.nn.ring import empty_rings
+    from tvq.runtime.decode_loop import CHUNK, decode_chunk
+    from tvq.text.sampling import Sampler
 
     for layers in args.layers or (4, PAPER.n_layer):
         config = dataclasses.replace(PAPER, n_layer=layers)

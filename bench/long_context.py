@@ -22,7 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine  # noqa: E402
 
 import tvq  # noqa: E402
-from tvq.scoring import FileScore, bucket_bounds, score_stream  # noqa: E402
+from tvq.scoring.stats import FileScore, bucket_bounds  # noqa: E402
+from tvq.scoring.stream import score_stream  # noqa: E402
 
 FAR = 8192  # "beyond 8k": the position buckets from here on
 NEAR = 512  # the first positions, with little context

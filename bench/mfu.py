@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, median_time  # noqa: E402
 
 import tvq  # noqa: E402
-from tvq.state import initial_state  # noqa: E402
+from tvq.nn.state import initial_state  # noqa: E402
 from tvq.train import TrainSettings, make_optimizer, make_train_step  # noqa: E402
 
 

@@ -3,7 +3,7 @@
     python bench/parallel.py [--model DIR] [--lengths 8192 65536 524288] [--repeats 3]
 
 Scoring: tokens/s of the built-in model over texts of each length, batch 1, in the
-CLI's streaming path (tvq.scoring.score_ids: 8,192-token compiled calls carrying the
+CLI's streaming path (tvq.scoring.stream.score_ids: 8,192-token compiled calls carrying the
 state), serial and parallel in alternating rounds; MFU from bench/mfu.py's FLOP count
 and the float32 matmul peak measured in the same run. Training: tokens/s and MFU of one
 compiled step of the default recipe (16 × 256 tokens) in each form.
@@ -27,8 +27,8 @@ from common import machine, median_time  # noqa: E402
 from mfu import flops_per_token, peak_flops  # noqa: E402
 
 import tvq  # noqa: E402
-from tvq.scoring import score_ids  # noqa: E402
-from tvq.state import initial_state  # noqa: E402
+from tvq.nn.state import initial_state  # noqa: E402
+from tvq.runtime.context import score_ids  # noqa: E402
 from tvq.train import TrainSettings, make_optimizer, make_train_step  # noqa: E402
 
 FORMS = ("serial", "parallel")

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine  # noqa: E402
 
 import tvq  # noqa: E402
-from tvq.scoring import score_stream  # noqa: E402
+from tvq.scoring.stream import score_stream  # noqa: E402
 
 
 def per_token(model, path: Path) -> tuple[np.ndarray, float, float]:

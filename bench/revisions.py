@@ -35,9 +35,12 @@ PROBE = """
 import dataclasses, json, statistics, sys, time
 import jax, jax.numpy as jnp, numpy as np
 import tvq
-from tvq.decoding import generate
-from tvq.sampling import Sampler
-from tvq.scoring import score_ids
+try:  # the public face (tvq/__init__.py), or the flat layout of revisions before it
+    from tvq import Sampler, generate, score_ids
+except ImportError:
+    from tvq.decoding import generate
+    from tvq.sampling import Sampler
+    from tvq.scoring import score_ids
 args = json.loads(sys.argv[1])
 sampler = Sampler(temperature=args["temperature"], top_p=args["top_p"])
 model = tvq.load()
@@ -55,7 +58,6 @@ def score():
     return len(ids) / (time.perf_counter() - start)
 rates = {"decode": decode, "score": score}
 if args["train"]:
-    from tvq.state import initial_state
     from tvq.train import TrainSettings, make_optimizer, make_train_step
     settings = TrainSettings()
     rows, length = settings.batch_size, settings.update_len
@@ -67,7 +69,7 @@ if args["train"]:
     carry = [params, optimizer.init(params)]
     def train():
         start = time.perf_counter()
-        params, opt, _, metrics = step(*carry, initial_state(model.config, rows), inputs,
+        params, opt, _, metrics = step(*carry, model.initial_state(rows), inputs,
                                        targets)
         jax.block_until_ready(metrics)
         carry[:] = params, opt

@@ -22,7 +22,7 @@ from common import machine  # noqa: E402
 
 import tvq  # noqa: E402
 from tvq.decoding import generate  # noqa: E402
-from tvq.sampling import Sampler  # noqa: E402
+from tvq.text.sampling import Sampler  # noqa: E402
 from tvq.train.data import find_files  # noqa: E402
 
 WORD = re.compile(r"[A-Za-z]+(?:['-][A-Za-z]+)*")

@@ -33,10 +33,10 @@ def child(args) -> dict:
     from common import median_time
 
     import tvq
-    from tvq.batching import BatchScorer
-    from tvq.devices import data_mesh, replicated, split_rows
-    from tvq.params import init_params
-    from tvq.state import initial_state
+    from tvq.dist.devices import data_mesh, replicated, split_rows
+    from tvq.nn.params import init_params
+    from tvq.nn.state import initial_state
+    from tvq.scoring.batching import BatchScorer
     from tvq.train.settings import TrainSettings
     from tvq.train.step import compiled_step
 

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine  # noqa: E402
 
 import tvq  # noqa: E402
-from tvq.scoring import score_ids  # noqa: E402
+from tvq.runtime.context import score_ids  # noqa: E402
 
 
 def seconds(model, ids, repeats: int) -> float:

@@ -31,8 +31,8 @@ from mfu import flops_per_token  # noqa: E402
 
 import tvq  # noqa: E402
 from tvq.decoding import generate  # noqa: E402
-from tvq.sampling import Sampler  # noqa: E402
-from tvq.scoring import score_ids  # noqa: E402
+from tvq.runtime.context import score_ids  # noqa: E402
+from tvq.text.sampling import Sampler  # noqa: E402
 
 KV_CACHE_LIMIT = 6 * 2**30  # bytes: larger dense caches are not attempted
 

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 import tvq
-from tvq.scoring import score_stream
+from tvq.scoring.stream import score_stream
 
 ROOT = Path(__file__).resolve().parent.parent
 # Inference block length: the fastest in `python bench/mfu.py` on the development machine

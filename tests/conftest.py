@@ -43,9 +43,9 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import tvq  # noqa: E402
-from tvq.forward import scan_blocks  # noqa: E402
-from tvq.state import initial_attention_state  # noqa: E402
-from tvq.sublayer import VQAttention, attention_fields  # noqa: E402
+from tvq.nn.state import initial_attention_state  # noqa: E402
+from tvq.nn.sublayer import VQAttention, attention_fields  # noqa: E402
+from tvq.runtime.forward import scan_blocks  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 DIVISORS_12 = (1, 2, 3, 4, 6, 12)
@@ -69,7 +69,7 @@ def tiny_config(**overrides) -> tvq.ModelConfig:
 def save_byte_model(folder, seed: int):
     """A small random byte-level model with a spread-out output (not a trained one),
     saved in `folder` → folder."""
-    from tvq.tokenizer import ByteTokenizer
+    from tvq.text.tokenizer import ByteTokenizer
 
     config = tiny_config(n_vocab=259, mem_len=8, e_scale=0.25)
     tvq.Model.init(config, seed=seed, block_len=4).with_tokenizer(ByteTokenizer()).save(folder)

@@ -22,8 +22,8 @@ from tests.conftest import (
     sublayer_for,
     tiny_config,
 )
-from tvq.forward import forward
-from tvq.state import initial_attention_state
+from tvq.nn.state import initial_attention_state
+from tvq.runtime.forward import forward
 
 T = 12
 CASES = list(itertools.product(DIVISORS_12, DIVISORS_12, (False, True)))

@@ -99,7 +99,7 @@ def test_config_json_round_trip():
 def test_param_layout_is_what_init_makes(overrides):
     """Checkpoints are checked against the layout worked out from the config; it must be
     exactly the tree that the flax modules create."""
-    from tvq.params import flatten, param_layout, param_shapes
+    from tvq.nn.params import flatten, param_layout, param_shapes
 
     config = tiny_config(**overrides)
     made = {name: tuple(x.shape) for name, x in flatten(param_shapes(config)).items()}

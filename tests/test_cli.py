@@ -15,9 +15,9 @@ from typer.testing import CliRunner
 import tvq
 from tests.conftest import save_byte_model, tiny_config
 from tvq.decoding import generate
-from tvq.sampling import Sampler
-from tvq.scoring import score_ids
-from tvq.tokenizer import ByteTokenizer
+from tvq.runtime.context import score_ids
+from tvq.text.sampling import Sampler
+from tvq.text.tokenizer import ByteTokenizer
 from tvqcli.main import app
 
 runner = CliRunner()

@@ -14,9 +14,9 @@ from typer.testing import CliRunner
 
 import tvq
 from tests.conftest import tiny_config
-from tvq.scoring import Context, score_ids
-from tvq.statefile import load_state, save_state
-from tvq.tokenizer import ByteTokenizer
+from tvq.runtime.context import Context, score_ids
+from tvq.runtime.statefile import load_state, save_state
+from tvq.text.tokenizer import ByteTokenizer
 from tvqcli.main import app
 
 runner = CliRunner()

@@ -1,4 +1,4 @@
-"""The decode loop's ring (tvq.ring) computes exactly what blocks of one token compute."""
+"""The decode loop's ring (tvq.nn.ring) computes exactly what blocks of one token compute."""
 
 import functools
 
@@ -9,13 +9,13 @@ import pytest
 
 import tvq
 from tests.conftest import count_compilations, random_tokens, tiny_config, with_param
-from tvq.decode_loop import row_keys
 from tvq.decoding import generate
-from tvq.ring import empty_rings, model_from_ring, model_to_ring
-from tvq.sampling import Sampler, row_uniforms
-from tvq.scoring import score_ids
-from tvq.tokenizer import ByteTokenizer
-from tvq.transformer import Transformer
+from tvq.nn.ring import empty_rings, model_from_ring, model_to_ring
+from tvq.nn.transformer import Transformer
+from tvq.runtime.context import score_ids
+from tvq.runtime.decode_loop import row_keys
+from tvq.text.sampling import Sampler, row_uniforms
+from tvq.text.tokenizer import ByteTokenizer
 
 ATOL = 1e-5
 BF16_ATOL = 0.05  # bfloat16 rounding between block lengths (test_equivalence)

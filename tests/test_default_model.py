@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 import tvq
-from tvq.scoring import score_stream
+from tvq.scoring.stream import score_stream
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -21,7 +21,7 @@ def test_default_model_loads_with_tokenizer(default_model):
     meta = default_model.metadata
     assert meta["heldout_documents"] == ["hamlet_gut.txt", "twelfth_night_gut.txt"]
     assert "tvq train" in meta["command"]
-    shipped = sum(p.stat().st_size for p in tvq.model.default_model_path().rglob("*"))
+    shipped = sum(p.stat().st_size for p in tvq.runtime.model.default_model_path().rglob("*"))
     assert shipped <= 40 * 10**6  # issue 15: at most 40 MB
 
 
@@ -36,5 +36,7 @@ def test_default_model_matches_recorded_bits_per_byte(default_model):
 
 
 def test_shipped_tokenizer_is_the_models(default_model):
-    shipped = tvq.tokenizer.SentencePieceTokenizer(ROOT / "tokenizers" / "shakespeare-4k.model")
+    shipped = tvq.text.tokenizer.SentencePieceTokenizer(
+        ROOT / "tokenizers" / "shakespeare-4k.model"
+    )
     assert shipped.fingerprint == default_model.tokenizer.fingerprint

@@ -63,7 +63,7 @@ def texts_of_lengths(folder: Path) -> list[Path]:
 def small_model(folder: Path) -> Path:
     """A random byte-level model (fast to compile and run), saved in `folder`."""
     from tests.conftest import tiny_config
-    from tvq.tokenizer import ByteTokenizer
+    from tvq.text.tokenizer import ByteTokenizer
 
     config = tiny_config(n_vocab=259, mem_len=8, e_scale=0.25)
     tvq.Model.init(config, seed=0, block_len=8).with_tokenizer(ByteTokenizer()).save(folder)
@@ -71,7 +71,7 @@ def small_model(folder: Path) -> Path:
 
 
 def scored_alone(paths: list[Path], model_dir: Path) -> list[dict]:
-    from tvq.scoring import score_stream
+    from tvq.scoring.stream import score_stream
 
     model = tvq.load(model_dir)
     rows = []

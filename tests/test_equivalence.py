@@ -8,9 +8,9 @@ import pytest
 
 import tvq
 from tests.conftest import DIVISORS_12, count_compilations, random_tokens, tiny_config, with_param
-from tvq.attention import AttentionTables, aggregate_bias, attend, code_sums
-from tvq.forward import forward
-from tvq.state import AttentionState
+from tvq.nn.attention import AttentionTables, aggregate_bias, attend, code_sums
+from tvq.nn.state import AttentionState
+from tvq.runtime.forward import forward
 
 ATOL = 1e-5
 T = 12

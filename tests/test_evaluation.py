@@ -1,5 +1,5 @@
 """Evaluation statistics of `tvq score`: word counts, word perplexity, the standard error
-of the mean token NLL by batch means, and its 95% interval (tvq/scoring.py)."""
+of the mean token NLL by batch means, and its 95% interval (tvq/scoring/stream.py)."""
 
 import io
 import json
@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 import tvq
-from tvq.scoring import ERROR_BLOCK, FileScore, score_stream
-from tvq.tokenizer import ByteTokenizer
+from tvq.scoring.stats import ERROR_BLOCK, FileScore
+from tvq.scoring.stream import score_stream
+from tvq.text.tokenizer import ByteTokenizer
 
 DATA = Path(__file__).parent / "data"
 
@@ -118,7 +119,7 @@ def test_fixed_windows_restart_from_the_start_state(byte_model):
 
 
 def test_stride_one_equals_recomputing_each_token_with_its_window(byte_model):
-    from tvq.scoring import score_ids
+    from tvq.runtime.context import score_ids
 
     text = (DATA / "hamlet_head.txt").read_bytes()[:40]
     ids, n = byte_model.tokenizer.encode(text.decode()), 9
@@ -149,7 +150,7 @@ def test_bad_protocols_are_input_errors(byte_model):
 
 
 def test_by_position_buckets_double_and_add_up(byte_model):
-    from tvq.scoring import position_bucket
+    from tvq.scoring.stats import position_bucket
 
     assert list(position_bucket(np.array([0, 127, 128, 255, 256, 511, 512, 1023, 1024]))) == [
         0, 0, 1, 1, 2, 2, 3, 3, 4]  # fmt: skip
@@ -206,7 +207,7 @@ def test_no_agg_cache_changes_nothing_inside_the_window_memory(tmp_path):
 
 
 def test_kl_percentile_from_the_log_bins():
-    from tvq.compare import kl_histogram, kl_percentile
+    from tvq.scoring.stats import kl_histogram, kl_percentile
 
     values = np.concatenate([np.zeros(50), np.full(49, 0.01), [2.0]])
     counts = kl_histogram(values)
@@ -294,8 +295,8 @@ def test_per_token_rows_carry_top_logprobs(tmp_path, byte_model):
 
 def test_generation_logprobs_are_the_scored_distribution(byte_model):
     from tvq.decoding import generate
-    from tvq.sampling import Sampler
-    from tvq.scoring import score_ids
+    from tvq.runtime.context import score_ids
+    from tvq.text.sampling import Sampler
 
     prompt = list(b"Hamlet: ")
     prompt = [i + 3 for i in prompt]
@@ -363,7 +364,7 @@ def test_plot_writes_a_picture_of_the_curve_and_the_baselines(tmp_path, byte_mod
 def test_plot_without_matplotlib_is_a_clear_error(monkeypatch):
     import importlib.util
 
-    from tvq.plot import check_plot
+    from tvq.scoring.plot import check_plot
 
     real = importlib.util.find_spec
 

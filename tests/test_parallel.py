@@ -16,7 +16,7 @@ import tvq
 from tests.conftest import forced_devices, random_tokens, tiny_config, with_param
 from tests.test_causality import assert_dependence, expected_dependence
 from tvq.errors import InputError
-from tvq.forward import forward, forward_jit
+from tvq.runtime.forward import forward, forward_jit
 from tvq.train.settings import TrainSettings
 from tvq.train.step import dropout_key, train_forward
 
@@ -142,7 +142,7 @@ def test_cli_settings_keep_the_numbers(tmp_path):
 
     model = tmp_path / "model"
     config = tiny_config(n_vocab=259, mem_len=8, e_scale=0.25)
-    tvq.Model.init(config, seed=0, block_len=4).with_tokenizer(tvq.tokenizer.ByteTokenizer()) \
+    tvq.Model.init(config, seed=0, block_len=4).with_tokenizer(tvq.text.tokenizer.ByteTokenizer()) \
         .save(model)  # fmt: skip
     text = tmp_path / "text.txt"  # 4096 tokens: one compiled piece
     text.write_bytes((ROOT / "tests" / "data" / "macbeth_head.txt").read_bytes()[:4096])

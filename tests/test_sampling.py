@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import tvq
-from tvq.sampling import Sampler
+from tvq.text.sampling import Sampler
 
 PROBS = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
 
@@ -62,7 +62,7 @@ def test_bad_values(bad):
 
 @pytest.mark.parametrize("seed", [0, 1, -5, 2**31 - 1, -(2**31), 2**31, 2**32 + 3, 2**40])
 def test_host_seed_keys_are_jax_keys(seed):
-    from tvq.decode_loop import row_keys, seed_key
+    from tvq.runtime.decode_loop import row_keys, seed_key
 
     np.testing.assert_array_equal(seed_key(seed), np.asarray(jax.random.PRNGKey(seed)))
     want = [jax.random.fold_in(jax.random.PRNGKey(seed), i) for i in range(3)]

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 import tvq
-from tvq.scoring import chunk_len, piece_sizes
-from tvq.tokenizer import ByteTokenizer, SentencePieceTokenizer, encode_stream
+from tvq.runtime.context import chunk_len, piece_sizes
+from tvq.text.tokenizer import ByteTokenizer, SentencePieceTokenizer, encode_stream
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "tests" / "data"

@@ -1,4 +1,4 @@
-"""`tvq serve` (tvq/serve.py): a real server process on a free port of 127.0.0.1 with a
+"""`tvq serve` (tvq/serving/engine.py): a real server process on a free port of 127.0.0.1 with a
 tiny byte-level model, driven by the official `openai` client and by raw HTTP."""
 
 import http.client
@@ -138,7 +138,7 @@ def test_streaming_joins_to_the_same_text(server):
 
 
 def test_logprobs_and_echo_scoring_equal_tvq_score(server, model_dir):
-    from tvq.scoring import score_ids
+    from tvq.runtime.context import score_ids
 
     client = server.client()
     model = tvq.load(model_dir)
@@ -293,8 +293,8 @@ def test_restart_keeps_sessions_and_a_full_queue_answers_429(model_dir, tmp_path
 
 
 def test_sessions_beyond_the_limit_drop_the_least_recently_used(model_dir, tmp_path):
-    from tvq.scoring import Context
-    from tvq.serve import Sessions
+    from tvq.runtime.context import Context
+    from tvq.serving.engine import Sessions
 
     model = tvq.load(model_dir)
     memory = Sessions(model, limit=2, folder=None)

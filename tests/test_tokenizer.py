@@ -7,7 +7,7 @@ import pytest
 
 import tvq
 from tests.conftest import tiny_config
-from tvq.tokenizer import (
+from tvq.text.tokenizer import (
     ByteTokenizer,
     SentencePieceTokenizer,
     StreamDecoder,

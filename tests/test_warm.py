@@ -1,4 +1,4 @@
-"""Warm starts (tvq.warm, docs/DESIGN.md section 14): stored executables and parameter
+"""Warm starts (tvq.files.warm, docs/DESIGN.md section 14): stored executables and parameter
 copies give the numbers of the normal path, skip tracing when they are there, and are
 rebuilt when missing, damaged or stale."""
 
@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import ROOT, count_compilations, save_byte_model
-from tvq import warm
+from tvq.files import warm
 
 traces = []
 

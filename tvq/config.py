@@ -12,7 +12,7 @@ import json
 import math
 from typing import Any
 
-from tvq.errors import ConfigError
+from tvq.errors import ConfigError, is_int
 
 DTYPES = ("float32", "bfloat16")
 
@@ -44,9 +44,9 @@ class ModelConfig:
     def __post_init__(self) -> None:
         for name in ("d_model", "d_k", "d_v", "n_head", "n_code", "n_layer", "n_vocab"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if not is_int(value) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-        if not isinstance(self.mem_len, int) or self.mem_len < 0:
+        if not is_int(self.mem_len) or self.mem_len < 0:
             raise ConfigError(f"mem_len must be a non-negative integer, got {self.mem_len!r}")
         if self.d_model % 2:
             raise ConfigError(f"d_model must be even (sinusoids), got {self.d_model}")

@@ -6,9 +6,9 @@ sampler sees are those that scoring the finished text gives (invariant 6). Token
 sampled in chunks by one compiled `jax.lax.while_loop` (no Python per token); between
 chunks the host streams the text and applies stop strings. The first chunk is one
 token, so the first text appears at once, and chunks then double up to `CHUNK`.
-The attention memory lives in a ring during decoding (tvq.ring): each token is written
+The attention memory lives in a ring during decoding (tvq.nn.ring): each token is written
 in place, and its cost does not depend on the position. The compiled loop itself, whose
-network pass per token is `Transformer.step`, is tvq/decode_loop.py; this module is the
+network pass per token is `Transformer.step`, is tvq/runtime/decode_loop.py; this module is the
 host side: prompts, sample rows, stop strings, streaming.
 """
 
@@ -23,7 +23,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tvq.decode_loop import (
+from tvq.dist.devices import mesh_for_rows, replicated
+from tvq.errors import InputError
+from tvq.nn.ring import empty_rings
+from tvq.runtime.context import Context, eos_id, require_tokenizer, score_ids
+from tvq.runtime.decode_loop import (
     CHUNK,
     feed,
     repeat_ring_rows,
@@ -32,14 +36,10 @@ from tvq.decode_loop import (
     run_chunk,
     state_to_ring,
 )
-from tvq.devices import mesh_for_rows, replicated
-from tvq.errors import InputError
-from tvq.forward import on_device
-from tvq.model import Model, check_top_k
-from tvq.ring import empty_rings
-from tvq.sampling import Sampler
-from tvq.scoring import Context, eos_id, require_tokenizer, score_ids
-from tvq.tokenizer import StreamDecoder
+from tvq.runtime.forward import on_device
+from tvq.runtime.model import Model, check_top_k
+from tvq.text.sampling import Sampler
+from tvq.text.tokenizer import StreamDecoder
 
 
 @dataclasses.dataclass
@@ -156,7 +156,7 @@ class _TextRows:
 
 def generate(
     model: Model,
-    prompt_ids: Sequence[int],
+    prompt_ids: Sequence[int] | str,
     *,
     max_tokens: int = 256,
     sampler: Sampler | None = None,
@@ -170,7 +170,8 @@ def generate(
     logprobs: int = 0,
     should_stop: Callable[[], bool] | None = None,
 ) -> Generation:
-    """Samples `num_samples` continuations of context + prompt as one batch; a row ends
+    """Samples `num_samples` continuations of context + prompt (token ids, or text for
+    the model's tokenizer) as one batch; a row ends
     at an end-of-document token unless ignore_eos (then only max_tokens and stop end it).
     The rows are split over the local devices (at most `devices`; as many as divide
     num_samples); the samples do not depend on how many.
@@ -184,6 +185,8 @@ def generate(
     """
     sampler = sampler or Sampler()
     tokenizer = require_tokenizer(model)
+    if isinstance(prompt_ids, str):  # text: through the model's tokenizer
+        prompt_ids = tokenizer.encode(prompt_ids)
     if max_tokens < 0:
         raise InputError(f"max-tokens must be >= 0, got {max_tokens}")
     if num_samples < 1:

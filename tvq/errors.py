@@ -41,3 +41,15 @@ class TrainingError(TvqError):
 
 class Interrupted(TvqError):
     """Ctrl-C during work that saved what it had done first (e.g. a training run)."""
+
+
+def is_int(value: object, *, numpy: bool = False) -> bool:
+    """An integer argument, as every check of one asks: a Python int (or, with numpy, a
+    numpy integer too), never a bool (True is an int to Python, but `devices=True` is a
+    mistake, not 1)."""
+    kinds: tuple[type, ...] = (int,)
+    if numpy:
+        import numpy as np
+
+        kinds = (int, np.integer)
+    return isinstance(value, kinds) and not isinstance(value, bool)

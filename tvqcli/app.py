@@ -115,7 +115,7 @@ def fail(message: str, code: int = 1) -> typer.Exit:
 
 def join_cluster(coordinator, num_processes, process_id, distributed) -> None:
     """Joins the cluster the options describe (nothing when none is given)."""
-    from tvq.cluster import ClusterSpec, join
+    from tvq.dist.cluster import ClusterSpec, join
 
     join(ClusterSpec(coordinator, num_processes, process_id, auto=distributed is not None))
 
@@ -135,7 +135,7 @@ def handle_errors(func):
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
-        from tvq import cluster
+        from tvq.dist import cluster
 
         try:
             result = boundary(*args, **kwargs)
@@ -147,7 +147,7 @@ def handle_errors(func):
         return result
 
     def boundary(*args, **kwargs):
-        from tvq import cluster
+        from tvq.dist import cluster
         from tvq.errors import Interrupted, TvqError
 
         try:
@@ -218,7 +218,7 @@ def check_output_dir(path: Path, option: str) -> None:
 
 def enable_compilation_cache() -> None:
     """JAX's persistent compilation cache in a per-user directory, and tvq's own warm-start
-    files beside it (tvq.warm: traced programs, parameters): warm starts are fast.
+    files beside it (tvq.files.warm: traced programs, parameters): warm starts are fast.
     A cache that cannot be made or written is skipped (it only costs speed). Entries are
     written atomically by JAX, so runs that share a cache may start at the same time."""
     import jax
@@ -234,7 +234,7 @@ def enable_compilation_cache() -> None:
     jax.config.update("jax_compilation_cache_dir", str(cache_dir))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    from tvq import warm
+    from tvq.files import warm
 
     warm.enable(cache_dir / "warm")
 

@@ -106,10 +106,11 @@ def generate(
     Several samples (--num-samples) are split over the devices."""
     import tvq
     from tvq.decoding import generate as run_generate
-    from tvq.sampling import Sampler
-    from tvq.scoring import require_tokenizer, top_entries
-    from tvq.statefile import load_state as read_state
-    from tvq.statefile import save_state as write_state
+    from tvq.runtime.context import require_tokenizer
+    from tvq.runtime.statefile import load_state as read_state
+    from tvq.runtime.statefile import save_state as write_state
+    from tvq.text.sampling import Sampler
+    from tvq.text.tokenizer import top_entries
 
     if max_tokens < 0:
         raise fail(f"--max-tokens must be >= 0, got {max_tokens}", 2)

@@ -28,7 +28,7 @@ def info(
     import tvq
 
     if devices:
-        from tvq.devices import describe
+        from tvq.dist.devices import describe
 
         seen = describe()
         if json_output:
@@ -81,7 +81,7 @@ def convert(
 ) -> None:
     """Turn a checkpoint of the reference implementation into a tvq model directory."""
     import tvq
-    from tvq.tokenizer import open_tokenizer
+    from tvq.text.tokenizer import open_tokenizer
 
     if tokenizer is None and not use_bytes:
         raise fail("give the checkpoint's vocabulary: --tokenizer FILE or --bytes", 2)

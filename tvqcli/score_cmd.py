@@ -51,7 +51,7 @@ def open_input(name: str):
 
 
 def total_row(scores) -> dict:
-    from tvq.scoring import FileScore
+    from tvq.scoring.stats import FileScore
 
     return FileScore.total(scores).row()
 
@@ -218,10 +218,12 @@ def score(
     prints the table. --sequence-parallel spreads one long text over the
     devices instead (docs/DESIGN.md section 12)."""
     import tvq
-    from tvq import cluster
-    from tvq.scoring import require_tokenizer, score_stream, top_entries
-    from tvq.statefile import load_state as read_state
-    from tvq.statefile import save_state as write_state
+    from tvq.dist import cluster
+    from tvq.runtime.context import require_tokenizer
+    from tvq.runtime.statefile import load_state as read_state
+    from tvq.runtime.statefile import save_state as write_state
+    from tvq.scoring.stream import score_stream
+    from tvq.text.tokenizer import top_entries
 
     fmt = fmt or ("table" if sys.stdout.isatty() else "jsonl")
     if fmt not in FORMATS:
@@ -248,7 +250,7 @@ def score(
     check_output_file(per_token, "--per-token")
     check_output_file(plot, "--plot")
     if plot is not None:
-        from tvq.plot import check_plot
+        from tvq.scoring.plot import check_plot
 
         try:
             check_plot(plot)
@@ -379,7 +381,7 @@ def score(
 
 
 def _draw(rows: list[dict], path: Path, partial: bool, baseline_label: str) -> None:
-    from tvq.plot import plot_by_position
+    from tvq.scoring.plot import plot_by_position
 
     try:
         plot_by_position(rows, path, "partial results (interrupted)" if partial else None,
@@ -392,7 +394,7 @@ def _baseline(tvq, name: str | None, model, no_agg_cache: bool):
     """The baseline model: a directory, 'builtin', or (None) this model itself; checked
     against the model's tokenizer before any work."""
 
-    from tvq.compare import check_baseline
+    from tvq.scoring.compare import check_baseline
 
     if name is None:
         other = model
@@ -435,9 +437,9 @@ def _score_together(loaded, files, streams, progress, *, devices, rows, block_le
     scores every P-th file); → (scores in the input order, stop reason or None)."""
     import jax
 
-    from tvq import cluster
-    from tvq.batching import BatchScorer
-    from tvq.scoring import FileScore
+    from tvq.dist import cluster
+    from tvq.scoring.batching import BatchScorer
+    from tvq.scoring.stats import FileScore
 
     share = list(range(jax.process_index(), len(files), jax.process_count()))
     names = ["<stdin>" if files[i] == "-" else files[i] for i in share]
@@ -533,7 +535,7 @@ class _Progress:
 def running_bpb(scores: list) -> str:
     """Bits per byte of the scores together, "2.1234 ± 0.0123" (± 1.96 standard errors
     of the mean token NLL, in bits per byte), "-" before any byte."""
-    from tvq.scoring import FileScore
+    from tvq.scoring.stats import FileScore
 
     total = FileScore.total(scores)
     if not total.bytes or not total.tokens:

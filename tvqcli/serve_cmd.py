@@ -1,4 +1,4 @@
-"""`tvq serve`: an OpenAI-compatible HTTP server (tvq/serve.py)."""
+"""`tvq serve`: an OpenAI-compatible HTTP server (tvq/serving/engine.py)."""
 
 from __future__ import annotations
 
@@ -69,8 +69,8 @@ def serve(
 
     import tvq
     from tvq.decoding import generate
-    from tvq.scoring import require_tokenizer
-    from tvq.serve import Engine, ServerSettings, build_app
+    from tvq.runtime.context import require_tokenizer
+    from tvq.serving.engine import Engine, ServerSettings, build_app
 
     if session_dir is not None:
         check_output_dir(session_dir, "--session-dir")

@@ -9,7 +9,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 import tvq
-from tvq.forward import forward, sequence_parallel_forward
+from tvq.runtime.forward import forward, sequence_parallel_forward
 
 # The forced CPU devices, also on a machine whose default device is a GPU.
 assert len(jax.devices("cpu")) == 4
@@ -22,7 +22,7 @@ for agg_cache in (True, False):
     params = tvq.Model.init(config, seed=3).params
     tokens = rng.integers(0, 13, (2, 61))
     targets = rng.integers(0, 13, (2, 61))
-    start = tvq.state.initial_state(config, 2)
+    start = tvq.nn.state.initial_state(config, 2)
     _, state = forward(config, params, tokens[:, :7], start, 7)  # a carried state
     alone, alone_state = forward(config, params, tokens, state, 1, targets)
     replicated = NamedSharding(mesh, PartitionSpec())

@@ -12,12 +12,12 @@ from typing import Any
 
 import numpy as np
 
-from tvq import cluster
-from tvq.checkpoint import TOKENIZER_FILE, is_model_dir
 from tvq.config import ModelConfig
-from tvq.errors import CorpusError, TrainingError, TvqError
-from tvq.model import DTYPES, Model, load
-from tvq.tokenizer import ByteTokenizer, SentencePieceTokenizer, train_sentencepiece
+from tvq.dist import cluster
+from tvq.errors import CorpusError, TrainingError, TvqError, is_int
+from tvq.files.checkpoint import TOKENIZER_FILE, is_model_dir
+from tvq.runtime.model import DTYPES, Model, load
+from tvq.text.tokenizer import ByteTokenizer, SentencePieceTokenizer, train_sentencepiece
 from tvq.train.data import find_files, read_documents, split_documents, token_stream
 from tvq.train.loop import TRAIN_DIR, run_training
 from tvq.train.settings import DEFAULT_VAL_FRACTION, DEFAULT_VOCAB_SIZE, TrainSettings
@@ -64,7 +64,7 @@ def train_from_files(
     out = Path(out)
     check_out_dir(out)
     settings_obj = TrainSettings(**(settings or {}))
-    if not isinstance(vocab_size, int) or vocab_size < 1:
+    if not is_int(vocab_size) or vocab_size < 1:
         raise TrainingError(f"vocab_size must be a positive integer, got {vocab_size!r}")
     base = load(from_dir) if from_dir is not None else None
     if cluster.active():  # process 0 reads the text; the others read its token file

@@ -23,15 +23,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tvq import cluster
 from tvq.config import ModelConfig
-from tvq.devices import data_mesh, replicated, rows_from, split_largest_axis, split_rows, to_host
+from tvq.dist import cluster
+from tvq.dist.devices import (
+    data_mesh,
+    replicated,
+    rows_from,
+    split_largest_axis,
+    split_rows,
+    to_host,
+)
 from tvq.errors import Interrupted, TrainingError
-from tvq.forward import check_algorithm
-from tvq.model import Model
-from tvq.params import init_params
-from tvq.scoring import score_ids
-from tvq.state import ModelState, initial_state
+from tvq.nn.params import init_params
+from tvq.nn.state import ModelState, initial_state
+from tvq.runtime.context import score_ids
+from tvq.runtime.forward import check_algorithm
+from tvq.runtime.model import Model
 from tvq.train.data import TokenStream
 from tvq.train.settings import TrainSettings
 from tvq.train.step import compiled_step, learning_rate
@@ -139,7 +146,7 @@ def run_training(
     optimiser state are replicated, or with shard_params split over the devices
     (FSDP-style, for a model larger than one device's memory). The numbers depend on
     neither (float rounding aside), and a run resumes on any device count. In a cluster
-    (tvq/cluster.py) every process runs this with the same arguments; each builds only
+    (tvq/dist/cluster.py) every process runs this with the same arguments; each builds only
     its devices' rows of a batch, and process 0 alone writes run.json, the log and the
     model (orbax writes the checkpoints from every process). algorithm (None: the faster
     for the device) is the serial or parallel form: same loss and gradient, so a run

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from tvq.errors import TrainingError
+from tvq.errors import TrainingError, is_int
 
 DEFAULT_VOCAB_SIZE = 4096  # pieces of a tokenizer trained for the run
 DEFAULT_VAL_FRACTION = 0.05  # documents held out when no --val file is named
@@ -43,7 +43,7 @@ class TrainSettings:
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
-            if field.type == "int" and (not isinstance(value, int) or isinstance(value, bool)):
+            if field.type == "int" and not is_int(value):
                 raise TrainingError(f"{field.name} must be an integer, got {value!r}")
             if field.type == "float" and (
                 not isinstance(value, int | float) or not math.isfinite(value)

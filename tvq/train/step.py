@@ -14,11 +14,11 @@ import jax.numpy as jnp
 import optax
 
 from tvq.config import ModelConfig
-from tvq.forward import default_chunk_len, fold_blocks
-from tvq.state import ModelState
-from tvq.sublayer import SublayerStats
+from tvq.nn.state import ModelState
+from tvq.nn.sublayer import SublayerStats
+from tvq.nn.transformer import Dropout, Transformer
+from tvq.runtime.forward import default_chunk_len, fold_blocks
 from tvq.train.settings import TrainSettings
-from tvq.transformer import Dropout, Transformer
 
 
 @flax.struct.dataclass

@@ -20,8 +20,8 @@ import jax.numpy as jnp
 
 from tvq.config import ModelConfig
 from tvq.errors import InputError
-from tvq.state import ModelState
-from tvq.transformer import Transformer
+from tvq.nn.state import ModelState
+from tvq.nn.transformer import Transformer
 
 
 def to_blocks(x: jax.Array, block_len: int) -> jax.Array:

@@ -4,7 +4,7 @@
 A block of one token through `VQAttention.__call__` assembles a window of M + 1 slots
 and evicts the oldest, which moves the whole memory for every token. The decode loop
 keeps the window as a ring of M + 1 slots instead (position p in slot p mod (M + 1))
-and writes each token in place. `VQAttention.step` (tvq/sublayer.py) computes exactly
+and writes each token in place. `VQAttention.step` (tvq/nn/sublayer.py) computes exactly
 what a block of length 1 computes, in this order, per sublayer and token at position p:
 
 1. `push`: the entry that left the window last step (position p − M − 1) joins the
@@ -28,7 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tvq.attention import (
+from tvq.config import ModelConfig
+from tvq.nn.attention import (
     MASK_VALUE,
     AttentionTables,
     aggregate_bias,
@@ -36,8 +37,7 @@ from tvq.attention import (
     mixed_dot,
     softmax_mix,
 )
-from tvq.config import ModelConfig
-from tvq.state import AttentionState, ModelState
+from tvq.nn.state import AttentionState, ModelState
 
 
 @flax.struct.dataclass
@@ -45,7 +45,7 @@ class RingState:
     """One sublayer's state during decoding; rows and heads share one axis, G = B·H."""
 
     pos_offset: jax.Array  # [B] int32: tokens consumed, row by row (rows of different
-    # texts may stand at different positions: tvq.serve batches them)
+    # texts may stand at different positions: tvq.serving.engine batches them)
     z: jax.Array  # [G, M + 1] int32: code of position q in slot q mod (M + 1); S = empty
     v: jax.Array  # [G, M + 1, V] float32
     n: jax.Array  # [G, S] float32: the aggregate, as in AttentionState

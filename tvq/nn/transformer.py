@@ -4,7 +4,7 @@ loops over its sublayers.
 tokens → embeddings (+ scaled absolute sinusoids) → n_layer × [VQ-attention,
 VQ-attention] residual sublayers → optional RMSNorm → tied or untied output →
 · e_scale → log-softmax. Two entry points share that pass: `block` (a block of tokens
-against the window state: scoring and training, folded over blocks by tvq/forward.py)
+against the window state: scoring and training, folded over blocks by tvq/runtime/forward.py)
 and `step` (one token against the decoding rings: tvq/decoding.py).
 """
 
@@ -18,12 +18,12 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from tvq.attention import AttentionTables
 from tvq.config import ModelConfig
-from tvq.layers import RMSNorm, kernel_init, sinusoid, zeros_init
-from tvq.ring import RingState
-from tvq.state import ModelState
-from tvq.sublayer import AttentionModule, SublayerStats, VQAttention, attention_fields
+from tvq.nn.attention import AttentionTables
+from tvq.nn.layers import RMSNorm, kernel_init, sinusoid, zeros_init
+from tvq.nn.ring import RingState
+from tvq.nn.state import ModelState
+from tvq.nn.sublayer import AttentionModule, SublayerStats, VQAttention, attention_fields
 
 
 @flax.struct.dataclass

@@ -1,7 +1,7 @@
 """Devices: the mesh a job runs on (docs/DESIGN.md section 12).
 
 Parallelism is declared, not hand-rolled: a `Mesh` with one named axis, `data`, over the
-devices JAX sees (every process's, in a cluster: tvq/cluster.py), and `NamedSharding`s
+devices JAX sees (every process's, in a cluster: tvq/dist/cluster.py), and `NamedSharding`s
 that split a batch over it or replicate an array on every device; `jax.jit` partitions
 the computation from there. Arrays are built with `jax.make_array_from_callback`, so a
 process only ever materialises the rows its own devices hold.
@@ -16,7 +16,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from tvq.errors import InputError
+from tvq.errors import InputError, is_int
 
 DATA = "data"
 
@@ -28,7 +28,7 @@ def data_mesh(devices: int | None = None, *, local: bool = False) -> Mesh:
     per_process = [[d for d in jax.devices() if d.process_index == p] for p in processes]
     available = min(len(group) for group in per_process)
     count = available if devices is None else devices
-    if not isinstance(count, int) or isinstance(count, bool) or not 1 <= count <= available:
+    if not is_int(count) or not 1 <= count <= available:
         raise InputError(
             f"devices must be between 1 and {available} (the devices JAX sees"
             f"{' per process' if len(per_process) > 1 else ''}), got {devices!r}"

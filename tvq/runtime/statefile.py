@@ -18,11 +18,11 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from tvq.errors import StateError
-from tvq.fileio import write_atomically
-from tvq.model import Model
-from tvq.scoring import Context
-from tvq.state import state_shapes
+from tvq.errors import StateError, is_int
+from tvq.files.atomic import write_atomically
+from tvq.nn.state import state_shapes
+from tvq.runtime.context import Context
+from tvq.runtime.model import Model
 
 FORMAT = "tvq-state"
 VERSION = 1
@@ -107,6 +107,6 @@ def load_state(path: str | os.PathLike, model: Model) -> Context:
         raise StateError(f"state file {path} holds no valid next token")
     state = jax.tree_util.tree_unflatten(treedef, [jax.numpy.asarray(x) for x in loaded])
     tokens = header.get("tokens", 0)
-    if not isinstance(tokens, int) or tokens < 0:
+    if not is_int(tokens) or tokens < 0:
         raise StateError(f"state file {path} has a corrupt header (token count {tokens!r})")
     return Context(state=state, last_token=last_token, tokens=tokens)

@@ -6,7 +6,7 @@ tokenizer (docs/DESIGN.md section 10).
     params/          the parameter tree, an orbax checkpoint
     tokenizer.model  the sentencepiece model, when the tokenizer is one
 
-This module reads and writes the parts; tvq/model.py assembles them into a Model.
+This module reads and writes the parts; tvq/runtime/model.py assembles them into a Model.
 """
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from tvq import warm
 from tvq.config import ModelConfig
 from tvq.errors import CheckpointError, ConfigError, TokenizerError
-from tvq.params import check_params
-from tvq.tokenizer import check_vocab, load_tokenizer
+from tvq.files import warm
+from tvq.nn.params import check_params
+from tvq.text.tokenizer import check_vocab, load_tokenizer
 
 FORMAT = "tvq-model"
 VERSION = 1

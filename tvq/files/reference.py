@@ -15,7 +15,7 @@ from typing import Any
 
 from tvq.config import ModelConfig
 from tvq.errors import CheckpointError, TvqError
-from tvq.params import check_params
+from tvq.nn.params import check_params
 
 # Reference launch flags that decide the architecture and have no default there.
 REQUIRED_FLAGS = (

@@ -28,8 +28,8 @@ from typing import Any
 import numpy as np
 
 from tvq.errors import StateError, TvqError
-from tvq.model import Model
-from tvq.scoring import Context, require_tokenizer, score_ids
+from tvq.runtime.context import Context, require_tokenizer, score_ids
+from tvq.runtime.model import Model
 
 SESSION_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 
@@ -213,7 +213,7 @@ class Sessions:
         return self.folder / f"{name}.state"
 
     def get(self, name: str) -> Context | None:
-        from tvq.statefile import load_state
+        from tvq.runtime.statefile import load_state
 
         with self.lock:
             if name in self.memory:
@@ -227,7 +227,7 @@ class Sessions:
         return None
 
     def put(self, name: str, context: Context) -> None:
-        from tvq.statefile import save_state
+        from tvq.runtime.statefile import save_state
 
         with self.lock:
             self.memory[name] = context
@@ -482,7 +482,7 @@ class Engine:
 
 
 def _sampler(r: CompletionRequest):
-    from tvq.sampling import Sampler
+    from tvq.text.sampling import Sampler
 
     return Sampler(temperature=r.temperature, top_k=r.top_k, top_p=r.top_p, min_p=r.min_p)
 

@@ -37,7 +37,7 @@ import jax
 import jaxlib
 import numpy as np
 
-from tvq.fileio import write_atomically
+from tvq.files.atomic import write_atomically
 
 PARAMS_LIMIT = 512 * 2**20  # bytes: larger models are read through orbax every time
 KEEP = {"executables": 64, "params": 8}  # files kept per kind; the least recently used go
@@ -91,7 +91,7 @@ def environment() -> str:
     global _environment
     if _environment is None:
         source = hashlib.sha256()
-        for path in sorted(Path(__file__).parent.rglob("*.py")):
+        for path in sorted(Path(__file__).parents[1].rglob("*.py")):
             source.update(path.read_bytes())
         device = jax.local_devices()[0]
         try:

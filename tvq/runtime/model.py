@@ -1,5 +1,5 @@
 """The public model: configuration, parameters, a default block length and a tokenizer,
-immutable; its calls run the compiled fold over blocks of tvq/forward.py.
+immutable; its calls run the compiled fold over blocks of tvq/runtime/forward.py.
 
 A different block length or tokenizer is a new Model (`with_block_len`,
 `with_tokenizer`, or `dataclasses.replace`), never an assigned attribute: compiled
@@ -20,20 +20,20 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from tvq import checkpoint, reference, warm
 from tvq.config import ModelConfig
-from tvq.devices import replicated
-from tvq.errors import InputError
-from tvq.forward import (
+from tvq.dist.devices import replicated
+from tvq.errors import InputError, is_int
+from tvq.files import checkpoint, reference, warm
+from tvq.nn.params import init_params
+from tvq.nn.state import ModelState, check_state, initial_state, state_nbytes
+from tvq.runtime.forward import (
     FORWARD_STATIC,
     check_algorithm,
     forward_jit,
     on_device,
     sequence_parallel_jit,
 )
-from tvq.params import init_params
-from tvq.state import ModelState, check_state, initial_state, state_nbytes
-from tvq.tokenizer import Tokenizer, check_vocab
+from tvq.text.tokenizer import Tokenizer, check_vocab
 
 DEFAULT_BLOCK_LEN = 128
 
@@ -44,7 +44,7 @@ DTYPES = ("float32", "bfloat16")
 def check_sequence_devices(count: Any) -> int:
     """How many local devices one sequence may be spread over, or InputError."""
     available = len(jax.local_devices())
-    if not isinstance(count, int) or isinstance(count, bool) or not 1 <= count <= available:
+    if not is_int(count) or not 1 <= count <= available:
         raise InputError(
             f"a sequence can be spread over 1 to {available} devices (the devices JAX "
             f"sees), got {count!r}"
@@ -54,7 +54,7 @@ def check_sequence_devices(count: Any) -> int:
 
 def check_top_k(value: Any, n_vocab: int, name: str) -> int:
     """How many most likely tokens to report, 0 to n_vocab, or InputError."""
-    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= n_vocab:
+    if not is_int(value) or not 0 <= value <= n_vocab:
         raise InputError(f"{name} must be between 0 and the vocabulary size {n_vocab}, "
                          f"got {value!r}")  # fmt: skip
     return value
@@ -62,7 +62,7 @@ def check_top_k(value: Any, n_vocab: int, name: str) -> int:
 
 def check_block_len(block_len: Any) -> int:
     """A positive integer block length, or InputError."""
-    if not isinstance(block_len, int | np.integer) or isinstance(block_len, bool) or block_len < 1:
+    if not is_int(block_len, numpy=True) or block_len < 1:
         raise InputError(f"block_len must be a positive integer, got {block_len!r}")
     return int(block_len)
 
@@ -146,7 +146,7 @@ class Model:
     # -- inference ----------------------------------------------------------------------
 
     def initial_state(self, batch_size: int) -> ModelState:
-        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        if not is_int(batch_size) or batch_size < 1:
             raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
         return initial_state(self.config, batch_size)
 
@@ -263,7 +263,7 @@ class Model:
 
 def default_model_path() -> Path:
     """The built-in model, shipped inside the package."""
-    return Path(__file__).parent / "models" / "default"
+    return Path(__file__).parents[1] / "models" / "default"
 
 
 def load(path: str | os.PathLike | None = None) -> Model:
@@ -271,7 +271,7 @@ def load(path: str | os.PathLike | None = None) -> Model:
     path = default_model_path() if path is None else Path(path)
     config, params, document = checkpoint.read_model_dir(path)
     block_len = document.get("block_len")
-    if not isinstance(block_len, int) or block_len < 1:
+    if not is_int(block_len) or block_len < 1:
         block_len = None
     metadata = document.get("metadata")
     return Model(

@@ -6,7 +6,7 @@ window memory can be folded into a per-codeword count and mean value (the aggreg
 Softmax attention over [aggregate codewords | window memory | present block] is then
 exact and costs O(L·(M + L + S)) per block of L tokens. Layout: head-major, [B, H, L, ·]
 for queries and [B, H, W, ·] for the window, W = M + L. The flax module that owns the
-parameters is tvq/sublayer.py; the one-token ring form is tvq/ring.py.
+parameters is tvq/nn/sublayer.py; the one-token ring form is tvq/nn/ring.py.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from tvq.state import AttentionState
+from tvq.nn.state import AttentionState
 
 MASK_VALUE = 1e30  # stands for infinity in masked scores
 
@@ -157,7 +157,7 @@ def merge_into_aggregate(
     """Adds `count` tokens whose values sum to `total` to an aggregate of n tokens with mean
     u_bar: n ← n + count, Ū ← (n_old/n_new)·Ū + total/n_new (a running mean, stable in low
     precision; divided by max(n, 1)). Shapes: n, count [...]; u_bar, total [..., V]. The
-    one place the aggregate is updated (blocks: evict; decoding: tvq.ring)."""
+    one place the aggregate is updated (blocks: evict; decoding: tvq.nn.ring)."""
     n_new = n + count
     denom = jnp.maximum(n_new, 1.0)
     return n_new, (n / denom)[..., None] * u_bar + total / denom[..., None]

@@ -15,9 +15,9 @@ import numpy as np
 
 from tvq.config import ModelConfig
 from tvq.errors import InputError
-from tvq.forward import forward, on_device
-from tvq.model import Model
-from tvq.state import ModelState
+from tvq.nn.state import ModelState
+from tvq.runtime.forward import forward, on_device
+from tvq.runtime.model import Model
 
 COMPARE_CHUNK = 2048  # tokens per compiled call: two [T, vocabulary] tables live at once
 
@@ -55,7 +55,7 @@ def compare_ids(model: Model, baseline: Model, ids, last_token, state: ModelStat
                 base_state: ModelState, sizes: Iterable[int], block_len: int,
                 top_k: int = 0):  # fmt: skip
     """Scores ids [T] with both models, each continuing its own state after the token
-    last_token [1], in pieces of the given sizes (summing to T; tvq.scoring cuts them) →
+    last_token [1], in pieces of the given sizes (summing to T; tvq.scoring.stream cuts them) →
     (dict of per-token arrays nll, baseline_nll, kl, same_top1 [T] and top_log_probs,
     top_ids [T, top_k] (the model's most likely tokens); state; base_state)."""
     ids = np.asarray(ids, np.int32)[None, :]
@@ -77,24 +77,3 @@ def compare_ids(model: Model, baseline: Model, ids, last_token, state: ModelStat
                 parts[key].append(np.asarray(out[0]))
             start += step
     return {key: np.concatenate(value) for key, value in parts.items()}, state, base_state
-
-
-# KL values are binned on a log scale (0.01 decades from 1e-10 to 1e3 nats) for the
-# 99th percentile, in constant memory.
-KL_EDGES = np.logspace(-10, 3, 1301)
-
-
-def kl_histogram(kl: np.ndarray) -> np.ndarray:
-    """Counts per bin: bin 0 holds KL < 1e-10, bin i KL in [edge i−1, edge i)."""
-    return np.bincount(np.searchsorted(KL_EDGES, kl, side="right"), minlength=len(KL_EDGES) + 1)
-
-
-def kl_percentile(counts, q: float) -> float | None:
-    """The upper edge of the bin holding the q-th percentile: 0 below 1e-10, None
-    without tokens."""
-    counts = np.asarray(counts)
-    total = counts.sum()
-    if not total:
-        return None
-    index = int(np.searchsorted(np.cumsum(counts), q / 100 * total))
-    return 0.0 if index == 0 else float(KL_EDGES[min(index, len(KL_EDGES) - 1)])

@@ -1,8 +1,8 @@
 """The VQ-attention sublayer as a flax module: its parameters (named as the reference
 layout, docs/DESIGN.md section 4) and its two forms, a block of L tokens against the
 window state (`__call__`) and one token against the decoding ring (`step`). Both compute
-the same numbers (docs/DESIGN.md invariant 3); the arithmetic lives in tvq/attention.py
-and the ring's layout in tvq/ring.py.
+the same numbers (docs/DESIGN.md invariant 3); the arithmetic lives in tvq/nn/attention.py
+and the ring's layout in tvq/nn/ring.py.
 """
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from tvq import ring as ring_layout
-from tvq.attention import AttentionTables, attend, attend_chunk, code_sums, evict, quantize
-from tvq.layers import RMSNorm, kernel_init, ones_init, rms_normalize, sinusoid, zeros_init
-from tvq.ring import RingState
-from tvq.state import AttentionState
+from tvq.nn import ring as ring_layout
+from tvq.nn.attention import AttentionTables, attend, attend_chunk, code_sums, evict, quantize
+from tvq.nn.layers import RMSNorm, kernel_init, ones_init, rms_normalize, sinusoid, zeros_init
+from tvq.nn.ring import RingState
+from tvq.nn.state import AttentionState
 
 # The architecture fields one sublayer reads (a subset of ModelConfig's).
 ATTENTION_FIELDS = (
@@ -54,7 +54,7 @@ class SublayerStats:
 
 class AttentionModule(nn.Module):
     """The fields of one VQ-attention sublayer; VQAttention and the layer holding two of
-    them (tvq/transformer.py) share them."""
+    them (tvq/nn/transformer.py) share them."""
 
     d_model: int
     d_k: int

@@ -12,7 +12,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from tvq.errors import InputError
+from tvq.errors import InputError, is_int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,7 +27,7 @@ class Sampler:
             value = getattr(self, name)
             if not isinstance(value, int | float) or not math.isfinite(value):
                 raise InputError(f"{name.replace('_', '-')} must be a finite number, got {value}")
-        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool):
+        if not is_int(self.top_k):
             raise InputError(f"top-k must be an integer, got {self.top_k!r}")
         if not self.temperature >= 0:
             raise InputError(f"temperature must be >= 0, got {self.temperature}")

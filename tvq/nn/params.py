@@ -14,8 +14,8 @@ import numpy as np
 
 from tvq.config import ModelConfig
 from tvq.errors import CheckpointError
-from tvq.state import initial_state, state_shapes
-from tvq.transformer import Transformer
+from tvq.nn.state import initial_state, state_shapes
+from tvq.nn.transformer import Transformer
 
 
 def init_params(config: ModelConfig, seed: int = 0) -> Any:

@@ -2,7 +2,7 @@
 step against their rings, each step's token sampled or forced, CHUNK steps per call.
 
 Decoding samples with it (tvq.decoding) and scoring feeds a text's tail shorter than a
-block through it with every token forced (tvq.scoring), so one compiled program serves
+block through it with every token forced (tvq.scoring.stream), so one compiled program serves
 every tail length. Row r's k-th token is drawn with the key fold_in(keys[r], k): a row's
 text depends on its own key only.
 """
@@ -18,13 +18,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from tvq import warm
-from tvq.devices import replicated, split_rows
-from tvq.forward import on_device
-from tvq.model import Model
-from tvq.ring import RingState, model_from_ring, model_to_ring, repeat_rows
-from tvq.sampling import Sampler, row_uniforms
-from tvq.transformer import Transformer
+from tvq.dist.devices import replicated, split_rows
+from tvq.files import warm
+from tvq.nn.ring import RingState, model_from_ring, model_to_ring, repeat_rows
+from tvq.nn.transformer import Transformer
+from tvq.runtime.forward import on_device
+from tvq.runtime.model import Model
+from tvq.text.sampling import Sampler, row_uniforms
 
 CHUNK = 32  # most tokens sampled per compiled call
 
@@ -49,7 +49,7 @@ def decode_chunk(config, params, rings, token, keys, counts, limits, forced, n_f
     """Samples tokens after `token` [B]: row r takes limits[r] (≤ CHUNK) steps or stops
     at eos_id; the loop ends when every row has. Row r's k-th token of its text is drawn
     with the key fold_in(keys[r], k), k = counts[r] + step, so a row's text depends on
-    its own key only, never on the rows beside it (tvq.serve batches requests). The first
+    its own key only, never on the rows beside it (tvq.serving.engine batches requests). The first
     n_forced steps take forced [CHUNK, B] instead of sampling (to replay a chunk up to a
     stop string). Log-probs are the model's, before the sampler's temperature and
     truncation (those `tvq score` gives). Every row's state advances every step: a row
@@ -110,7 +110,7 @@ def run_chunk(model: Model, rings, token, keys, counts, limits, forced, n_forced
            sampler, mesh: Mesh | None = None, params: Any = None, top_k: int = 0):  # fmt: skip
     """decode_chunk, always called in one form: jit keys its compiled code on which
     arguments are positional and which keyword, and on whether arrays are committed
-    (tvq.forward.on_device); a second form would compile the loop again. With a mesh the
+    (tvq.runtime.forward.on_device); a second form would compile the loop again. With a mesh the
     rows are split over its devices (`params` replicated on them)."""
     counts, limits = np.asarray(counts, np.int32), np.asarray(limits, np.int32)
     if mesh is None:
@@ -150,7 +150,7 @@ def feed(model: Model, rings, token, ids: np.ndarray, sampler: Sampler, top_k: i
 
 def feed_ids(model: Model, state, token, ids: np.ndarray, top_k: int = 0):
     """Scores ids [B, T] following `token` [B] from `state` (a ModelState) through the
-    decoding loop → (scored as feed's, the state after). tvq.scoring sends each text's
+    decoding loop → (scored as feed's, the state after). tvq.scoring.stream sends each text's
     tail shorter than a block this way: one compiled loop serves every tail length,
     where the blockwise forward compiles one program per length."""
     rings = state_to_ring(on_device(state))

@@ -22,12 +22,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from tvq.config import ModelConfig
-from tvq.devices import data_mesh, replicated, split_rows
-from tvq.forward import forward
-from tvq.model import Model, check_block_len
-from tvq.scoring import Context, FileScore, WordCounter, require_tokenizer
-from tvq.state import ModelState
-from tvq.tokenizer import encode_stream
+from tvq.dist.devices import data_mesh, replicated, split_rows
+from tvq.nn.state import ModelState
+from tvq.runtime.context import Context, require_tokenizer
+from tvq.runtime.forward import forward
+from tvq.runtime.model import Model, check_block_len
+from tvq.scoring.stats import FileScore
+from tvq.scoring.stream import WordCounter
+from tvq.text.tokenizer import encode_stream
 
 STEP_BLOCKS = 4  # tokens per row per step: this many blocks, at least MIN_STEP tokens
 MIN_STEP = 256
@@ -98,7 +100,7 @@ class BatchScorer:
     """Scores `texts` ((name, binary stream) pairs) on `rows_per_device` rows (default:
     1 on a CPU, 8 on an accelerator) of each of `devices` local devices; `results` are in
     the input order, exact to float rounding against scoring each text alone
-    (tvq.scoring.score_stream)."""
+    (tvq.scoring.stream.score_stream)."""
 
     def __init__(
         self,

@@ -32,7 +32,7 @@ def plot_by_position(
     rows: list[dict], path: str | os.PathLike, title: str | None = None,
     baseline_label: str = "baseline",
 ) -> None:  # fmt: skip
-    """Draws score rows (tvq.scoring.FileScore.row with by_position) into path: each
+    """Draws score rows (tvq.scoring.stream.FileScore.row with by_position) into path: each
     bucket's bits per byte as a step over its positions [start, end), solid for the
     model and dashed for the baseline (baseline_by_position, named baseline_label in the
     legend) in the same colour. With several texts the TOTAL row is drawn too, in black;

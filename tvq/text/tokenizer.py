@@ -58,6 +58,19 @@ class StreamDecoder:
         return self._utf8.decode(b"", final=True)
 
 
+def token_text(tokenizer: Tokenizer, token_id: int) -> str:
+    """One token's text as it reads in the output: its bytes as UTF-8, U+FFFD where they
+    are not whole characters (the token field of every per-token result)."""
+    return tokenizer.token_bytes(int(token_id)).decode("utf-8", errors="replace")
+
+
+def top_entries(tokenizer: Tokenizer, ids, log_probs) -> list[dict]:
+    """The most likely tokens at one position as [{token, id, logprob}], likeliest first
+    (the top_logprobs of `tvq score --per-token` and `tvq generate --json`)."""
+    return [{"token": token_text(tokenizer, i), "id": int(i), "logprob": round(float(lp), 6)}
+            for i, lp in zip(ids, log_probs, strict=True)]  # fmt: skip
+
+
 def decode_via_bytes(tokenizer: Tokenizer, ids) -> str:
     data = b"".join(tokenizer.token_bytes(int(i)) for i in ids)
     return data.decode("utf-8", errors="replace")
@@ -89,9 +102,6 @@ class ByteTokenizer:
 
     def decode(self, ids) -> str:
         return decode_via_bytes(self, ids)
-
-    def piece(self, token_id: int) -> str:
-        return self.token_bytes(token_id).decode("utf-8", errors="replace")
 
 
 class SentencePieceTokenizer:
@@ -160,9 +170,6 @@ class SentencePieceTokenizer:
 
     def decode(self, ids) -> str:
         return decode_via_bytes(self, ids)
-
-    def piece(self, token_id: int) -> str:
-        return self._sp.id_to_piece(int(token_id))
 
 
 def _safe_cuts(serialized: bytes) -> tuple[bool, bool]:

@@ -1,0 +1,1 @@
+"""`tvq serve` (docs/DESIGN.md section 13)."""
