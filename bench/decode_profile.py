@@ -50,6 +50,7 @@ from common import machine  # noqa: E402
 
 import tvq  # noqa: E402
 from tvq.decoding import generate  # noqa: E402
+from tvq.nn.layout import QUANTIZER, sublayer_params  # noqa: E402
 from tvq.text.sampling import Sampler  # noqa: E402
 
 SAMPLER = Sampler(temperature=0.8, top_p=0.95)
@@ -110,14 +111,13 @@ def step_arrays(model, param_dtype: str = "float32") -> list[jax.Array]:
     parameters in param_dtype)."""
     config = model.config
     arrays = [jnp.asarray(model.params["token_embedder"]["embs"], param_dtype)]
-    for layer in (v for k, v in sorted(model.params.items()) if k.startswith("transformer")):
-        for sublayer in layer.values():
-            weights = [sublayer[p]["kernel"] for p in ("q_proj", "kvg_proj", "res_proj")]
-            weights.append(sublayer["quantizer"]["c_sum"])
-            arrays += [jnp.asarray(w, param_dtype) for w in weights]
-            h, s, v, m = config.n_head, config.n_code, config.d_v, config.mem_len
-            arrays.append(jnp.full([h, s, v], 1e-3, jnp.float32))
-            arrays.append(jnp.full([h, m + 1, v], 1e-3, jnp.float32))
+    for sublayer in sublayer_params(model.params):
+        weights = [sublayer[p]["kernel"] for p in ("q_proj", "kvg_proj", "res_proj")]
+        weights.append(sublayer[QUANTIZER]["c_sum"])
+        arrays += [jnp.asarray(w, param_dtype) for w in weights]
+        h, s, v, m = config.n_head, config.n_code, config.d_v, config.mem_len
+        arrays.append(jnp.full([h, s, v], 1e-3, jnp.float32))
+        arrays.append(jnp.full([h, m + 1, v], 1e-3, jnp.float32))
     return arrays
 
 

@@ -19,21 +19,16 @@ import jax
 import jax.numpy as jnp
 
 from tvq.nn.layers import rms_normalize, sinusoid
+from tvq.nn.layout import QUANTIZER, sublayer_params
 
 QUERY_BLOCK = 256
 
 
-def sublayers(params) -> list[dict]:
-    layers = sorted((k for k in params if k.startswith("transformer_layers_")),
-                    key=lambda k: int(k.rsplit("_", 1)[1]))  # fmt: skip
-    return [params[k][name] for k in layers for name in ("scanned_attn1", "scanned_attn2")]
-
-
 def param_count(params) -> int:
     """Parameters the dense model uses: tvq's less codebooks, r_proj, u and v."""
-    unused = ("quantizer", "r_proj", "u", "v")
+    unused = (QUANTIZER, "r_proj", "u", "v")
     total = sum(x.size for k, x in params["token_embedder"].items())
-    for sub in sublayers(params):
+    for sub in sublayer_params(params):
         total += sum(x.size for k, x in jax.tree_util.tree_flatten_with_path(sub)[0]
                      if not any(getattr(p, "key", None) in unused for p in k))  # fmt: skip
     return int(total)
@@ -119,7 +114,7 @@ def causal_attention(q, k, v):
 def score(config, params, inputs, targets):
     """Log-probs [B, T] of targets after inputs, full attention over the whole sequence."""
     x = _embed(params, config, inputs, 0)
-    for sub in sublayers(params):
+    for sub in sublayer_params(params):
         q, k, v, gate = _project(sub, x, config)
         x = x + _output(sub, causal_attention(q, k, v), gate)
     return _log_probs_of(params, config, x, targets)
@@ -150,7 +145,7 @@ def decode(config, params, cache, token, start, steps: int):
         pos = start + i
         x = _embed(params, config, token[:, None], pos)
         new_cache = []
-        for layer, sub in zip(cache, sublayers(params), strict=True):
+        for layer, sub in zip(cache, sublayer_params(params), strict=True):
             q, k, v, gate = _project(sub, x, config)
             keys = jax.lax.dynamic_update_slice_in_dim(layer["k"], flat(k), pos, axis=1)
             values = jax.lax.dynamic_update_slice_in_dim(layer["v"], flat(v), pos, axis=1)
@@ -180,7 +175,7 @@ def score_fused(config, params, inputs, targets, implementation=None):
     b, t = inputs.shape
     h, k, v = config.n_head, config.d_k, config.d_v
     r = max(1, v // k)
-    for sub in sublayers(params):
+    for sub in sublayer_params(params):
         q, keys, values, gate = _project(sub, x, config)
         q, keys = q.astype(dtype), keys.astype(dtype)
         values = values.astype(dtype)

@@ -33,7 +33,7 @@ def child(args) -> dict:
     from common import median_time
 
     import tvq
-    from tvq.dist.devices import data_mesh, replicated, split_rows
+    from tvq.distributed.devices import data_mesh, replicated, split_rows
     from tvq.nn.params import init_params
     from tvq.nn.state import initial_state
     from tvq.scoring.batching import BatchScorer

@@ -11,7 +11,7 @@ import tvq
 from tests.conftest import count_compilations, random_tokens, tiny_config, with_param
 from tvq.decoding import generate
 from tvq.nn.ring import empty_rings, model_from_ring, model_to_ring
-from tvq.nn.transformer import Transformer
+from tvq.nn.transformer import Transformer, network
 from tvq.runtime.context import score_ids
 from tvq.runtime.decode_loop import row_keys
 from tvq.text.sampling import Sampler, row_uniforms
@@ -36,9 +36,7 @@ def random_biases(model: tvq.Model, seed: int = 0) -> tvq.Model:
 @functools.partial(jax.jit, static_argnames="config")
 def ring_run(config, params, state, tokens):
     """tokens [B, T] one at a time through the ring → (log-probs [B, T, N], final state)."""
-    net = Transformer(config)
-    variables = {"params": params}
-    tables = net.apply(variables, method=Transformer.tables)
+    net, variables, tables = network(config, params)
 
     def step(rings, token):
         return net.apply(variables, token, rings, tables, method=Transformer.step)
@@ -106,8 +104,7 @@ def test_empty_rings_are_the_initial_state():
 def test_ring_round_trip(mem_len):
     config = tiny_config(mem_len=mem_len)
     model = tvq.Model.init(config, seed=0)
-    net = Transformer(config)
-    tables = net.apply({"params": model.params}, method=Transformer.tables)
+    _, _, tables = network(config, model.params)
     for length in (1, 2, 7):
         _, state = model.log_probs(random_tokens(config, 1, length))
         back = model_from_ring(model_to_ring(state), tables)

@@ -3,7 +3,7 @@
 The public face: load a model, generate and score with it (`tvq.load`, `tvq.generate`,
 `tvq.score_stream`, ...). Names are imported on first use (PEP 562), so `import
 tvq.config` or a CLI `--help` does not pay for JAX and Flax. The subpackages follow the
-layers (docs/DESIGN.md section 15): `nn` (the network), `text`, `dist` (devices and
+layers (docs/DESIGN.md section 15): `nn` (the network), `text`, `distributed` (devices and
 processes), `files`, `runtime` (the model and the primitives every job calls), then the
 jobs: `decoding`, `scoring`, `train`, `serving`.
 """

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tvq.dist.devices import mesh_for_rows, replicated
+from tvq.distributed.devices import mesh_for_rows, replicated
 from tvq.errors import InputError
 from tvq.nn.ring import empty_rings
 from tvq.runtime.context import Context, eos_id, require_tokenizer, score_ids

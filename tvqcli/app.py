@@ -115,7 +115,7 @@ def fail(message: str, code: int = 1) -> typer.Exit:
 
 def join_cluster(coordinator, num_processes, process_id, distributed) -> None:
     """Joins the cluster the options describe (nothing when none is given)."""
-    from tvq.dist.cluster import ClusterSpec, join
+    from tvq.distributed.cluster import ClusterSpec, join
 
     join(ClusterSpec(coordinator, num_processes, process_id, auto=distributed is not None))
 
@@ -135,7 +135,7 @@ def handle_errors(func):
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
-        from tvq.dist import cluster
+        from tvq.distributed import cluster
 
         try:
             result = boundary(*args, **kwargs)
@@ -147,7 +147,7 @@ def handle_errors(func):
         return result
 
     def boundary(*args, **kwargs):
-        from tvq.dist import cluster
+        from tvq.distributed import cluster
         from tvq.errors import Interrupted, TvqError
 
         try:

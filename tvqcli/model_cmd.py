@@ -28,7 +28,7 @@ def info(
     import tvq
 
     if devices:
-        from tvq.dist.devices import describe
+        from tvq.distributed.devices import describe
 
         seen = describe()
         if json_output:

@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 
 from tvq.config import ModelConfig as Arch
-from tvq.dist.cluster import active as cluster_active
+from tvq.distributed.cluster import active as cluster_active
 from tvq.train.settings import DEFAULT_VAL_FRACTION, DEFAULT_VOCAB_SIZE
 from tvq.train.settings import TrainSettings as Run
 from tvqcli.app import (
@@ -136,8 +136,8 @@ def train(
         os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
     command = full_command(ctx)
     values = ctx.params
-    from tvq.dist import cluster
-    from tvq.dist.devices import data_mesh, describe
+    from tvq.distributed import cluster
+    from tvq.distributed.devices import data_mesh, describe
 
     seen, used = describe(), data_mesh(devices).size
     processes = f" in {seen['processes']} processes" if seen["processes"] > 1 else ""

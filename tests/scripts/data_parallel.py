@@ -9,7 +9,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from tvq.dist.devices import data_mesh, split_largest_axis
+from tvq.distributed.devices import data_mesh, split_largest_axis
 from tvq.errors import Interrupted
 from tvq.train import train_from_files
 

@@ -14,6 +14,7 @@ import numpy as np
 
 from tvq.config import ModelConfig
 from tvq.errors import CheckpointError
+from tvq.nn.layout import QUANTIZER, sublayer_paths
 from tvq.nn.state import initial_state, state_shapes
 from tvq.nn.transformer import Transformer
 
@@ -41,19 +42,18 @@ def param_layout(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     layout = {"token_embedder/embs": (n, d), "token_embedder/bias_out": (n,)}
     if config.pe_abs:
         layout["position_embedder/scale"] = ()
-    for i in range(config.n_layer):
-        for sub in ("scanned_attn1", "scanned_attn2"):
-            prefix = f"transformer_layers_{i}/{sub}/"
-            layout.update({
-                prefix + "input_ln/g": (d,), prefix + "input_ln/b": (d,),
-                prefix + "q_proj/kernel": (d, hk),
-                prefix + "kvg_proj/kernel": (d, hk + 2 * hv),
-                prefix + "r_proj/kernel": (d, hk),
-                prefix + "res_proj/kernel": (hv, d),
-                prefix + "u": (hk,), prefix + "v": (hk,),
-                prefix + "quantizer/c_sum": (config.n_head, config.n_code, config.d_k),
-                prefix + "quantizer/c_count": (config.n_head, config.n_code),
-            })  # fmt: skip
+    for layer, sub in sublayer_paths(config.n_layer):
+        prefix = f"{layer}/{sub}/"
+        layout.update({
+            prefix + "input_ln/g": (d,), prefix + "input_ln/b": (d,),
+            prefix + "q_proj/kernel": (d, hk),
+            prefix + "kvg_proj/kernel": (d, hk + 2 * hv),
+            prefix + "r_proj/kernel": (d, hk),
+            prefix + "res_proj/kernel": (hv, d),
+            prefix + "u": (hk,), prefix + "v": (hk,),
+            f"{prefix}{QUANTIZER}/c_sum": (config.n_head, config.n_code, config.d_k),
+            f"{prefix}{QUANTIZER}/c_count": (config.n_head, config.n_code),
+        })  # fmt: skip
     if config.e_preln:
         layout.update({"out_ln/g": (d,), "out_ln/b": (d,)})
     if not config.e_tie:

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from tvq.config import ModelConfig
 from tvq.nn.attention import AttentionTables
 from tvq.nn.layers import RMSNorm, kernel_init, sinusoid, zeros_init
+from tvq.nn.layout import LAYERS, SUBLAYERS
 from tvq.nn.ring import RingState
 from tvq.nn.state import ModelState
 from tvq.nn.sublayer import AttentionModule, SublayerStats, VQAttention, attention_fields
@@ -42,8 +43,8 @@ class TransformerLayer(AttentionModule):
 
     def setup(self) -> None:
         fields = attention_fields(self)
-        self.scanned_attn1 = VQAttention(**fields)
-        self.scanned_attn2 = VQAttention(**fields)
+        for name in SUBLAYERS:  # flax names a submodule after the attribute it is set to
+            setattr(self, name, VQAttention(**fields))
 
 
 class Transformer(nn.Module):
@@ -56,9 +57,9 @@ class Transformer(nn.Module):
         self.token_embedder = TokenEmbedder(cfg.n_vocab, cfg.d_model, cfg.param_dtype)
         if cfg.pe_abs:
             self.position_embedder = PositionScale()
-        self.transformer_layers = [
-            TransformerLayer(**attention_fields(cfg)) for _ in range(cfg.n_layer)
-        ]
+        setattr(
+            self, LAYERS, [TransformerLayer(**attention_fields(cfg)) for _ in range(cfg.n_layer)]
+        )
         if cfg.e_preln:
             self.out_ln = RMSNorm(cfg.d_model, cfg.param_dtype)
         if not cfg.e_tie:
@@ -73,8 +74,7 @@ class Transformer(nn.Module):
 
     def sublayers(self) -> list[VQAttention]:
         """The 2·n_layer sublayers in order; states and tables follow this order."""
-        return [s for layer in self.transformer_layers
-                for s in (layer.scanned_attn1, layer.scanned_attn2)]  # fmt: skip
+        return [getattr(layer, name) for layer in getattr(self, LAYERS) for name in SUBLAYERS]
 
     def tables(self) -> tuple[AttentionTables, ...]:
         """Per-sublayer values of the parameters alone; computed once per compiled call and
@@ -169,6 +169,18 @@ class Transformer(nn.Module):
         """One block end to end; used to create every parameter at init."""
         state, log_probs, _ = self.block(tokens, state, self.tables(), train)
         return state, log_probs
+
+
+def network(
+    config: ModelConfig, params: Any
+) -> tuple[Transformer, dict, tuple[AttentionTables, ...]]:
+    """(the network, its variables, the per-sublayer tables of its parameters): what every
+    compiled entry point sets up before it runs `Transformer.block` or `Transformer.step`
+    with `net.apply(variables, ..., tables, method=...)`; the tables are computed once
+    per compiled call."""
+    net = Transformer(config)
+    variables = {"params": params}
+    return net, variables, net.apply(variables, method=Transformer.tables)
 
 
 class TokenEmbedder(nn.Module):

@@ -18,10 +18,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from tvq.dist.devices import replicated, split_rows
+from tvq.distributed.devices import replicated, split_rows
 from tvq.files import warm
 from tvq.nn.ring import RingState, model_from_ring, model_to_ring, repeat_rows
-from tvq.nn.transformer import Transformer
+from tvq.nn.transformer import Transformer, network
 from tvq.runtime.forward import on_device
 from tvq.runtime.model import Model
 from tvq.text.sampling import Sampler, row_uniforms
@@ -58,9 +58,7 @@ def decode_chunk(config, params, rings, token, keys, counts, limits, forced, n_f
     Returns (rings, last token [B], tokens [CHUNK, B], log-probs [CHUNK, B], steps, the
     top_k most likely tokens' log-probs [CHUNK, B, top_k] and ids [CHUNK, B, top_k]).
     """
-    net = Transformer(config)
-    variables = {"params": params}
-    tables = net.apply(variables, method=Transformer.tables)
+    net, variables, tables = network(config, params)
     batch = token.shape[0]
     # Every step's random numbers [CHUNK, B], drawn before the loop: XLA:CPU runs the
     # threefry hash as small loops of its own, which cost more per step than the draw.
@@ -98,8 +96,7 @@ def decode_chunk(config, params, rings, token, keys, counts, limits, forced, n_f
 
 @functools.partial(jax.jit, static_argnames=("config",))
 def ring_to_state(config, params, rings):
-    net = Transformer(config)
-    return model_from_ring(rings, net.apply({"params": params}, method=Transformer.tables))
+    return model_from_ring(rings, network(config, params)[2])
 
 
 state_to_ring = jax.jit(model_to_ring)

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from tvq.config import ModelConfig
 from tvq.errors import InputError
 from tvq.nn.state import ModelState
-from tvq.nn.transformer import Transformer
+from tvq.nn.transformer import Transformer, network
 
 
 def to_blocks(x: jax.Array, block_len: int) -> jax.Array:
@@ -150,9 +150,7 @@ def forward(
     or "parallel" (docs/DESIGN.md section 8) gives the same numbers; chunk_len (parallel
     only, None: default_chunk_len) bounds memory.
     """
-    net = Transformer(config)
-    variables = {"params": params}
-    tables = net.apply(variables, method=Transformer.tables)
+    net, variables, tables = network(config, params)
     if algorithm == "parallel" and chunk_len is None:
         chunk_len = default_chunk_len(config, tokens.shape[0], block_len)
 
@@ -218,9 +216,7 @@ def sequence_parallel_forward(
     # Each device's run must hold the M entries its right neighbour's first window needs.
     chunk_len = max(chunk_len, block_len, -(-config.mem_len // block_len) * block_len)
     span = n_devices * chunk_len
-    net = Transformer(config)
-    variables = {"params": params}
-    tables = net.apply(variables, method=Transformer.tables)
+    net, variables, tables = network(config, params)
 
     def local(variables, tables, state, piece):
         piece_tokens, piece_targets = piece

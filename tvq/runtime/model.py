@@ -20,8 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from tvq.config import ModelConfig
-from tvq.dist.devices import replicated
+from tvq.config import DTYPES, ModelConfig
+from tvq.distributed.devices import replicated
 from tvq.errors import InputError, is_int
 from tvq.files import checkpoint, reference, warm
 from tvq.nn.params import init_params
@@ -37,8 +37,6 @@ from tvq.text.tokenizer import Tokenizer, check_vocab
 
 DEFAULT_BLOCK_LEN = 128
 
-
-DTYPES = ("float32", "bfloat16")
 
 
 def check_sequence_devices(count: Any) -> int:
@@ -194,10 +192,13 @@ class Model:
         if self.sequence_devices > 1:  # the parallel form, spread over devices
             mesh = self._sequence_mesh
             tokens, state, targets = replicated(mesh, (tokens, state, targets))
-            return sequence_parallel_jit(
+            out = sequence_parallel_jit(
                 self.config, self._sequence_params, tokens, state, block_len, targets, mesh,
                 top_k=top_k,
             )  # fmt: skip
+            # Back on the default device, where every other call leaves its results: what
+            # a caller adds them to, or feeds them into next, lives there.
+            return on_device(out)
         tokens, state, targets = on_device((tokens, state, targets))
         return warm.call(
             forward_jit, FORWARD_STATIC, self.config, self.params, tokens, state, block_len,

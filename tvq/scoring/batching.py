@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tvq.config import ModelConfig
-from tvq.dist.devices import data_mesh, replicated, split_rows
+from tvq.distributed.devices import data_mesh, replicated, split_rows
 from tvq.nn.state import ModelState
 from tvq.runtime.context import Context, require_tokenizer
 from tvq.runtime.forward import forward

@@ -4,19 +4,18 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from tvq.config import ModelConfig
-from tvq.dist import cluster
+from tvq.config import DTYPES, ModelConfig
+from tvq.distributed import cluster
 from tvq.errors import CorpusError, TrainingError, TvqError, is_int
+from tvq.files.atomic import write_atomically
 from tvq.files.checkpoint import TOKENIZER_FILE, is_model_dir
-from tvq.runtime.model import DTYPES, Model, load
+from tvq.runtime.model import Model, load
 from tvq.text.tokenizer import ByteTokenizer, SentencePieceTokenizer, train_sentencepiece
 from tvq.train.data import find_files, read_documents, split_documents, token_stream
 from tvq.train.loop import TRAIN_DIR, run_training
@@ -147,16 +146,16 @@ def _share(out: Path, config, tokenizer, train_tokens, val_documents, metadata) 
     read only their own rows of the token stream (a memory map), never the text."""
     folder = out / TRAIN_DIR / DATA_DIR
     folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / "tokens.tmp.npy", "wb") as f:
-        np.save(f, np.asarray(train_tokens, np.int32))
-    os.replace(folder / "tokens.tmp.npy", folder / "tokens.npy")
+    write_atomically(
+        folder / "tokens.npy", lambda f: np.save(f, np.asarray(train_tokens, np.int32))
+    )
     if tokenizer.kind == "sentencepiece":
-        shutil.copyfile(tokenizer.path, folder / "tokenizer.tmp.model")
-        os.replace(folder / "tokenizer.tmp.model", folder / TOKENIZER_FILE)
+        data = Path(tokenizer.path).read_bytes()
+        write_atomically(folder / TOKENIZER_FILE, lambda f: f.write(data))
     document = {"config": config.to_dict(), "tokenizer": tokenizer.kind, "metadata": metadata,
                 "val": [[list(map(int, ids)), size] for ids, size in val_documents]}  # fmt: skip
-    (folder / "prepared.tmp.json").write_text(json.dumps(document))
-    os.replace(folder / "prepared.tmp.json", folder / "prepared.json")
+    text = json.dumps(document).encode()
+    write_atomically(folder / "prepared.json", lambda f: f.write(text))
 
 
 def _shared(out: Path):

@@ -24,8 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from tvq.config import ModelConfig
-from tvq.dist import cluster
-from tvq.dist.devices import (
+from tvq.distributed import cluster
+from tvq.distributed.devices import (
     data_mesh,
     replicated,
     rows_from,
@@ -34,6 +34,7 @@ from tvq.dist.devices import (
     to_host,
 )
 from tvq.errors import Interrupted, TrainingError
+from tvq.files.atomic import write_atomically
 from tvq.nn.params import init_params
 from tvq.nn.state import ModelState, initial_state
 from tvq.runtime.context import score_ids
@@ -104,7 +105,7 @@ class MetricsLog:
                     continue
                 if isinstance(step, int) and step <= resume_step:
                     kept.append(line + "\n")
-        path.write_text("".join(kept))
+        write_atomically(path, lambda f: f.write("".join(kept).encode()))
         self.file = path.open("a", encoding="utf-8")
 
     def write(self, **record: Any) -> None:
@@ -146,7 +147,7 @@ def run_training(
     optimiser state are replicated, or with shard_params split over the devices
     (FSDP-style, for a model larger than one device's memory). The numbers depend on
     neither (float rounding aside), and a run resumes on any device count. In a cluster
-    (tvq/dist/cluster.py) every process runs this with the same arguments; each builds only
+    (tvq/distributed/cluster.py) every process runs this with the same arguments; each builds only
     its devices' rows of a batch, and process 0 alone writes run.json, the log and the
     model (orbax writes the checkpoints from every process). algorithm (None: the faster
     for the device) is the serial or parallel form: same loss and gradient, so a run
@@ -194,7 +195,8 @@ def run_training(
             )
     cluster.barrier("run-checked")
     if not run_file.exists() and cluster.is_main():
-        run_file.write_text(json.dumps(run_doc, indent=2, sort_keys=True))
+        text = json.dumps(run_doc, indent=2, sort_keys=True).encode()
+        write_atomically(run_file, lambda f: f.write(text))
 
     optimizer, train_step = compiled_step(config, settings, check_algorithm(algorithm))
     params = init_from.params if init_from is not None else init_params(config, settings.seed)

@@ -14,9 +14,10 @@ import jax.numpy as jnp
 import optax
 
 from tvq.config import ModelConfig
+from tvq.nn.layout import QUANTIZER, sublayer_params
 from tvq.nn.state import ModelState
 from tvq.nn.sublayer import SublayerStats
-from tvq.nn.transformer import Dropout, Transformer
+from tvq.nn.transformer import Dropout, Transformer, network
 from tvq.runtime.forward import default_chunk_len, fold_blocks
 from tvq.train.settings import TrainSettings
 
@@ -118,9 +119,7 @@ def train_forward(
     """→ ((Σ NLL, per-sublayer statistics summed over blocks), new state). Either
     algorithm (docs/DESIGN.md section 12) gives the same loss and gradient, with dropout
     too. Dropout when settings asks for it, drawn from `key` (dropout_key)."""
-    net = Transformer(config)
-    variables = {"params": params}
-    tables = net.apply(variables, method=Transformer.tables)
+    net, variables, tables = network(config, params)
     zeros = SublayerStats.zeros(config.n_head, config.n_code, config.d_k)
     dropping = settings is not None and settings.dropout
     if dropping and key is None:
@@ -160,10 +159,7 @@ def apply_ema(params: Any, stats: tuple[SublayerStats, ...], gamma: float) -> An
     """c_sum ← γ·c_sum + (1 − γ)·Σ k assigned; c_count ← γ·c_count + (1 − γ)·count, per
     sublayer in Transformer.sublayers order."""
     params = jax.tree_util.tree_map(lambda x: x, params)  # shallow copy of every dict
-    layers = sorted((k for k in params if k.startswith("transformer_layers_")),
-                    key=lambda k: int(k.rsplit("_", 1)[1]))  # fmt: skip
-    quantizers = [params[layer][sub]["quantizer"]
-                  for layer in layers for sub in ("scanned_attn1", "scanned_attn2")]  # fmt: skip
+    quantizers = [sublayer[QUANTIZER] for sublayer in sublayer_params(params)]
     for quantizer, stat in zip(quantizers, stats, strict=True):
         quantizer["c_sum"] = gamma * quantizer["c_sum"] + (1 - gamma) * stat.code_sum
         quantizer["c_count"] = gamma * quantizer["c_count"] + (1 - gamma) * stat.code_count

@@ -1,7 +1,7 @@
 """Devices: the mesh a job runs on (docs/DESIGN.md section 12).
 
 Parallelism is declared, not hand-rolled: a `Mesh` with one named axis, `data`, over the
-devices JAX sees (every process's, in a cluster: tvq/dist/cluster.py), and `NamedSharding`s
+devices JAX sees (every process's, in a cluster: tvq/distributed/cluster.py), and `NamedSharding`s
 that split a batch over it or replicate an array on every device; `jax.jit` partitions
 the computation from there. Arrays are built with `jax.make_array_from_callback`, so a
 process only ever materialises the rows its own devices hold.
@@ -9,6 +9,7 @@ process only ever materialises the rows its own devices hold.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -95,8 +96,15 @@ def mesh_for_rows(rows: int, devices: int | None = None) -> Mesh | None:
 
 def to_host(mesh: Mesh, tree: Any) -> Any:
     """Every array of `tree` whole, as numpy, on every process (a gather where sharded)."""
-    whole = jax.jit(lambda t: t, out_shardings=NamedSharding(mesh, PartitionSpec()))(tree)
+    whole = _gather(mesh)(tree)
     return jax.tree_util.tree_map(lambda x: np.asarray(x.addressable_data(0)), whole)
+
+
+@functools.lru_cache(maxsize=16)
+def _gather(mesh: Mesh) -> Callable[[Any], Any]:
+    """The compiled gather onto every device of `mesh`, one per mesh: a fresh jit of a
+    fresh function at every call would trace and compile again each time."""
+    return jax.jit(lambda tree: tree, out_shardings=NamedSharding(mesh, PartitionSpec()))
 
 
 def describe() -> dict[str, Any]:
