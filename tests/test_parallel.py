@@ -134,6 +134,45 @@ def test_one_sequence_spread_over_four_devices_equals_one_device():
         assert diffs["state"] < ATOL, case
 
 
+def test_sequence_parallel_scores_a_text_of_several_chunks(tmp_path):
+    """`tvq score --sequence-parallel` on 4 devices, a text of two compiled chunks plus a
+    tail shorter than a block: every token's log-prob and the saved state are one
+    device's. (Each piece's results once stayed on the 4 devices while the running total
+    lived on one: "incompatible devices" after the first chunk.)"""
+    from tests.test_cli import invoke
+
+    model = tmp_path / "model"
+    config = tiny_config(n_vocab=259, mem_len=8, e_scale=0.25)
+    tvq.Model.init(config, seed=0, block_len=4).with_tokenizer(tvq.ByteTokenizer()).save(model)
+    text = tmp_path / "text.txt"  # 2 chunks of 4096 tokens, 250 blocks of 4 and 3 tokens
+    macbeth = (ROOT / "tests" / "data" / "macbeth_head.txt").read_bytes()
+    text.write_bytes((macbeth * 2)[: 2 * 4096 + 1003])
+
+    def run(tag: str, *options, env=None) -> tuple[list[float], bytes]:
+        per_token, state = tmp_path / f"{tag}.jsonl", tmp_path / f"{tag}.state"
+        argv = ["score", str(text), "-m", str(model), "--per-token", str(per_token),
+                "--save-state", str(state), *options]  # fmt: skip
+        if env is None:
+            invoke(*argv)
+        else:
+            done = subprocess.run([sys.executable, "-m", "tvqcli", *argv], env=env,
+                                  capture_output=True, text=True, timeout=300, cwd=ROOT)  # fmt: skip
+            assert done.returncode == 0, done.stderr[-2000:]
+        rows = [json.loads(line) for line in per_token.read_text().splitlines()]
+        return [row["logprob"] for row in rows], state
+
+    alone, alone_state = run("alone")
+    spread, spread_state = run("spread", "--sequence-parallel", env=forced_devices(4))
+    assert len(spread) == len(alone) == 2 * 4096 + 1003
+    np.testing.assert_allclose(spread, alone, atol=1e-5)
+    model_obj = tvq.load(model)
+    a, b = tvq.load_state(alone_state, model_obj), tvq.load_state(spread_state, model_obj)
+    assert a.tokens == b.tokens == len(alone)
+    for x, y in zip(jax.tree_util.tree_leaves(a.state), jax.tree_util.tree_leaves(b.state),
+                    strict=True):  # fmt: skip
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=ATOL)
+
+
 def test_cli_settings_keep_the_numbers(tmp_path):
     """tvq score --algorithm parallel / --sequence-parallel (4 devices) give the serial
     numbers; --dtype bfloat16 stays close; a state saved under one setting continues
