@@ -72,7 +72,7 @@ def main() -> None:
     import numpy as np
 
     from tvq.config import ModelConfig
-    from tvq.nn.params import init_params
+    from tvq.runtime.model import init_params
 
     config = ModelConfig(d_model=args.d_model, n_layer=args.n_layer, d_k=args.d_k,
                          d_v=args.d_v, n_head=args.n_head, n_code=args.n_code,

@@ -41,9 +41,10 @@ from common import median_time  # noqa: E402
 from mfu import flops_per_token  # noqa: E402
 
 import tvq  # noqa: E402
-from tvq.nn.params import init_params, nest, param_layout  # noqa: E402
+from tvq.nn.params import nest, param_layout  # noqa: E402
 from tvq.nn.state import initial_state  # noqa: E402
 from tvq.runtime.forward import default_chunk_len, forward  # noqa: E402
+from tvq.runtime.model import init_params  # noqa: E402
 
 PAPER = tvq.ModelConfig(d_model=768, d_k=128, d_v=1536, n_head=1, n_code=512, n_layer=24,
                         n_vocab=256, mem_len=512, e_scale=768**-0.5, dtype="bfloat16")  # fmt: skip

@@ -34,8 +34,8 @@ def child(args) -> dict:
 
     import tvq
     from tvq.distributed.devices import data_mesh, replicated, split_rows
-    from tvq.nn.params import init_params
     from tvq.nn.state import initial_state
+    from tvq.runtime.model import init_params
     from tvq.scoring.batching import BatchScorer
     from tvq.train.settings import TrainSettings
     from tvq.train.step import compiled_step

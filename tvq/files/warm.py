@@ -128,6 +128,38 @@ def _parameter_names(jitted: Callable) -> list[str]:
     return list(inspect.signature(jitted.__wrapped__).parameters)
 
 
+class Entry:
+    """A compiled entry point of tvq: `jax.jit(fn, static_argnames, donate_argnums)`,
+    called through `call`, so that with a warm-start folder its executable is kept on
+    disk for later processes (`store`). Every compiled entry point is declared this way
+    (`@entry(...)`), and its callers call it like the function. An entry whose program
+    depends on more than its arguments (a closure over settings, a mesh) or that runs
+    over several processes is declared with store=False: the store's key could not
+    tell two of its programs apart."""
+
+    def __init__(self, fn: Callable, *, static_argnames: tuple[str, ...] = (),
+                 donate_argnums: tuple[int, ...] = (), store: bool = True) -> None:  # fmt: skip
+        self.jitted = jax.jit(fn, static_argnames=static_argnames, donate_argnums=donate_argnums)
+        self.static = tuple(static_argnames)
+        self.store = store
+        functools.update_wrapper(self, fn)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if not self.store:
+            return self.jitted(*args, **kwargs)
+        return call(self.jitted, self.static, *args, **kwargs)
+
+    def lower(self, *args: Any, **kwargs: Any) -> Any:
+        return self.jitted.lower(*args, **kwargs)
+
+
+def entry(*, static_argnames: tuple[str, ...] = (), donate_argnums: tuple[int, ...] = (),
+          store: bool = True) -> Callable[[Callable], Entry]:  # fmt: skip
+    """Declares a compiled entry point (a decorator): see Entry."""
+    return lambda fn: Entry(fn, static_argnames=static_argnames, donate_argnums=donate_argnums,
+                            store=store)  # fmt: skip
+
+
 def call(jitted: Callable, static: tuple[str, ...], *args: Any, **kwargs: Any) -> Any:
     """`jitted(*args, **kwargs)`, from an executable stored by an earlier process when
     there is one; `static` names the function's static arguments (its jit

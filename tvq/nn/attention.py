@@ -7,6 +7,10 @@ Softmax attention over [aggregate codewords | window memory | present block] is 
 exact and costs O(L·(M + L + S)) per block of L tokens. Layout: head-major, [B, H, L, ·]
 for queries and [B, H, W, ·] for the window, W = M + L. The flax module that owns the
 parameters is tvq/nn/sublayer.py; the one-token ring form is tvq/nn/ring.py.
+
+Over 300 lines because it is the whole arithmetic of a sublayer in both forms, serial
+and parallel (section 12), which share every helper: split, each half would import the
+other's privates.
 """
 
 from __future__ import annotations

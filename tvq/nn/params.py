@@ -5,7 +5,6 @@ passes, whatever its source (a tvq model directory or a reference checkpoint).
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import jax
@@ -15,22 +14,8 @@ import numpy as np
 from tvq.config import ModelConfig
 from tvq.errors import CheckpointError
 from tvq.nn.layout import QUANTIZER, sublayer_paths
-from tvq.nn.state import initial_state, state_shapes
+from tvq.nn.state import state_shapes
 from tvq.nn.transformer import Transformer
-
-
-def init_params(config: ModelConfig, seed: int = 0) -> Any:
-    """Fresh parameters for `config`, as a nested dict in the reference layout."""
-    return _init_params(config, jax.random.PRNGKey(seed))
-
-
-@functools.partial(jax.jit, static_argnames=("config",))
-def _init_params(config: ModelConfig, key: jax.Array) -> Any:
-    """Compiled once per config (a jit of a fresh bound `net.init` would compile anew
-    at every call)."""
-    net = Transformer(config)
-    tokens = jnp.zeros([1, 1], jnp.int32)
-    return net.init(key, tokens, initial_state(config, 1))["params"]
 
 
 def param_layout(config: ModelConfig) -> dict[str, tuple[int, ...]]:

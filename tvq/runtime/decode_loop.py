@@ -9,7 +9,6 @@ text depends on its own key only.
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import flax.struct
@@ -43,7 +42,7 @@ class DecodeCarry:
     top_ids: jax.Array  # [CHUNK, B, k] int32: and their ids
 
 
-@functools.partial(jax.jit, static_argnames=("config", "sampler", "top_k"))
+@warm.entry(static_argnames=("config", "sampler", "top_k"))
 def decode_chunk(config, params, rings, token, keys, counts, limits, forced, n_forced, eos_id,
                  sampler: Sampler, top_k: int = 0):  # fmt: skip
     """Samples tokens after `token` [B]: row r takes limits[r] (≤ CHUNK) steps or stops
@@ -94,13 +93,13 @@ def decode_chunk(config, params, rings, token, keys, counts, limits, forced, n_f
     return c.rings, c.token, c.tokens, c.log_probs, c.step, c.top_log_probs, c.top_ids
 
 
-@functools.partial(jax.jit, static_argnames=("config",))
+@warm.entry(static_argnames=("config",))
 def ring_to_state(config, params, rings):
     return model_from_ring(rings, network(config, params)[2])
 
 
-state_to_ring = jax.jit(model_to_ring)
-repeat_ring_rows = jax.jit(repeat_rows, static_argnames=("n",))
+state_to_ring = warm.Entry(model_to_ring)
+repeat_ring_rows = warm.Entry(repeat_rows, static_argnames=("n",))
 
 
 def run_chunk(model: Model, rings, token, keys, counts, limits, forced, n_forced, eos_id,
@@ -118,9 +117,8 @@ def run_chunk(model: Model, rings, token, keys, counts, limits, forced, n_forced
     else:
         rings, token, keys, counts, limits = split_rows(mesh, (rings, token, keys, counts, limits))
         forced = replicated(mesh, forced)
-    return warm.call(decode_chunk, ("config", "sampler", "top_k"), model.config, params, rings,
-                     token, keys, counts, limits, forced, n_forced, eos_id, sampler=sampler,
-                     top_k=top_k)  # fmt: skip
+    return decode_chunk(model.config, params, rings, token, keys, counts, limits, forced,
+                        n_forced, eos_id, sampler=sampler, top_k=top_k)  # fmt: skip
 
 
 def feed(model: Model, rings, token, ids: np.ndarray, sampler: Sampler, top_k: int = 0):
@@ -158,7 +156,7 @@ def feed_ids(model: Model, state, token, ids: np.ndarray, top_k: int = 0):
 
 def row_keys(seed: int, n: int) -> np.ndarray:
     """The keys of n samples of one text [n, 2]: sample i draws from fold_in(key(seed), i)."""
-    return np.asarray(warm.call(_fold_keys, (), seed_key(seed), np.arange(n, dtype=np.int32)))
+    return np.asarray(_fold_keys(seed_key(seed), np.arange(n, dtype=np.int32)))
 
 
 def seed_key(seed: int) -> np.ndarray:
@@ -170,6 +168,6 @@ def seed_key(seed: int) -> np.ndarray:
     return np.array([0, seed % 2**32], np.uint32)
 
 
-@jax.jit
+@warm.entry()
 def _fold_keys(key: jax.Array, rows: jax.Array) -> jax.Array:
     return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, rows)

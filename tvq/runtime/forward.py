@@ -20,6 +20,7 @@ import jax.numpy as jnp
 
 from tvq.config import ModelConfig
 from tvq.errors import InputError
+from tvq.files import warm
 from tvq.nn.state import ModelState
 from tvq.nn.transformer import Transformer, network
 
@@ -180,7 +181,7 @@ def pick_targets(log_probs: jax.Array, targets: jax.Array, top_k: int = 0) -> An
 
 
 FORWARD_STATIC = ("config", "block_len", "algorithm", "chunk_len", "top_k")
-forward_jit = jax.jit(forward, static_argnames=FORWARD_STATIC)
+forward_jit = warm.Entry(forward, static_argnames=FORWARD_STATIC)
 
 
 def on_device(tree: Any) -> Any:
@@ -258,7 +259,9 @@ def sequence_parallel_forward(
     return jax.tree_util.tree_map(lambda *a: jnp.concatenate(a, axis=1), *outs), state
 
 
-sequence_parallel_jit = jax.jit(
+# A mesh is a static argument: its program is not kept on disk (warm.Entry).
+sequence_parallel_jit = warm.Entry(
     sequence_parallel_forward,
     static_argnames=("config", "block_len", "mesh", "chunk_len", "top_k"),
+    store=False,
 )

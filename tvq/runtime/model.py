@@ -24,10 +24,9 @@ from tvq.config import DTYPES, ModelConfig
 from tvq.distributed.devices import replicated
 from tvq.errors import InputError, is_int
 from tvq.files import checkpoint, reference, warm
-from tvq.nn.params import init_params
 from tvq.nn.state import ModelState, check_state, initial_state, state_nbytes
+from tvq.nn.transformer import Transformer
 from tvq.runtime.forward import (
-    FORWARD_STATIC,
     check_algorithm,
     forward_jit,
     on_device,
@@ -36,7 +35,6 @@ from tvq.runtime.forward import (
 from tvq.text.tokenizer import Tokenizer, check_vocab
 
 DEFAULT_BLOCK_LEN = 128
-
 
 
 def check_sequence_devices(count: Any) -> int:
@@ -67,6 +65,20 @@ def check_block_len(block_len: Any) -> int:
 
 def default_block_len(config: ModelConfig) -> int:
     return max(1, min(DEFAULT_BLOCK_LEN, config.mem_len or DEFAULT_BLOCK_LEN))
+
+
+def init_params(config: ModelConfig, seed: int = 0) -> Any:
+    """Fresh parameters for `config`, as a nested dict in the reference layout."""
+    return _init_params(config, jax.random.PRNGKey(seed))
+
+
+@warm.entry(static_argnames=("config",))
+def _init_params(config: ModelConfig, key: jax.Array) -> Any:
+    """Compiled once per config (a jit of a fresh bound `net.init` would compile anew
+    at every call)."""
+    net = Transformer(config)
+    tokens = jnp.zeros([1, 1], jnp.int32)
+    return net.init(key, tokens, initial_state(config, 1))["params"]
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -200,9 +212,9 @@ class Model:
             # a caller adds them to, or feeds them into next, lives there.
             return on_device(out)
         tokens, state, targets = on_device((tokens, state, targets))
-        return warm.call(
-            forward_jit, FORWARD_STATIC, self.config, self.params, tokens, state, block_len,
-            targets, algorithm=algorithm, top_k=top_k,
+        return forward_jit(
+            self.config, self.params, tokens, state, block_len, targets, algorithm=algorithm,
+            top_k=top_k,
         )  # fmt: skip
 
     @functools.cached_property

@@ -13,7 +13,6 @@ nothing grows with a text's length, and memory stays flat however long the texts
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, BinaryIO
 
@@ -23,6 +22,7 @@ import numpy as np
 
 from tvq.config import ModelConfig
 from tvq.distributed.devices import data_mesh, replicated, split_rows
+from tvq.files import warm
 from tvq.nn.state import ModelState
 from tvq.runtime.context import Context, require_tokenizer
 from tvq.runtime.forward import forward
@@ -41,9 +41,9 @@ def step_len(block_len: int) -> int:
     return block_len * max(STEP_BLOCKS, -(-MIN_STEP // block_len))
 
 
-@functools.partial(
-    jax.jit, static_argnames=("config", "block_len", "algorithm"), donate_argnums=(3,)
-)
+# Its rows are split over the devices, and in a cluster over processes: not kept on disk.
+@warm.entry(static_argnames=("config", "block_len", "algorithm"), donate_argnums=(3,),
+            store=False)  # fmt: skip
 def _score_step(config: ModelConfig, block_len: int, params: Any, state: ModelState,
                 start: ModelState, reset: jax.Array, inputs: jax.Array, targets: jax.Array,
                 valid: jax.Array, algorithm: str = "serial",

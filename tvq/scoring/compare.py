@@ -5,7 +5,6 @@ numbers leave the compiled call, never a distribution, so memory stays flat."""
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Iterable
 from typing import Any
 
@@ -15,6 +14,7 @@ import numpy as np
 
 from tvq.config import ModelConfig
 from tvq.errors import InputError
+from tvq.files import warm
 from tvq.nn.state import ModelState
 from tvq.runtime.forward import forward, on_device
 from tvq.runtime.model import Model
@@ -31,9 +31,8 @@ def check_baseline(model: Model, baseline: Model) -> None:
                          "the same tokens")  # fmt: skip
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=("config", "base_config", "block_len", "algorithm", "base_algorithm", "top_k"),
+@warm.entry(
+    static_argnames=("config", "base_config", "block_len", "algorithm", "base_algorithm", "top_k")
 )
 def _compare(config: ModelConfig, params: Any, state: ModelState, base_config: ModelConfig,
              base_params: Any, base_state: ModelState, inputs: jax.Array, targets: jax.Array,

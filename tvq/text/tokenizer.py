@@ -1,4 +1,5 @@
-"""Tokenizers: one small protocol, two implementations.
+"""Tokenizers: one small protocol, two implementations (over 300 lines because exact
+streaming needs each model's own cutting rules, read off its specification, beside it).
 
 - `ByteTokenizer`: byte b ↔ id b + 3; 0 = pad, 1 = end of document, 2 = unknown;
   vocabulary 259 (the reference implementation's byte vocabulary).

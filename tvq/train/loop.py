@@ -5,6 +5,10 @@ tokens per row and carries the attention state (without gradient) into the next
 window, so the model learns to use context far beyond a window. Everything a run needs
 to continue lives in orbax checkpoints under <out>/train/checkpoints (a RunState), from
 which the data position follows; a run stopped by Ctrl-C or a kill resumes from there.
+
+Over 300 lines because resuming touches every part of the loop (the log, the data
+position, the checkpoints, evaluation, the cluster's watchdog); the step itself is
+tvq/train/step.py and the data tvq/train/data.py.
 """
 
 from __future__ import annotations
@@ -35,11 +39,10 @@ from tvq.distributed.devices import (
 )
 from tvq.errors import Interrupted, TrainingError
 from tvq.files.atomic import write_atomically
-from tvq.nn.params import init_params
 from tvq.nn.state import ModelState, initial_state
 from tvq.runtime.context import score_ids
 from tvq.runtime.forward import check_algorithm
-from tvq.runtime.model import Model
+from tvq.runtime.model import Model, init_params
 from tvq.train.data import TokenStream
 from tvq.train.settings import TrainSettings
 from tvq.train.step import compiled_step, learning_rate

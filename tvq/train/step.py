@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import optax
 
 from tvq.config import ModelConfig
+from tvq.files import warm
 from tvq.nn.layout import QUANTIZER, sublayer_params
 from tvq.nn.state import ModelState
 from tvq.nn.sublayer import SublayerStats
@@ -203,4 +204,5 @@ def make_train_step(
         metrics = StepMetrics(loss=nll, commit=commit, grad_norm=optax.tree.norm(grads))
         return params, opt_state, jax.lax.stop_gradient(new_state), metrics
 
-    return jax.jit(train_step, donate_argnums=(0, 1, 2))
+    # A closure over the settings and optimizer, run across processes: not kept on disk.
+    return warm.Entry(train_step, donate_argnums=(0, 1, 2), store=False)

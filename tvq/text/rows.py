@@ -1,0 +1,105 @@
+"""The host side of sampled text (docs/DESIGN.md section 7): each row's ids decoded as
+they arrive (never half a character), stop strings applied (text that may begin one is
+held back until it cannot), finished rows marked, and final text streamed to a callback.
+The compiled loop hands it one token per row at a time (tvq/decoding.py)."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+from tvq.text.tokenizer import StreamDecoder
+
+
+@dataclasses.dataclass
+class Sample:
+    text: str = ""
+    ids: list[int] = dataclasses.field(default_factory=list)
+    log_probs: list[float] = dataclasses.field(default_factory=list)
+    # per token, with generate(logprobs=k): the k most likely (id, log-prob), likeliest first
+    top_logprobs: list[list[tuple[int, float]]] = dataclasses.field(default_factory=list)
+    finish_reason: str = "length"  # "length", "eos", "stop" or "cancelled"
+    done: bool = False
+
+
+class TextRows:
+    """Host side of the loop: decodes each row, applies stop strings, streams row 0."""
+
+    def __init__(self, tokenizer, stops, on_text, ignore_eos=False):
+        """stops: each row's stop strings (one list per row)."""
+        n = len(stops)
+        self.samples = [Sample() for _ in range(n)]
+        self.decoders = [StreamDecoder(tokenizer) for _ in range(n)]
+        self.pending = [""] * n  # decoded text not yet released (may begin a stop string)
+        self.stops = [[s for s in row if s] for row in stops]
+        self.eos_id, self.on_text = tokenizer.eos_id, on_text
+        self.ignore_eos = ignore_eos
+        self.first_token_at: float | None = None
+
+    def take(self, tokens, log_probs, top_log_probs, top_ids) -> bool:
+        """One sampled token per row (and its row's top-k [B, k]); True once every row
+        has finished."""
+        if self.first_token_at is None:
+            self.first_token_at = time.perf_counter()
+        for row, sample in enumerate(self.samples):
+            if sample.done:
+                continue
+            token = int(tokens[row])
+            sample.ids.append(token)
+            sample.log_probs.append(float(log_probs[row]))
+            if top_ids.shape[-1]:
+                pairs = zip(top_ids[row].tolist(), top_log_probs[row].tolist(), strict=True)
+                sample.top_logprobs.append(list(pairs))
+            if token == self.eos_id:
+                if not self.ignore_eos:
+                    self._finish(row, "eos")
+                continue  # an end of document has no text
+            self.pending[row] += self.decoders[row].push(token)
+            self._release(row)
+        return all(s.done for s in self.samples)
+
+    def _release(self, row: int) -> None:
+        text = self.pending[row]
+        for stop in self.stops[row]:
+            at = text.find(stop)
+            if at >= 0:
+                self.pending[row] = text[:at]
+                self._finish(row, "stop", flush=False)
+                return
+        hold = max((k for s in self.stops[row] for k in range(1, len(s)) if text.endswith(s[:k])),
+                   default=0)  # fmt: skip
+        self._out(row, text[: len(text) - hold])
+        self.pending[row] = text[len(text) - hold :]
+
+    def _finish(self, row: int, reason: str, flush: bool = True) -> None:
+        tail = self.pending[row] + (self.decoders[row].flush() if flush else "")
+        self._out(row, tail)
+        self.pending[row] = ""
+        self.samples[row].finish_reason = reason
+        self.samples[row].done = True
+
+    def cancel(self, mask) -> None:
+        """Ends the rows where mask [B] is true (their clients went away)."""
+        for row, sample in enumerate(self.samples):
+            if mask[row] and not sample.done:
+                self._finish(row, "cancelled")
+
+    def finish_at(self, row: int) -> None:
+        """Ends the row, if it is running, as "length" (its max_tokens, or the end)."""
+        if not self.samples[row].done:
+            self.pending[row] += self.decoders[row].flush()
+            self._finish(row, "length", flush=False)
+
+    @property
+    def all_done(self) -> bool:
+        return all(s.done for s in self.samples)
+
+    def finish_all(self) -> None:
+        for row in range(len(self.samples)):
+            self.finish_at(row)
+
+    def _out(self, row: int, text: str) -> None:
+        if text:
+            self.samples[row].text += text
+            if self.on_text is not None:
+                self.on_text(row, text)
