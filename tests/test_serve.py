@@ -1,4 +1,4 @@
-"""`tvq serve` (tvq/serving/engine.py): a real server process on a free port of 127.0.0.1 with a
+"""`tvq serve` (tvq/serving/): a real server process on a free port of 127.0.0.1 with a
 tiny byte-level model, driven by the official `openai` client and by raw HTTP."""
 
 import http.client
@@ -294,7 +294,7 @@ def test_restart_keeps_sessions_and_a_full_queue_answers_429(model_dir, tmp_path
 
 def test_sessions_beyond_the_limit_drop_the_least_recently_used(model_dir, tmp_path):
     from tvq.runtime.context import Context
-    from tvq.serving.engine import Sessions
+    from tvq.serving.sessions import Sessions
 
     model = tvq.load(model_dir)
     memory = Sessions(model, limit=2, folder=None)

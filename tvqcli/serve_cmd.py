@@ -1,4 +1,4 @@
-"""`tvq serve`: an OpenAI-compatible HTTP server (tvq/serving/engine.py)."""
+"""`tvq serve`: an OpenAI-compatible HTTP server (tvq/serving/: protocol, sessions, engine, app)."""
 
 from __future__ import annotations
 
@@ -70,7 +70,9 @@ def serve(
     import tvq
     from tvq.decoding import generate
     from tvq.runtime.context import require_tokenizer
-    from tvq.serving.engine import Engine, ServerSettings, build_app
+    from tvq.serving.app import build_app
+    from tvq.serving.engine import Engine
+    from tvq.serving.protocol import ServerSettings
 
     if session_dir is not None:
         check_output_dir(session_dir, "--session-dir")

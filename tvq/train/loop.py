@@ -38,6 +38,7 @@ from tvq.distributed.devices import (
     to_host,
 )
 from tvq.errors import Interrupted, TrainingError
+from tvq.files import warm
 from tvq.files.atomic import write_atomically
 from tvq.nn.state import ModelState, initial_state
 from tvq.runtime.context import score_ids
@@ -228,7 +229,8 @@ def run_training(
                         "command again to resume")  # fmt: skip
     resumed_from = step if latest is not None else None
     tokens_per_step = settings.batch_size * settings.update_len
-    lr_at = jax.jit(learning_rate(settings))  # one dispatch per step, not a dozen eager ops
+    # one dispatch per step, not a dozen eager ops (a closure over the settings: not stored)
+    lr_at = warm.Entry(learning_rate(settings), store=False)
     try:
         log = MetricsLog(train_dir / METRICS_FILE if cluster.is_main() else None, step)
     except OSError as e:

@@ -1,0 +1,158 @@
+"""The HTTP application of `tvq serve` (docs/DESIGN.md section 13): Starlette routes, run
+by uvicorn (tvqcli/serve_cmd.py). On the event loop it checks the API key, reads the
+body (413 beyond the limit), parses it (tvq.serving.protocol), hands the job to the
+engine (tvq.serving.engine) and answers with the job's events, whole or as server-sent
+events. It never touches the model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from tvq.serving.engine import Engine, Job
+from tvq.serving.protocol import (
+    SSE_DONE,
+    ApiError,
+    CompletionRequest,
+    completion_head,
+    completion_response,
+    end_chunk,
+    internal_error,
+    models_json,
+    parse_completion,
+    session_deleted_json,
+    sse_chunk,
+    sse_error,
+    text_chunk,
+    usage_chunk,
+)
+from tvq.serving.sessions import SESSION_ID
+
+
+def build_app(engine: Engine) -> Starlette:
+    """The Starlette application: /health, /v1/models, /v1/completions,
+    DELETE /v1/sessions/{id}."""
+    settings = engine.settings
+    created = int(time.time())
+
+    def error(e: ApiError) -> JSONResponse:
+        return JSONResponse(e.body(), status_code=e.status)
+
+    def checked(handler):
+        async def wrapped(request: Request) -> Response:
+            try:
+                if settings.api_key is not None:
+                    given = request.headers.get("authorization", "").encode()
+                    if not secrets.compare_digest(given, f"Bearer {settings.api_key}".encode()):
+                        raise ApiError(401, "a valid API key is needed: Authorization: "
+                                       "Bearer KEY", kind="authentication_error")  # fmt: skip
+                return await handler(request)
+            except ApiError as e:
+                return error(e)
+            except Exception as e:  # noqa: BLE001  (never a traceback to the client)
+                return error(internal_error(e))
+
+        return wrapped
+
+    async def health(request: Request) -> Response:
+        return JSONResponse({"status": "ok"} | engine.stats)
+
+    async def models(request: Request) -> Response:
+        return JSONResponse(models_json(settings.model_name, created))
+
+    async def delete_session(request: Request) -> Response:
+        name = request.path_params["name"]
+        if not SESSION_ID.fullmatch(name):
+            raise ApiError(400, "a session id is a name of letters, digits, '_', '-' and '.'",
+                           "session")  # fmt: skip
+        if not engine.sessions.delete(name):
+            raise ApiError(404, f"no session {name}", "session", "not_found_error")
+        return JSONResponse(session_deleted_json(name))
+
+    async def completions(request: Request) -> Response:
+        body = await read_json(request, settings.max_body_bytes)
+        r = parse_completion(body, engine.tokenizer, engine.model.config.n_vocab, settings)
+        loop = asyncio.get_running_loop()
+        job = Job(r, loop, asyncio.Queue())
+        engine.submit(job)
+        head = completion_head(settings.model_name, r.session)
+        if r.stream:
+            return StreamingResponse(_stream(job, head, r), media_type="text/event-stream")
+        try:
+            texts = [""] * (len(r.prompts) * r.n)
+            choices: list[dict | None] = [None] * len(texts)
+            while True:
+                kind, *rest = await job.events.get()
+                if kind == "text":
+                    texts[rest[0]] += rest[1]
+                elif kind == "choice":
+                    choices[rest[0]] = rest[1]
+                elif kind == "error":
+                    raise rest[0]
+                else:
+                    usage = rest[0]
+                    break
+        finally:
+            job.cancelled.set()  # a no-op once done; frees the worker if the client left
+        return JSONResponse(completion_response(head, texts, choices, usage))
+
+    async def not_found(request: Request, exc: HTTPException) -> Response:
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return error(ApiError(exc.status_code, exc.detail or "not found", kind=kind))
+
+    routes = [
+        Route("/health", checked(health), methods=["GET"]),
+        Route("/v1/models", checked(models), methods=["GET"]),
+        Route("/v1/completions", checked(completions), methods=["POST"]),
+        Route("/v1/sessions/{name:path}", checked(delete_session), methods=["DELETE"]),
+    ]
+    return Starlette(routes=routes, exception_handlers={HTTPException: not_found})
+
+
+async def read_json(request: Request, limit: int) -> Any:
+    """The request body as JSON: 413 beyond `limit` bytes, 400 if it is not JSON."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, f"the body is larger than {limit} bytes", kind="request_too_large")
+    data = bytearray()
+    async for piece in request.stream():
+        data += piece
+        if len(data) > limit:
+            raise ApiError(413, f"the body is larger than {limit} bytes", kind="request_too_large")
+    try:
+        return json.loads(data)
+    except (ValueError, UnicodeDecodeError):
+        raise ApiError(400, "the body is not valid JSON") from None
+
+
+async def _stream(job: Job, head: dict, r: CompletionRequest) -> AsyncIterator[str]:
+    """The job's events as server-sent events (tvq.serving.protocol's chunks), then
+    [DONE]. Leaving early (the client went away) cancels the job at once."""
+    try:
+        while True:
+            kind, *rest = await job.events.get()
+            if kind == "text":
+                yield sse_chunk(head, text_chunk(rest[0], rest[1]))
+            elif kind == "choice":
+                yield sse_chunk(head, end_chunk(rest[0], rest[1]))
+            elif kind == "error":
+                yield sse_error(rest[0])
+                break
+            else:
+                if r.include_usage:
+                    yield sse_chunk(head, usage_chunk(rest[0]))
+                break
+        yield SSE_DONE
+    finally:
+        job.cancelled.set()

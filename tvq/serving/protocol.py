@@ -1,0 +1,337 @@
+"""The OpenAI completions protocol of `tvq serve` (docs/DESIGN.md section 13): the
+server's options and limits (`ServerSettings`), request parsing and checks
+(`parse_completion` → `CompletionRequest`, a 400 naming the field), OpenAI-shaped errors
+(`ApiError`), and the JSON of answers: whole responses, streamed chunks, usage, logprobs
+and OpenAI's token text ("bytes:\\xNN" for a token that is not whole UTF-8).
+
+Nothing here runs the model or touches HTTP; the engine and the app build on it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import secrets
+import time
+from pathlib import Path
+from typing import Any
+
+from tvq.errors import TvqError, is_int
+from tvq.serving.sessions import SESSION_ID
+from tvq.text.sampling import Sampler
+from tvq.text.tokenizer import token_text
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerSettings:
+    """Limits and options of a server (each a `tvq serve` option)."""
+
+    model_name: str = "tvq"
+    api_key: str | None = None
+    max_sessions: int = 64
+    session_dir: Path | None = None
+    max_tokens_limit: int = 4096  # max_tokens of one request
+    max_n: int = 16  # completions per prompt
+    max_prompts: int = 64  # prompts in one request
+    max_prompt_tokens: int = 1 << 20  # tokens of one prompt
+    max_body_bytes: int = 16 << 20
+    queue_size: int = 64  # requests waiting for the model
+    max_batch_rows: int = 64  # rows of concurrent requests decoded together
+
+
+# -- errors -------------------------------------------------------------------------------
+
+
+class ApiError(Exception):
+    """An OpenAI-style error answer: status, message, the field at fault."""
+
+    def __init__(self, status: int, message: str, param: str | None = None,
+                 kind: str = "invalid_request_error") -> None:  # fmt: skip
+        super().__init__(message)
+        self.status, self.message, self.param, self.kind = status, message, param, kind
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param,
+                          "code": None}}  # fmt: skip
+
+
+def internal_error(e: BaseException) -> ApiError:
+    """A 500 that names the exception's type only (never a traceback to the client)."""
+    return ApiError(500, f"internal error: {type(e).__name__}", kind="server_error")
+
+
+def api_error(e: Exception) -> ApiError:
+    """An exception raised while running a request, as its answer: an ApiError as it
+    is, a TvqError (a bad input the model refused) a 400, anything else a 500."""
+    if isinstance(e, ApiError):
+        return e
+    if isinstance(e, TvqError):
+        return ApiError(400, str(e))
+    return internal_error(e)
+
+
+# -- requests -----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class CompletionRequest:
+    """A checked /v1/completions body."""
+
+    prompts: list[list[int]]
+    prompt_texts: list[str]
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    stop: list[str] = dataclasses.field(default_factory=list)
+    n: int = 1
+    seed: int | None = None
+    stream: bool = False
+    include_usage: bool = False
+    logprobs: int | None = None
+    echo: bool = False
+    session: str | None = None
+    ignore_eos: bool = False  # an extension (llama.cpp's, vLLM's): sample past end-of-document
+
+
+_KIND_NAMES = {int: "an integer", float: "a number", bool: "a boolean", str: "a string",
+               list: "a list", dict: "an object"}  # fmt: skip
+
+
+def _is_kind(value, kind: type) -> bool:
+    """isinstance, except that a bool is no int (JSON's true is not 1)."""
+    return is_int(value) if kind is int else isinstance(value, kind)
+
+
+def _field(body: dict, name: str, kinds, default, check=None, what: str = ""):
+    value = body.get(name, default)
+    if value is None:
+        return default
+    if not any(_is_kind(value, kind) for kind in kinds):
+        names = " or ".join(_KIND_NAMES[k] for k in kinds)
+        raise ApiError(400, f"'{name}' must be {names}, got {type(value).__name__}", name)
+    if check is not None and not check(value):
+        raise ApiError(400, f"'{name}' must be {what}, got {value!r}", name)
+    return value
+
+
+def parse_completion(body: Any, tokenizer, n_vocab: int, settings: ServerSettings
+                     ) -> CompletionRequest:  # fmt: skip
+    """Checks a completions body field by field → CompletionRequest, or ApiError 400
+    naming the field."""
+    if not isinstance(body, dict):
+        raise ApiError(400, "the body must be a JSON object")
+    prompt = body.get("prompt", "")
+    prompts, texts = _prompts(prompt, tokenizer, n_vocab, settings)
+    limit = settings.max_tokens_limit
+    request = CompletionRequest(
+        prompts=prompts,
+        prompt_texts=texts,
+        max_tokens=_field(body, "max_tokens", (int,), 16, lambda v: 0 <= v <= limit,
+                          f"between 0 and {limit} (--max-tokens-limit)"),
+        temperature=float(_field(body, "temperature", (int, float), 1.0,
+                                 lambda v: math.isfinite(v) and 0 <= v <= 100,
+                                 "between 0 and 100")),
+        top_p=float(_field(body, "top_p", (int, float), 1.0,
+                           lambda v: 0 < v <= 1, "in (0, 1]")),
+        top_k=_field(body, "top_k", (int,), 0, lambda v: v >= 0, ">= 0"),
+        min_p=float(_field(body, "min_p", (int, float), 0.0,
+                           lambda v: 0 <= v < 1, "in [0, 1)")),
+        stop=_stop(body.get("stop")),
+        n=_field(body, "n", (int,), 1, lambda v: 1 <= v <= settings.max_n,
+                 f"between 1 and {settings.max_n}"),
+        seed=_field(body, "seed", (int,), None, lambda v: abs(v) < 2**63, "a 64-bit integer"),
+        stream=_field(body, "stream", (bool,), False),
+        include_usage=_field(_field(body, "stream_options", (dict,), {}), "include_usage",
+                             (bool,), False),
+        logprobs=_field(body, "logprobs", (int,), None, lambda v: 0 <= v <= min(20, n_vocab),
+                        f"between 0 and {min(20, n_vocab)}"),
+        echo=_field(body, "echo", (bool,), False),
+        ignore_eos=_field(body, "ignore_eos", (bool,), False),
+        session=_field(body, "session", (str,), None, lambda v: bool(SESSION_ID.fullmatch(v)),
+                       "a name of letters, digits, '_', '-' and '.' (not starting with '.'), "
+                       "at most 128 characters"),
+    )  # fmt: skip
+    _field(body, "model", (str,), None)
+    for name in ("best_of", "suffix", "logit_bias"):
+        if body.get(name) not in (None, 1, "", {}):
+            raise ApiError(400, f"'{name}' is not supported by tvq", name)
+    if request.session is not None and len(prompts) != 1:
+        raise ApiError(400, "a session continues one text: give one prompt", "prompt")
+    if request.session is not None and request.n != 1:
+        raise ApiError(400, "a session continues one text: n must be 1", "n")
+    return request
+
+
+def _prompts(prompt, tokenizer, n_vocab: int, settings: ServerSettings):
+    """prompt: a string, a list of strings, a list of token ids or a list of such lists."""
+
+    def ids_of(item) -> tuple[list[int], str]:
+        if isinstance(item, str):
+            ids = list(tokenizer.encode(item))
+            text = item
+        elif isinstance(item, list) and all(is_int(i) for i in item):
+            if any(not 0 <= i < n_vocab for i in item):
+                raise ApiError(400, f"'prompt' holds token ids outside [0, {n_vocab})", "prompt")
+            ids = list(item)
+            text = tokenizer.decode(ids)
+        else:
+            raise ApiError(400, "'prompt' must be a string, a list of strings, a list of "
+                           "token ids or a list of lists of token ids", "prompt")  # fmt: skip
+        if len(ids) > settings.max_prompt_tokens:
+            limit = settings.max_prompt_tokens
+            raise ApiError(400, f"a prompt has {len(ids)} tokens, more than the limit {limit} "
+                           "(--max-prompt-tokens)", "prompt")  # fmt: skip
+        return ids, text
+
+    # A list of ints (bools included, which ids_of then refuses) is one prompt of token ids.
+    if isinstance(prompt, str) or (isinstance(prompt, list) and prompt
+                                   and all(isinstance(i, int) for i in prompt)):  # fmt: skip
+        items = [prompt]
+    elif isinstance(prompt, list) and prompt:
+        items = prompt
+    else:
+        raise ApiError(400, "'prompt' must be a string or a non-empty list", "prompt")
+    if len(items) > settings.max_prompts:
+        raise ApiError(400, f"at most {settings.max_prompts} prompts in one request", "prompt")
+    pairs = [ids_of(item) for item in items]
+    return [p[0] for p in pairs], [p[1] for p in pairs]
+
+
+def _stop(value) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(s, str) for s in value) or \
+            len(value) > 4:  # fmt: skip
+        raise ApiError(400, "'stop' must be a string or a list of at most 4 strings", "stop")
+    return [s for s in value if s]
+
+
+def request_sampler(r: CompletionRequest) -> Sampler:
+    """The request's sampler (temperature, top_k, top_p, min_p)."""
+    return Sampler(temperature=r.temperature, top_k=r.top_k, top_p=r.top_p, min_p=r.min_p)
+
+
+def request_seed(r: CompletionRequest) -> int:
+    """The request's seed (a random one when it gives none), as generate takes it."""
+    return secrets.randbits(31) if r.seed is None else r.seed % (1 << 31)
+
+
+# -- answers ------------------------------------------------------------------------------
+
+
+def completion_head(model_name: str, session: str | None) -> dict:
+    """The fields every answer and every chunk of one completion share."""
+    head = {"id": f"cmpl-{secrets.token_hex(12)}", "object": "text_completion",
+            "created": int(time.time()), "model": model_name}  # fmt: skip
+    if session is not None:
+        head["session"] = session  # an extension
+    return head
+
+
+def completion_response(head: dict, texts: list[str], choices: list[dict], usage: dict) -> dict:
+    """A whole (not streamed) answer: each choice's text with its end (`choice_end`)."""
+    out = [{"text": texts[i], "index": i, **choices[i]} for i in range(len(texts))]
+    return head | {"choices": out, "usage": usage}
+
+
+def usage_json(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}  # fmt: skip
+
+
+def models_json(model_name: str, created: int) -> dict:
+    """GET /v1/models: the one model served."""
+    return {"object": "list", "data": [
+        {"id": model_name, "object": "model", "created": created, "owned_by": "tvq"}
+    ]}  # fmt: skip
+
+
+def session_deleted_json(name: str) -> dict:
+    """DELETE /v1/sessions/{id} (an extension)."""
+    return {"id": name, "object": "session", "deleted": True}
+
+
+# Server-sent events: a chunk per piece of text, a last chunk per choice with its
+# finish_reason (and logprobs), the usage when asked, then [DONE]; an error instead.
+
+SSE_DONE = "data: [DONE]\n\n"
+
+
+def sse_chunk(head: dict, payload: dict) -> str:
+    return f"data: {json.dumps(head | payload, ensure_ascii=False)}\n\n"
+
+
+def sse_error(error: ApiError) -> str:
+    return f"data: {json.dumps(error.body())}\n\n"
+
+
+def text_chunk(index: int, text: str) -> dict:
+    return {"choices": [{"text": text, "index": index, "logprobs": None, "finish_reason": None}]}
+
+
+def end_chunk(index: int, choice: dict) -> dict:
+    return {"choices": [{"text": "", "index": index, **choice}]}
+
+
+def usage_chunk(usage: dict) -> dict:
+    return {"choices": [], "usage": usage}
+
+
+# -- a choice's end and its logprobs -------------------------------------------------------
+
+
+def choice_end(tokenizer, r: CompletionRequest, sample, echoed, prompt_text: str) -> dict:
+    """A choice's finish_reason and logprobs (its text is sent as it is sampled); text
+    offsets count from the start of the prompt. echoed: the prompt's (ids, log-probs,
+    top log-probs, top ids) with echo and logprobs, else None."""
+    start = 0 if r.echo else len(prompt_text)
+    logprobs = None if r.logprobs is None else logprobs_json(tokenizer, sample, echoed, start)
+    return {
+        "finish_reason": "length" if sample.finish_reason == "length" else "stop",
+        "logprobs": logprobs,
+    }
+
+
+def logprobs_json(tokenizer, sample, echoed, start: int) -> dict:
+    """The OpenAI shape: tokens, token_logprobs, top_logprobs, text_offset; and the
+    tokens' ids (token_ids, a tvq extension)."""
+    tokens, values, tops = [], [], []
+    if echoed is not None:
+        ids, lps, top_values, top_ids = echoed
+        for t, (token, lp) in enumerate(zip(ids, lps, strict=True)):
+            tokens.append(token)
+            values.append(float(lp))
+            tops.append(list(zip(top_ids[t].tolist(), top_values[t].tolist(), strict=True)))
+    sampled_tops = sample.top_logprobs or [[]] * len(sample.ids)
+    for token, lp, top in zip(sample.ids, sample.log_probs, sampled_tops, strict=True):
+        tokens.append(token)
+        values.append(float(lp))
+        tops.append(top)
+    offsets, at = [], start
+    for t in tokens:
+        offsets.append(at)
+        at += len(token_text(tokenizer, t))
+    return {
+        "tokens": [openai_token_text(tokenizer, t) for t in tokens],
+        "token_logprobs": [round(v, 6) for v in values],
+        "top_logprobs": [
+            {openai_token_text(tokenizer, i): round(v, 6) for i, v in top} for top in tops
+        ],
+        "text_offset": offsets,
+        "token_ids": [int(t) for t in tokens],  # a tvq extension
+    }
+
+
+def openai_token_text(tokenizer, token: int) -> str:
+    """A token's text the OpenAI way: a token that is not whole UTF-8 as "bytes:\\xNN…"
+    (unlike tvq.text.tokenizer.token_text, which puts U+FFFD in its place)."""
+    data = tokenizer.token_bytes(int(token))
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in data)

@@ -1,0 +1,62 @@
+"""The session store of `tvq serve` (docs/DESIGN.md section 13): attention states by
+session id, the most recently used in memory and, with a session folder, every one as
+a tvq state file (tvq.runtime.statefile), so they survive a restart.
+
+It knows nothing of HTTP: a state file that cannot be read raises StateError, which the
+engine answers as a 409.
+"""
+
+from __future__ import annotations
+
+import collections
+import re
+import threading
+from pathlib import Path
+
+from tvq.runtime.context import Context
+from tvq.runtime.model import Model
+from tvq.runtime.statefile import load_state, save_state
+
+# A session id; it is also the state file's name, so it never holds a '/' or starts with '.'.
+SESSION_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+
+
+class Sessions:
+    """Contexts by session id: the most recent `limit` in memory, and all of them as
+    state files in `folder` when there is one (they survive a restart)."""
+
+    def __init__(self, model: Model, limit: int, folder: Path | None) -> None:
+        self.model, self.limit, self.folder = model, limit, folder
+        self.memory: collections.OrderedDict[str, Context] = collections.OrderedDict()
+        self.lock = threading.Lock()
+
+    def _path(self, name: str) -> Path:
+        return self.folder / f"{name}.state"
+
+    def get(self, name: str) -> Context | None:
+        """The session's context, None if there is none; StateError if its state file
+        cannot be read."""
+        with self.lock:
+            if name in self.memory:
+                self.memory.move_to_end(name)
+                return self.memory[name]
+        if self.folder is not None and self._path(name).is_file():
+            return load_state(self._path(name), self.model)
+        return None
+
+    def put(self, name: str, context: Context) -> None:
+        with self.lock:
+            self.memory[name] = context
+            self.memory.move_to_end(name)
+            while len(self.memory) > self.limit:
+                self.memory.popitem(last=False)
+        if self.folder is not None:
+            save_state(self._path(name), self.model, context)
+
+    def delete(self, name: str) -> bool:
+        with self.lock:
+            found = self.memory.pop(name, None) is not None
+        if self.folder is not None and self._path(name).is_file():
+            self._path(name).unlink()
+            found = True
+        return found
