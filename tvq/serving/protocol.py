@@ -4,7 +4,9 @@ server's options and limits (`ServerSettings`), request parsing and checks
 (`ApiError`), and the JSON of answers: whole responses, streamed chunks, usage, logprobs
 and OpenAI's token text ("bytes:\\xNN" for a token that is not whole UTF-8).
 
-Nothing here runs the model or touches HTTP; the engine and the app build on it.
+Nothing here runs the model or touches HTTP; the engine and the app build on it. Over
+300 lines because it is the whole wire format, both directions, which change together
+(a field added to requests is answered in responses and chunks).
 """
 
 from __future__ import annotations
