@@ -377,7 +377,7 @@ def test_plot_without_matplotlib_is_a_clear_error(monkeypatch):
 
 
 def test_progress_shows_all_files_so_far_with_their_spread():
-    from tvqcli.score_cmd import running_bpb
+    from tvqcli.score_output import running_bpb
 
     rng = np.random.default_rng(3)
     scores = []

@@ -155,8 +155,9 @@ def test_sequence_parallel_scores_a_text_of_several_chunks(tmp_path):
         if env is None:
             invoke(*argv)
         else:
-            done = subprocess.run([sys.executable, "-m", "tvqcli", *argv], env=env,
-                                  capture_output=True, text=True, timeout=300, cwd=ROOT)  # fmt: skip
+            command = [sys.executable, "-m", "tvqcli", *argv]
+            done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300,
+                                  cwd=ROOT)  # fmt: skip
             assert done.returncode == 0, done.stderr[-2000:]
         rows = [json.loads(line) for line in per_token.read_text().splitlines()]
         return [row["logprob"] for row in rows], state

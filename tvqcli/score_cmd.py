@@ -1,16 +1,16 @@
-"""`tvq score`: perplexity and bits per byte of files of any length, in one streaming pass."""
+"""`tvq score`: perplexity and bits per byte of files of any length, in one streaming pass.
+
+Over 300 lines because its options and their help, a third of it, are the command's
+documentation; the body is a short sequence of named steps below, and everything that
+renders the results is tvqcli/score_output.py.
+"""
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import io
-import json
-import math
 import sys
-import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -31,9 +31,18 @@ from tvqcli.app import (
     run_settings,
     stderr,
 )
+from tvqcli.score_output import (
+    FORMATS,
+    PerTokenWriter,
+    ProgressLine,
+    baseline_label,
+    draw_plot,
+    print_results,
+    result_rows,
+    warn_not_utf8,
+)
 
-FORMATS = ("table", "json", "jsonl", "csv")
-KEYS = ("file", "bytes", "tokens", "nll", "perplexity", "bits_per_token", "bits_per_byte")
+PARTIAL = "the results above are partial"
 
 
 def open_input(name: str):
@@ -48,58 +57,6 @@ def open_input(name: str):
         raise fail(f"{name} does not exist") from None
     except OSError as e:
         raise fail(f"{name} cannot be read: {e.strerror}") from None
-
-
-def total_row(scores) -> dict:
-    from tvq.scoring.stats import FileScore
-
-    return FileScore.total(scores).row()
-
-
-def render(rows: list[dict], fmt: str, partial: bool) -> str:
-    if partial:
-        rows = [dict(r, partial=True) for r in rows]
-    if fmt == "json":
-        return json.dumps(rows, indent=2) + "\n"
-    if fmt == "jsonl":
-        return "".join(json.dumps(r) + "\n" for r in rows)
-    if fmt == "csv":
-        buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rows)
-        return buffer.getvalue()
-    raise ValueError(fmt)
-
-
-def sparkline(values: list[float | None]) -> str:
-    """A one-line picture of values (blank where None), low ▁ to high █."""
-    known = [v for v in values if v is not None]
-    if not known:
-        return ""
-    low, high = min(known), max(known)
-    bars = "▁▂▃▄▅▆▇█"
-    return "".join(" " if v is None else bars[round((v - low) / (high - low or 1) * 7)]
-                   for v in values)  # fmt: skip
-
-
-def print_table(rows: list[dict], partial: bool) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title="partial results (interrupted)" if partial else None)
-    curve = "by_position" in rows[0]
-    for key in KEYS + (("bits/byte by position",) if curve else ()):
-        table.add_column(key, justify="left" if key == "file" else "right")
-    for r in rows:
-        spread = "" if r["nll_stderr"] is None else f" ± {r['nll_stderr']:.4f}"
-        cells = [r["file"], f"{r['bytes']:,}", f"{r['tokens']:,}", f"{r['nll']:.4f}{spread}",
-                 f"{r['perplexity']:.3f}", f"{r['bits_per_token']:.4f}",
-                 f"{r['bits_per_byte']:.4f}"]  # fmt: skip
-        if curve:
-            cells.append(sparkline([b["bits_per_byte"] for b in r["by_position"]]))
-        table.add_row(*cells)
-    Console().print(table)
 
 
 @app.command()
@@ -217,15 +174,45 @@ def score(
     auto) the files are shared out among the processes and process 0
     prints the table. --sequence-parallel spreads one long text over the
     devices instead (docs/DESIGN.md section 12)."""
-    import tvq
-    from tvq.dist import cluster
-    from tvq.runtime.context import require_tokenizer
-    from tvq.runtime.statefile import load_state as read_state
-    from tvq.runtime.statefile import save_state as write_state
-    from tvq.scoring.stream import score_stream
-    from tvq.text.tokenizer import top_entries
-
     fmt = fmt or ("table" if sys.stdout.isatty() else "jsonl")
+    comparing = baseline is not None or baseline_no_agg_cache
+    _check_options(files, fmt, per_token=per_token, top_logprobs=top_logprobs,
+                   load_state=load_state, save_state=save_state, block_len=block_len,
+                   window=window, stride=stride, comparing=comparing)  # fmt: skip
+    _check_outputs(per_token, plot, save_state)
+    streams = [open_input(name) for name in files]  # every path is checked before work starts
+    join_cluster(coordinator, num_processes, process_id, distributed)
+    _check_one_process(files, per_token=per_token, save_state=save_state, window=window,
+                       sequence_parallel=sequence_parallel, comparing=comparing)  # fmt: skip
+    models = _load_models(model, files, devices=devices, load_state=load_state,
+                          top_logprobs=top_logprobs, algorithm=algorithm, dtype=dtype,
+                          no_agg_cache=no_agg_cache, comparing=comparing, baseline=baseline,
+                          baseline_no_agg_cache=baseline_no_agg_cache,
+                          sequence_parallel=sequence_parallel)  # fmt: skip
+    writer = PerTokenWriter(per_token, models.tokenizer) if per_token is not None else None
+    batched = _batched(files, per_token=per_token, save_state=save_state, window=window,
+                       sequence_parallel=models.sequence_parallel, comparing=comparing)  # fmt: skip
+    outcome = _score_files(models, files, streams, writer, batched=batched, devices=devices,
+                           rows=batch_size, block_len=block_len, window=window, stride=stride,
+                           by_position=by_position or plot is not None,  # shown or drawn
+                           top_logprobs=top_logprobs)  # fmt: skip
+    if outcome is None:
+        return  # process 0 prints the results of all
+    rows = result_rows(outcome.scores)
+    print_results(rows, fmt, outcome.partial, by_position)
+    if plot is not None:
+        draw_plot(rows, plot, outcome.partial, baseline_label(baseline, baseline_no_agg_cache))
+    _stop(outcome.stopped)
+    if save_state is not None and outcome.context is not None:
+        _save_state(save_state, models.base, outcome.context)
+
+
+# -- before any work: the options ------------------------------------------------------------
+
+
+def _check_options(files, fmt, *, per_token, top_logprobs, load_state, save_state, block_len,
+                   window, stride, comparing) -> None:  # fmt: skip
+    """Usage errors (exit 2) in the options themselves."""
     if fmt not in FORMATS:
         raise fail(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}", 2)
     if save_state is not None and len(files) != 1:
@@ -236,35 +223,81 @@ def score(
         raise fail("'-' (stdin) can be scored once", 2)
     if top_logprobs and per_token is None:
         raise fail("--top-logprobs needs --per-token FILE (it adds to each token's row)", 2)
-    if stride is not None and window is None:
-        raise fail("--stride needs --window", 2)
-    if stride is not None and stride > window:
-        raise fail(f"--stride ({stride}) must not exceed --window ({window})", 2)
-    comparing = baseline is not None or baseline_no_agg_cache
+    _check_protocol(window, stride)
     if comparing and (load_state is not None or save_state is not None):
         raise fail("--baseline starts both models at the start: it takes no --load-state or "
                    "--save-state", 2)  # fmt: skip
     if window is not None and (load_state is not None or save_state is not None):
         raise fail("--window scores from fresh states: it takes no --load-state or "
                    "--save-state", 2)  # fmt: skip
+
+
+def _check_protocol(window: int | None, stride: int | None) -> None:
+    """--window and --stride, checked by tvq.scoring.stream.check_protocol, as a usage
+    error in the words of the options."""
+    from tvq.errors import InputError
+    from tvq.scoring.stream import check_protocol
+
+    try:
+        check_protocol(window, stride)
+    except InputError as e:
+        message = str(e)  # a window or stride below 1 (Typer refuses those first)
+        if window is None:
+            message = "--stride needs --window"
+        elif stride is not None and stride > window:
+            message = f"--stride ({stride}) must not exceed --window ({window})"
+        raise fail(message, 2) from None
+
+
+def _check_outputs(per_token: Path | None, plot: Path | None, save_state: Path | None) -> None:
+    """The files to write can be written (and --plot has a picture format it can draw)."""
     check_output_file(per_token, "--per-token")
     check_output_file(plot, "--plot")
     if plot is not None:
+        from tvq.errors import TvqError
         from tvq.scoring.plot import check_plot
 
         try:
             check_plot(plot)
-        except tvq.TvqError as e:
+        except TvqError as e:
             raise fail(f"--plot: {e}", 2) from None
     check_output_file(save_state, "--save-state")
-    streams = [open_input(name) for name in files]  # every path is checked before work starts
-    join_cluster(coordinator, num_processes, process_id, distributed)
+
+
+def _check_one_process(files, *, per_token, save_state, window, sequence_parallel,
+                       comparing) -> None:  # fmt: skip
+    """In a cluster, none of the options that score in one process."""
+    from tvq.distributed import cluster
+
     if cluster.active() and (per_token is not None or save_state is not None or "-" in files
                              or sequence_parallel or window is not None or comparing):  # fmt: skip
         raise fail("--per-token, --save-state, --window, --baseline, --sequence-parallel "
                    "and '-' (stdin) score in one process; leave out the cluster options",
                    2)  # fmt: skip
-    base = tvq.load(model)  # state files belong to its parameters, whatever the settings
+
+
+# -- the models -----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class _Models:
+    base: Any  # as loaded: state files belong to its parameters, whatever the settings
+    tokenizer: Any
+    run: Any  # with the speed settings, the aggregate cache option, the devices
+    baseline: Any  # None unless comparing
+    start: Any  # the --load-state context, or None
+    sequence_parallel: bool
+
+
+def _load_models(model, files, *, devices, load_state, top_logprobs, algorithm, dtype,
+                 no_agg_cache, comparing, baseline, baseline_no_agg_cache,
+                 sequence_parallel) -> _Models:  # fmt: skip
+    """The model, the start state and the baseline, checked against each other."""
+    import tvq
+    from tvq.runtime.context import require_tokenizer
+    from tvq.runtime.statefile import load_state as read_state
+
+    base = tvq.load(model)
     tokenizer = require_tokenizer(base)
     if top_logprobs > base.config.n_vocab:
         raise fail(f"--top-logprobs must be at most the vocabulary size "
@@ -273,127 +306,18 @@ def score(
     loaded = run_settings(base, algorithm, dtype)
     if no_agg_cache:  # same parameters, the window alone
         loaded = loaded.with_agg_cache(False)
-    other = _baseline(tvq, baseline, loaded, baseline_no_agg_cache) if comparing else None
+    other = _baseline(baseline, loaded, baseline_no_agg_cache) if comparing else None
     if sequence_parallel is None:  # on where it pays: one text, several accelerators
         sequence_parallel = len(files) == 1 and _accelerators(devices) > 1
     if sequence_parallel:
         loaded = _spread(loaded, devices)
-    per_token_file = None
-    if per_token is not None:
-        try:
-            per_token_file = per_token.open("w", encoding="utf-8")
-        except OSError as e:
-            raise fail(f"{per_token} cannot be written: {e.strerror}") from None
-
-    scores, stopped, context, name = [], None, None, files[0]
-    curve = by_position or plot is not None  # the position buckets, shown or drawn
-    progress = _Progress(sum(_size(f) for f in files))
-    batched = cluster.active() or (
-        len(files) > 1 and per_token is None and save_state is None and not sequence_parallel
-        and window is None and not comparing
-    )  # fmt: skip
-    try:
-        if batched:
-            scores, stopped = _score_together(
-                loaded, files, streams, progress, devices=devices, rows=batch_size,
-                block_len=block_len, start=start, by_position=curve,
-            )  # fmt: skip
-            if not cluster.is_main():
-                return  # process 0 prints the results of all
-        for name, stream in zip(files, streams, strict=True):
-            if batched:
-                break
-
-            def on_tokens(ids, log_probs, offset, top, name=name):
-                lines = []
-                for t, (token, lp) in enumerate(zip(ids, log_probs, strict=True)):
-                    piece = tokenizer.token_bytes(token)
-                    row = {
-                        "file": name,
-                        "token": piece.decode("utf-8", errors="replace"),
-                        "id": int(token),
-                        "offset": offset,
-                        "logprob": round(float(lp), 6),
-                    }
-                    if top is not None:
-                        row["top_logprobs"] = top_entries(tokenizer, top[1][t], top[0][t])
-                    lines.append(json.dumps(row, ensure_ascii=False) + "\n")
-                    offset += len(piece)
-                try:
-                    per_token_file.writelines(lines)
-                except OSError as e:
-                    raise OSError(e.errno, e.strerror, str(per_token)) from None
-
-            result, context = score_stream(
-                loaded, stream, "<stdin>" if name == "-" else name, block_len=block_len,
-                context=start, on_piece=progress.update,
-                on_tokens=on_tokens if per_token_file else None, window=window, stride=stride,
-                by_position=curve, baseline=other, top_logprobs=top_logprobs,
-            )  # fmt: skip
-            progress.finish_file(result)
-            scores.append(result)
-            if result.invalid_utf8:
-                stderr.print(f"warning: {name} is not valid UTF-8; "
-                             "decoded with replacement characters", highlight=False)  # fmt: skip
-    except KeyboardInterrupt:
-        stopped = ("interrupted: the results above are partial", 130)
-    except OSError as e:  # reading an input or writing --per-token failed part-way
-        where = e.filename or name
-        stopped = (f"{where}: {e.strerror or e}; the results above are partial", 1)
-    finally:
-        progress.close()
-        for stream in streams:
-            if stream is not sys.stdin.buffer:
-                stream.close()
-        if per_token_file is not None:
-            try:
-                per_token_file.close()
-            except OSError:
-                stopped = stopped or (f"{per_token} cannot be written", 1)
-    partial = stopped is not None
-    current = progress.current
-    if partial and current is not None and current not in scores:
-        scores.append(current)
-
-    drawn = [s.row() for s in scores] + [total_row(scores)]
-    rows = drawn if by_position else [
-        {k: v for k, v in r.items() if k not in ("by_position", "baseline_by_position")}
-        for r in drawn
-    ]  # fmt: skip
-    if fmt == "table":
-        print_table(rows, partial)
-    else:
-        sys.stdout.write(render(rows, fmt, partial))
-        sys.stdout.flush()
-    if plot is not None:
-        label = "baseline"
-        if baseline_no_agg_cache:
-            label = "no aggregate cache" if baseline is None else "baseline, no aggregate cache"
-        _draw(drawn, plot, partial, label)
-    if stopped is not None:
-        message, code = stopped
-        if code == 130:
-            stderr.print(message, highlight=False)
-            raise typer.Exit(code)
-        raise fail(message, code)
-    if save_state is not None and context is not None:
-        write_state(save_state, base, context)
+    return _Models(base, tokenizer, loaded, other, start, sequence_parallel)
 
 
-def _draw(rows: list[dict], path: Path, partial: bool, baseline_label: str) -> None:
-    from tvq.scoring.plot import plot_by_position
-
-    try:
-        plot_by_position(rows, path, "partial results (interrupted)" if partial else None,
-                         baseline_label)  # fmt: skip
-    except OSError as e:
-        raise fail(f"--plot {path} cannot be written: {e.strerror or e}") from None
-
-
-def _baseline(tvq, name: str | None, model, no_agg_cache: bool):
+def _baseline(name: str | None, model, no_agg_cache: bool):
     """The baseline model: a directory, 'builtin', or (None) this model itself; checked
     against the model's tokenizer before any work."""
-
+    import tvq
     from tvq.scoring.compare import check_baseline
 
     if name is None:
@@ -420,8 +344,6 @@ def _accelerators(devices: int | None) -> int:
 
 def _spread(model, devices: int | None):
     """The model with each text spread over `devices` local devices (None: all)."""
-    import dataclasses
-
     import jax
 
     count = len(jax.local_devices()) if devices is None else devices
@@ -431,13 +353,98 @@ def _spread(model, devices: int | None):
     return dataclasses.replace(model, sequence_devices=count)
 
 
+# -- scoring --------------------------------------------------------------------------------
+
+
+def _batched(files, *, per_token, save_state, window, sequence_parallel, comparing) -> bool:
+    """Continuous batching for several files (always in a cluster), unless an option needs
+    them one after another."""
+    from tvq.distributed import cluster
+
+    return cluster.active() or (
+        len(files) > 1 and per_token is None and save_state is None and not sequence_parallel
+        and window is None and not comparing
+    )  # fmt: skip
+
+
+@dataclasses.dataclass
+class _Outcome:
+    scores: list = dataclasses.field(default_factory=list)
+    stopped: tuple[str, int] | None = None  # (message, exit code) when it stopped part-way
+    context: Any = None  # the state after the last text (--save-state)
+    name: str = ""  # the file being scored, for an error reading it
+
+    @property
+    def partial(self) -> bool:
+        return self.stopped is not None
+
+
+def _score_files(models: _Models, files, streams, writer, *, batched, devices, rows, block_len,
+                 window, stride, by_position, top_logprobs) -> _Outcome | None:  # fmt: skip
+    """Scores the files, together or one by one. Ctrl-C, a failed read or a failed
+    --per-token write stops it with the results so far (the current file's too), marked
+    partial. Closes the inputs and --per-token. None on processes other than 0."""
+    from tvq.distributed import cluster
+
+    progress = ProgressLine(sum(_size(f) for f in files))
+    done = _Outcome(name=files[0])
+    try:
+        if batched:
+            done.scores, done.stopped = _score_together(
+                models.run, files, streams, progress, devices=devices, rows=rows,
+                block_len=block_len, start=models.start, by_position=by_position,
+            )  # fmt: skip
+            if not cluster.is_main():
+                return None
+        else:
+            _score_one_by_one(models, files, streams, progress, writer, done,
+                              block_len=block_len, window=window, stride=stride,
+                              by_position=by_position, top_logprobs=top_logprobs)  # fmt: skip
+    except KeyboardInterrupt:
+        done.stopped = (f"interrupted: {PARTIAL}", 130)
+    except OSError as e:  # reading an input or writing --per-token failed part-way
+        done.stopped = (f"{e.filename or done.name}: {e.strerror or e}; {PARTIAL}", 1)
+    finally:
+        progress.close()
+        for stream in streams:
+            if stream is not sys.stdin.buffer:
+                stream.close()
+        if writer is not None and not writer.close():
+            done.stopped = done.stopped or (f"{writer.path} cannot be written", 1)
+    current = progress.current
+    if done.partial and current is not None and current not in done.scores:
+        done.scores.append(current)
+    return done
+
+
+def _score_one_by_one(models: _Models, files, streams, progress, writer, done: _Outcome, *,
+                      block_len, window, stride, by_position, top_logprobs) -> None:  # fmt: skip
+    """Each file in turn, from the start state, into done.scores (done.context: the state
+    after the last)."""
+    from tvq.scoring.stream import score_stream
+
+    for name, stream in zip(files, streams, strict=True):
+        done.name = name
+        result, done.context = score_stream(
+            models.run, stream, "<stdin>" if name == "-" else name, block_len=block_len,
+            context=models.start, on_piece=progress.update,
+            on_tokens=writer.on_tokens(name) if writer is not None else None, window=window,
+            stride=stride, by_position=by_position, baseline=models.baseline,
+            top_logprobs=top_logprobs,
+        )  # fmt: skip
+        progress.finish_file(result)
+        done.scores.append(result)
+        if result.invalid_utf8:
+            warn_not_utf8(name)
+
+
 def _score_together(loaded, files, streams, progress, *, devices, rows, block_len, start,
                     by_position):  # fmt: skip
     """Continuous batching over the devices, and over the processes of a cluster (each
     scores every P-th file); → (scores in the input order, stop reason or None)."""
     import jax
 
-    from tvq.dist import cluster
+    from tvq.distributed import cluster
     from tvq.scoring.batching import BatchScorer
     from tvq.scoring.stats import FileScore
 
@@ -450,9 +457,9 @@ def _score_together(loaded, files, streams, progress, *, devices, rows, block_le
     try:
         scorer.run(on_step=progress.set_done)
     except KeyboardInterrupt:
-        stopped = ("interrupted: the results above are partial", 130)
+        stopped = (f"interrupted: {PARTIAL}", 130)
     except OSError as e:  # reading an input failed part-way
-        stopped = (f"{e.filename or 'input'}: {e.strerror or e}; the results above are partial", 1)
+        stopped = (f"{e.filename or 'input'}: {e.strerror or e}; {PARTIAL}", 1)
     mine = [dict(dataclasses.asdict(score), index=share[k]) for k, score in scorer.begun()]
     shared = cluster.gather("score", {"scores": mine, "stopped": stopped})
     if shared is None:
@@ -461,8 +468,7 @@ def _score_together(loaded, files, streams, progress, *, devices, rows, block_le
     stops = [part["stopped"] for part in shared if part["stopped"]]
     for score in merged:
         if score["invalid_utf8"]:
-            stderr.print(f"warning: {score['file']} is not valid UTF-8; "
-                         "decoded with replacement characters", highlight=False)  # fmt: skip
+            warn_not_utf8(score["file"])
     scores = [FileScore(**{k: v for k, v in s.items() if k != "index"}) for s in merged]
     return scores, (tuple(stops[0]) if stops else None)
 
@@ -474,75 +480,22 @@ def _size(name: str) -> int:
         return 0
 
 
-SHOW_EVERY_S = 0.25  # the running bits per byte, refreshed at most this often
+# -- after the results ----------------------------------------------------------------------
 
 
-class _Progress:
-    """On stderr, only when it is a terminal: bytes done, the running bits per byte of
-    everything scored so far (all files together) with its ± (1.96 standard errors)
-    and an ETA."""
-
-    def __init__(self, total_bytes: int) -> None:
-        self.current = None
-        self.finished: list = []  # scores of the files done
-        self.bar, self.shown_at = None, float("-inf")
-        if stderr.is_terminal:
-            from rich.progress import (
-                BarColumn,
-                DownloadColumn,
-                Progress,
-                TextColumn,
-                TimeRemainingColumn,
-            )
-
-            self.bar = Progress(
-                BarColumn(), DownloadColumn(), TextColumn("{task.fields[bpb]} bits/byte"),
-                TimeRemainingColumn(), console=stderr, transient=True,
-            )  # fmt: skip
-            self.bar.start()
-            self.task = self.bar.add_task("score", total=total_bytes or None, bpb="-")
-
-    def update(self, result) -> None:
-        """The current file's score so far (sequential scoring)."""
-        self.current = result
-        self._show(sum(s.bytes for s in self.finished) + result.bytes,
-                   lambda: self.finished + [result])  # fmt: skip
-
-    def set_done(self, done_bytes: int, begun) -> None:
-        """Bytes read, and begun() → (index, score) of every text so far (batched)."""
-        self._show(done_bytes, lambda: [score for _, score in begun()])
-
-    def finish_file(self, result) -> None:
-        self.finished.append(result)
-        self.current = None
-
-    def _show(self, done_bytes: int, scores) -> None:
-        """scores() is asked only on a terminal, at most every SHOW_EVERY_S seconds:
-        pooling every file's score costs time in the number of files."""
-        if self.bar is None:
-            return
-        now = time.monotonic()
-        if now - self.shown_at >= SHOW_EVERY_S:
-            self.shown_at = now
-            self.bar.update(self.task, bpb=running_bpb(scores()))
-        self.bar.update(self.task, completed=done_bytes)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.stop()
+def _stop(stopped: tuple[str, int] | None) -> None:
+    """A run that stopped part-way ends, after its partial results, with one line on
+    stderr and its exit code: 130 for Ctrl-C, else the error's."""
+    if stopped is None:
+        return
+    message, code = stopped
+    if code == 130:
+        stderr.print(message, highlight=False)
+        raise typer.Exit(code)
+    raise fail(message, code)
 
 
-def running_bpb(scores: list) -> str:
-    """Bits per byte of the scores together, "2.1234 ± 0.0123" (± 1.96 standard errors
-    of the mean token NLL, in bits per byte), "-" before any byte."""
-    from tvq.scoring.stats import FileScore
+def _save_state(path: Path, model, context) -> None:
+    from tvq.runtime.statefile import save_state
 
-    total = FileScore.total(scores)
-    if not total.bytes or not total.tokens:
-        return "-"
-    row = total.row()
-    text = f"{row['bits_per_byte']:.4f}"
-    if row["nll_stderr"] is not None:
-        spread = 1.96 * row["nll_stderr"] * total.tokens / total.bytes / math.log(2)
-        text += f" ± {spread:.4f}"
-    return text
+    save_state(path, model, context)
