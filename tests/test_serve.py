@@ -308,3 +308,46 @@ def test_sessions_beyond_the_limit_drop_the_least_recently_used(model_dir, tmp_p
         on_disk.put(name, Context.start(model))
     assert on_disk.get("a") is not None  # dropped from memory, read back from its file
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.state", "b.state"]
+
+
+def test_endpoints_say_what_they_are(model_dir, tmp_path):
+    """Chat and other OpenAI paths: 404 naming /v1/completions; a lone surrogate and JSON
+    nested 100,000 deep: 400; a session file whose writing was killed is removed at
+    start; /health answers without the key (every other path still asks for it)."""
+    stale = tmp_path / ".killed.state.x1y2z3"  # what a kill -9 mid-write leaves
+    stale.write_bytes(b"half")
+    kept = tmp_path / "kept.state"
+    kept.write_bytes(b"not ours to judge")
+    server = Server(model_dir, "--session-dir", tmp_path, "--max-body-bytes", 1_000_000)
+    try:
+        assert not stale.exists() and kept.exists()
+        with pytest.raises(openai.NotFoundError) as info:
+            server.client().chat.completions.create(
+                model="tiny", messages=[{"role": "user", "content": "hi"}]
+            )
+        assert "tvq serves a base model: use /v1/completions" in str(info.value)
+        for path in ("/v1/embeddings", "/v1/chat/completions", "/v1/moderations"):
+            status, answer = server.request("POST", path, {"input": "x"})
+            assert status == 404, path
+            assert "use /v1/completions" in answer["error"]["message"]
+            assert answer["error"]["type"] == "not_found_error"
+        status, answer = server.request("POST", "/v1/completions", b'{"prompt": "a\\ud800b"}')
+        assert status == 400 and answer["error"]["param"] == "prompt"
+        assert "surrogate" in answer["error"]["message"]
+        status, answer = server.request("POST", "/v1/completions",
+                                        {"prompt": "x", "stop": ["\ud800"]})  # fmt: skip
+        assert status == 400 and answer["error"]["param"] == "stop"
+        deep = b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+        status, answer = server.request("POST", "/v1/completions", deep)
+        assert status == 400 and "nested too deeply" in answer["error"]["message"]
+        connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+        for path, expected in (("/health", 200), ("/v1/models", 401)):
+            connection.request("GET", path)  # no Authorization header
+            response = connection.getresponse()
+            response.read()
+            assert response.status == expected, path
+        connection.close()
+        assert complete(server.client(), "x", max_tokens=2, seed=1).choices[0].text is not None
+        assert all("Traceback" not in line for line in server.lines)
+    finally:
+        assert server.stop() == 0

@@ -22,9 +22,11 @@ from starlette.routing import Route
 
 from tvq.serving.engine import Engine, Job
 from tvq.serving.protocol import (
+    BASE_MODEL_ONLY,
     SSE_DONE,
     ApiError,
     CompletionRequest,
+    check_unicode,
     completion_head,
     completion_response,
     end_chunk,
@@ -49,10 +51,12 @@ def build_app(engine: Engine) -> Starlette:
     def error(e: ApiError) -> JSONResponse:
         return JSONResponse(e.body(), status_code=e.status)
 
-    def checked(handler):
+    def checked(handler, open_to_all: bool = False):
+        """handler behind the API key (unless open_to_all) and the error boundary."""
+
         async def wrapped(request: Request) -> Response:
             try:
-                if settings.api_key is not None:
+                if settings.api_key is not None and not open_to_all:
                     given = request.headers.get("authorization", "").encode()
                     if not secrets.compare_digest(given, f"Bearer {settings.api_key}".encode()):
                         raise ApiError(401, "a valid API key is needed: Authorization: "
@@ -109,10 +113,15 @@ def build_app(engine: Engine) -> Starlette:
 
     async def not_found(request: Request, exc: HTTPException) -> Response:
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        return error(ApiError(exc.status_code, exc.detail or "not found", kind=kind))
+        message = exc.detail or "not found"
+        if exc.status_code == 404 and request.url.path.startswith("/v1/"):
+            # chat, embeddings, ...: what clients try first; say what there is instead
+            message = f"{request.url.path} is not served: {BASE_MODEL_ONLY}"
+        return error(ApiError(exc.status_code, message, kind=kind))
 
     routes = [
-        Route("/health", checked(health), methods=["GET"]),
+        # open to health probes, as llama-server's is: it tells nothing but "up"
+        Route("/health", checked(health, open_to_all=True), methods=["GET"]),
         Route("/v1/models", checked(models), methods=["GET"]),
         Route("/v1/completions", checked(completions), methods=["POST"]),
         Route("/v1/sessions/{name:path}", checked(delete_session), methods=["DELETE"]),
@@ -131,9 +140,13 @@ async def read_json(request: Request, limit: int) -> Any:
         if len(data) > limit:
             raise ApiError(413, f"the body is larger than {limit} bytes", kind="request_too_large")
     try:
-        return json.loads(data)
+        body = json.loads(data)
     except (ValueError, UnicodeDecodeError):
         raise ApiError(400, "the body is not valid JSON") from None
+    except RecursionError:
+        raise ApiError(400, "the body's JSON is nested too deeply") from None
+    check_unicode(body)
+    return body
 
 
 async def _stream(job: Job, head: dict, r: CompletionRequest) -> AsyncIterator[str]:

@@ -102,6 +102,29 @@ _KIND_NAMES = {int: "an integer", float: "a number", bool: "a boolean", str: "a 
                list: "a list", dict: "an object"}  # fmt: skip
 
 
+BASE_MODEL_ONLY = "tvq serves a base model: use /v1/completions"
+
+
+def check_unicode(body: Any) -> None:
+    """ApiError 400 naming the top-level field whose text holds a lone surrogate ("\\ud800"
+    is valid JSON but no Unicode text: a tokenizer cannot take it)."""
+    stack = [(None, body)]
+    while stack:
+        field, value = stack.pop()
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                where = f"'{field}'" if field else "the body"
+                raise ApiError(400, f"{where} holds a lone surrogate: not Unicode text",
+                               field) from None  # fmt: skip
+        elif isinstance(value, dict):
+            stack.extend((field or key, item) for key, item in value.items())
+            stack.extend((field or key, key) for key in value)
+        elif isinstance(value, list):
+            stack.extend((field, item) for item in value)
+
+
 def _is_kind(value, kind: type) -> bool:
     """isinstance, except that a bool is no int (JSON's true is not 1)."""
     return is_int(value) if kind is int else isinstance(value, kind)

@@ -21,6 +21,17 @@ from tvq.runtime.statefile import load_state, save_state
 SESSION_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 
 
+def remove_stale_files(folder: Path) -> None:
+    """Removes the temporary files of state files whose writing never finished (a server
+    killed mid-write leaves `.NAME.state.XXXX` behind: tvq.files.atomic); a session id
+    never starts with '.', so no session's file matches."""
+    for stale in folder.glob(".*.state.*"):
+        try:
+            stale.unlink()
+        except OSError:  # gone already, or not ours to remove: it does no harm
+            pass
+
+
 class Sessions:
     """Contexts by session id: the most recent `limit` in memory, and all of them as
     state files in `folder` when there is one (they survive a restart)."""
@@ -29,6 +40,8 @@ class Sessions:
         self.model, self.limit, self.folder = model, limit, folder
         self.memory: collections.OrderedDict[str, Context] = collections.OrderedDict()
         self.lock = threading.Lock()
+        if folder is not None:
+            remove_stale_files(folder)
 
     def _path(self, name: str) -> Path:
         return self.folder / f"{name}.state"
