@@ -351,3 +351,60 @@ def test_endpoints_say_what_they_are(model_dir, tmp_path):
         assert all("Traceback" not in line for line in server.lines)
     finally:
         assert server.stop() == 0
+
+
+def test_lm_eval_requests_give_tvq_score_numbers(server, model_dir, tmp_path):
+    """The requests lm-evaluation-harness 0.4 sends (local-completions, its remote
+    tokenizer found through vLLM's endpoints), replayed: the tokenizer endpoints, a
+    rolling-perplexity document prefixed with the end-of-document token (as an id, and
+    as text with tokenized_requests=False) and a multiple-choice loglikelihood; the
+    numbers are `tvq score`'s and score_ids' exactly."""
+    from tests.test_cli import invoke
+    from tvq.runtime.context import score_ids
+
+    model = tvq.load(model_dir)
+    tokenizer = model.tokenizer
+    status, info = server.request("GET", "/tokenizer_info")
+    assert status == 200 and info["bos_token"] is None
+    eos_text = info["eos_token"]
+    # how lm-eval's RemoteTokenizer finds its ids: encode(eos_token)[0]
+    status, answer = server.request("POST", "/tokenize",
+                                    {"prompt": eos_text, "add_special_tokens": False})  # fmt: skip
+    assert status == 200 and answer["tokens"] == [tokenizer.eos_id]
+    document = "Ophelia, in thy orisons\nbe all my sins remembered. " * 3
+    ids = server.request("POST", "/tokenize", {"prompt": document})[1]["tokens"]
+    assert ids == tokenizer.encode(document)
+    status, back = server.request("POST", "/detokenize", {"tokens": [tokenizer.eos_id, *ids]})
+    assert status == 200 and back["prompt"] == eos_text + document
+    status, answer = server.request("POST", "/tokenize", {"prompt": 3})
+    assert status == 400 and answer["error"]["param"] == "prompt"
+    status, answer = server.request("POST", "/detokenize", {"tokens": [10**6]})
+    assert status == 400 and answer["error"]["param"] == "tokens"
+
+    # rolling loglikelihood: one window [eos] + document, echo, one token generated
+    path = tmp_path / "document.txt"
+    path.write_text(document)
+    row = json.loads(invoke("score", path, "-m", model_dir, "--format", "jsonl").output
+                     .splitlines()[0])  # fmt: skip
+    request = {"model": "tiny", "temperature": 0, "max_tokens": 1, "logprobs": 1, "seed": 1234,
+               "echo": True}  # fmt: skip
+    for prompt in ([[tokenizer.eos_id, *ids]], eos_text + document):
+        status, answer = server.request("POST", "/v1/completions", request | {"prompt": prompt})
+        assert status == 200, answer
+        lp = answer["choices"][0]["logprobs"]
+        assert len(lp["token_logprobs"]) == len(ids) + 2  # the marker, the text, one sampled
+        assert lp["token_logprobs"][0] is None and lp["tokens"][0] == eos_text
+        nll = -sum(lp["token_logprobs"][1:-1])
+        assert nll == pytest.approx(row["nll"] * row["tokens"], rel=1e-5)
+        assert answer["usage"]["prompt_tokens"] == len(ids) + 1
+
+    # multiple choice: log p(continuation | context), ctxlen tokens of context
+    context, choices = "Question: who speaks?\nAnswer:", [" Hamlet", " Ophelia"]
+    for choice in choices:
+        whole = tokenizer.encode(context + choice)
+        ctxlen = len(tokenizer.encode(context))
+        status, answer = server.request("POST", "/v1/completions", request | {"prompt": [whole]})
+        values = answer["choices"][0]["logprobs"]["token_logprobs"]
+        scored, _ = score_ids(model, whole, keep_log_probs=True)
+        expected = float(scored.log_probs[0, ctxlen:].sum())
+        assert sum(values[ctxlen:-1]) == pytest.approx(expected, abs=1e-4)

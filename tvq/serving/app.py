@@ -33,10 +33,13 @@ from tvq.serving.protocol import (
     internal_error,
     models_json,
     parse_completion,
+    parse_detokenize,
+    parse_tokenize,
     session_deleted_json,
     sse_chunk,
     sse_error,
     text_chunk,
+    tokenizer_info_json,
     usage_chunk,
 )
 from tvq.serving.sessions import SESSION_ID
@@ -44,7 +47,7 @@ from tvq.serving.sessions import SESSION_ID
 
 def build_app(engine: Engine) -> Starlette:
     """The Starlette application: /health, /v1/models, /v1/completions,
-    DELETE /v1/sessions/{id}."""
+    DELETE /v1/sessions/{id}, and vLLM's /tokenizer_info, /tokenize and /detokenize."""
     settings = engine.settings
     created = int(time.time())
 
@@ -111,6 +114,20 @@ def build_app(engine: Engine) -> Starlette:
             job.cancelled.set()  # a no-op once done; frees the worker if the client left
         return JSONResponse(completion_response(head, texts, choices, usage))
 
+    async def tokenizer_info(request: Request) -> Response:
+        return JSONResponse(tokenizer_info_json(engine.tokenizer, engine.model.config.n_vocab))
+
+    async def tokenize(request: Request) -> Response:
+        body = await read_json(request, settings.max_body_bytes)
+        answer = await asyncio.to_thread(parse_tokenize, body, engine.tokenizer, settings)
+        return JSONResponse(answer)
+
+    async def detokenize(request: Request) -> Response:
+        body = await read_json(request, settings.max_body_bytes)
+        n_vocab = engine.model.config.n_vocab
+        answer = await asyncio.to_thread(parse_detokenize, body, engine.tokenizer, n_vocab)
+        return JSONResponse(answer)
+
     async def not_found(request: Request, exc: HTTPException) -> Response:
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         message = exc.detail or "not found"
@@ -125,6 +142,10 @@ def build_app(engine: Engine) -> Starlette:
         Route("/v1/models", checked(models), methods=["GET"]),
         Route("/v1/completions", checked(completions), methods=["POST"]),
         Route("/v1/sessions/{name:path}", checked(delete_session), methods=["DELETE"]),
+        # vLLM's tokenizer endpoints, which lm-evaluation-harness finds on its own
+        Route("/tokenizer_info", checked(tokenizer_info), methods=["GET"]),
+        Route("/tokenize", checked(tokenize), methods=["POST"]),
+        Route("/detokenize", checked(detokenize), methods=["POST"]),
     ]
     return Starlette(routes=routes, exception_handlers={HTTPException: not_found})
 

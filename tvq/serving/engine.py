@@ -151,7 +151,7 @@ class Engine:
         requests, echoed = [], []
         for job in jobs:
             r = job.request
-            echoed.append(self._prompt_logprobs(r.prompts[0], None, r)
+            echoed.append(self._prompt_logprobs(r.prompts[0], None, r, r.fresh[0])
                           if r.echo and r.logprobs is not None else None)  # fmt: skip
             if r.echo:
                 for row in range(r.n):
@@ -168,7 +168,8 @@ class Engine:
             for row, sample in enumerate(mine):
                 end = choice_end(self.tokenizer, r, sample, prompt_lp, r.prompt_texts[0])
                 job.send("choice", row, end)
-            job.send("done", usage_json(len(r.prompts[0]), sum(len(s.ids) for s in mine)))
+            prompt_tokens = len(r.prompts[0]) + r.fresh[0]
+            job.send("done", usage_json(prompt_tokens, sum(len(s.ids) for s in mine)))
 
     def _run(self, job: Job) -> None:
         """A request that runs alone (a session, or several prompts), prompt by prompt."""
@@ -178,9 +179,11 @@ class Engine:
         for p, (ids, text) in enumerate(zip(r.prompts, r.prompt_texts, strict=True)):
             if job.cancelled.is_set():
                 return
-            start = self._session(r.session) if r.session is not None else None
-            echoed = self._prompt_logprobs(ids, start, r) if r.echo and r.logprobs is not None \
-                else None  # fmt: skip
+            # a leading end-of-document marker starts a document, a session's too
+            fresh = r.fresh[p]
+            start = self._session(r.session) if r.session is not None and not fresh else None
+            echoed = self._prompt_logprobs(ids, start, r, fresh) \
+                if r.echo and r.logprobs is not None else None  # fmt: skip
 
             def on_text(row: int, piece: str, base=p * r.n) -> None:
                 job.send("text", base + row, piece)
@@ -194,7 +197,7 @@ class Engine:
                 logprobs=r.logprobs or 0, should_stop=job.cancelled.is_set,
                 ignore_eos=r.ignore_eos,
             )  # fmt: skip
-            prompt_tokens += len(ids)
+            prompt_tokens += len(ids) + fresh
             completion_tokens += sum(len(s.ids) for s in result.samples)
             if r.session is not None and not job.cancelled.is_set():
                 self.sessions.put(r.session, result.context)
@@ -211,12 +214,15 @@ class Engine:
         except StateError as e:
             raise ApiError(409, f"session {name}: {e}", "session", "session_error") from None
 
-    def _prompt_logprobs(self, ids: list[int], start: Context | None, r: CompletionRequest):
-        """The prompt's tokens with their log-probs and top log-probs (echo)."""
+    def _prompt_logprobs(self, ids: list[int], start: Context | None, r: CompletionRequest,
+                         fresh: bool):  # fmt: skip
+        """The prompt's tokens with their log-probs and top log-probs (echo), and whether
+        a document-start marker came before them."""
         if not ids:
-            return [], np.zeros([0]), np.zeros([0, 0]), np.zeros([0, 0], np.int32)
+            return [], np.zeros([0]), np.zeros([0, 0]), np.zeros([0, 0], np.int32), fresh
         k = r.logprobs or 0
         scored, _ = score_ids(self.model, ids, start, keep_log_probs=True, top_k=k)
         if not k:
-            return ids, scored.log_probs[0], np.zeros([len(ids), 0]), np.zeros([len(ids), 0], int)
-        return ids, scored.log_probs[0], scored.top_log_probs[0], scored.top_ids[0]
+            none = np.zeros([len(ids), 0])
+            return ids, scored.log_probs[0], none, none.astype(np.int32), fresh
+        return ids, scored.log_probs[0], scored.top_log_probs[0], scored.top_ids[0], fresh

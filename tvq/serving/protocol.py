@@ -80,8 +80,11 @@ def api_error(e: Exception) -> ApiError:
 class CompletionRequest:
     """A checked /v1/completions body."""
 
-    prompts: list[list[int]]
+    prompts: list[list[int]]  # without a leading end-of-document marker
     prompt_texts: list[str]
+    # per prompt: it began with the end-of-document token (as id or as the tokenizer's
+    # eos_text), so it starts a document there: from the start state, even in a session
+    fresh: list[bool] = dataclasses.field(default_factory=list)
     max_tokens: int = 16
     temperature: float = 1.0
     top_p: float = 1.0
@@ -102,6 +105,7 @@ _KIND_NAMES = {int: "an integer", float: "a number", bool: "a boolean", str: "a 
                list: "a list", dict: "an object"}  # fmt: skip
 
 
+MAX_STOPS = 16
 BASE_MODEL_ONLY = "tvq serves a base model: use /v1/completions"
 
 
@@ -149,11 +153,12 @@ def parse_completion(body: Any, tokenizer, n_vocab: int, settings: ServerSetting
     if not isinstance(body, dict):
         raise ApiError(400, "the body must be a JSON object")
     prompt = body.get("prompt", "")
-    prompts, texts = _prompts(prompt, tokenizer, n_vocab, settings)
+    prompts, texts, fresh = _prompts(prompt, tokenizer, n_vocab, settings)
     limit = settings.max_tokens_limit
     request = CompletionRequest(
         prompts=prompts,
         prompt_texts=texts,
+        fresh=fresh,
         max_tokens=_field(body, "max_tokens", (int,), 16, lambda v: 0 <= v <= limit,
                           f"between 0 and {limit} (--max-tokens-limit)"),
         temperature=float(_field(body, "temperature", (int, float), 1.0,
@@ -193,15 +198,15 @@ def parse_completion(body: Any, tokenizer, n_vocab: int, settings: ServerSetting
 def _prompts(prompt, tokenizer, n_vocab: int, settings: ServerSettings):
     """prompt: a string, a list of strings, a list of token ids or a list of such lists."""
 
-    def ids_of(item) -> tuple[list[int], str]:
+    def ids_of(item) -> tuple[list[int], str, bool]:
         if isinstance(item, str):
-            ids = list(tokenizer.encode(item))
+            ids = encode_marked(tokenizer, item)
             text = item
         elif isinstance(item, list) and all(is_int(i) for i in item):
             if any(not 0 <= i < n_vocab for i in item):
                 raise ApiError(400, f"'prompt' holds token ids outside [0, {n_vocab})", "prompt")
             ids = list(item)
-            text = tokenizer.decode(ids)
+            text = decode_marked(tokenizer, ids)
         else:
             raise ApiError(400, "'prompt' must be a string, a list of strings, a list of "
                            "token ids or a list of lists of token ids", "prompt")  # fmt: skip
@@ -209,7 +214,8 @@ def _prompts(prompt, tokenizer, n_vocab: int, settings: ServerSettings):
             limit = settings.max_prompt_tokens
             raise ApiError(400, f"a prompt has {len(ids)} tokens, more than the limit {limit} "
                            "(--max-prompt-tokens)", "prompt")  # fmt: skip
-        return ids, text
+        fresh = bool(ids) and ids[0] == tokenizer.eos_id
+        return ids[1:] if fresh else ids, text, fresh
 
     # A list of ints (bools included, which ids_of then refuses) is one prompt of token ids.
     if isinstance(prompt, str) or (isinstance(prompt, list) and prompt
@@ -222,7 +228,63 @@ def _prompts(prompt, tokenizer, n_vocab: int, settings: ServerSettings):
     if len(items) > settings.max_prompts:
         raise ApiError(400, f"at most {settings.max_prompts} prompts in one request", "prompt")
     pairs = [ids_of(item) for item in items]
-    return [p[0] for p in pairs], [p[1] for p in pairs]
+    return [p[0] for p in pairs], [p[1] for p in pairs], [p[2] for p in pairs]
+
+
+def encode_marked(tokenizer, text: str) -> list[int]:
+    """A text's ids, where a leading `tokenizer.eos_text` is the end-of-document token
+    (what /tokenizer_info calls eos_token: lm-evaluation-harness prefixes a document with
+    it); elsewhere the same characters are plain text."""
+    if text.startswith(tokenizer.eos_text):
+        return [tokenizer.eos_id, *tokenizer.encode(text[len(tokenizer.eos_text) :])]
+    return list(tokenizer.encode(text))
+
+
+def decode_marked(tokenizer, ids: list[int]) -> str:
+    """The inverse of encode_marked: a leading end-of-document id as eos_text."""
+    if ids and ids[0] == tokenizer.eos_id:
+        return tokenizer.eos_text + tokenizer.decode(ids[1:])
+    return tokenizer.decode(ids)
+
+
+# -- vLLM's tokenizer endpoints (what lm-evaluation-harness's remote tokenizer reads) ------
+
+
+def tokenizer_info_json(tokenizer, n_vocab: int) -> dict:
+    """GET /tokenizer_info. No beginning-of-text token: a document starts after the
+    end-of-document token, so clients (lm-evaluation-harness) prefix eos_token."""
+    return {
+        "tokenizer_class": f"tvq-{tokenizer.kind}",
+        "eos_token": tokenizer.eos_text,
+        "eos_token_id": int(tokenizer.eos_id),
+        "bos_token": None,
+        "pad_token": None,
+        "vocab_size": n_vocab,
+        "model_max_length": None,  # no limit: the state has a fixed size
+    }
+
+
+def parse_tokenize(body: Any, tokenizer, settings: ServerSettings) -> dict:
+    """POST /tokenize {"prompt": text, "add_special_tokens": bool} → {"tokens", "count",
+    "max_model_len"}. Special tokens are never added: a document start is implicit."""
+    if not isinstance(body, dict):
+        raise ApiError(400, "the body must be a JSON object")
+    text = _field(body, "prompt", (str,), None)
+    if text is None:
+        raise ApiError(400, "'prompt' must be a string", "prompt")
+    _field(body, "add_special_tokens", (bool,), False)
+    ids = encode_marked(tokenizer, text)
+    return {"tokens": ids, "count": len(ids), "max_model_len": settings.max_prompt_tokens}
+
+
+def parse_detokenize(body: Any, tokenizer, n_vocab: int) -> dict:
+    """POST /detokenize {"tokens": [ids]} → {"prompt": text}."""
+    if not isinstance(body, dict):
+        raise ApiError(400, "the body must be a JSON object")
+    ids = body.get("tokens")
+    if not isinstance(ids, list) or not all(is_int(i) and 0 <= i < n_vocab for i in ids):
+        raise ApiError(400, f"'tokens' must be a list of token ids in [0, {n_vocab})", "tokens")
+    return {"prompt": decode_marked(tokenizer, ids)}
 
 
 def _stop(value) -> list[str]:
@@ -230,9 +292,11 @@ def _stop(value) -> list[str]:
         return []
     if isinstance(value, str):
         value = [value]
+    # OpenAI allows 4; lm-evaluation-harness adds the end-of-document text to a task's own
     if not isinstance(value, list) or not all(isinstance(s, str) for s in value) or \
-            len(value) > 4:  # fmt: skip
-        raise ApiError(400, "'stop' must be a string or a list of at most 4 strings", "stop")
+            len(value) > MAX_STOPS:  # fmt: skip
+        raise ApiError(400, f"'stop' must be a string or a list of at most {MAX_STOPS} strings",
+                       "stop")  # fmt: skip
     return [s for s in value if s]
 
 
@@ -324,31 +388,40 @@ def choice_end(tokenizer, r: CompletionRequest, sample, echoed, prompt_text: str
 
 def logprobs_json(tokenizer, sample, echoed, start: int) -> dict:
     """The OpenAI shape: tokens, token_logprobs, top_logprobs, text_offset; and the
-    tokens' ids (token_ids, a tvq extension)."""
-    tokens, values, tops = [], [], []
+    tokens' ids (token_ids, a tvq extension). A prompt's leading end-of-document marker
+    is echoed as its eos_text with log-prob null: nothing predicts a document's start."""
+    tokens, texts, values, tops = [], [], [], []
+
+    def add(token: int, value: float | None, top, text: str | None = None) -> None:
+        tokens.append(int(token))
+        texts.append(openai_token_text(tokenizer, token) if text is None else text)
+        values.append(value)
+        tops.append(top)
+
     if echoed is not None:
-        ids, lps, top_values, top_ids = echoed
-        for t, (token, lp) in enumerate(zip(ids, lps, strict=True)):
-            tokens.append(token)
-            values.append(float(lp))
-            tops.append(list(zip(top_ids[t].tolist(), top_values[t].tolist(), strict=True)))
+        ids, lps, top_values, top_ids, fresh = echoed
+        if fresh:
+            add(tokenizer.eos_id, None, None, tokenizer.eos_text)
+        for k, (token, lp) in enumerate(zip(ids, lps, strict=True)):
+            add(token, float(lp), list(zip(top_ids[k].tolist(), top_values[k].tolist(),
+                                           strict=True)))  # fmt: skip
     sampled_tops = sample.top_logprobs or [[]] * len(sample.ids)
     for token, lp, top in zip(sample.ids, sample.log_probs, sampled_tops, strict=True):
-        tokens.append(token)
-        values.append(float(lp))
-        tops.append(top)
+        add(token, float(lp), top)
     offsets, at = [], start
-    for t in tokens:
+    for k, token in enumerate(tokens):
         offsets.append(at)
-        at += len(token_text(tokenizer, t))
+        marker = k == 0 and echoed is not None and echoed[4]
+        at += len(tokenizer.eos_text if marker else token_text(tokenizer, token))
     return {
-        "tokens": [openai_token_text(tokenizer, t) for t in tokens],
-        "token_logprobs": [round(v, 6) for v in values],
+        "tokens": texts,
+        "token_logprobs": [None if v is None else round(v, 6) for v in values],
         "top_logprobs": [
-            {openai_token_text(tokenizer, i): round(v, 6) for i, v in top} for top in tops
+            None if top is None else {openai_token_text(tokenizer, i): round(v, 6) for i, v in top}
+            for top in tops
         ],
         "text_offset": offsets,
-        "token_ids": [int(t) for t in tokens],  # a tvq extension
+        "token_ids": tokens,  # a tvq extension
     }
 
 

@@ -35,6 +35,7 @@ class Tokenizer(Protocol):
     eos_id: int
     unk_id: int
     fingerprint: str
+    eos_text: str  # how the end-of-document token is written where text names it
 
     def encode(self, text: str) -> list[int]: ...
 
@@ -84,6 +85,7 @@ class ByteTokenizer:
     vocab_size = 259
     pad_id, eos_id, unk_id = 0, 1, 2
     fingerprint = "bytes-v1"
+    eos_text = "</s>"  # sentencepiece's name for it; no byte sequence means it
     OFFSET = 3
 
     def encode(self, text: str) -> list[int]:
@@ -128,6 +130,7 @@ class SentencePieceTokenizer:
         self.pad_id = int(self._sp.pad_id())
         self.eos_id = int(self._sp.eos_id())
         self.unk_id = int(self._sp.unk_id())
+        self.eos_text = self._sp.id_to_piece(self.eos_id) if self.eos_id >= 0 else "</s>"
         self._bytes = [self._piece_bytes(i) for i in range(self.vocab_size)]
         self._data = data
 
