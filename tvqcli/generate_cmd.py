@@ -100,10 +100,33 @@ def generate(
     save_state: Annotated[Path | None, typer.Option(help="Save the state after the text.")] = None,
     devices: DevicesOption = None,
     dtype: DtypeOption = None,
+    interactive: Annotated[
+        bool,
+        typer.Option(
+            "--interactive",
+            "-i",
+            help="Turn by turn, as `tvq chat`: each line of stdin is appended and the "
+            "model continues (-n per turn; the state carries over).",
+        ),
+    ] = False,
 ) -> None:
     """Generate text; tokens stream to stdout as they are sampled.
 
     Several samples (--num-samples) are split over the devices."""
+    if interactive:
+        refused = [name for name, used in (
+            ("--num-samples", num_samples != 1), ("--json", json_output), ("--logprobs", logprobs),
+            ("--no-stream", not stream),
+        ) if used]  # fmt: skip
+        if refused:
+            raise fail(f"{refused[0]} does not go with --interactive (one text, streamed)", 2)
+        from tvqcli.chat import run_chat  # the session of `tvq chat`
+
+        run_chat(prompt=prompt, file=file, model=model, max_tokens=max_tokens,
+                 temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed,
+                 stop=stop, ignore_eos=ignore_eos, verbose=verbose, load_state=load_state,
+                 save_state=save_state, dtype=dtype)  # fmt: skip
+        return
     import tvq
     from tvq.decoding import generate as run_generate
     from tvq.runtime.context import require_tokenizer

@@ -4,14 +4,23 @@ from __future__ import annotations
 
 import sys
 
-from tvqcli import generate_cmd, model_cmd, score_cmd, serve_cmd, train_cmd  # noqa: F401
-from tvqcli.app import app, enable_compilation_cache, quiet_stdout
+from tvqcli import (  # noqa: F401
+    chat_cmd,
+    generate_cmd,
+    model_cmd,
+    score_cmd,
+    serve_cmd,
+    train_cmd,
+)
+from tvqcli.app import app, quiet_stdout
 
 __all__ = ["app", "main"]
 
 
 def main() -> None:
-    enable_compilation_cache()
+    from tvq.files import warm
+
+    warm.enable_caches()  # JAX's compilation cache and tvq's warm starts (DESIGN section 14)
     try:
         app()
     except BrokenPipeError:  # raised outside a command, e.g. by `--help | head`
