@@ -21,6 +21,7 @@ RANK = {
     "tvq.runtime": 5,
     "tvq.decoding": 6, "tvq.scoring": 6, "tvq.train": 6,
     "tvq.serving": 7,  # serves generation and scoring
+    "tvq.integrations": 8,
 }  # fmt: skip
 
 
@@ -100,3 +101,14 @@ def test_public_face_resolves():
     assert sorted(tvq.__all__) == sorted(tvq._EXPORTS)
     for name in tvq.__all__:
         assert getattr(tvq, name) is not None
+
+
+def test_the_library_never_imports_the_command_line():
+    """tvq/ sits below tvqcli/: a front end (the llm plugin too) calls the library."""
+    offenders = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [node.module or ""] if isinstance(node, ast.ImportFrom) else \
+                [a.name for a in node.names] if isinstance(node, ast.Import) else []  # fmt: skip
+            offenders += [f"{module_name(path)} -> {n}" for n in names if n.startswith("tvqcli")]
+    assert offenders == []

@@ -216,29 +216,6 @@ def check_output_dir(path: Path, option: str) -> None:
         raise fail(f"{option} {path} cannot be written (permission denied)")
 
 
-def enable_compilation_cache() -> None:
-    """JAX's persistent compilation cache in a per-user directory, and tvq's own warm-start
-    files beside it (tvq.files.warm: traced programs, parameters): warm starts are fast.
-    A cache that cannot be made or written is skipped (it only costs speed). Entries are
-    written atomically by JAX, so runs that share a cache may start at the same time."""
-    import jax
-
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    cache_dir = Path(os.environ.get("TVQ_CACHE_DIR") or Path(base) / "tvq" / "jax")
-    try:
-        cache_dir.mkdir(parents=True, exist_ok=True)
-    except OSError:
-        return
-    if not os.access(cache_dir, os.W_OK | os.X_OK):
-        return
-    jax.config.update("jax_compilation_cache_dir", str(cache_dir))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    from tvq.files import warm
-
-    warm.enable(cache_dir / "warm")
-
-
 def show_version(value: bool) -> None:
     if value:
         from tvq import __version__

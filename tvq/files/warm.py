@@ -53,6 +53,27 @@ def enable(folder: str | os.PathLike | None) -> None:
     _loaded.clear()
 
 
+def enable_caches() -> None:
+    """JAX's persistent compilation cache in a per-user directory (`$TVQ_CACHE_DIR`, else
+    `$XDG_CACHE_HOME/tvq/jax`, else ~/.cache/tvq/jax), and this module's warm-start files
+    beside it (traced programs, parameters): later processes start fast. What every front
+    end calls first (the CLI, the llm plugin); the library alone writes nothing. A cache
+    that cannot be made or written is skipped (it only costs speed). JAX writes its
+    entries atomically, so processes that share a cache may start at the same time."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    cache_dir = Path(os.environ.get("TVQ_CACHE_DIR") or Path(base) / "tvq" / "jax")
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return
+    if not os.access(cache_dir, os.W_OK | os.X_OK):
+        return
+    jax.config.update("jax_compilation_cache_dir", str(cache_dir))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    enable(cache_dir / "warm")
+
+
 def _write(path: Path, data: bytes) -> None:
     """Writes atomically, then drops the least recently used files of the folder beyond
     its KEEP (entries of older tvq sources and other models pile up otherwise). A folder
