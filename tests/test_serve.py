@@ -408,3 +408,24 @@ def test_lm_eval_requests_give_tvq_score_numbers(server, model_dir, tmp_path):
         scored, _ = score_ids(model, whole, keep_log_probs=True)
         expected = float(scored.log_probs[0, ctxlen:].sum())
         assert sum(values[ctxlen:-1]) == pytest.approx(expected, abs=1e-4)
+
+
+def test_penalties_and_logit_bias_over_http(server):
+    """The new sampler fields work (a banned token is never sampled; penalties change the
+    text as in the library) and each bad value is a 400 naming its field."""
+    client = server.client()
+    greedy = complete(client, "To be", max_tokens=12, temperature=0, seed=1)
+    first = greedy.choices[0].text[0].encode()[0] + 3  # the byte model's id of that byte
+    banned = complete(client, "To be", max_tokens=12, temperature=0, seed=1,
+                      logit_bias={str(first): -100})  # fmt: skip
+    assert banned.choices[0].text[0] != greedy.choices[0].text[0]
+    penalized = complete(client, "To be", max_tokens=12, temperature=0, seed=1,
+                         frequency_penalty=2, presence_penalty=2,
+                         extra_body={"repetition_penalty": 2.0, "repeat_last_n": 32})  # fmt: skip
+    assert penalized.choices[0].text != greedy.choices[0].text
+    for field, value in [("presence_penalty", 3), ("frequency_penalty", "x"),
+                         ("repetition_penalty", 0), ("repeat_last_n", 10**6),
+                         ("logit_bias", {"abc": 1}), ("logit_bias", {"5": 101}),
+                         ("logit_bias", [1, 2]), ("logit_bias", {"999999": 1})]:  # fmt: skip
+        status, answer = server.request("POST", "/v1/completions", {"prompt": "x", field: value})
+        assert status == 400 and answer["error"]["param"] == field, (field, value, answer)

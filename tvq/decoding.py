@@ -39,7 +39,7 @@ from tvq.runtime.decode_loop import (
 from tvq.runtime.forward import on_device
 from tvq.runtime.model import Model, check_top_k
 from tvq.text.rows import Sample, TextRows
-from tvq.text.sampling import Sampler
+from tvq.text.sampling import Penalties, Sampler, SamplerRows
 
 
 @dataclasses.dataclass
@@ -75,6 +75,7 @@ def generate(
     devices: int | None = None,
     logprobs: int = 0,
     should_stop: Callable[[], bool] | None = None,
+    alternatives: int | None = None,
 ) -> Generation:
     """Samples `num_samples` continuations of context + prompt (token ids, or text for
     the model's tokenizer) as one batch; a row ends
@@ -87,7 +88,9 @@ def generate(
     keeps, per sampled token, the k most likely tokens with their log-probs
     (Sample.top_logprobs), found inside the compiled loop. should_stop() is asked
     between chunks (at most CHUNK tokens apart): True ends every row there, with
-    finish_reason "cancelled" (a client that went away).
+    finish_reason "cancelled" (a client that went away). alternatives (≥ logprobs;
+    default logprobs) is how many alternatives the compiled loop finds per token: a
+    server passes its one bound, so every request runs the same program.
     """
     sampler = sampler or Sampler()
     tokenizer = require_tokenizer(model)
@@ -98,6 +101,7 @@ def generate(
     if num_samples < 1:
         raise InputError(f"num-samples must be >= 1, got {num_samples}")
     check_top_k(logprobs, model.config.n_vocab, "logprobs")
+    width = logprobs if alternatives is None else max(alternatives, logprobs)
     started = time.perf_counter()
     fresh = context is None
     context = context or Context.start(model, 1)
@@ -118,16 +122,19 @@ def generate(
             seed=seed, resume=lambda: _repeat_context(context, num_samples),
         )  # fmt: skip
 
-    rings, token = _prefill(model, context, prompt[whole:], fresh and not whole, sampler, logprobs)
+    rings, token = _prefill(model, context, prompt[whole:], fresh and not whole, width)
     if num_samples > 1:
         rings, token = repeat_ring_rows(rings, n=num_samples), jnp.repeat(token, num_samples)
     mesh = mesh_for_rows(num_samples, devices)
     params = replicated(mesh, model.params) if mesh is not None else None
-    rows = TextRows(tokenizer, [list(stop)] * num_samples, on_text, ignore_eos)
-    eos_id = -1 if tokenizer.eos_id is None or ignore_eos else tokenizer.eos_id
+    rows = TextRows(tokenizer, [list(stop)] * num_samples, on_text, [ignore_eos] * num_samples,
+                    [logprobs] * num_samples)  # fmt: skip
+    sampling = SamplerRows.of([sampler] * num_samples, model.config.n_vocab)
+    penalties = Penalties.start(model.config.n_vocab, [prompt.tolist()] * num_samples)
     rings, token, count = _sample_loop(
         model, rings, token, rows, row_keys(seed, num_samples), np.full(num_samples, max_tokens),
-        sampler, logprobs, eos_id, should_stop, mesh, params, keep_state=True,
+        sampling, penalties, width, _eos_ids(tokenizer, [ignore_eos] * num_samples),
+        should_stop, mesh, params, keep_state=True,
     )  # fmt: skip
     rows.finish_all()
     finished_at = time.perf_counter()
@@ -159,6 +166,10 @@ class Request:
     seed: int = 0
     num_samples: int = 1
     stop: Sequence[str] = ()
+    # None: generate_batch's own arguments; rows with different settings share the batch
+    sampler: Sampler | None = None
+    logprobs: int | None = None
+    ignore_eos: bool | None = None
 
 
 def generate_batch(
@@ -170,31 +181,42 @@ def generate_batch(
     ignore_eos: bool = False,
     on_text: Callable[[int, int, str], None] | None = None,
     should_stop: Callable[[], Sequence[bool]] | None = None,
+    alternatives: int | None = None,
 ) -> list[list[Sample]]:
     """Samples the continuations of several texts at once: every request's rows share
-    one compiled decoding loop (tvq serve batches concurrent requests so). Each request
-    gets the samples generate() gives it alone with its seed: a row draws from its own
-    keys, and rows of texts at different positions run side by side. The batch is
-    padded to a power of two rows, so few shapes ever compile.
+    one compiled decoding loop (tvq serve batches concurrent requests so), whatever their
+    samplers, penalties, log-probs and ignore_eos (each request's own, or these
+    arguments). Each request gets the samples generate() gives it alone with its seed
+    and settings: a row draws from its own keys by its own settings, and rows of texts
+    at different positions run side by side. The batch is padded to a power of two
+    rows, so few shapes ever compile.
 
     on_text(request, sample, text) streams text; should_stop() → one bool per request
-    (its client went away) is asked between chunks. Returns the samples per request."""
+    (its client went away) is asked between chunks; alternatives as for generate.
+    Returns the samples per request."""
     sampler = sampler or Sampler()
     tokenizer = require_tokenizer(model)
     owners = [(i, j) for i, r in enumerate(requests) for j in range(r.num_samples)]
     size = 1 << max(0, len(owners) - 1).bit_length()  # rows, padded to a power of two
-    parts, keys, limits, stops = [], [], [], []
+    parts, keys, limits, stops, samplers, recent, eos_rules, tops = [], [], [], [], [], [], [], []
+    top_k = max([logprobs, alternatives or 0] + [r.logprobs or 0 for r in requests])
     for r in requests:
         prompt = np.asarray(list(r.prompt_ids), np.int32)
+        check_top_k(r.logprobs or 0, model.config.n_vocab, "logprobs")
         whole = len(prompt) - len(prompt) % model.block_len
         context = Context.start(model, 1)
         if whole:
             _, context = score_ids(model, prompt[:whole], context)
-        rings, token = _prefill(model, context, prompt[whole:], not whole, sampler, logprobs)
+        rings, token = _prefill(model, context, prompt[whole:], not whole, top_k)
         parts.append((repeat_ring_rows(rings, n=r.num_samples), jnp.repeat(token, r.num_samples)))
         keys.append(row_keys(r.seed, r.num_samples))
-        limits += [r.max_tokens] * r.num_samples
-        stops += [list(r.stop)] * r.num_samples
+        n = r.num_samples
+        limits += [r.max_tokens] * n
+        stops += [list(r.stop)] * n
+        samplers += [r.sampler or sampler] * n
+        recent += [prompt.tolist()] * n
+        eos_rules += [ignore_eos if r.ignore_eos is None else r.ignore_eos] * n
+        tops += [logprobs if r.logprobs is None else r.logprobs] * n
     padding = size - len(owners)
     if padding:  # rows of an empty text that never sample
         parts.append((empty_rings(model.config, padding),
@@ -202,6 +224,10 @@ def generate_batch(
         keys.append(row_keys(0, padding))
         limits += [0] * padding
         stops += [[]] * padding
+        samplers += [sampler] * padding
+        recent += [[]] * padding
+        eos_rules += [False] * padding
+        tops += [0] * padding
     rings = jax.tree_util.tree_map(lambda *a: jnp.concatenate(a, axis=0), *[p[0] for p in parts])
     token = jnp.concatenate([p[1] for p in parts])
 
@@ -213,13 +239,14 @@ def generate_batch(
         stopped = list(should_stop())
         return [stopped[i] for i, _ in owners] + [True] * padding
 
-    rows = TextRows(tokenizer, stops, row_text, ignore_eos)
-    end_id = -1 if tokenizer.eos_id is None or ignore_eos else tokenizer.eos_id
+    rows = TextRows(tokenizer, stops, row_text, eos_rules, tops)
     mesh = mesh_for_rows(size, None)
     params = replicated(mesh, model.params) if mesh is not None else None
-    _sample_loop(model, rings, token, rows, np.concatenate(keys), np.asarray(limits), sampler,
-                 logprobs, end_id, rows_to_stop if should_stop else None, mesh, params,
-                 keep_state=False)  # fmt: skip
+    sampling = SamplerRows.of(samplers, model.config.n_vocab)
+    penalties = Penalties.start(model.config.n_vocab, recent)
+    _sample_loop(model, rings, token, rows, np.concatenate(keys), np.asarray(limits), sampling,
+                 penalties, top_k, _eos_ids(tokenizer, eos_rules),
+                 rows_to_stop if should_stop else None, mesh, params, keep_state=False)  # fmt: skip
     rows.finish_all()
     out: list[list[Sample]] = [[] for _ in requests]
     for row, (i, _) in enumerate(owners):
@@ -227,19 +254,27 @@ def generate_batch(
     return out
 
 
-def _prefill(model: Model, context: Context, rest: np.ndarray, fresh: bool, sampler: Sampler,
-             logprobs: int):  # fmt: skip
+def _prefill(model: Model, context: Context, rest: np.ndarray, fresh: bool, logprobs: int):
     """The rings of one text after `context` and then `rest` (less than a block), fed
-    through the decoding loop → (rings, last token)."""
+    through the decoding loop (the program that samples next: the same top-k) →
+    (rings, last token)."""
     rings = empty_rings(model.config, 1) if fresh else state_to_ring(context.state)
     token = jnp.asarray(context.last_token, jnp.int32)
-    rings, token, _ = feed(model, rings, token, rest[None, :], sampler, logprobs)
+    rings, token, _ = feed(model, rings, token, rest[None, :], logprobs)
     return rings, token
 
 
+def _eos_ids(tokenizer, ignore_eos: list[bool]) -> np.ndarray:
+    """Per row, the token that ends it: the end of document, or −1 (none) where it is
+    ignored."""
+    eos = -1 if tokenizer.eos_id is None else tokenizer.eos_id
+    return np.asarray([-1 if ignore else eos for ignore in ignore_eos], np.int32)
+
+
 def _sample_loop(model: Model, rings, token, rows: TextRows, keys: np.ndarray,
-                 max_tokens: np.ndarray, sampler: Sampler, logprobs: int, eos_id: int,
-                 should_stop, mesh, params, keep_state: bool):  # fmt: skip
+                 max_tokens: np.ndarray, sampling: SamplerRows, penalties: Penalties,
+                 logprobs: int, eos_ids: np.ndarray, should_stop, mesh, params,
+                 keep_state: bool):  # fmt: skip
     """Samples every row until it ends (end of document, a stop string, its max_tokens,
     or should_stop() true for it: a bool, or one per row) in chunks of 1, 2, 4, … up to
     CHUNK tokens → (rings, last token, tokens taken). keep_state: the rings are the
@@ -258,9 +293,9 @@ def _sample_loop(model: Model, rings, token, rows: TextRows, keys: np.ndarray,
         done = np.array([s.done for s in rows.samples])
         limits = np.where(done, 0, np.clip(max_tokens - count, 0, chunk))
         before = (rings, token)
-        rings, token, tokens, log_probs, sampled, top_values, top_ids = run_chunk(
-            model, rings, token, keys, np.full(batch, count), limits, no_forcing, 0, eos_id,
-            sampler, mesh, params, logprobs,
+        rings, token, tokens, log_probs, sampled, top_values, top_ids, after = run_chunk(
+            model, rings, token, keys, np.full(batch, count), limits, no_forcing, 0, eos_ids,
+            sampling, penalties, mesh, params, logprobs,
         )  # fmt: skip
         tokens, log_probs, sampled = np.asarray(tokens), np.asarray(log_probs), int(sampled)
         top_values, top_ids = np.asarray(top_values), np.asarray(top_ids)
@@ -271,9 +306,11 @@ def _sample_loop(model: Model, rings, token, rows: TextRows, keys: np.ndarray,
             for row in np.flatnonzero(max_tokens == count + used):
                 rows.finish_at(int(row))
         if keep_state and used < sampled:  # a stop string ended it mid-chunk
-            rings, token, *_ = run_chunk(model, *before, keys, np.full(batch, count),
-                                      np.full(batch, used), tokens, used, eos_id, sampler,
-                                      mesh, params, logprobs)  # fmt: skip
+            rings, token, *_, after = run_chunk(model, *before, keys, np.full(batch, count),
+                                                np.full(batch, used), tokens, used, eos_ids,
+                                                sampling, penalties, mesh, params,
+                                                logprobs)  # fmt: skip
+        penalties = after
         count += used
         chunk = min(2 * chunk, CHUNK)
     return rings, token, count

@@ -76,6 +76,33 @@ def generate(
     stop: Annotated[
         list[str] | None, typer.Option(help="Stop before this text (repeatable).")
     ] = None,
+    presence_penalty: Annotated[
+        float,
+        typer.Option(
+            help="Subtract from a token's log-prob once it was sampled (OpenAI's).", callback=finite
+        ),
+    ] = 0.0,
+    frequency_penalty: Annotated[
+        float,
+        typer.Option(
+            help="Subtract × times sampled from a token's log-prob (OpenAI's).", callback=finite
+        ),
+    ] = 0.0,
+    repeat_penalty: Annotated[
+        float,
+        typer.Option(
+            help="Multiply the log-probs of the last --repeat-last-n tokens "
+            "(llama.cpp's; 1 = off).",
+            callback=finite,
+        ),
+    ] = 1.0,
+    repeat_last_n: Annotated[
+        int, typer.Option(help="Tokens --repeat-penalty looks back over (prompt included).")
+    ] = 64,
+    logit_bias: Annotated[
+        list[str] | None,
+        typer.Option(help="ID=BIAS: add BIAS to token ID's log-prob (repeatable; -100 bans)."),
+    ] = None,
     num_samples: Annotated[int, typer.Option(help="Samples, generated as one batch.")] = 1,
     ignore_eos: Annotated[
         bool, typer.Option(help="Go on past end-of-document tokens (they print nothing).")
@@ -144,13 +171,19 @@ def generate(
     if save_state is not None and num_samples != 1:
         raise fail("--save-state needs --num-samples 1 (one text, one state)", 2)
     try:
-        sampler = Sampler(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
+        sampler = Sampler(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                          presence_penalty=presence_penalty,
+                          frequency_penalty=frequency_penalty,
+                          repetition_penalty=repeat_penalty, repeat_last_n=repeat_last_n,
+                          logit_bias=parse_logit_bias(logit_bias or []))  # fmt: skip
     except tvq.TvqError as e:
         raise fail(str(e), 2) from None
     check_output_file(save_state, "--save-state")
     text = read_prompt(prompt, file)
     base = tvq.load(model)  # state files belong to its parameters, whatever the dtype
     tokenizer = require_tokenizer(base)
+    if any(not 0 <= token < base.config.n_vocab for token, _ in sampler.logit_bias):
+        raise fail(f"--logit-bias token ids must be in [0, {base.config.n_vocab})", 2)
     if logprobs > base.config.n_vocab:
         raise fail(f"--logprobs must be at most the vocabulary size {base.config.n_vocab}, "
                    f"got {logprobs}", 2)  # fmt: skip
@@ -209,3 +242,15 @@ def generate(
             f" · {result.devices} device{'s' if result.devices > 1 else ''}",
             highlight=False,
         )
+
+
+def parse_logit_bias(items: list[str]) -> tuple[tuple[int, float], ...]:
+    """--logit-bias ID=BIAS values → ((id, bias), ...); a usage error names the bad one."""
+    pairs = []
+    for item in items:
+        token, _, bias = item.partition("=")
+        try:
+            pairs.append((int(token), float(bias)))
+        except ValueError:
+            raise fail(f"--logit-bias takes ID=BIAS (e.g. 13=-100), got {item!r}", 2) from None
+    return tuple(pairs)

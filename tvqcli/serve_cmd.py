@@ -68,7 +68,6 @@ def serve(
     import uvicorn
 
     import tvq
-    from tvq.decoding import generate
     from tvq.runtime.context import require_tokenizer
     from tvq.serving.app import build_app
     from tvq.serving.engine import Engine
@@ -85,7 +84,6 @@ def serve(
     loaded = run_settings(base, dtype=dtype)
     if session_dir is not None:
         session_dir.mkdir(parents=True, exist_ok=True)
-    generate(loaded, [], max_tokens=1, seed=0)  # compiles the sampling loop before serving
     settings = ServerSettings(
         model_name=Path(model).name if model is not None else "tvq-builtin",
         api_key=api_key, max_sessions=max_sessions, session_dir=session_dir,
@@ -93,6 +91,7 @@ def serve(
         max_body_bytes=max_body_bytes, queue_size=queue_size, max_batch_rows=batch_rows,
     )  # fmt: skip
     engine = Engine(loaded, settings, base)
+    engine.warm_up()  # compiles the sampling loop before serving
     config = uvicorn.Config(build_app(engine), log_level="warning", access_log=False,
                             timeout_graceful_shutdown=30, lifespan="off")  # fmt: skip
     server = uvicorn.Server(config)

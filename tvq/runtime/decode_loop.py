@@ -23,9 +23,10 @@ from tvq.nn.ring import RingState, model_from_ring, model_to_ring, repeat_rows
 from tvq.nn.transformer import Transformer, network
 from tvq.runtime.forward import on_device
 from tvq.runtime.model import Model
-from tvq.text.sampling import Sampler, row_uniforms
+from tvq.text.sampling import Penalties, Sampler, SamplerRows, penalized, pick_rows, row_uniforms
 
 CHUNK = 32  # most tokens sampled per compiled call
+GREEDY = Sampler(temperature=0)  # what feeding (every token forced) passes for sampling
 
 
 @flax.struct.dataclass
@@ -40,22 +41,27 @@ class DecodeCarry:
     log_probs: jax.Array  # [CHUNK, B] float32: their log-probs
     top_log_probs: jax.Array  # [CHUNK, B, k] float32: the k most likely tokens' log-probs
     top_ids: jax.Array  # [CHUNK, B, k] int32: and their ids
+    penalties: Penalties  # what the penalties count, per row
 
 
-@warm.entry(static_argnames=("config", "sampler", "top_k"))
-def decode_chunk(config, params, rings, token, keys, counts, limits, forced, n_forced, eos_id,
-                 sampler: Sampler, top_k: int = 0):  # fmt: skip
+@warm.entry(static_argnames=("config", "top_k"))
+def decode_chunk(config, params, rings, token, keys, counts, limits, forced, n_forced, eos_ids,
+                 sampling: SamplerRows, penalties: Penalties, top_k: int = 0):  # fmt: skip
     """Samples tokens after `token` [B]: row r takes limits[r] (≤ CHUNK) steps or stops
-    at eos_id; the loop ends when every row has. Row r's k-th token of its text is drawn
-    with the key fold_in(keys[r], k), k = counts[r] + step, so a row's text depends on
-    its own key only, never on the rows beside it (tvq.serving.engine batches requests). The first
-    n_forced steps take forced [CHUNK, B] instead of sampling (to replay a chunk up to a
-    stop string). Log-probs are the model's, before the sampler's temperature and
-    truncation (those `tvq score` gives). Every row's state advances every step: a row
-    that has stopped keeps going (its later tokens are not used).
+    at eos_ids[r] (−1: never); the loop ends when every row has. Row r samples by its
+    own settings, sampling[r] (values, not the program's shape: one compiled loop serves
+    every setting), after its penalties (which count what it sampled). Row r's k-th
+    token of its text is drawn with the key fold_in(keys[r], k), k = counts[r] + step,
+    so a row's text depends on its own key and settings only, never on the rows beside
+    it (tvq.serving.engine batches requests). The first n_forced steps take forced
+    [CHUNK, B] instead of sampling (to replay a chunk up to a stop string). Log-probs
+    are the model's, before the sampler's penalties, temperature and truncation (those
+    `tvq score` gives). Every row's state advances every step: a row that has stopped
+    keeps going (its later tokens are not used).
 
     Returns (rings, last token [B], tokens [CHUNK, B], log-probs [CHUNK, B], steps, the
-    top_k most likely tokens' log-probs [CHUNK, B, top_k] and ids [CHUNK, B, top_k]).
+    top_k most likely tokens' log-probs [CHUNK, B, top_k] and ids [CHUNK, B, top_k],
+    the penalties' counts after the chunk).
     """
     net, variables, tables = network(config, params)
     batch = token.shape[0]
@@ -70,13 +76,14 @@ def decode_chunk(config, params, rings, token, keys, counts, limits, forced, n_f
 
     def body(c: DecodeCarry) -> DecodeCarry:
         rings, log_probs = net.apply(variables, c.token, c.rings, tables, method=Transformer.step)
-        sampled = sampler.pick(uniforms[c.step], log_probs)
+        sampled = pick_rows(sampling, uniforms[c.step], penalized(sampling, c.penalties, log_probs))
         new = jnp.where(c.step < n_forced, forced[c.step], sampled)
         live = (c.step < limits) & ~c.done
         picked = jnp.take_along_axis(log_probs, new[:, None], axis=-1)[:, 0]
         top_values, top_ids = jax.lax.top_k(log_probs, top_k)
         return DecodeCarry(
-            step=c.step + 1, rings=rings, token=new, done=c.done | (live & (new == eos_id)),
+            step=c.step + 1, rings=rings, token=new, done=c.done | (live & (new == eos_ids)),
+            penalties=c.penalties.add(new, live),
             tokens=c.tokens.at[c.step].set(new), log_probs=c.log_probs.at[c.step].set(picked),
             top_log_probs=c.top_log_probs.at[c.step].set(top_values),
             top_ids=c.top_ids.at[c.step].set(top_ids.astype(jnp.int32)),
@@ -87,10 +94,11 @@ def decode_chunk(config, params, rings, token, keys, counts, limits, forced, n_f
         done=jnp.zeros([batch], jnp.bool_), tokens=jnp.zeros([CHUNK, batch], jnp.int32),
         log_probs=jnp.zeros([CHUNK, batch], jnp.float32),
         top_log_probs=jnp.zeros([CHUNK, batch, top_k], jnp.float32),
-        top_ids=jnp.zeros([CHUNK, batch, top_k], jnp.int32),
+        top_ids=jnp.zeros([CHUNK, batch, top_k], jnp.int32), penalties=penalties,
     )  # fmt: skip
     c = jax.lax.while_loop(cond, body, init)
-    return c.rings, c.token, c.tokens, c.log_probs, c.step, c.top_log_probs, c.top_ids
+    return (c.rings, c.token, c.tokens, c.log_probs, c.step, c.top_log_probs, c.top_ids,
+            c.penalties)  # fmt: skip
 
 
 @warm.entry(static_argnames=("config",))
@@ -102,41 +110,44 @@ state_to_ring = warm.Entry(model_to_ring)
 repeat_ring_rows = warm.Entry(repeat_rows, static_argnames=("n",))
 
 
-def run_chunk(model: Model, rings, token, keys, counts, limits, forced, n_forced, eos_id,
-           sampler, mesh: Mesh | None = None, params: Any = None, top_k: int = 0):  # fmt: skip
+def run_chunk(model: Model, rings, token, keys, counts, limits, forced, n_forced, eos_ids,
+              sampling: SamplerRows, penalties: Penalties, mesh: Mesh | None = None,
+              params: Any = None, top_k: int = 0):  # fmt: skip
     """decode_chunk, always called in one form: jit keys its compiled code on which
     arguments are positional and which keyword, and on whether arrays are committed
-    (tvq.runtime.forward.on_device); a second form would compile the loop again. With a mesh the
-    rows are split over its devices (`params` replicated on them)."""
+    (tvq.runtime.forward.on_device); a second form would compile the loop again. With a
+    mesh the rows are split over its devices (`params` replicated on them)."""
     counts, limits = np.asarray(counts, np.int32), np.asarray(limits, np.int32)
+    eos_ids = np.broadcast_to(np.asarray(eos_ids, np.int32), limits.shape)
+    rows = (rings, token, keys, counts, limits, eos_ids, sampling, penalties)
     if mesh is None:
-        rings, token, keys, counts, limits, forced = on_device(
-            (rings, token, keys, counts, limits, forced)
-        )
+        rows, forced = on_device((rows, forced))
         params = model.params
     else:
-        rings, token, keys, counts, limits = split_rows(mesh, (rings, token, keys, counts, limits))
-        forced = replicated(mesh, forced)
+        rows, forced = split_rows(mesh, rows), replicated(mesh, forced)
+    rings, token, keys, counts, limits, eos_ids, sampling, penalties = rows
     return decode_chunk(model.config, params, rings, token, keys, counts, limits, forced,
-                        n_forced, eos_id, sampler=sampler, top_k=top_k)  # fmt: skip
+                        n_forced, eos_ids, sampling, penalties, top_k=top_k)  # fmt: skip
 
 
-def feed(model: Model, rings, token, ids: np.ndarray, sampler: Sampler, top_k: int = 0):
+def feed(model: Model, rings, token, ids: np.ndarray, top_k: int = 0):
     """Feeds ids [B, T] after `token` [B] through the decoding loop (every step forced),
     CHUNK at a time; the same compiled loop as sampling (top_k too), so no other length
     gets compiled. Returns (rings, last token, scored): scored holds the log-probs of the
     ids [B, T] and, with top_k, the k most likely tokens' log-probs and ids [B, T, k]."""
     batch, length = ids.shape
     keys = row_keys(0, batch)  # unused: nothing is sampled
+    sampling = SamplerRows.of([GREEDY] * batch, model.config.n_vocab)
+    penalties = Penalties.start(model.config.n_vocab, [[]] * batch)
     parts = []
     for start in range(0, length, CHUNK):
         piece = ids[:, start : start + CHUNK]
         n = piece.shape[1]
         forced = np.zeros([CHUNK, batch], np.int32)
         forced[:n] = piece.T
-        rings, token, _, log_probs, _, top_values, top_ids = run_chunk(
-            model, rings, token, keys, np.zeros(batch), np.full(batch, n), forced, n,
-            eos_id=-1, sampler=sampler, top_k=top_k,
+        rings, token, _, log_probs, _, top_values, top_ids, _ = run_chunk(
+            model, rings, token, keys, np.zeros(batch), np.full(batch, n), forced, n, -1,
+            sampling, penalties, top_k=top_k,
         )  # fmt: skip
         parts.append((log_probs[:n].T, top_values[:n].swapaxes(0, 1), top_ids[:n].swapaxes(0, 1)))
     scored = [jnp.concatenate(p, axis=1) for p in zip(*parts, strict=True)]
@@ -150,7 +161,7 @@ def feed_ids(model: Model, state, token, ids: np.ndarray, top_k: int = 0):
     where the blockwise forward compiles one program per length."""
     rings = state_to_ring(on_device(state))
     token = jnp.asarray(token, jnp.int32)
-    rings, _, scored = feed(model, rings, token, ids, Sampler(temperature=0), top_k)
+    rings, _, scored = feed(model, rings, token, ids, top_k)
     return scored, ring_to_state(model.config, model.params, on_device(rings))
 
 

@@ -20,6 +20,7 @@ from tvq.errors import StateError
 from tvq.runtime.context import Context, require_tokenizer, score_ids
 from tvq.runtime.model import Model
 from tvq.serving.protocol import (
+    MAX_LOGPROBS,
     ApiError,
     CompletionRequest,
     ServerSettings,
@@ -48,11 +49,12 @@ class Job:
 
     def batch_key(self) -> tuple | None:
         """Requests with equal keys share a batch; None: this one runs alone (it
-        continues a session, or has several prompts)."""
+        continues a session, or has several prompts). Sampler settings, penalties,
+        log-probs and ignore_eos are values of the one compiled loop: any mix shares."""
         r = self.request
         if r.session is not None or len(r.prompts) != 1:
             return None
-        return (r.temperature, r.top_k, r.top_p, r.min_p, r.logprobs or 0, r.ignore_eos)
+        return ()
 
 
 class JobQueue:
@@ -110,12 +112,19 @@ class Engine:
         may compute in another dtype: the same parameters)."""
         self.model, self.settings = model, settings
         self.tokenizer = require_tokenizer(model)
+        # every request's loop finds this many alternatives per token, whatever its own
+        # logprobs: one compiled program serves them all
+        self.alternatives = min(MAX_LOGPROBS, model.config.n_vocab)
         self.sessions = Sessions(base or model, settings.max_sessions, settings.session_dir)
         self.jobs = JobQueue(settings.queue_size)
         # served requests, the model's runs (batches and lone requests), the largest batch
         self.stats = {"requests": 0, "runs": 0, "largest_batch": 0}
         self.worker = threading.Thread(target=self._work, name="tvq-model", daemon=True)
         self.worker.start()
+
+    def warm_up(self) -> None:
+        """Compiles the one sampling loop every request runs (batch 1) before serving."""
+        generate(self.model, [], max_tokens=1, seed=0, alternatives=self.alternatives)
 
     def submit(self, job: Job) -> None:
         self.jobs.put(job)
@@ -146,8 +155,7 @@ class Engine:
                     job.send("error", error)
 
     def _run_batch(self, jobs: list[Job]) -> None:
-        """Requests of one prompt each, no session and the same sampler: one batch."""
-        first = jobs[0].request
+        """Requests of one prompt each and no session, whatever their settings: one batch."""
         requests, echoed = [], []
         for job in jobs:
             r = job.request
@@ -156,10 +164,20 @@ class Engine:
             if r.echo:
                 for row in range(r.n):
                     job.send("text", row, r.prompt_texts[0])
-            requests.append(Request(r.prompts[0], r.max_tokens, request_seed(r), r.n, r.stop))
+            requests.append(
+                Request(
+                    r.prompts[0],
+                    r.max_tokens,
+                    request_seed(r),
+                    r.n,
+                    r.stop,
+                    request_sampler(r),
+                    r.logprobs or 0,
+                    r.ignore_eos,
+                )
+            )
         samples = generate_batch(
-            self.model, requests, sampler=request_sampler(first), logprobs=first.logprobs or 0,
-            ignore_eos=first.ignore_eos,
+            self.model, requests, alternatives=self.alternatives,
             on_text=lambda i, row, text: jobs[i].send("text", row, text),
             should_stop=lambda: [job.cancelled.is_set() for job in jobs],
         )  # fmt: skip
@@ -195,7 +213,7 @@ class Engine:
                 self.model, ids, max_tokens=r.max_tokens, sampler=sampler, seed=seed,
                 num_samples=r.n, stop=r.stop, context=start, on_text=on_text,
                 logprobs=r.logprobs or 0, should_stop=job.cancelled.is_set,
-                ignore_eos=r.ignore_eos,
+                ignore_eos=r.ignore_eos, alternatives=self.alternatives,
             )  # fmt: skip
             prompt_tokens += len(ids) + fresh
             completion_tokens += sum(len(s.ids) for s in result.samples)
@@ -220,9 +238,7 @@ class Engine:
         a document-start marker came before them."""
         if not ids:
             return [], np.zeros([0]), np.zeros([0, 0]), np.zeros([0, 0], np.int32), fresh
-        k = r.logprobs or 0
-        scored, _ = score_ids(self.model, ids, start, keep_log_probs=True, top_k=k)
-        if not k:
-            none = np.zeros([len(ids), 0])
-            return ids, scored.log_probs[0], none, none.astype(np.int32), fresh
-        return ids, scored.log_probs[0], scored.top_log_probs[0], scored.top_ids[0], fresh
+        k = r.logprobs or 0  # found self.alternatives deep, as in sampling: one program
+        scored, _ = score_ids(self.model, ids, start, keep_log_probs=True, top_k=self.alternatives)
+        tops = scored.top_log_probs[0, :, :k], scored.top_ids[0, :, :k]
+        return ids, scored.log_probs[0], *tops, fresh

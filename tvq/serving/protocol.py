@@ -21,7 +21,7 @@ from typing import Any
 
 from tvq.errors import TvqError, is_int
 from tvq.serving.sessions import SESSION_ID
-from tvq.text.sampling import Sampler
+from tvq.text.sampling import REPEAT_WINDOW, Sampler
 from tvq.text.tokenizer import token_text
 
 
@@ -99,6 +99,11 @@ class CompletionRequest:
     echo: bool = False
     session: str | None = None
     ignore_eos: bool = False  # an extension (llama.cpp's, vLLM's): sample past end-of-document
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0  # extensions (llama.cpp's repeat_penalty, repeat_last_n)
+    repeat_last_n: int = 64
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
 
 _KIND_NAMES = {int: "an integer", float: "a number", bool: "a boolean", str: "a string",
@@ -106,6 +111,7 @@ _KIND_NAMES = {int: "an integer", float: "a number", bool: "a boolean", str: "a 
 
 
 MAX_STOPS = 16
+MAX_LOGPROBS = 20  # OpenAI's bound; the compiled loop always finds this many alternatives
 BASE_MODEL_ONLY = "tvq serves a base model: use /v1/completions"
 
 
@@ -176,16 +182,26 @@ def parse_completion(body: Any, tokenizer, n_vocab: int, settings: ServerSetting
         stream=_field(body, "stream", (bool,), False),
         include_usage=_field(_field(body, "stream_options", (dict,), {}), "include_usage",
                              (bool,), False),
-        logprobs=_field(body, "logprobs", (int,), None, lambda v: 0 <= v <= min(20, n_vocab),
-                        f"between 0 and {min(20, n_vocab)}"),
+        logprobs=_field(body, "logprobs", (int,), None,
+                        lambda v: 0 <= v <= min(MAX_LOGPROBS, n_vocab),
+                        f"between 0 and {min(MAX_LOGPROBS, n_vocab)}"),
         echo=_field(body, "echo", (bool,), False),
         ignore_eos=_field(body, "ignore_eos", (bool,), False),
         session=_field(body, "session", (str,), None, lambda v: bool(SESSION_ID.fullmatch(v)),
                        "a name of letters, digits, '_', '-' and '.' (not starting with '.'), "
                        "at most 128 characters"),
+        presence_penalty=float(_field(body, "presence_penalty", (int, float), 0.0,
+                                      lambda v: -2 <= v <= 2, "between -2 and 2")),
+        frequency_penalty=float(_field(body, "frequency_penalty", (int, float), 0.0,
+                                       lambda v: -2 <= v <= 2, "between -2 and 2")),
+        repetition_penalty=float(_field(body, "repetition_penalty", (int, float), 1.0,
+                                        lambda v: 0 < v <= 10, "in (0, 10]")),
+        repeat_last_n=_field(body, "repeat_last_n", (int,), 64,
+                             lambda v: 0 <= v <= REPEAT_WINDOW, f"between 0 and {REPEAT_WINDOW}"),
+        logit_bias=_logit_bias(body.get("logit_bias"), n_vocab),
     )  # fmt: skip
     _field(body, "model", (str,), None)
-    for name in ("best_of", "suffix", "logit_bias"):
+    for name in ("best_of", "suffix"):
         if body.get(name) not in (None, 1, "", {}):
             raise ApiError(400, f"'{name}' is not supported by tvq", name)
     if request.session is not None and len(prompts) != 1:
@@ -287,6 +303,25 @@ def parse_detokenize(body: Any, tokenizer, n_vocab: int) -> dict:
     return {"prompt": decode_marked(tokenizer, ids)}
 
 
+def _logit_bias(value, n_vocab: int) -> tuple[tuple[int, float], ...]:
+    """OpenAI's logit_bias: {"token id": bias in [-100, 100]}, added to the log-prob."""
+    if value is None:
+        return ()
+    if not isinstance(value, dict):
+        raise ApiError(400, "'logit_bias' must be an object of token id: bias", "logit_bias")
+    pairs = []
+    for key, bias in value.items():
+        token = int(key) if isinstance(key, str) and key.strip().isdigit() else None
+        if token is None or not 0 <= token < n_vocab:
+            raise ApiError(400, f"'logit_bias' keys must be token ids in [0, {n_vocab}), got "
+                           f"{key!r}", "logit_bias")  # fmt: skip
+        if not _is_kind(bias, int) and not _is_kind(bias, float) or not -100 <= bias <= 100:
+            raise ApiError(400, f"'logit_bias' values must be numbers in [-100, 100], got "
+                           f"{bias!r}", "logit_bias")  # fmt: skip
+        pairs.append((token, float(bias)))
+    return tuple(pairs)
+
+
 def _stop(value) -> list[str]:
     if value is None:
         return []
@@ -301,8 +336,11 @@ def _stop(value) -> list[str]:
 
 
 def request_sampler(r: CompletionRequest) -> Sampler:
-    """The request's sampler (temperature, top_k, top_p, min_p)."""
-    return Sampler(temperature=r.temperature, top_k=r.top_k, top_p=r.top_p, min_p=r.min_p)
+    """The request's sampler: temperature, top_k, top_p, min_p, the penalties, the bias."""
+    return Sampler(temperature=r.temperature, top_k=r.top_k, top_p=r.top_p, min_p=r.min_p,
+                   presence_penalty=r.presence_penalty, frequency_penalty=r.frequency_penalty,
+                   repetition_penalty=r.repetition_penalty, repeat_last_n=r.repeat_last_n,
+                   logit_bias=r.logit_bias)  # fmt: skip
 
 
 def request_seed(r: CompletionRequest) -> int:

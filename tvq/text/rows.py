@@ -25,15 +25,16 @@ class Sample:
 class TextRows:
     """Host side of the loop: decodes each row, applies stop strings, streams row 0."""
 
-    def __init__(self, tokenizer, stops, on_text, ignore_eos=False):
-        """stops: each row's stop strings (one list per row)."""
+    def __init__(self, tokenizer, stops, on_text, ignore_eos, logprobs):
+        """stops: each row's stop strings (one list per row); ignore_eos: per row, go on
+        past an end of document; logprobs: per row, how many alternatives to keep."""
         n = len(stops)
         self.samples = [Sample() for _ in range(n)]
         self.decoders = [StreamDecoder(tokenizer) for _ in range(n)]
         self.pending = [""] * n  # decoded text not yet released (may begin a stop string)
         self.stops = [[s for s in row if s] for row in stops]
         self.eos_id, self.on_text = tokenizer.eos_id, on_text
-        self.ignore_eos = ignore_eos
+        self.ignore_eos, self.logprobs = list(ignore_eos), list(logprobs)
         self.first_token_at: float | None = None
 
     def take(self, tokens, log_probs, top_log_probs, top_ids) -> bool:
@@ -47,11 +48,13 @@ class TextRows:
             token = int(tokens[row])
             sample.ids.append(token)
             sample.log_probs.append(float(log_probs[row]))
-            if top_ids.shape[-1]:
-                pairs = zip(top_ids[row].tolist(), top_log_probs[row].tolist(), strict=True)
+            if self.logprobs[row]:
+                k = self.logprobs[row]
+                pairs = zip(top_ids[row, :k].tolist(), top_log_probs[row, :k].tolist(),
+                            strict=True)  # fmt: skip
                 sample.top_logprobs.append(list(pairs))
             if token == self.eos_id:
-                if not self.ignore_eos:
+                if not self.ignore_eos[row]:
                     self._finish(row, "eos")
                 continue  # an end of document has no text
             self.pending[row] += self.decoders[row].push(token)

@@ -1,7 +1,12 @@
-"""Sampling rules: temperature, top-k, top-p (nucleus) and min-p, applied to log-probs.
+"""Sampling rules: logit bias, presence, frequency and repetition penalties, then
+temperature, top-k, min-p and top-p (nucleus), applied to log-probs.
 
-A `Sampler` is a small frozen dataclass, hashable, so it is a static argument of the
-compiled decoding loop; it knows nothing about the model.
+A `Sampler` is a small frozen dataclass, a request's settings; it knows nothing about
+the model. The compiled decoding loop takes them as values, not as its program's shape:
+`SamplerRows` holds each row's settings as arrays, so one compiled program serves every
+setting and rows with different settings share a batch (docs/DESIGN.md section 7). The
+penalties' counts (`Penalties`: each token's count among the sampled ones, and the last
+REPEAT_WINDOW tokens) live in the loop's carry.
 """
 
 from __future__ import annotations
@@ -9,10 +14,14 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from tvq.errors import InputError, is_int
+
+REPEAT_WINDOW = 256  # the most recent tokens a repetition penalty can look back over
 
 
 @dataclasses.dataclass(frozen=True)
@@ -21,12 +30,36 @@ class Sampler:
     top_k: int = 0  # 0 = off
     top_p: float = 1.0  # 1 = off
     min_p: float = 0.0  # 0 = off
+    # OpenAI's: log-prob − frequency × count − presence × (count > 0), count = how often
+    # the token was sampled before in this text (0 = off)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    # llama.cpp's --repeat-penalty over the last repeat_last_n tokens of the request
+    # (prompt and sampled): their log-probs (≤ 0) × the penalty (1 = off)
+    repetition_penalty: float = 1.0
+    repeat_last_n: int = 64
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its log-prob)
 
     def __post_init__(self) -> None:
-        for name in ("temperature", "top_p", "min_p"):
+        names = ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty",
+                 "repetition_penalty")  # fmt: skip
+        for name in names:
             value = getattr(self, name)
             if not isinstance(value, int | float) or not math.isfinite(value):
                 raise InputError(f"{name.replace('_', '-')} must be a finite number, got {value}")
+        if not -2 <= self.presence_penalty <= 2 or not -2 <= self.frequency_penalty <= 2:
+            raise InputError("presence-penalty and frequency-penalty must be in [-2, 2] "
+                             f"(OpenAI's range), got {self.presence_penalty}, "
+                             f"{self.frequency_penalty}")  # fmt: skip
+        if not self.repetition_penalty > 0:
+            raise InputError(f"repeat-penalty must be > 0, got {self.repetition_penalty}")
+        if not is_int(self.repeat_last_n) or not 0 <= self.repeat_last_n <= REPEAT_WINDOW:
+            raise InputError(f"repeat-last-n must be between 0 and {REPEAT_WINDOW}, "
+                             f"got {self.repeat_last_n!r}")  # fmt: skip
+        for pair in self.logit_bias:
+            if len(pair) != 2 or not is_int(pair[0]) or not isinstance(pair[1], int | float) \
+                    or not math.isfinite(pair[1]):  # fmt: skip
+                raise InputError(f"a logit bias is (token id, finite number), got {pair!r}")
         if not is_int(self.top_k):
             raise InputError(f"top-k must be an integer, got {self.top_k!r}")
         if not self.temperature >= 0:
@@ -78,6 +111,139 @@ class Sampler:
         cumulative = jnp.cumsum(jax.lax.optimization_barrier(probs), axis=-1)
         index = jnp.sum(cumulative < u * cumulative[:, -1:], axis=-1)
         return jnp.minimum(index, probs.shape[-1] - 1).astype(jnp.int32)
+
+
+@flax.struct.dataclass
+class SamplerRows:
+    """Each row's Sampler as arrays [B] (bias [B, N]): values of the compiled loop."""
+
+    temperature: jax.Array
+    top_k: jax.Array
+    top_p: jax.Array
+    min_p: jax.Array
+    presence: jax.Array
+    frequency: jax.Array
+    repetition: jax.Array
+    repeat_last_n: jax.Array
+    bias: jax.Array  # [B, N] added to the log-probs
+
+    @classmethod
+    def of(cls, samplers: list[Sampler], n_vocab: int) -> SamplerRows:
+        """The rows of these samplers (one per row), on the host."""
+        bias = np.zeros([len(samplers), n_vocab], np.float32)
+        for row, s in enumerate(samplers):
+            for token, value in s.logit_bias:
+                if not 0 <= token < n_vocab:
+                    raise InputError(f"logit bias for token {token}, outside the vocabulary "
+                                     f"[0, {n_vocab})")  # fmt: skip
+                bias[row, token] += value
+
+        def column(name: str, dtype) -> np.ndarray:
+            return np.asarray([getattr(s, name) for s in samplers], dtype)
+
+        return cls(
+            temperature=column("temperature", np.float32), top_k=column("top_k", np.int32),
+            top_p=column("top_p", np.float32), min_p=column("min_p", np.float32),
+            presence=column("presence_penalty", np.float32),
+            frequency=column("frequency_penalty", np.float32),
+            repetition=column("repetition_penalty", np.float32),
+            repeat_last_n=column("repeat_last_n", np.int32), bias=bias,
+        )  # fmt: skip
+
+
+@flax.struct.dataclass
+class Penalties:
+    """What the penalties count, per row: how often each token was sampled [B, N], and
+    the last REPEAT_WINDOW tokens of the text [B, W] (oldest first, −1: none yet)."""
+
+    counts: jax.Array
+    recent: jax.Array
+
+    @classmethod
+    def start(cls, n_vocab: int, recent: list[list[int]]) -> Penalties:
+        """No token sampled yet; each row's text so far ends with `recent` (its prompt)."""
+        window = np.full([len(recent), REPEAT_WINDOW], -1, np.int32)
+        for row, ids in enumerate(recent):
+            tail = list(ids)[-REPEAT_WINDOW:]
+            if tail:
+                window[row, -len(tail) :] = tail
+        return cls(counts=np.zeros([len(recent), n_vocab], np.int32), recent=window)
+
+    def add(self, token: jax.Array, live: jax.Array) -> Penalties:
+        """token [B] sampled where live [B]."""
+        rows = jnp.arange(token.shape[0])
+        counts = jnp.asarray(self.counts).at[rows, token].add(live.astype(jnp.int32))
+        recent = jnp.asarray(self.recent)
+        shifted = jnp.concatenate([recent[:, 1:], token[:, None]], axis=1)
+        return Penalties(counts=counts, recent=jnp.where(live[:, None], shifted, recent))
+
+
+def penalized(rows: SamplerRows, penalties: Penalties, log_probs: jax.Array) -> jax.Array:
+    """The log-probs [B, N] a row samples from: plus its logit bias, minus its frequency
+    and presence penalties (OpenAI's definitions on the sampled counts), and × its
+    repetition penalty where the token is among its last repeat_last_n (log-probs are
+    ≤ 0, so a penalty above 1 lowers them: llama.cpp's rule for negative logits). Every
+    term is exactly the identity for a row whose penalties are off."""
+    counts = penalties.counts.astype(jnp.float32)
+    x = log_probs + rows.bias
+    x = x - rows.frequency[:, None] * counts - rows.presence[:, None] * (counts > 0)
+    window = penalties.recent.shape[1]
+    within = jnp.arange(window)[None, :] >= window - rows.repeat_last_n[:, None]  # [B, W]
+    valid = within & (penalties.recent >= 0)
+    batch = jnp.arange(log_probs.shape[0])[:, None]
+    seen = (
+        jnp.zeros(log_probs.shape, jnp.bool_).at[batch, jnp.maximum(penalties.recent, 0)].max(valid)
+    )
+    return jnp.where(seen, x * rows.repetition[:, None], x)
+
+
+def pick_rows(rows: SamplerRows, u: jax.Array, log_probs: jax.Array) -> jax.Array:
+    """One token id per row [B], each row by its own settings (greedy where its
+    temperature is 0), with its random number u [B] in (0, 1]: for a row, exactly what
+    Sampler.pick gives with that row's sampler."""
+    greedy = rows.temperature == 0
+    logits = log_probs / jnp.where(greedy, 1.0, rows.temperature)[:, None]
+    k = rows.top_k
+    logits = jax.lax.cond(
+        jnp.any(k > 0),
+        lambda x: jnp.where((k[:, None] > 0) & _below_kth(x, jnp.maximum(k, 1)), -jnp.inf, x),
+        lambda x: x,
+        logits,
+    )
+    probs = jax.nn.softmax(logits, axis=-1)
+    floor = rows.min_p[:, None] * jnp.max(probs, axis=-1, keepdims=True)
+    logits = jnp.where((rows.min_p[:, None] > 0) & (probs < floor), -jnp.inf, logits)
+
+    def nucleus(x):
+        p = jax.nn.softmax(x, axis=-1)
+        cut = top_p_cutoff(p, jnp.minimum(rows.top_p, 1.0)[:, None])
+        return jnp.where((rows.top_p[:, None] < 1) & (p < cut), -jnp.inf, x)
+
+    logits = jax.lax.cond(jnp.any(rows.top_p < 1), nucleus, lambda x: x, logits)
+    probs = jax.nn.softmax(logits, axis=-1)
+    cumulative = jnp.cumsum(jax.lax.optimization_barrier(probs), axis=-1)
+    index = jnp.sum(cumulative < u[:, None] * cumulative[:, -1:], axis=-1)
+    sampled = jnp.minimum(index, probs.shape[-1] - 1).astype(jnp.int32)
+    return jnp.where(greedy, jnp.argmax(log_probs, axis=-1).astype(jnp.int32), sampled)
+
+
+def _below_kth(x: jax.Array, k: jax.Array) -> jax.Array:
+    """x [B, N] < the k[b]-th largest value of its row: what lax.top_k's k-th value
+    masks, found exactly for a k per row by bisection over floats ordered as integers
+    (32 steps of one count each; no sort of the vocabulary)."""
+    bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
+    keys = jnp.where(bits >> 31 == 1, ~bits, bits | jnp.uint32(1 << 31))  # monotone in x
+    low = jnp.min(keys, axis=-1, keepdims=True)  # count(keys >= low) = N >= k
+    high = jnp.max(keys, axis=-1, keepdims=True)
+
+    def halve(_, bounds):  # invariant: count(keys >= low) >= k; keys >= high+1 are fewer
+        low, high = bounds
+        mid = low + (high - low + 1) // 2
+        enough = jnp.sum(keys >= mid, axis=-1, keepdims=True) >= k[:, None]
+        return jnp.where(enough, mid, low), jnp.where(enough, high, mid - 1)
+
+    low, _ = jax.lax.fori_loop(0, 32, halve, (low, high))
+    return keys < low
 
 
 def row_uniforms(keys: jax.Array) -> jax.Array:
