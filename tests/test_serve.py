@@ -429,3 +429,23 @@ def test_penalties_and_logit_bias_over_http(server):
                          ("logit_bias", [1, 2]), ("logit_bias", {"999999": 1})]:  # fmt: skip
         status, answer = server.request("POST", "/v1/completions", {"prompt": "x", field: value})
         assert status == 400 and answer["error"]["param"] == field, (field, value, answer)
+
+
+@pytest.mark.parametrize("extra", [{}, {"echo": True, "stop": ["e"]}])
+def test_streamed_logprobs_come_with_their_chunks_and_join_to_the_whole(server, extra):
+    client = server.client()
+    kwargs = dict(max_tokens=30, seed=7, logprobs=3, temperature=1.0, **extra)
+    whole = complete(client, "To be", **kwargs).choices[0]
+    keys = ("tokens", "token_logprobs", "top_logprobs", "text_offset")
+    joined, text, carrying = {key: [] for key in keys}, "", 0
+    for chunk in complete(client, "To be", stream=True, **kwargs):
+        for choice in chunk.choices:
+            text += choice.text
+            if choice.logprobs is not None:
+                carrying += 1
+                for key in keys:
+                    joined[key] += getattr(choice.logprobs, key)
+    assert text == whole.text
+    for key in keys:
+        assert joined[key] == getattr(whole.logprobs, key), key
+    assert carrying > 2  # chunk by chunk, not one chunk at the end

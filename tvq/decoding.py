@@ -76,6 +76,7 @@ def generate(
     logprobs: int = 0,
     should_stop: Callable[[], bool] | None = None,
     alternatives: int | None = None,
+    on_piece: Callable[[int, str, Sample, int, int], None] | None = None,
 ) -> Generation:
     """Samples `num_samples` continuations of context + prompt (token ids, or text for
     the model's tokenizer) as one batch; a row ends
@@ -91,6 +92,8 @@ def generate(
     finish_reason "cancelled" (a client that went away). alternatives (≥ logprobs;
     default logprobs) is how many alternatives the compiled loop finds per token: a
     server passes its one bound, so every request runs the same program.
+    on_piece(row, text, sample, start, end), instead of on_text, also gives the tokens
+    sample.ids[start:end] that came with the text (TextRows).
     """
     sampler = sampler or Sampler()
     tokenizer = require_tokenizer(model)
@@ -127,8 +130,13 @@ def generate(
         rings, token = repeat_ring_rows(rings, n=num_samples), jnp.repeat(token, num_samples)
     mesh = mesh_for_rows(num_samples, devices)
     params = replicated(mesh, model.params) if mesh is not None else None
+
+    def row_piece(row: int, text: str, start: int, end: int) -> None:
+        on_piece(row, text, rows.samples[row], start, end)
+
     rows = TextRows(tokenizer, [list(stop)] * num_samples, on_text, [ignore_eos] * num_samples,
-                    [logprobs] * num_samples)  # fmt: skip
+                    [logprobs] * num_samples,
+                    row_piece if on_piece is not None else None)  # fmt: skip
     sampling = SamplerRows.of([sampler] * num_samples, model.config.n_vocab)
     penalties = Penalties.start(model.config.n_vocab, [prompt.tolist()] * num_samples)
     rings, token, count = _sample_loop(
@@ -182,6 +190,7 @@ def generate_batch(
     on_text: Callable[[int, int, str], None] | None = None,
     should_stop: Callable[[], Sequence[bool]] | None = None,
     alternatives: int | None = None,
+    on_piece: Callable[[int, int, str, Sample, int, int], None] | None = None,
 ) -> list[list[Sample]]:
     """Samples the continuations of several texts at once: every request's rows share
     one compiled decoding loop (tvq serve batches concurrent requests so), whatever their
@@ -193,6 +202,8 @@ def generate_batch(
 
     on_text(request, sample, text) streams text; should_stop() → one bool per request
     (its client went away) is asked between chunks; alternatives as for generate.
+    on_piece(request, sample index, text, sample, start, end), instead of on_text, also
+    gives the tokens sample.ids[start:end] that came with the text (TextRows).
     Returns the samples per request."""
     sampler = sampler or Sampler()
     tokenizer = require_tokenizer(model)
@@ -239,7 +250,12 @@ def generate_batch(
         stopped = list(should_stop())
         return [stopped[i] for i, _ in owners] + [True] * padding
 
-    rows = TextRows(tokenizer, stops, row_text, eos_rules, tops)
+    def row_piece(row: int, text: str, start: int, end: int) -> None:
+        if row < len(owners):
+            on_piece(*owners[row], text, rows.samples[row], start, end)
+
+    rows = TextRows(tokenizer, stops, row_text, eos_rules, tops,
+                    row_piece if on_piece is not None else None)  # fmt: skip
     mesh = mesh_for_rows(size, None)
     params = replicated(mesh, model.params) if mesh is not None else None
     sampling = SamplerRows.of(samplers, model.config.n_vocab)

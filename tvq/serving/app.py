@@ -177,9 +177,9 @@ async def _stream(job: Job, head: dict, r: CompletionRequest) -> AsyncIterator[s
         while True:
             kind, *rest = await job.events.get()
             if kind == "text":
-                yield sse_chunk(head, text_chunk(rest[0], rest[1]))
-            elif kind == "choice":
-                yield sse_chunk(head, end_chunk(rest[0], rest[1]))
+                yield sse_chunk(head, text_chunk(rest[0], rest[1], rest[2]))
+            elif kind == "choice":  # its log-probs went with its text pieces
+                yield sse_chunk(head, end_chunk(rest[0], rest[1] | {"logprobs": None}))
             elif kind == "error":
                 yield sse_error(rest[0])
                 break

@@ -15,7 +15,7 @@ import threading
 
 import numpy as np
 
-from tvq.decoding import Request, generate, generate_batch
+from tvq.decoding import Request, Sample, generate, generate_batch
 from tvq.errors import StateError
 from tvq.runtime.context import Context, require_tokenizer, score_ids
 from tvq.runtime.model import Model
@@ -26,6 +26,8 @@ from tvq.serving.protocol import (
     ServerSettings,
     api_error,
     choice_end,
+    logprobs_json,
+    logprobs_piece,
     request_sampler,
     request_seed,
     usage_json,
@@ -156,14 +158,12 @@ class Engine:
 
     def _run_batch(self, jobs: list[Job]) -> None:
         """Requests of one prompt each and no session, whatever their settings: one batch."""
-        requests, echoed = [], []
+        requests, echoed, streams = [], [], []
         for job in jobs:
             r = job.request
             echoed.append(self._prompt_logprobs(r.prompts[0], None, r, r.fresh[0])
                           if r.echo and r.logprobs is not None else None)  # fmt: skip
-            if r.echo:
-                for row in range(r.n):
-                    job.send("text", row, r.prompt_texts[0])
+            stream = _Stream(job, self.tokenizer, 0, r.prompt_texts[0], echoed[-1])
             requests.append(
                 Request(
                     r.prompts[0],
@@ -176,9 +176,10 @@ class Engine:
                     r.ignore_eos,
                 )
             )
+            streams.append(stream)
         samples = generate_batch(
             self.model, requests, alternatives=self.alternatives,
-            on_text=lambda i, row, text: jobs[i].send("text", row, text),
+            on_piece=lambda i, row, *piece: streams[i].piece(row, *piece),
             should_stop=lambda: [job.cancelled.is_set() for job in jobs],
         )  # fmt: skip
         for job, mine, prompt_lp in zip(jobs, samples, echoed, strict=True):
@@ -203,15 +204,10 @@ class Engine:
             echoed = self._prompt_logprobs(ids, start, r, fresh) \
                 if r.echo and r.logprobs is not None else None  # fmt: skip
 
-            def on_text(row: int, piece: str, base=p * r.n) -> None:
-                job.send("text", base + row, piece)
-
-            if r.echo:
-                for row in range(r.n):
-                    job.send("text", p * r.n + row, text)
+            stream = _Stream(job, self.tokenizer, p * r.n, text, echoed)
             result = generate(
                 self.model, ids, max_tokens=r.max_tokens, sampler=sampler, seed=seed,
-                num_samples=r.n, stop=r.stop, context=start, on_text=on_text,
+                num_samples=r.n, stop=r.stop, context=start, on_piece=stream.piece,
                 logprobs=r.logprobs or 0, should_stop=job.cancelled.is_set,
                 ignore_eos=r.ignore_eos, alternatives=self.alternatives,
             )  # fmt: skip
@@ -242,3 +238,31 @@ class Engine:
         scored, _ = score_ids(self.model, ids, start, keep_log_probs=True, top_k=self.alternatives)
         tops = scored.top_log_probs[0, :, :k], scored.top_ids[0, :, :k]
         return ids, scored.log_probs[0], *tops, fresh
+
+
+class _Stream:
+    """A prompt's choices on their way back: text as it is sampled, each piece with its
+    tokens' log-probs when the request asks for them (OpenAI's streamed shape; the pieces
+    join to the whole choice's), text offsets counted from the prompt's start. With echo
+    the prompt goes first, with its own log-probs."""
+
+    def __init__(self, job: Job, tokenizer, first: int, prompt_text: str, echoed) -> None:
+        r = job.request
+        self.job, self.tokenizer, self.first = job, tokenizer, first
+        self.offsets = [0 if r.echo else len(prompt_text)] * r.n
+        self.logprobs = r.logprobs is not None
+        if r.echo:
+            empty = Sample()
+            for row in range(r.n):
+                part = None
+                if echoed is not None:
+                    part = logprobs_json(tokenizer, empty, echoed, 0)
+                self.offsets[row] = len(prompt_text)
+                job.send("text", first + row, prompt_text, part)
+
+    def piece(self, row: int, text: str, sample: Sample, start: int, end: int) -> None:
+        part = None
+        if self.logprobs:
+            part, self.offsets[row] = logprobs_piece(self.tokenizer, sample, start, end,
+                                                     self.offsets[row])  # fmt: skip
+        self.job.send("text", self.first + row, text, part)

@@ -397,8 +397,10 @@ def sse_error(error: ApiError) -> str:
     return f"data: {json.dumps(error.body())}\n\n"
 
 
-def text_chunk(index: int, text: str) -> dict:
-    return {"choices": [{"text": text, "index": index, "logprobs": None, "finish_reason": None}]}
+def text_chunk(index: int, text: str, logprobs: dict | None = None) -> dict:
+    """A streamed piece of a choice's text, with its tokens' log-probs when asked for."""
+    return {"choices": [{"text": text, "index": index, "logprobs": logprobs,
+                         "finish_reason": None}]}  # fmt: skip
 
 
 def end_chunk(index: int, choice: dict) -> dict:
@@ -426,41 +428,53 @@ def choice_end(tokenizer, r: CompletionRequest, sample, echoed, prompt_text: str
 
 def logprobs_json(tokenizer, sample, echoed, start: int) -> dict:
     """The OpenAI shape: tokens, token_logprobs, top_logprobs, text_offset; and the
-    tokens' ids (token_ids, a tvq extension). A prompt's leading end-of-document marker
-    is echoed as its eos_text with log-prob null: nothing predicts a document's start."""
-    tokens, texts, values, tops = [], [], [], []
-
-    def add(token: int, value: float | None, top, text: str | None = None) -> None:
-        tokens.append(int(token))
-        texts.append(openai_token_text(tokenizer, token) if text is None else text)
-        values.append(value)
-        tops.append(top)
-
+    tokens' ids (token_ids, a tvq extension), of the echoed prompt (echoed: its ids,
+    log-probs, top log-probs, top ids and whether a document-start marker led it) and
+    the sample, text offsets from `start`. The marker is echoed as its eos_text with
+    log-prob null: nothing predicts a document's start."""
+    entries = []
     if echoed is not None:
         ids, lps, top_values, top_ids, fresh = echoed
         if fresh:
-            add(tokenizer.eos_id, None, None, tokenizer.eos_text)
+            entries.append((tokenizer.eos_id, None, None, tokenizer.eos_text))
         for k, (token, lp) in enumerate(zip(ids, lps, strict=True)):
-            add(token, float(lp), list(zip(top_ids[k].tolist(), top_values[k].tolist(),
-                                           strict=True)))  # fmt: skip
-    sampled_tops = sample.top_logprobs or [[]] * len(sample.ids)
-    for token, lp, top in zip(sample.ids, sample.log_probs, sampled_tops, strict=True):
-        add(token, float(lp), top)
+            top = list(zip(top_ids[k].tolist(), top_values[k].tolist(), strict=True))
+            entries.append((token, float(lp), top, None))
+    entries += _sampled(sample, 0, len(sample.ids))
+    return _tokens_json(tokenizer, entries, start)[0]
+
+
+def logprobs_piece(tokenizer, sample, begin: int, end: int, start: int) -> tuple[dict, int]:
+    """The logprobs_json of the sample's tokens [begin, end) (a streamed chunk's), text
+    offsets from `start` → (the dict, the offset after them)."""
+    return _tokens_json(tokenizer, _sampled(sample, begin, end), start)
+
+
+def _sampled(sample, begin: int, end: int) -> list[tuple]:
+    tops = sample.top_logprobs or [[]] * len(sample.ids)
+    return [(sample.ids[k], float(sample.log_probs[k]), tops[k], None) for k in range(begin, end)]
+
+
+def _tokens_json(tokenizer, entries: list[tuple], start: int) -> tuple[dict, int]:
+    """entries (token, log-prob or None, top [(id, log-prob)] or None, text or None) →
+    (OpenAI's logprobs object, the text offset after them)."""
     offsets, at = [], start
-    for k, token in enumerate(tokens):
+    for token, _, _, text in entries:
         offsets.append(at)
-        marker = k == 0 and echoed is not None and echoed[4]
-        at += len(tokenizer.eos_text if marker else token_text(tokenizer, token))
+        at += len(text if text is not None else token_text(tokenizer, token))
     return {
-        "tokens": texts,
-        "token_logprobs": [None if v is None else round(v, 6) for v in values],
+        "tokens": [
+            text if text is not None else openai_token_text(tokenizer, token)
+            for token, _, _, text in entries
+        ],  # fmt: skip
+        "token_logprobs": [None if v is None else round(v, 6) for _, v, _, _ in entries],
         "top_logprobs": [
             None if top is None else {openai_token_text(tokenizer, i): round(v, 6) for i, v in top}
-            for top in tops
+            for _, _, top, _ in entries
         ],
         "text_offset": offsets,
-        "token_ids": tokens,  # a tvq extension
-    }
+        "token_ids": [int(token) for token, _, _, _ in entries],  # a tvq extension
+    }, at
 
 
 def openai_token_text(tokenizer, token: int) -> str:

@@ -25,9 +25,14 @@ class Sample:
 class TextRows:
     """Host side of the loop: decodes each row, applies stop strings, streams row 0."""
 
-    def __init__(self, tokenizer, stops, on_text, ignore_eos, logprobs):
+    def __init__(self, tokenizer, stops, on_text, ignore_eos, logprobs, on_piece=None):
         """stops: each row's stop strings (one list per row); ignore_eos: per row, go on
-        past an end of document; logprobs: per row, how many alternatives to keep."""
+        past an end of document; logprobs: per row, how many alternatives to keep.
+        on_text(row, text) receives each piece of final text; or on_piece(row, text,
+        start, end) receives it with the sample's tokens [start, end) that came with it
+        (the tokens taken since the last piece: a piece may be "" when tokens without
+        text end a row, e.g. a stop string's), so a stream can carry each token's
+        log-probs in the chunk of its text and the pieces join to the whole sample."""
         n = len(stops)
         self.samples = [Sample() for _ in range(n)]
         self.decoders = [StreamDecoder(tokenizer) for _ in range(n)]
@@ -35,6 +40,7 @@ class TextRows:
         self.stops = [[s for s in row if s] for row in stops]
         self.eos_id, self.on_text = tokenizer.eos_id, on_text
         self.ignore_eos, self.logprobs = list(ignore_eos), list(logprobs)
+        self.on_piece, self.attached = on_piece, [0] * n  # tokens already sent with a piece
         self.first_token_at: float | None = None
 
     def take(self, tokens, log_probs, top_log_probs, top_ids) -> bool:
@@ -102,7 +108,12 @@ class TextRows:
             self.finish_at(row)
 
     def _out(self, row: int, text: str) -> None:
-        if text:
-            self.samples[row].text += text
-            if self.on_text is not None:
-                self.on_text(row, text)
+        sample = self.samples[row]
+        sample.text += text
+        if self.on_piece is not None:
+            start, end = self.attached[row], len(sample.ids)
+            if text or start < end:
+                self.attached[row] = end
+                self.on_piece(row, text, start, end)
+        elif text and self.on_text is not None:
+            self.on_text(row, text)
