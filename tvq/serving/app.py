@@ -89,7 +89,9 @@ def build_app(engine: Engine) -> Starlette:
 
     async def completions(request: Request) -> Response:
         body = await read_json(request, settings.max_body_bytes)
-        r = parse_completion(body, engine.tokenizer, engine.model.config.n_vocab, settings)
+        # tokenizing a long prompt takes a while: never on the event loop
+        r = await asyncio.to_thread(parse_completion, body, engine.tokenizer,
+                                    engine.model.config.n_vocab, settings)  # fmt: skip
         loop = asyncio.get_running_loop()
         job = Job(r, loop, asyncio.Queue())
         engine.submit(job)
@@ -112,7 +114,10 @@ def build_app(engine: Engine) -> Starlette:
                     break
         finally:
             job.cancelled.set()  # a no-op once done; frees the worker if the client left
-        return JSONResponse(completion_response(head, texts, choices, usage))
+        answer = completion_response(head, texts, choices, usage)
+        data = await asyncio.to_thread(json.dumps, answer, ensure_ascii=False, allow_nan=False,
+                                       separators=(",", ":"))  # JSONResponse's, off the loop
+        return Response(data, media_type="application/json")
 
     async def tokenizer_info(request: Request) -> Response:
         return JSONResponse(tokenizer_info_json(engine.tokenizer, engine.model.config.n_vocab))
@@ -160,6 +165,10 @@ async def read_json(request: Request, limit: int) -> Any:
         data += piece
         if len(data) > limit:
             raise ApiError(413, f"the body is larger than {limit} bytes", kind="request_too_large")
+    return await asyncio.to_thread(_parse_body, bytes(data))  # megabytes: off the event loop
+
+
+def _parse_body(data: bytes) -> Any:
     try:
         body = json.loads(data)
     except (ValueError, UnicodeDecodeError):
