@@ -449,3 +449,29 @@ def test_streamed_logprobs_come_with_their_chunks_and_join_to_the_whole(server, 
     for key in keys:
         assert joined[key] == getattr(whole.logprobs, key), key
     assert carrying > 2  # chunk by chunk, not one chunk at the end
+
+
+def test_a_short_request_overtakes_a_long_prompt(model_dir, tmp_path):
+    """A prompt longer than one prefill chunk is read a chunk at a time, the queue looked
+    at between chunks: a short request sent while it is read finishes first, and the
+    long one still gets exactly what generate() gives it alone."""
+    server = Server(model_dir, "--max-body-bytes", 4_000_000)
+    try:
+        long_prompt = ("To be, or not to be, that is the question. " * 5000)[:200_000]
+        finished, answers = {}, {}
+
+        def send(name: str, prompt: str, max_tokens: int) -> None:
+            out = complete(server.client(), prompt, max_tokens=max_tokens, seed=3)
+            finished[name], answers[name] = time.monotonic(), out.choices[0].text
+
+        long = threading.Thread(target=send, args=("long", long_prompt, 8))
+        long.start()
+        time.sleep(0.5)  # the long prompt is being read
+        send("short", "Hamlet: ", 8)
+        long.join(timeout=300)
+        assert finished["short"] < finished["long"]
+        model = tvq.load(model_dir)
+        alone = tvq.generate(model, long_prompt, max_tokens=8, seed=3, sampler=tvq.Sampler())
+        assert answers["long"] == alone.samples[0].text
+    finally:
+        assert server.stop() == 0

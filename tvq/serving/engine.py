@@ -17,7 +17,7 @@ import numpy as np
 
 from tvq.decoding import Request, Sample, generate, generate_batch
 from tvq.errors import StateError
-from tvq.runtime.context import Context, require_tokenizer, score_ids
+from tvq.runtime.context import Context, chunk_len, require_tokenizer, score_ids
 from tvq.runtime.model import Model
 from tvq.serving.protocol import (
     MAX_LOGPROBS,
@@ -51,12 +51,16 @@ class Job:
 
     def batch_key(self) -> tuple | None:
         """Requests with equal keys share a batch; None: this one runs alone (it
-        continues a session, or has several prompts). Sampler settings, penalties,
-        log-probs and ignore_eos are values of the one compiled loop: any mix shares."""
+        continues a session, has several prompts, or a prompt long enough to be read in
+        chunks). Sampler settings, penalties, log-probs and ignore_eos are values of the
+        one compiled loop: any mix shares."""
         r = self.request
-        if r.session is not None or len(r.prompts) != 1:
+        if r.session is not None or len(r.prompts) != 1 or self.long_prompt:
             return None
         return ()
+
+    # set by the engine: the prompt is longer than one prefill chunk (Engine.prefill_chunk)
+    long_prompt: bool = False
 
 
 class JobQueue:
@@ -80,14 +84,17 @@ class JobQueue:
             self.closed = True
             self.ready.notify()
 
-    def take(self, max_rows: int) -> list[Job] | None:
+    def take(self, max_rows: int, wait: bool = True) -> list[Job] | None:
         """The oldest job and, when it can be batched, every waiting job with the same
-        batch key, up to max_rows rows in all; None once closed."""
+        batch key, up to max_rows rows in all; None once closed. Without wait: [] when
+        nothing is waiting."""
         with self.ready:
-            while not self.jobs and not self.closed:
+            while wait and not self.jobs and not self.closed:
                 self.ready.wait()
             if self.closed:
                 return None
+            if not self.jobs:
+                return []
             first = self.jobs.popleft()
             key = first.batch_key()
             if key is None:
@@ -117,6 +124,11 @@ class Engine:
         # every request's loop finds this many alternatives per token, whatever its own
         # logprobs: one compiled program serves them all
         self.alternatives = min(MAX_LOGPROBS, model.config.n_vocab)
+        # A prompt longer than this is read a chunk at a time, the queue looked at between
+        # chunks, so a long prompt never stalls the requests that arrive behind it. One
+        # chunk of score_ids: the pieces generate() would cut, so the numbers are the same.
+        self.prefill_chunk = chunk_len(model.block_len)
+        self.prefilling: collections.deque[_Prefill] = collections.deque()
         self.sessions = Sessions(base or model, settings.max_sessions, settings.session_dir)
         self.jobs = JobQueue(settings.queue_size)
         # served requests, the model's runs (batches and lone requests), the largest batch
@@ -129,6 +141,8 @@ class Engine:
         generate(self.model, [], max_tokens=1, seed=0, alternatives=self.alternatives)
 
     def submit(self, job: Job) -> None:
+        r = job.request
+        job.long_prompt = len(r.prompts) == 1 and len(r.prompts[0]) > self.prefill_chunk
         self.jobs.put(job)
 
     def close(self) -> None:
@@ -136,25 +150,62 @@ class Engine:
         self.worker.join()
 
     def _work(self) -> None:
+        """Takes the waiting requests (without waiting while a long prompt is being read)
+        and runs them; between them, reads one chunk of the oldest long prompt, and runs
+        its request once the prompt is read."""
         while True:
-            batch = self.jobs.take(self.settings.max_batch_rows)
-            if batch is None:
+            batch = self.jobs.take(self.settings.max_batch_rows, wait=not self.prefilling)
+            if batch is None and not self.prefilling:
                 return
-            batch = [job for job in batch if not job.cancelled.is_set()]
-            if not batch:
-                continue
-            self.stats["requests"] += len(batch)
-            self.stats["runs"] += 1
-            self.stats["largest_batch"] = max(self.stats["largest_batch"], len(batch))
-            try:
-                if batch[0].batch_key() is None:
-                    self._run(batch[0])
-                else:
-                    self._run_batch(batch)
-            except Exception as e:  # noqa: BLE001  (answered, never raised)
-                error = api_error(e)
-                for job in batch:
-                    job.send("error", error)
+            for job in [job for job in batch or [] if not job.cancelled.is_set()]:
+                if job.long_prompt:  # read a chunk at a time, between the others
+                    self.prefilling.append(_Prefill(job, self._start_context(job)))
+                    batch.remove(job)
+            batch = [job for job in batch or [] if not job.cancelled.is_set()]
+            if batch:
+                self._run_jobs(batch)
+            if self.prefilling:
+                self._read_chunk()
+
+    def _start_context(self, job: Job) -> Context | None:
+        r = job.request
+        return self._session(r.session) if r.session is not None and not r.fresh[0] else None
+
+    def _read_chunk(self) -> None:
+        """One prefill chunk of the oldest long prompt; its request runs once it is read."""
+        prefill = self.prefilling[0]
+        job, ids = prefill.job, prefill.job.request.prompts[0]
+        if job.cancelled.is_set():
+            self.prefilling.popleft()
+            return
+        try:
+            whole = len(ids) - len(ids) % self.model.block_len  # what generate scores first
+            if whole - prefill.read > self.prefill_chunk:
+                piece = ids[prefill.read : prefill.read + self.prefill_chunk]
+                _, prefill.context = score_ids(self.model, piece, prefill.context)
+                prefill.read += len(piece)
+                return
+        except Exception as e:  # noqa: BLE001  (answered, never raised)
+            self.prefilling.popleft()
+            job.send("error", api_error(e))
+            return
+        self.prefilling.popleft()
+        self._run_jobs([job], prefill)
+
+    def _run_jobs(self, batch: list[Job], prefill: _Prefill | None = None) -> None:
+        """Runs one job alone (prefill: its prompt read so far) or a batch together."""
+        self.stats["requests"] += len(batch)
+        self.stats["runs"] += 1
+        self.stats["largest_batch"] = max(self.stats["largest_batch"], len(batch))
+        try:
+            if batch[0].batch_key() is None:
+                self._run(batch[0], prefill)
+            else:
+                self._run_batch(batch)
+        except Exception as e:  # noqa: BLE001  (answered, never raised)
+            error = api_error(e)
+            for job in batch:
+                job.send("error", error)
 
     def _run_batch(self, jobs: list[Job]) -> None:
         """Requests of one prompt each and no session, whatever their settings: one batch."""
@@ -190,8 +241,9 @@ class Engine:
             prompt_tokens = len(r.prompts[0]) + r.fresh[0]
             job.send("done", usage_json(prompt_tokens, sum(len(s.ids) for s in mine)))
 
-    def _run(self, job: Job) -> None:
-        """A request that runs alone (a session, or several prompts), prompt by prompt."""
+    def _run(self, job: Job, prefill: _Prefill | None = None) -> None:
+        """A request that runs alone (a session, several prompts, or a long prompt whose
+        first prefill.read tokens are read into prefill.context), prompt by prompt."""
         r = job.request
         sampler, seed = request_sampler(r), request_seed(r)
         prompt_tokens, completion_tokens, held = 0, 0, {}
@@ -203,10 +255,13 @@ class Engine:
             start = self._session(r.session) if r.session is not None and not fresh else None
             echoed = self._prompt_logprobs(ids, start, r, fresh) \
                 if r.echo and r.logprobs is not None else None  # fmt: skip
+            read = 0
+            if prefill is not None:  # its prompt's first tokens are read already
+                start, read = prefill.context, prefill.read
 
             stream = _Stream(job, self.tokenizer, p * r.n, text, echoed)
             result = generate(
-                self.model, ids, max_tokens=r.max_tokens, sampler=sampler, seed=seed,
+                self.model, ids[read:], max_tokens=r.max_tokens, sampler=sampler, seed=seed,
                 num_samples=r.n, stop=r.stop, context=start, on_piece=stream.piece,
                 logprobs=r.logprobs or 0, should_stop=job.cancelled.is_set,
                 ignore_eos=r.ignore_eos, alternatives=self.alternatives,
@@ -266,3 +321,13 @@ class _Stream:
             part, self.offsets[row] = logprobs_piece(self.tokenizer, sample, start, end,
                                                      self.offsets[row])  # fmt: skip
         self.job.send("text", self.first + row, text, part)
+
+
+@dataclasses.dataclass
+class _Prefill:
+    """A long prompt being read a chunk at a time: its job, the context after its first
+    `read` tokens (None: nothing read yet, from the start or the session's context)."""
+
+    job: Job
+    context: Context | None
+    read: int = 0
