@@ -475,3 +475,48 @@ def test_a_short_request_overtakes_a_long_prompt(model_dir, tmp_path):
         assert answers["long"] == alone.samples[0].text
     finally:
         assert server.stop() == 0
+
+
+def test_requests_join_and_leave_the_running_batch(model_dir):
+    """Continuous batching (tvq.serving.running): requests join the running rows at
+    different times, with their own samplers, penalties, sample counts and lengths, and
+    each gets exactly what generate() gives it alone."""
+    from tvq.decoding import Request, generate
+    from tvq.serving.running import RunningBatch
+    from tvq.text.rows import TextRows
+
+    model = tvq.load(model_dir)
+    batch = RunningBatch(model, alternatives=3)
+    cases = [
+        ("Hamlet: ", 12, 3, 1, tvq.Sampler(temperature=0.8), 0),
+        ("Ophelia, in thy orisons", 20, 4, 2, tvq.Sampler(top_k=5, presence_penalty=1.0), 3),
+        ("A", 5, 5, 1, tvq.Sampler(temperature=0, repetition_penalty=1.3), 2),
+    ]
+    done = {}
+
+    def join(i: int) -> None:
+        text, max_tokens, seed, n, sampler, logprobs = cases[i]
+        ids = np.asarray(model.tokenizer.encode(text), np.int32)
+        whole = len(ids) - len(ids) % model.block_len
+        context = tvq.score_ids(model, ids[:whole])[1] if whole else None
+        request = Request(ids, max_tokens, seed, n, (), sampler, logprobs, False)
+        rows = TextRows(model.tokenizer, [[]] * n, None, [False] * n, [logprobs] * n,
+                        lambda *piece: None)  # fmt: skip
+        batch.admit(request, context, ids[whole:], rows, lambda s, i=i: done.__setitem__(i, s),
+                    lambda: False)  # fmt: skip
+
+    join(0)
+    batch.step()
+    batch.step()
+    join(1)
+    batch.step()
+    join(2)
+    while batch.rows:
+        batch.step()
+    for i, (text, max_tokens, seed, n, sampler, logprobs) in enumerate(cases):
+        alone = generate(model, text, max_tokens=max_tokens, seed=seed, num_samples=n,
+                         sampler=sampler, logprobs=logprobs)  # fmt: skip
+        for mine, theirs in zip(done[i], alone.samples, strict=True):
+            assert mine.ids == theirs.ids and mine.text == theirs.text
+            np.testing.assert_allclose(mine.log_probs, theirs.log_probs, atol=1e-5)
+            assert [len(t) for t in mine.top_logprobs] == [len(t) for t in theirs.top_logprobs]

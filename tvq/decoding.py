@@ -125,7 +125,7 @@ def generate(
             seed=seed, resume=lambda: _repeat_context(context, num_samples),
         )  # fmt: skip
 
-    rings, token = _prefill(model, context, prompt[whole:], fresh and not whole, width)
+    rings, token = prefill_rings(model, context, prompt[whole:], fresh and not whole, width)
     if num_samples > 1:
         rings, token = repeat_ring_rows(rings, n=num_samples), jnp.repeat(token, num_samples)
     mesh = mesh_for_rows(num_samples, devices)
@@ -141,7 +141,7 @@ def generate(
     penalties = Penalties.start(model.config.n_vocab, [prompt.tolist()] * num_samples)
     rings, token, count = _sample_loop(
         model, rings, token, rows, row_keys(seed, num_samples), np.full(num_samples, max_tokens),
-        sampling, penalties, width, _eos_ids(tokenizer, [ignore_eos] * num_samples),
+        sampling, penalties, width, eos_ids_of(tokenizer, [ignore_eos] * num_samples),
         should_stop, mesh, params, keep_state=True,
     )  # fmt: skip
     rows.finish_all()
@@ -218,7 +218,7 @@ def generate_batch(
         context = Context.start(model, 1)
         if whole:
             _, context = score_ids(model, prompt[:whole], context)
-        rings, token = _prefill(model, context, prompt[whole:], not whole, top_k)
+        rings, token = prefill_rings(model, context, prompt[whole:], not whole, top_k)
         parts.append((repeat_ring_rows(rings, n=r.num_samples), jnp.repeat(token, r.num_samples)))
         keys.append(row_keys(r.seed, r.num_samples))
         n = r.num_samples
@@ -261,7 +261,7 @@ def generate_batch(
     sampling = SamplerRows.of(samplers, model.config.n_vocab)
     penalties = Penalties.start(model.config.n_vocab, recent)
     _sample_loop(model, rings, token, rows, np.concatenate(keys), np.asarray(limits), sampling,
-                 penalties, top_k, _eos_ids(tokenizer, eos_rules),
+                 penalties, top_k, eos_ids_of(tokenizer, eos_rules),
                  rows_to_stop if should_stop else None, mesh, params, keep_state=False)  # fmt: skip
     rows.finish_all()
     out: list[list[Sample]] = [[] for _ in requests]
@@ -270,17 +270,18 @@ def generate_batch(
     return out
 
 
-def _prefill(model: Model, context: Context, rest: np.ndarray, fresh: bool, logprobs: int):
+def prefill_rings(model: Model, context: Context, rest: np.ndarray, fresh: bool,
+                  logprobs: int):  # fmt: skip
     """The rings of one text after `context` and then `rest` (less than a block), fed
     through the decoding loop (the program that samples next: the same top-k) →
-    (rings, last token)."""
+    (rings, last token); fresh: nothing read before (empty rings)."""
     rings = empty_rings(model.config, 1) if fresh else state_to_ring(context.state)
     token = jnp.asarray(context.last_token, jnp.int32)
     rings, token, _ = feed(model, rings, token, rest[None, :], logprobs)
     return rings, token
 
 
-def _eos_ids(tokenizer, ignore_eos: list[bool]) -> np.ndarray:
+def eos_ids_of(tokenizer, ignore_eos: list[bool]) -> np.ndarray:
     """Per row, the token that ends it: the end of document, or −1 (none) where it is
     ignored."""
     eos = -1 if tokenizer.eos_id is None else tokenizer.eos_id

@@ -115,8 +115,9 @@ def build_app(engine: Engine) -> Starlette:
         finally:
             job.cancelled.set()  # a no-op once done; frees the worker if the client left
         answer = completion_response(head, texts, choices, usage)
-        data = await asyncio.to_thread(json.dumps, answer, ensure_ascii=False, allow_nan=False,
-                                       separators=(",", ":"))  # JSONResponse's, off the loop
+        data = await asyncio.to_thread(
+            json.dumps, answer, ensure_ascii=False, allow_nan=False, separators=(",", ":")
+        )  # JSONResponse's, off the loop
         return Response(data, media_type="application/json")
 
     async def tokenizer_info(request: Request) -> Response:

@@ -15,7 +15,7 @@ import threading
 
 import numpy as np
 
-from tvq.decoding import Request, Sample, generate, generate_batch
+from tvq.decoding import Request, Sample, generate
 from tvq.errors import StateError
 from tvq.runtime.context import Context, chunk_len, require_tokenizer, score_ids
 from tvq.runtime.model import Model
@@ -32,7 +32,9 @@ from tvq.serving.protocol import (
     request_seed,
     usage_json,
 )
+from tvq.serving.running import RunningBatch
 from tvq.serving.sessions import Sessions
+from tvq.text.rows import TextRows
 
 
 @dataclasses.dataclass
@@ -129,6 +131,7 @@ class Engine:
         # chunk of score_ids: the pieces generate() would cut, so the numbers are the same.
         self.prefill_chunk = chunk_len(model.block_len)
         self.prefilling: collections.deque[_Prefill] = collections.deque()
+        self.running = RunningBatch(model, self.alternatives)
         self.sessions = Sessions(base or model, settings.max_sessions, settings.session_dir)
         self.jobs = JobQueue(settings.queue_size)
         # served requests, the model's runs (batches and lone requests), the largest batch
@@ -150,22 +153,49 @@ class Engine:
         self.worker.join()
 
     def _work(self) -> None:
-        """Takes the waiting requests (without waiting while a long prompt is being read)
-        and runs them; between them, reads one chunk of the oldest long prompt, and runs
-        its request once the prompt is read."""
+        """The scheduler. Each round: takes the waiting requests (without waiting while
+        anything runs) that fit the free rows; a request of one prompt and no session
+        joins the running batch (continuous batching: tvq.serving.running), a long prompt
+        is read a chunk per round, any other request runs alone; then one call of the
+        compiled loop advances every running row."""
+        waiting: collections.deque[Job] = collections.deque()
         while True:
-            batch = self.jobs.take(self.settings.max_batch_rows, wait=not self.prefilling)
-            if batch is None and not self.prefilling:
+            idle = not self.prefilling and not self.running.rows and not waiting
+            free = self.settings.max_batch_rows - self.running.rows
+            batch = self.jobs.take(max(free, 1), wait=idle) if free > 0 else []
+            if batch is None and idle:
                 return
-            for job in [job for job in batch or [] if not job.cancelled.is_set()]:
+            waiting.extend(job for job in batch or [] if not job.cancelled.is_set())
+            while waiting and self._fits(waiting[0]):
+                job = waiting.popleft()
                 if job.long_prompt:  # read a chunk at a time, between the others
                     self.prefilling.append(_Prefill(job, self._start_context(job)))
-                    batch.remove(job)
-            batch = [job for job in batch or [] if not job.cancelled.is_set()]
-            if batch:
-                self._run_jobs(batch)
+                elif job.batch_key() is None:
+                    self._run_jobs([job])
+                else:
+                    self._guarded([job], lambda job=job: self._admit(job, None))
             if self.prefilling:
                 self._read_chunk()
+            if self.running.rows:
+                entries = self.running.entries
+                self._guarded([e.job for e in entries], self.running.step)
+                self.stats["largest_batch"] = max(self.stats["largest_batch"],
+                                                  len(self.running.entries))  # fmt: skip
+
+    def _fits(self, job: Job) -> bool:
+        """Whether a request's rows fit beside the running ones (any fits an empty batch)."""
+        rows = self.running.rows
+        return not rows or rows + job.request.n <= self.settings.max_batch_rows
+
+    def _guarded(self, jobs: list[Job], work) -> None:
+        """work(); an error is answered to the jobs, never raised."""
+        try:
+            work()
+        except Exception as e:  # noqa: BLE001  (answered, never raised)
+            error = api_error(e)
+            for job in jobs:
+                job.send("error", error)
+            self.running = RunningBatch(self.model, self.alternatives)  # start clean
 
     def _start_context(self, job: Job) -> Context | None:
         r = job.request
@@ -190,56 +220,45 @@ class Engine:
             job.send("error", api_error(e))
             return
         self.prefilling.popleft()
-        self._run_jobs([job], prefill)
+        if job.request.session is None:
+            self._guarded([job], lambda: self._admit(job, prefill))
+        else:
+            self._run_jobs([job], prefill)
 
     def _run_jobs(self, batch: list[Job], prefill: _Prefill | None = None) -> None:
-        """Runs one job alone (prefill: its prompt read so far) or a batch together."""
+        """Runs one request alone (prefill: its prompt read so far)."""
         self.stats["requests"] += len(batch)
         self.stats["runs"] += 1
-        self.stats["largest_batch"] = max(self.stats["largest_batch"], len(batch))
-        try:
-            if batch[0].batch_key() is None:
-                self._run(batch[0], prefill)
-            else:
-                self._run_batch(batch)
-        except Exception as e:  # noqa: BLE001  (answered, never raised)
-            error = api_error(e)
-            for job in batch:
-                job.send("error", error)
+        self._guarded(batch, lambda: self._run(batch[0], prefill))
 
-    def _run_batch(self, jobs: list[Job]) -> None:
-        """Requests of one prompt each and no session, whatever their settings: one batch."""
-        requests, echoed, streams = [], [], []
-        for job in jobs:
-            r = job.request
-            echoed.append(self._prompt_logprobs(r.prompts[0], None, r, r.fresh[0])
-                          if r.echo and r.logprobs is not None else None)  # fmt: skip
-            stream = _Stream(job, self.tokenizer, 0, r.prompt_texts[0], echoed[-1])
-            requests.append(
-                Request(
-                    r.prompts[0],
-                    r.max_tokens,
-                    request_seed(r),
-                    r.n,
-                    r.stop,
-                    request_sampler(r),
-                    r.logprobs or 0,
-                    r.ignore_eos,
-                )
-            )
-            streams.append(stream)
-        samples = generate_batch(
-            self.model, requests, alternatives=self.alternatives,
-            on_piece=lambda i, row, *piece: streams[i].piece(row, *piece),
-            should_stop=lambda: [job.cancelled.is_set() for job in jobs],
-        )  # fmt: skip
-        for job, mine, prompt_lp in zip(jobs, samples, echoed, strict=True):
-            r = job.request
-            for row, sample in enumerate(mine):
-                end = choice_end(self.tokenizer, r, sample, prompt_lp, r.prompt_texts[0])
-                job.send("choice", row, end)
-            prompt_tokens = len(r.prompts[0]) + r.fresh[0]
-            job.send("done", usage_json(prompt_tokens, sum(len(s.ids) for s in mine)))
+    def _admit(self, job: Job, prefill: _Prefill | None) -> None:
+        """A request of one prompt and no session joins the running batch: the rest of
+        its prompt is read (whole blocks as generate() reads them), its rows are added."""
+        self.stats["requests"] += 1
+        r = job.request
+        ids = np.asarray(r.prompts[0], np.int32)
+        context, read = (prefill.context, prefill.read) if prefill is not None else (None, 0)
+        echoed = self._prompt_logprobs(r.prompts[0], None, r, r.fresh[0]) \
+            if r.echo and r.logprobs is not None else None  # fmt: skip
+        stream = _Stream(job, self.tokenizer, 0, r.prompt_texts[0], echoed)
+        whole = len(ids) - len(ids) % self.model.block_len
+        if whole > read:
+            _, context = score_ids(self.model, ids[read:whole], context)
+        request = Request(ids, r.max_tokens, request_seed(r), r.n, r.stop, request_sampler(r),
+                          r.logprobs or 0, r.ignore_eos)  # fmt: skip
+        rows = TextRows(self.tokenizer, [r.stop] * r.n, None, [r.ignore_eos] * r.n,
+                        [r.logprobs or 0] * r.n,
+                        lambda row, text, start, end: stream.piece(row, text, rows.samples[row],
+                                                                   start, end))  # fmt: skip
+
+        def done(samples: list[Sample]) -> None:
+            for row, sample in enumerate(samples):
+                job.send("choice", row, choice_end(self.tokenizer, r, sample, echoed,
+                                                   r.prompt_texts[0]))  # fmt: skip
+            job.send("done", usage_json(len(ids) + r.fresh[0], sum(len(s.ids) for s in samples)))
+
+        self.running.admit(request, context, ids[whole:], rows, done, job.cancelled.is_set,
+                           job)  # fmt: skip
 
     def _run(self, job: Job, prefill: _Prefill | None = None) -> None:
         """A request that runs alone (a session, several prompts, or a long prompt whose
