@@ -57,9 +57,9 @@ class Job:
         chunks). Sampler settings, penalties, log-probs and ignore_eos are values of the
         one compiled loop: any mix shares."""
         r = self.request
-        if r.session is not None or len(r.prompts) != 1 or self.long_prompt:
+        if len(r.prompts) != 1 or self.long_prompt:
             return None
-        return ()
+        return (r.session,)
 
     # set by the engine: the prompt is longer than one prefill chunk (Engine.prefill_chunk)
     long_prompt: bool = False
@@ -132,6 +132,7 @@ class Engine:
         self.prefill_chunk = chunk_len(model.block_len)
         self.prefilling: collections.deque[_Prefill] = collections.deque()
         self.running = RunningBatch(model, self.alternatives)
+        self.busy: set[str] = set()  # sessions with a request running (one at a time each)
         self.sessions = Sessions(base or model, settings.max_sessions, settings.session_dir)
         self.jobs = JobQueue(settings.queue_size)
         # served requests, the model's runs (batches and lone requests), the largest batch
@@ -166,14 +167,21 @@ class Engine:
             if batch is None and idle:
                 return
             waiting.extend(job for job in batch or [] if not job.cancelled.is_set())
-            while waiting and self._fits(waiting[0]):
+            held: collections.deque[Job] = collections.deque()
+            while waiting:  # oldest first; one that must wait does not hold back the rest
                 job = waiting.popleft()
+                if not self._fits(job) or job.request.session in self.busy:
+                    held.append(job)
+                    continue
+                if job.request.session is not None:
+                    self.busy.add(job.request.session)
                 if job.long_prompt:  # read a chunk at a time, between the others
-                    self.prefilling.append(_Prefill(job, self._start_context(job)))
+                    self.prefilling.append(_Prefill(job, None, started=False))
                 elif job.batch_key() is None:
                     self._run_jobs([job])
                 else:
                     self._guarded([job], lambda job=job: self._admit(job, None))
+            waiting = held
             if self.prefilling:
                 self._read_chunk()
             if self.running.rows:
@@ -195,7 +203,12 @@ class Engine:
             error = api_error(e)
             for job in jobs:
                 job.send("error", error)
-            self.running = RunningBatch(self.model, self.alternatives)  # start clean
+                self.busy.discard(job.request.session)
+            if self.running.entries and any(e.job in jobs for e in self.running.entries):
+                for entry in self.running.entries:  # the batch failed: answer all of it
+                    entry.job.send("error", error)
+                    self.busy.discard(entry.job.request.session)
+                self.running = RunningBatch(self.model, self.alternatives)  # start clean
 
     def _start_context(self, job: Job) -> Context | None:
         r = job.request
@@ -207,8 +220,11 @@ class Engine:
         job, ids = prefill.job, prefill.job.request.prompts[0]
         if job.cancelled.is_set():
             self.prefilling.popleft()
+            self.busy.discard(job.request.session)
             return
         try:
+            if not prefill.started:  # its session's context, read when its turn came
+                prefill.context, prefill.started = self._start_context(job), True
             whole = len(ids) - len(ids) % self.model.block_len  # what generate scores first
             if whole - prefill.read > self.prefill_chunk:
                 piece = ids[prefill.read : prefill.read + self.prefill_chunk]
@@ -217,13 +233,11 @@ class Engine:
                 return
         except Exception as e:  # noqa: BLE001  (answered, never raised)
             self.prefilling.popleft()
+            self.busy.discard(job.request.session)
             job.send("error", api_error(e))
             return
         self.prefilling.popleft()
-        if job.request.session is None:
-            self._guarded([job], lambda: self._admit(job, prefill))
-        else:
-            self._run_jobs([job], prefill)
+        self._guarded([job], lambda: self._admit(job, prefill))
 
     def _run_jobs(self, batch: list[Job], prefill: _Prefill | None = None) -> None:
         """Runs one request alone (prefill: its prompt read so far)."""
@@ -232,13 +246,18 @@ class Engine:
         self._guarded(batch, lambda: self._run(batch[0], prefill))
 
     def _admit(self, job: Job, prefill: _Prefill | None) -> None:
-        """A request of one prompt and no session joins the running batch: the rest of
-        its prompt is read (whole blocks as generate() reads them), its rows are added."""
+        """A request of one prompt joins the running batch: the rest of its prompt is
+        read (whole blocks as generate() reads them) from its session's context or the
+        start of a document, its rows are added; a session's context after the request
+        is stored when it ends (the state after every token it sampled)."""
         self.stats["requests"] += 1
         r = job.request
         ids = np.asarray(r.prompts[0], np.int32)
-        context, read = (prefill.context, prefill.read) if prefill is not None else (None, 0)
-        echoed = self._prompt_logprobs(r.prompts[0], None, r, r.fresh[0]) \
+        start = self._start_context(job) if prefill is None else None
+        context, read = (prefill.context, prefill.read) if prefill is not None else (start, 0)
+        if prefill is not None and r.echo:
+            start = self._start_context(job)
+        echoed = self._prompt_logprobs(r.prompts[0], start, r, r.fresh[0]) \
             if r.echo and r.logprobs is not None else None  # fmt: skip
         stream = _Stream(job, self.tokenizer, 0, r.prompt_texts[0], echoed)
         whole = len(ids) - len(ids) % self.model.block_len
@@ -251,11 +270,25 @@ class Engine:
                         lambda row, text, start, end: stream.piece(row, text, rows.samples[row],
                                                                    start, end))  # fmt: skip
 
+        after_prompt = None
+        if r.session is not None:  # where the sampled tokens continue from, for the session
+            after_prompt = context or Context.start(self.model, 1)
+            if len(ids) > whole:
+                _, after_prompt = score_ids(self.model, ids[whole:], after_prompt)
+
         def done(samples: list[Sample]) -> None:
+            held = {}
+            if r.session is not None:
+                self.busy.discard(r.session)
+                if not job.cancelled.is_set():
+                    _, after = score_ids(self.model, samples[0].ids, after_prompt)
+                    self.sessions.put(r.session, after)
+                    held = {"session_tokens": int(after.tokens)}  # an extension
             for row, sample in enumerate(samples):
                 job.send("choice", row, choice_end(self.tokenizer, r, sample, echoed,
                                                    r.prompt_texts[0]))  # fmt: skip
-            job.send("done", usage_json(len(ids) + r.fresh[0], sum(len(s.ids) for s in samples)))
+            completion = sum(len(s.ids) for s in samples)
+            job.send("done", usage_json(len(ids) + r.fresh[0], completion) | held)
 
         self.running.admit(request, context, ids[whole:], rows, done, job.cancelled.is_set,
                            job)  # fmt: skip
@@ -350,3 +383,4 @@ class _Prefill:
     job: Job
     context: Context | None
     read: int = 0
+    started: bool = True  # its start context is read (a session's, when its turn comes)
