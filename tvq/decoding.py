@@ -9,7 +9,8 @@ token, so the first text appears at once, and chunks then double up to `CHUNK`.
 The attention memory lives in a ring during decoding (tvq.nn.ring): each token is written
 in place, and its cost does not depend on the position. The compiled loop itself, whose
 network pass per token is `Transformer.step`, is tvq/runtime/decode_loop.py; this module is the
-host side: prompts, sample rows, stop strings, streaming.
+host side: prompts, sample rows, stop strings, streaming. (Over 300 lines: one text and
+a batch of texts share the chunk loop and its replay up to a stop string.)
 """
 
 from __future__ import annotations

@@ -1,9 +1,15 @@
 """The scheduler of `tvq serve` (docs/DESIGN.md section 13): the model runs on one worker
 thread that takes jobs from a bounded queue, first come first served (a full queue
-answers 429). A job is one checked request (tvq.serving.protocol): for each prompt, one
-batch of `n` rows through tvq.decoding, whose text is sent back to the event loop as it
-is sampled; waiting requests that can share a batch run together (`generate_batch`).
-Requests with a session start from, and leave behind, its state (tvq.serving.sessions).
+answers 429), in rounds: waiting requests of one prompt join the running batch
+(continuous batching, tvq.serving.running), a long prompt is read a chunk per round,
+a request of several prompts runs alone, and each round one call of the compiled loop
+advances every running row. Text goes back to the event loop as it is sampled, with its
+tokens' log-probs. Requests with a session start from, and leave behind, its state
+(tvq.serving.sessions), one at a time per session.
+
+Over 300 lines because admission, long prompts, sessions and the requests that run alone
+all share the worker's state (the running batch, the prompts being read, the busy
+sessions); the batch itself is tvq/serving/running.py.
 """
 
 from __future__ import annotations
