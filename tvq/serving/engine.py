@@ -18,6 +18,7 @@ import asyncio
 import collections
 import dataclasses
 import threading
+import time
 
 import numpy as np
 
@@ -139,6 +140,7 @@ class Engine:
         self.prefilling: collections.deque[_Prefill] = collections.deque()
         self.running = RunningBatch(model, self.alternatives)
         self.busy: set[str] = set()  # sessions with a request running (one at a time each)
+        self.decode_credit = 0.0  # seconds the running rows may decode before the next chunk
         self.sessions = Sessions(base or model, settings.max_sessions, settings.session_dir)
         self.jobs = JobQueue(settings.queue_size)
         # served requests, the model's runs (batches and lone requests), the largest batch
@@ -146,9 +148,14 @@ class Engine:
         self.worker = threading.Thread(target=self._work, name="tvq-model", daemon=True)
         self.worker.start()
 
-    def warm_up(self) -> None:
-        """Compiles the one sampling loop every request runs (batch 1) before serving."""
-        generate(self.model, [], max_tokens=1, seed=0, alternatives=self.alternatives)
+    def warm_up(self, rows: tuple[int, ...] = (1, 2, 4)) -> None:
+        """Compiles, before serving, the one sampling loop every request runs, at these
+        row counts (the running batch is padded to a power of two; a larger one compiles
+        once, when first needed, and is kept in the compilation cache)."""
+        for n in rows:
+            if n <= self.settings.max_batch_rows:
+                generate(self.model, [], max_tokens=1, seed=0, num_samples=n,
+                         alternatives=self.alternatives)  # fmt: skip
 
     def submit(self, job: Job) -> None:
         r = job.request
@@ -188,13 +195,20 @@ class Engine:
                 else:
                     self._guarded([job], lambda job=job: self._admit(job, None))
             waiting = held
-            if self.prefilling:
-                self._read_chunk()
-            if self.running.rows:
-                entries = self.running.entries
-                self._guarded([e.job for e in entries], self.running.step)
+            # Decoding and reading long prompts share the time: after a prompt chunk
+            # that took d seconds the running rows decode for d seconds before the next
+            # chunk, so a short request that arrives meanwhile is done within about one
+            # chunk's time, and a long prompt still gets half the model.
+            if self.running.rows and (self.decode_credit > 0 or not self.prefilling):
+                started = time.perf_counter()
+                self._guarded([e.job for e in self.running.entries], self.running.step)
+                self.decode_credit -= time.perf_counter() - started
                 self.stats["largest_batch"] = max(self.stats["largest_batch"],
                                                   len(self.running.entries))  # fmt: skip
+            elif self.prefilling:
+                started = time.perf_counter()
+                self._read_chunk()
+                self.decode_credit = time.perf_counter() - started
 
     def _fits(self, job: Job) -> bool:
         """Whether a request's rows fit beside the running ones (any fits an empty batch)."""
