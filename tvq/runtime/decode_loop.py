@@ -23,7 +23,14 @@ from tvq.nn.ring import RingState, model_from_ring, model_to_ring, repeat_rows
 from tvq.nn.transformer import Transformer, network
 from tvq.runtime.forward import on_device
 from tvq.runtime.model import Model
-from tvq.text.sampling import Penalties, Sampler, SamplerRows, penalized, pick_rows, row_uniforms
+from tvq.text.sampling import (
+    Penalties,
+    Sampler,
+    SamplerRows,
+    count_tokens,
+    next_tokens,
+    row_uniforms,
+)
 
 CHUNK = 32  # most tokens sampled per compiled call
 GREEDY = Sampler(temperature=0)  # what feeding (every token forced) passes for sampling
@@ -76,14 +83,14 @@ def decode_chunk(config, params, rings, token, keys, counts, limits, forced, n_f
 
     def body(c: DecodeCarry) -> DecodeCarry:
         rings, log_probs = net.apply(variables, c.token, c.rings, tables, method=Transformer.step)
-        sampled = pick_rows(sampling, uniforms[c.step], penalized(sampling, c.penalties, log_probs))
+        sampled = next_tokens(sampling, c.penalties, uniforms[c.step], log_probs)
         new = jnp.where(c.step < n_forced, forced[c.step], sampled)
         live = (c.step < limits) & ~c.done
         picked = jnp.take_along_axis(log_probs, new[:, None], axis=-1)[:, 0]
         top_values, top_ids = jax.lax.top_k(log_probs, top_k)
         return DecodeCarry(
             step=c.step + 1, rings=rings, token=new, done=c.done | (live & (new == eos_ids)),
-            penalties=c.penalties.add(new, live),
+            penalties=count_tokens(sampling, c.penalties, new, live),
             tokens=c.tokens.at[c.step].set(new), log_probs=c.log_probs.at[c.step].set(picked),
             top_log_probs=c.top_log_probs.at[c.step].set(top_values),
             top_ids=c.top_ids.at[c.step].set(top_ids.astype(jnp.int32)),

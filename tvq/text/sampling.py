@@ -75,6 +75,13 @@ class Sampler:
     def greedy(self) -> bool:
         return self.temperature == 0
 
+    @property
+    def penalizing(self) -> bool:
+        """Whether a penalty or a bias changes any log-prob."""
+        repeats = self.repetition_penalty != 1 and self.repeat_last_n > 0
+        return bool(self.presence_penalty or self.frequency_penalty or repeats
+                    or any(bias for _, bias in self.logit_bias))  # fmt: skip
+
     def filter(self, log_probs: jax.Array) -> jax.Array:
         """Log-probs [B, N] → logits [B, N] of the distribution to sample from."""
         logits = log_probs / self.temperature
@@ -126,6 +133,7 @@ class SamplerRows:
     repetition: jax.Array
     repeat_last_n: jax.Array
     bias: jax.Array  # [B, N] added to the log-probs
+    penalizing: jax.Array  # [B] bool: a penalty or a bias is on (else they are skipped)
 
     @classmethod
     def of(cls, samplers: list[Sampler], n_vocab: int) -> SamplerRows:
@@ -148,6 +156,7 @@ class SamplerRows:
             frequency=column("frequency_penalty", np.float32),
             repetition=column("repetition_penalty", np.float32),
             repeat_last_n=column("repeat_last_n", np.int32), bias=bias,
+            penalizing=np.asarray([s.penalizing for s in samplers], bool),
         )  # fmt: skip
 
 
@@ -195,6 +204,26 @@ def penalized(rows: SamplerRows, penalties: Penalties, log_probs: jax.Array) -> 
         jnp.zeros(log_probs.shape, jnp.bool_).at[batch, jnp.maximum(penalties.recent, 0)].max(valid)
     )
     return jnp.where(seen, x * rows.repetition[:, None], x)
+
+
+def next_tokens(rows: SamplerRows, penalties: Penalties, u: jax.Array, log_probs: jax.Array
+                ) -> jax.Array:  # fmt: skip
+    """Each row's next token [B] by its own settings, penalties included: pick_rows of
+    penalized. The parts no row uses are skipped (a cond per step: without penalties
+    the log-probs go straight through, and a batch of greedy rows only takes argmax),
+    which never changes a value."""
+    x = jax.lax.cond(jnp.any(rows.penalizing), lambda: penalized(rows, penalties, log_probs),
+                     lambda: log_probs)  # fmt: skip
+    return jax.lax.cond(jnp.all(rows.temperature == 0),
+                        lambda: jnp.argmax(x, axis=-1).astype(jnp.int32),
+                        lambda: pick_rows(rows, u, x))  # fmt: skip
+
+
+def count_tokens(rows: SamplerRows, penalties: Penalties, token: jax.Array,
+                 live: jax.Array) -> Penalties:  # fmt: skip
+    """penalties.add(token, live) when any row's penalties read them, else unchanged."""
+    return jax.lax.cond(jnp.any(rows.penalizing), lambda: penalties.add(token, live),
+                        lambda: penalties)  # fmt: skip
 
 
 def pick_rows(rows: SamplerRows, u: jax.Array, log_probs: jax.Array) -> jax.Array:
