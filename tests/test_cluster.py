@@ -81,8 +81,11 @@ def test_two_processes_train_like_one(tmp_path):
     assert single.returncode == 0, single.stderr
     assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), abs=1e-5)
     assert len(losses(tmp_path / "two")) == 4  # process 0 alone writes the log
-    # process 0 tokenized the text; the other memory-mapped its token stream
-    assert (tmp_path / "two" / "train" / "data" / "tokens.npy").is_file()
+    # process 0 tokenized the text into shards every process sees; the other memory-mapped
+    # them (its rows only) and tokenized nothing
+    data = tmp_path / "two" / "train" / "data"
+    assert (data / "COMPLETE").is_file() and list(data.glob("train-*.bin"))
+    assert "tokenize:" in logs["p0"] and "tokenize:" not in logs["p1"]
     two, one = tvq.load(tmp_path / "two"), tvq.load(tmp_path / "one")
     leaves = (jax.tree_util.tree_leaves(m.params) for m in (one, two))
     for a, b in zip(*leaves, strict=True):

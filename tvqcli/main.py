@@ -8,6 +8,7 @@ from tvqcli import (  # noqa: F401
     chat_cmd,
     generate_cmd,
     model_cmd,
+    prepare_cmd,
     score_cmd,
     serve_cmd,
     train_cmd,

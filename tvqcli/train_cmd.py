@@ -25,11 +25,13 @@ from tvqcli.app import (
     ProcessIdOption,
     app,
     check_output_dir,
+    fail,
     finite,
     handle_errors,
     join_cluster,
     stderr,
 )
+from tvqcli.prepare_cmd import PrepareProgress
 
 # Architecture fields and training settings passed through to the library; their defaults
 # are the library's (tvq/config.py, tvq/train/settings.py).
@@ -44,7 +46,13 @@ RUN_FIELDS = ("steps", "batch_size", "update_len", "block_len", "lr", "warmup", 
 @handle_errors
 def train(
     ctx: typer.Context,
-    texts: Annotated[list[Path], typer.Argument(help="Text files or directories of them.")],
+    texts: Annotated[
+        list[Path],
+        typer.Argument(
+            help="Text or JSONL files (.gz too) or directories of them, or one "
+            "dataset made by tvq prepare."
+        ),
+    ],  # fmt: skip
     out: Annotated[Path, typer.Option("--out", "-o", help="Model directory to write.")],
     tokenizer: Annotated[
         Path | None, typer.Option(help="Use this sentencepiece .model instead of training one.")
@@ -111,6 +119,10 @@ def train(
     eval_every: Annotated[int, typer.Option(help="Steps between evaluations.")] = Run.eval_every,
     save_every: Annotated[int, typer.Option(help="Steps between checkpoints.")] = Run.save_every,
     name: Annotated[str, typer.Option(help="Corpus name for the metadata.")] = "",
+    text_field: Annotated[str, typer.Option(help="The text field of JSONL objects.")] = "text",
+    skip_bad_lines: Annotated[
+        bool, typer.Option(help="Skip (and count) JSONL lines that are not documents.")
+    ] = False,
     devices: DevicesOption = None,
     shard_params: Annotated[
         bool,
@@ -125,12 +137,21 @@ def train(
 ) -> None:
     """Train a model on text files; run the same command again to resume.
 
-    Data parallel over every device (--devices to use fewer); with
+    The text is tokenized once into shards in the cache ($TVQ_CACHE_DIR/data,
+    else ~/.cache/tvq/data) that later runs read; or give a dataset made by
+    tvq prepare. Data parallel over every device (--devices to use fewer); with
     --coordinator (or --distributed auto) over several processes or hosts,
     each running this command."""
     from tvq.train import train_from_files
+    from tvq.train.shards import is_prepared
 
     check_output_dir(out, "--out")
+    if any(p.is_dir() and is_prepared(p) for p in texts):
+        fixed = [f"--{n.replace('_', '-')}" for n in DATA_FIXED if _given(ctx, n)]
+        if fixed:
+            raise fail(f"{fixed[0].replace('--use-bytes', '--bytes')} does not go with a "
+                       "prepared dataset: its tokenizer and held-out documents were chosen by "
+                       "tvq prepare", 2)  # fmt: skip
     join_cluster(coordinator, num_processes, process_id, distributed)
     if cluster_active():  # Gloo announces its connections on stdout; train prints none
         os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
@@ -143,7 +164,8 @@ def train(
     processes = f" in {seen['processes']} processes" if seen["processes"] > 1 else ""
     where = f"training on {used} {seen['backend']} device{'s' if used > 1 else ''}{processes}"
 
-    with _progress(quiet=not cluster.is_main(), where=where) as report:
+    quiet = not cluster.is_main()
+    with PrepareProgress(quiet) as on_prepare, _progress(quiet, where) as report:
         model = train_from_files(
             texts=texts, out=out, tokenizer_path=tokenizer, use_bytes=use_bytes,
             vocab_size=vocab_size, from_dir=from_dir, held_out=val or [],
@@ -152,7 +174,8 @@ def train(
             settings={name: values[name] for name in RUN_FIELDS},
             corpus_name=name, command=command, on_progress=report, devices=devices,
             shard_params=shard_params, algorithm=algorithm and algorithm.value,
-            dtype=dtype and dtype.value,
+            dtype=dtype and dtype.value, text_field=text_field, skip_bad_lines=skip_bad_lines,
+            on_prepare=on_prepare,
         )  # fmt: skip
     if not cluster.is_main():  # process 0 reports for the cluster
         return
@@ -164,6 +187,16 @@ def train(
             f"{meta['heldout_bits_per_byte']:.4f} bits/byte"
         )
     stderr.print(line, highlight=False)
+
+
+# Options a prepared dataset has fixed (tvq prepare chose them).
+DATA_FIXED = ("tokenizer", "use_bytes", "vocab_size", "val", "val_fraction", "text_field",
+              "skip_bad_lines")  # fmt: skip
+
+
+def _given(ctx: typer.Context, name: str) -> bool:
+    source = ctx.get_parameter_source(name)  # Typer's own copy of click's enum: by name
+    return source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
 
 
 def full_command(ctx: typer.Context) -> str:
@@ -191,7 +224,8 @@ def full_command(ctx: typer.Context) -> str:
 
 
 class _progress:
-    """A Rich progress bar on stderr (plain lines when stderr is not a terminal)."""
+    """A Rich progress bar on stderr (plain lines when stderr is not a terminal), shown
+    from the first step on (the data's preparation has its own before it)."""
 
     def __init__(self, quiet: bool = False, where: str = "") -> None:
         self.quiet, self.where = quiet, where
@@ -208,7 +242,6 @@ class _progress:
             console=stderr,
             disable=not self.live,
         )
-        self.bar.__enter__()
         self.task = None
         return self.report
 
@@ -220,6 +253,7 @@ class _progress:
         if self.task is None:
             if self.where:  # once the run has started: errors before it stay one line
                 self.bar.console.print(self.where, highlight=False)
+            self.bar.start()
             self.task = self.bar.add_task(
                 "train", total=progress.steps, completed=progress.step - 1, loss=0.0, speed=0.0
             )
@@ -242,5 +276,5 @@ class _progress:
             )
 
     def __exit__(self, *exc):
-        self.bar.__exit__(*exc)
+        self.bar.stop()
         return False

@@ -1,9 +1,24 @@
-"""Training text: find files, read them, hold documents out, tokenize into one stream, and
-cut the stream into the windows of each update (docs/DESIGN.md section 11)."""
+"""Training data as the loop sees it (docs/DESIGN.md section 11): the input files and their
+kinds, which documents are held out, and `TokenStream`, the windows of each update cut
+from one token stream kept in shards.
+
+Reading the shards is index arithmetic on memory maps (numpy), not a data loader such as
+Grain. A window is a pure function of the step: B contiguous rows of the stream, each
+update `update_len` tokens further along, each epoch at a fresh random shift. So the
+data position of a resumed run follows from the step that orbax already checkpoints,
+and a process builds only the rows its devices hold by asking for those rows. Grain's
+strengths (an iterator state to checkpoint, per-host sharding of records, worker
+processes that prefetch and transform records) would each duplicate or fight this:
+its sharding splits records between hosts, where tvq's rows are assigned by the device
+mesh; its state would be a second copy of the step; and a window is a copy of
+B·(update_len + 1) tokens from the page cache, which needs no prefetching. It would be a
+dependency (with its own native packages) for none of that.
+"""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,22 +26,43 @@ import numpy as np
 
 from tvq.errors import CorpusError, TrainingError
 
-TEXT_SUFFIXES = {".txt", ".md", ".text", ""}
+TEXT_SUFFIXES = {".txt", ".md", ".text", ""}  # one file, one document
+JSONL_SUFFIXES = {".jsonl"}  # one document per line: a JSON object with a text field
+KINDS_HELP = "text (.txt, .md, .text, no suffix) or JSONL (.jsonl), either also as .gz"
 
 
-@dataclass
-class Document:
+@dataclass(frozen=True)
+class Source:
+    """One input file: its kind, whether it is gzip-compressed, and what the cache key
+    reads of it (path, size, modification time)."""
+
     path: Path
-    text: str
+    kind: str  # "text" | "jsonl"
+    compressed: bool
+    size: int
+    mtime_ns: int
 
-    @property
-    def n_bytes(self) -> int:
-        return len(self.text.encode("utf-8"))
+    def key(self) -> dict:
+        return {"path": str(self.path.resolve()), "kind": self.kind, "gzip": self.compressed,
+                "size": self.size, "mtime_ns": self.mtime_ns}  # fmt: skip
 
 
-def find_files(paths: list[str | os.PathLike]) -> list[Path]:
-    """Files as given, and text files (.txt, .md, no suffix) inside directories, sorted."""
-    files: list[Path] = []
+def source_kind(path: Path) -> tuple[str, bool] | None:
+    """("text" | "jsonl", gzip-compressed) from the file name; None for anything else."""
+    name = path.name.lower()
+    compressed = name.endswith(".gz")
+    suffix = Path(name[: -len(".gz")] if compressed else name).suffix
+    if suffix in JSONL_SUFFIXES:
+        return "jsonl", compressed
+    if suffix in TEXT_SUFFIXES:
+        return "text", compressed
+    return None
+
+
+def find_sources(paths: Sequence[str | os.PathLike]) -> list[Source]:
+    """Files as given (each must be of a known kind), and the files of known kinds inside
+    directories (sorted; hidden files skipped)."""
+    sources: list[Source] = []
     for raw in paths:
         path = Path(raw)
         if not path.exists():
@@ -34,72 +70,97 @@ def find_files(paths: list[str | os.PathLike]) -> list[Path]:
         if path.is_dir():
             found = sorted(
                 p for p in path.rglob("*")
-                if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES and not p.name.startswith(".")
+                if p.is_file() and not p.name.startswith(".") and source_kind(p) is not None
             )  # fmt: skip
             if not found:
-                raise CorpusError(f"no text files (.txt, .md) found in {path}")
-            files.extend(found)
+                raise CorpusError(f"no text files ({KINDS_HELP}) found in {path}")
+            sources.extend(map(_source, found))
+        elif source_kind(path) is None:
+            raise CorpusError(f"{path}: unknown kind of file; tvq reads {KINDS_HELP}")
         else:
-            files.append(path)
-    return files
+            sources.append(_source(path))
+    return sources
 
 
-def read_documents(files: list[Path]) -> list[Document]:
-    docs = []
-    for file in files:
-        try:
-            data = file.read_bytes()
-        except OSError as e:
-            raise CorpusError(f"{file} cannot be read: {e.strerror}") from None
-        text = data.decode("utf-8", errors="replace")
-        if text.strip():
-            docs.append(Document(file, text))
-    if not docs:
-        raise CorpusError("no text found: every file is empty")
-    return docs
+def find_files(paths: Sequence[str | os.PathLike]) -> list[Path]:
+    """The paths of find_sources."""
+    return [s.path for s in find_sources(paths)]
 
 
-def split_documents(
-    docs: list[Document], val_fraction: float, held_out: list[Path], seed: int
-) -> tuple[list[Document], list[Document]]:
-    """Held-out documents by name, else a fraction of whole documents chosen by seed."""
-    if held_out:
-        names = {Path(p).resolve() for p in held_out}
-        val = [d for d in docs if d.path.resolve() in names]
-        train = [d for d in docs if d.path.resolve() not in names]
-        return train, val
-    if not 0 <= val_fraction < 1:
-        raise CorpusError(f"--val-fraction must be in [0, 1), got {val_fraction}")
-    n_val = round(len(docs) * val_fraction)
-    if val_fraction > 0 and n_val == 0 and len(docs) > 1:
-        n_val = 1
-    order = np.random.default_rng(seed).permutation(len(docs))
-    val_ids = set(order[:n_val].tolist())
-    train = [d for i, d in enumerate(docs) if i not in val_ids]
-    val = [d for i, d in enumerate(docs) if i in val_ids]
-    if not train:
+def _source(path: Path) -> Source:
+    kind, compressed = source_kind(path)
+    try:
+        stat = path.stat()
+    except OSError as e:
+        raise CorpusError(f"{path} cannot be read: {e.strerror}") from None
+    return Source(path, kind, compressed, stat.st_size, stat.st_mtime_ns)
+
+
+def held_out_mask(
+    n_documents: int, val_fraction: float, seed: int, named: np.ndarray | None = None
+) -> np.ndarray:
+    """Which documents are held out → bool [n_documents]: those `named` (a mask, when
+    --val names files), else a fraction of the documents chosen by seed (at least one
+    when the fraction is positive and there are several)."""
+    if named is not None:
+        mask = np.asarray(named, bool)
+    else:
+        if not 0 <= val_fraction < 1:
+            raise CorpusError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+        n_val = round(n_documents * val_fraction)
+        if val_fraction > 0 and n_val == 0 and n_documents > 1:
+            n_val = 1
+        order = np.random.default_rng(seed).permutation(n_documents)
+        mask = np.zeros(n_documents, bool)
+        mask[order[:n_val]] = True
+    if n_documents and mask.all():
         raise CorpusError("no training text left after holding out validation documents")
-    return train, val
+    return mask
 
 
-def token_stream(docs: list[Document], tokenizer) -> np.ndarray:
-    """Documents as one stream, each followed by the end-of-document id."""
-    pieces = []
-    for doc in docs:
-        pieces.append(np.asarray(tokenizer.encode(doc.text), np.int32))
-        pieces.append(np.asarray([tokenizer.eos_id], np.int32))
-    return np.concatenate(pieces)
+class TokenShards:
+    """One token stream kept in several arrays (memory-mapped shards), read by position:
+    a read copies only the pages it touches."""
+
+    def __init__(self, parts: Sequence[np.ndarray]) -> None:
+        self.parts = [p for p in parts if len(p)]
+        self.ends = np.cumsum([len(p) for p in self.parts], dtype=np.int64)
+
+    @classmethod
+    def of(cls, tokens) -> TokenShards:
+        return tokens if isinstance(tokens, TokenShards) else cls([np.asarray(tokens)])
+
+    def __len__(self) -> int:
+        return int(self.ends[-1]) if len(self.ends) else 0
+
+    def read(self, start: int, length: int) -> np.ndarray:
+        """Tokens [start, start + length) as int32."""
+        if start < 0 or start + length > len(self):
+            raise IndexError(f"tokens {start}:{start + length} of a stream of {len(self)}")
+        out = np.empty(length, np.int32)
+        part = int(np.searchsorted(self.ends, start, side="right"))
+        done = 0
+        while done < length:
+            begin = int(self.ends[part - 1]) if part else 0
+            offset = start + done - begin
+            take = min(length - done, len(self.parts[part]) - offset)
+            out[done : done + take] = self.parts[part][offset : offset + take]
+            done += take
+            part += 1
+        return out
 
 
 class TokenStream:
     """Training tokens as B contiguous rows; windows advance along the rows, epoch after epoch.
 
     Each epoch starts the rows at a fresh random shift, so windows do not align the same way
-    twice; the attention state is reset at the start of every epoch.
+    twice; the attention state is reset at the start of every epoch. The tokens are an
+    array or `TokenShards` (the memory-mapped shards of a prepared dataset): the same
+    stream gives the same windows.
     """
 
-    def __init__(self, tokens: np.ndarray, batch_size: int, update_len: int, seed: int) -> None:
-        self.tokens = np.asarray(tokens, np.int32)
+    def __init__(self, tokens, batch_size: int, update_len: int, seed: int) -> None:
+        self.tokens = TokenShards.of(tokens)
         self.batch_size, self.update_len, self.seed = batch_size, update_len, seed
         self.row_len = len(self.tokens) // batch_size
         self.windows_per_epoch = (self.row_len - update_len - 1) // update_len
@@ -115,9 +176,10 @@ class TokenStream:
 
     def window(self, step: int, rows: slice = slice(None)) -> np.ndarray:
         """Tokens [B, U + 1] of update `step` (inputs are [:, :-1], targets [:, 1:]), or of
-        the batch rows `rows` only: a process builds just the rows its devices hold."""
+        the batch rows `rows` only: a process reads just the rows its devices hold."""
         epoch, index = divmod(step, self.windows_per_epoch)
         shift = np.random.default_rng([self.seed, epoch]).integers(0, self.update_len)
-        starts = np.arange(self.batch_size)[rows, None] * self.row_len
-        start = starts + shift + index * self.update_len
-        return self.tokens[start + np.arange(self.update_len + 1)[None, :]]
+        starts = np.arange(self.batch_size)[rows] * self.row_len + shift + index * self.update_len
+        if not len(starts):
+            return np.zeros([0, self.update_len + 1], np.int32)
+        return np.stack([self.tokens.read(int(s), self.update_len + 1) for s in starts])

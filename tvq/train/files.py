@@ -1,25 +1,28 @@
-"""From text files to a trained model directory: the work behind `tvq train`."""
+"""From text files (or a prepared dataset) to a trained model directory: the work behind
+`tvq train`. The text is prepared once into token shards (tvq/train/prepare.py) that
+this run and every later one, resumed or new, memory-map."""
 
 from __future__ import annotations
 
 import dataclasses
-import json
-from collections.abc import Callable
+import shutil
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from tvq.config import DTYPES, ModelConfig
 from tvq.distributed import cluster
-from tvq.errors import CorpusError, TrainingError, TvqError, is_int
-from tvq.files.atomic import write_atomically
+from tvq.errors import CorpusError, TokenizerError, TrainingError, TvqError, is_int
 from tvq.files.checkpoint import TOKENIZER_FILE, is_model_dir
 from tvq.runtime.model import Model, load
-from tvq.text.tokenizer import ByteTokenizer, SentencePieceTokenizer, train_sentencepiece
-from tvq.train.data import find_files, read_documents, split_documents, token_stream
+from tvq.text.tokenizer import ByteTokenizer, SentencePieceTokenizer
+from tvq.train import prepare
 from tvq.train.loop import TRAIN_DIR, run_training
 from tvq.train.settings import DEFAULT_VAL_FRACTION, DEFAULT_VOCAB_SIZE, TrainSettings
+from tvq.train.shards import INFO_FILE, PreparedData, is_prepared
+
+DATA_DIR = "data"  # in <out>/train: the prepared dataset of a cluster's run (shared)
+HELD_OUT_NAMES = 100  # held-out documents named in the metadata at most
 
 
 def check_out_dir(out: Path) -> None:
@@ -38,7 +41,7 @@ def check_out_dir(out: Path) -> None:
 
 def train_from_files(
     *,
-    texts: list[Path],
+    texts: Sequence[Path],
     out: Path,
     tokenizer_path: Path | None = None,
     use_bytes: bool = False,
@@ -55,135 +58,153 @@ def train_from_files(
     shard_params: bool = False,
     algorithm: str | None = None,
     dtype: str | None = None,
+    text_field: str = "text",
+    skip_bad_lines: bool = False,
+    workers: int | None = None,
+    cache_dir: Path | None = None,
+    on_prepare: Callable[[prepare.PrepareEvent], None] | None = None,
 ) -> Model:
-    """Trains (or resumes, or fine-tunes `from_dir`) a model on text files; writes it to
-    `out` and returns it. architecture: ModelConfig fields; settings: TrainSettings.
-    algorithm: the serial or parallel form (None: the faster for the device); dtype: the
-    compute dtype (None: the architecture's, or the fine-tuned model's)."""
+    """Trains (or resumes, or fine-tunes `from_dir`) a model on text files, or on one
+    prepared dataset (`tvq prepare`); writes it to `out` and returns it. architecture:
+    ModelConfig fields; settings: TrainSettings. algorithm: the serial or parallel form
+    (None: the faster for the device); dtype: the compute dtype (None: the
+    architecture's, or the fine-tuned model's).
+
+    Text is prepared into the cache folder (`cache_dir`, by default
+    prepare.data_cache_dir()) or found there; in a cluster, process 0 prepares it into
+    <out>/train/data, which every process sees, and the others memory-map it."""
     out = Path(out)
     check_out_dir(out)
     settings_obj = TrainSettings(**(settings or {}))
     if not is_int(vocab_size) or vocab_size < 1:
         raise TrainingError(f"vocab_size must be a positive integer, got {vocab_size!r}")
     base = load(from_dir) if from_dir is not None else None
-    if cluster.active():  # process 0 reads the text; the others read its token file
+    given = _prepared_input(texts)
+    if given is not None and (tokenizer_path is not None or use_bytes or held_out):
+        raise TrainingError(f"{given} is a prepared dataset: its tokenizer and held-out "
+                            "documents were chosen by tvq prepare")  # fmt: skip
+
+    def get_data(folder: Path | None) -> PreparedData:
+        if given is not None:
+            return PreparedData.open(given)
+        return _prepare(texts, out, folder, tokenizer_path, use_bytes, vocab_size, base,
+                        held_out or [], val_fraction, settings_obj.seed, text_field,
+                        skip_bad_lines, workers, cache_dir, on_prepare)  # fmt: skip
+
+    shared = out / TRAIN_DIR / DATA_DIR
+    if cluster.active():  # process 0 prepares; the others memory-map what it wrote
         if cluster.is_main():
-            prepared = _prepare(texts, out, tokenizer_path, use_bytes, vocab_size, base,
-                                held_out, val_fraction, architecture, settings_obj,
-                                corpus_name, command)  # fmt: skip
-            _share(out, *prepared)
+            data = get_data(shared)
+            tokenizer = _run_tokenizer(out, data)
         cluster.barrier("data")
-        prepared = _shared(out) if not cluster.is_main() else prepared
+        if not cluster.is_main():
+            data = PreparedData.open(given or shared)
+            tokenizer = _run_tokenizer(out, data, write=False)
     else:
-        prepared = _prepare(texts, out, tokenizer_path, use_bytes, vocab_size, base, held_out,
-                            val_fraction, architecture, settings_obj, corpus_name,
-                            command)  # fmt: skip
-    config, tokenizer, train_tokens, val_documents, metadata = prepared
-    if dtype is not None:
-        if dtype not in DTYPES:
-            raise TrainingError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-        config = dataclasses.replace(config, dtype=dtype)
-    if base is not None:
-        metadata["fine_tuned_from"] = str(from_dir)
-    return run_training(
-        out=out, config=config, settings=settings_obj, train_tokens=train_tokens,
-        val_documents=val_documents, tokenizer=tokenizer, metadata=metadata, init_from=base,
-        on_progress=on_progress, devices=devices, shard_params=shard_params, algorithm=algorithm,
-    )  # fmt: skip
-
-
-def _prepare(texts, out, tokenizer_path, use_bytes, vocab_size, base, held_out, val_fraction,
-             architecture, settings_obj, corpus_name, command):  # fmt: skip
-    """Reads, splits and tokenizes the text → (config, tokenizer, training token stream,
-    held-out documents as (ids, bytes), metadata)."""
-    files = find_files(texts)
-    for path in held_out or []:
-        if not Path(path).is_file():
-            raise CorpusError(f"held-out file {path} does not exist")
-    files += [Path(p) for p in held_out or [] if Path(p).resolve() not in
-              {f.resolve() for f in files}]  # fmt: skip
-    docs = read_documents(files)
-    train_docs, val_docs = split_documents(
-        docs, val_fraction, list(held_out or []), settings_obj.seed
-    )
-    if not train_docs:
-        raise CorpusError("no training text left after holding out validation documents")
+        data = get_data(None)
+        tokenizer = _run_tokenizer(out, data)
 
     if base is not None:
-        tokenizer = base.tokenizer or ByteTokenizer()
+        base_tokenizer = base.tokenizer or ByteTokenizer()
+        if base_tokenizer.fingerprint != tokenizer.fingerprint:
+            raise TokenizerError(f"{data.folder} was tokenized with {tokenizer.fingerprint[:19]}"
+                                 f"…, the model --from {from_dir} uses "
+                                 f"{base_tokenizer.fingerprint[:19]}…")  # fmt: skip
         config = base.config
     else:
-        if use_bytes:
-            tokenizer = ByteTokenizer()
-        elif tokenizer_path is not None:
-            tokenizer = SentencePieceTokenizer(tokenizer_path)
-        else:
-            tokenizer = _own_tokenizer(out, train_docs, vocab_size)
         try:
             config = ModelConfig(n_vocab=tokenizer.vocab_size, **(architecture or {}))
         except TvqError as e:
             raise TrainingError(str(e)) from None
+    if dtype is not None:
+        if dtype not in DTYPES:
+            raise TrainingError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        config = dataclasses.replace(config, dtype=dtype)
+    metadata = _metadata(data, tokenizer, texts, corpus_name, command)
+    if base is not None:
+        metadata["fine_tuned_from"] = str(from_dir)
+    return run_training(
+        out=out, config=config, settings=settings_obj, train_tokens=data.train,
+        val_documents=data.held_out, tokenizer=tokenizer, metadata=metadata, init_from=base,
+        on_progress=on_progress, devices=devices, shard_params=shard_params, algorithm=algorithm,
+    )  # fmt: skip
 
-    train_tokens = token_stream(train_docs, tokenizer)
-    val_documents = [(tokenizer.encode(d.text), d.n_bytes) for d in val_docs]
+
+def _prepared_input(texts: Sequence[Path]) -> Path | None:
+    """The one input when it is a prepared dataset (several inputs: none may be one)."""
+    for t in texts:
+        if (Path(t) / INFO_FILE).is_file() and not is_prepared(Path(t)):
+            raise CorpusError(f"{t} is an unfinished prepared dataset (its preparation was "
+                              "stopped, or it was changed): prepare it again")  # fmt: skip
+    folders = [Path(t) for t in texts if Path(t).is_dir() and is_prepared(Path(t))]
+    if folders and len(texts) > 1:
+        raise TrainingError(f"{folders[0]} is a prepared dataset: train on it alone")
+    return folders[0] if folders else None
+
+
+def _prepare(texts, out, folder, tokenizer_path, use_bytes, vocab_size, base, held_out,
+             val_fraction, seed, text_field, skip_bad_lines, workers, cache_dir,
+             on_event):  # fmt: skip
+    """The prepared dataset of the text (found or made) in `folder`, or in the cache."""
+    if base is not None:
+        tokenizer = base.tokenizer or ByteTokenizer()
+    elif use_bytes:
+        tokenizer = ByteTokenizer()
+    elif tokenizer_path is not None:
+        tokenizer = SentencePieceTokenizer(tokenizer_path)
+    else:
+        tokenizer = None  # trained on the text, unless this run already has one
+    options = dict(vocab_size=vocab_size, held_out=held_out, val_fraction=val_fraction,
+                   seed=seed, text_field=text_field, skip_bad_lines=skip_bad_lines)  # fmt: skip
+    run_copy = out / TRAIN_DIR / TOKENIZER_FILE
+    if tokenizer is None and run_copy.is_file():
+        # A resumed run keeps the tokenizer it started with: the dataset made with it
+        # when it is still there, else the text tokenized again with that tokenizer.
+        mine = SentencePieceTokenizer(run_copy)
+        req = prepare.request(texts, tokenizer=None, **options)
+        target = folder or Path(cache_dir or prepare.data_cache_dir()) / req.key()
+        found = prepare.find(req, target)
+        if found is not None and found.tokenizer.fingerprint == mine.fingerprint:
+            if on_event is not None:
+                on_event(prepare.PrepareEvent("found", finished=True, detail=str(found.folder)))
+            return found
+        tokenizer = mine
+    req = prepare.request(texts, tokenizer=tokenizer, **options)
+    return prepare.prepare(req, out=folder, cache_dir=cache_dir, workers=workers,
+                           on_event=on_event)  # fmt: skip
+
+
+def _run_tokenizer(out: Path, data: PreparedData, write: bool = True):
+    """The data's tokenizer, read from the run's own copy (<out>/train/tokenizer.model,
+    written on first use), so that the finished model does not depend on the cache."""
+    tokenizer = data.tokenizer
+    if tokenizer.kind != "sentencepiece":
+        return tokenizer
+    copy = out / TRAIN_DIR / TOKENIZER_FILE
+    if write and not copy.exists():
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        tmp = copy.with_name(".tokenizer.model.tmp")
+        shutil.copyfile(tokenizer.path, tmp)
+        tmp.replace(copy)
+    if copy.is_file():
+        mine = SentencePieceTokenizer(copy)
+        if mine.fingerprint == tokenizer.fingerprint:
+            return mine
+    return tokenizer  # another run's tokenizer is there: run.json refuses the mix
+
+
+def _metadata(data: PreparedData, tokenizer, texts, corpus_name: str, command: str) -> dict:
+    train, val = data.info["splits"]["train"], data.info["splits"]["val"]
     metadata = dict(
         corpus=corpus_name or ", ".join(sorted({str(Path(t)) for t in texts})),
-        train_documents=len(train_docs),
-        train_tokens=int(len(train_tokens)),
-        train_bytes=sum(d.n_bytes for d in train_docs),
-        heldout_documents=[d.path.name for d in val_docs],
+        train_documents=train["documents"],
+        train_tokens=train["tokens"],
+        train_bytes=train["bytes"],
+        heldout_documents=data.held_out_names(HELD_OUT_NAMES),
         tokenizer=dict(kind=tokenizer.kind, vocab_size=tokenizer.vocab_size),
         command=command,
+        prepared_data=str(data.folder),
     )
-    return config, tokenizer, train_tokens, val_documents, metadata
-
-
-DATA_DIR = "data"  # in <out>/train: process 0's tokens for the other processes of a cluster
-
-
-def _share(out: Path, config, tokenizer, train_tokens, val_documents, metadata) -> None:
-    """Writes what the other processes need, each file replaced atomically: they then
-    read only their own rows of the token stream (a memory map), never the text."""
-    folder = out / TRAIN_DIR / DATA_DIR
-    folder.mkdir(parents=True, exist_ok=True)
-    write_atomically(
-        folder / "tokens.npy", lambda f: np.save(f, np.asarray(train_tokens, np.int32))
-    )
-    if tokenizer.kind == "sentencepiece":
-        data = Path(tokenizer.path).read_bytes()
-        write_atomically(folder / TOKENIZER_FILE, lambda f: f.write(data))
-    document = {"config": config.to_dict(), "tokenizer": tokenizer.kind, "metadata": metadata,
-                "val": [[list(map(int, ids)), size] for ids, size in val_documents]}  # fmt: skip
-    text = json.dumps(document).encode()
-    write_atomically(folder / "prepared.json", lambda f: f.write(text))
-
-
-def _shared(out: Path):
-    """What process 0 wrote with _share, as _prepare returns it."""
-    folder = out / TRAIN_DIR / DATA_DIR
-    document = json.loads((folder / "prepared.json").read_text())
-    if document["tokenizer"] == "sentencepiece":
-        tokenizer = SentencePieceTokenizer(folder / TOKENIZER_FILE)
-    else:
-        tokenizer = ByteTokenizer()
-    tokens = np.load(folder / "tokens.npy", mmap_mode="r")  # pages are read as rows need them
-    val = [(ids, size) for ids, size in document["val"]]
-    return (ModelConfig.from_dict(document["config"]), tokenizer, tokens, val,
-            document["metadata"])  # fmt: skip
-
-
-def _own_tokenizer(out: Path, docs, vocab_size: int) -> SentencePieceTokenizer:
-    """Trains (once) a sentencepiece model on the training documents; reused on resume
-    (in a cluster, by process 0 alone: the others read the copy it shares)."""
-    folder = out / TRAIN_DIR
-    folder.mkdir(parents=True, exist_ok=True)
-    model_path = folder / TOKENIZER_FILE
-    if not model_path.exists():
-        text_file = folder / "tokenizer-corpus.txt"
-        text_file.write_text("\n".join(d.text for d in docs), encoding="utf-8")
-        try:
-            trained = train_sentencepiece([text_file], folder / "tokenizer.tmp.model", vocab_size)
-        finally:
-            text_file.unlink(missing_ok=True)
-        trained.path.replace(model_path)
-    return SentencePieceTokenizer(model_path)
+    if val["documents"] > HELD_OUT_NAMES:
+        metadata["heldout_document_count"] = val["documents"]
+    return metadata

@@ -44,7 +44,7 @@ from tvq.nn.state import ModelState, initial_state
 from tvq.runtime.context import score_ids
 from tvq.runtime.forward import check_algorithm
 from tvq.runtime.model import Model, init_params
-from tvq.train.data import TokenStream
+from tvq.train.data import TokenShards, TokenStream
 from tvq.train.settings import TrainSettings
 from tvq.train.step import compiled_step, learning_rate
 
@@ -63,7 +63,7 @@ class RunState:
     tokens_seen: jax.Array  # [] float32
 
 
-def evaluate(model: Model, documents: Sequence[tuple[list[int], int]]) -> dict[str, float]:
+def evaluate(model: Model, documents: Sequence[tuple[Sequence[int], int]]) -> dict[str, float]:
     """Mean NLL (nats/token) and bits per byte over whole documents, each from its start."""
     nll, tokens, n_bytes = 0.0, 0, 0
     for ids, size in documents:
@@ -134,8 +134,8 @@ def run_training(
     out: Path,
     config: ModelConfig,
     settings: TrainSettings,
-    train_tokens: np.ndarray,
-    val_documents: Sequence[tuple[list[int], int]],
+    train_tokens: np.ndarray | TokenShards,
+    val_documents: Sequence[tuple[Sequence[int], int]],
     tokenizer: Any,
     metadata: dict[str, Any],
     init_from: Model | None = None,
@@ -155,7 +155,9 @@ def run_training(
     its devices' rows of a batch, and process 0 alone writes run.json, the log and the
     model (orbax writes the checkpoints from every process). algorithm (None: the faster
     for the device) is the serial or parallel form: same loss and gradient, so a run
-    may resume with the other."""
+    may resume with the other. train_tokens: the training stream (an array, or the
+    memory-mapped shards of a prepared dataset, of which each process reads only its
+    rows); val_documents: (token ids, UTF-8 bytes) of each held-out document."""
     import orbax.checkpoint as ocp
 
     mesh = data_mesh(devices)

@@ -1,0 +1,242 @@
+"""A prepared dataset on disk (docs/DESIGN.md section 10): token shards that every run
+memory-maps, in one folder.
+
+    dataset.json        format, version, cache key, inputs (path, kind, size, mtime),
+                        tokenizer (kind, fingerprint, vocabulary), dtype, held-out
+                        choice, and per split: documents, tokens, bytes, shard files
+    tokenizer.model     the sentencepiece model the shards were made with, if one
+    train-NNNNN.bin     training tokens, raw uint16 (a vocabulary up to 65,536) or
+                        int32, little-endian: each document followed by the
+                        end-of-document id; the shards in order are the training stream
+    val-NNNNN.bin       held-out documents' tokens, one after another, no separator
+    train.docs.bin      the document index of each split: int64 rows [source (an
+    val.docs.bin        index into inputs), line (JSONL; 0 for a text file), start
+                        (the first token's position in the split's stream), tokens
+                        (without the end-of-document id), bytes (UTF-8)]
+    COMPLETE            the cache key again, written last
+
+A folder is written as a temporary sibling and renamed into place once COMPLETE is in
+it; a folder without COMPLETE (or whose COMPLETE does not match dataset.json) is never
+read as a dataset.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tvq.errors import CorpusError
+from tvq.text.tokenizer import ByteTokenizer, SentencePieceTokenizer
+from tvq.train.data import TokenShards
+
+FORMAT, VERSION = "tvq-prepared", 1
+INFO_FILE, COMPLETE_FILE = "dataset.json", "COMPLETE"
+TOKENIZER_FILE = "tokenizer.model"  # as in a model directory (workers do not import files/)
+SPLITS = ("train", "val")
+INDEX_COLUMNS = ("source", "line", "start", "tokens", "bytes")
+PARTIAL = ".partial-"  # in the name of a folder being written
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype("<u2") if vocab_size <= 1 << 16 else np.dtype("<i4")
+
+
+def shard_name(split: str, unit: int) -> str:
+    return f"{split}-{unit:05d}.bin"
+
+
+def index_name(split: str) -> str:
+    return f"{split}.docs.bin"
+
+
+def is_prepared(folder: Path) -> bool:
+    """Whether `folder` holds a finished dataset (COMPLETE matching dataset.json)."""
+    try:
+        info = json.loads((folder / INFO_FILE).read_text())
+        return (folder / COMPLETE_FILE).read_text().strip() == info["key"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def read_info(folder: Path) -> dict[str, Any] | None:
+    """dataset.json of a finished dataset, else None."""
+    if not is_prepared(folder):
+        return None
+    return json.loads((folder / INFO_FILE).read_text())
+
+
+class HeldOutDocuments(Sequence):
+    """The held-out documents as (token ids int32 [n], UTF-8 bytes), read on demand."""
+
+    def __init__(self, tokens: TokenShards, index: np.ndarray) -> None:
+        self.tokens, self.index = tokens, index
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        _, _, start, length, size = (int(v) for v in self.index[i])
+        return self.tokens.read(start, length), size
+
+    def __iter__(self) -> Iterator[tuple[np.ndarray, int]]:
+        return (self[i] for i in range(len(self)))
+
+
+@dataclass(frozen=True)
+class PreparedData:
+    """A finished dataset, opened: the tokenizer, the training stream (memory-mapped
+    shards) and the held-out documents. `reused`: found ready, nothing was tokenized."""
+
+    folder: Path
+    info: dict[str, Any]
+    tokenizer: Any
+    train: TokenShards
+    held_out: HeldOutDocuments
+    reused: bool = field(default=False, compare=False)
+
+    @classmethod
+    def open(cls, folder: Path, *, reused: bool = True) -> PreparedData:
+        folder = Path(folder)
+        info = read_info(folder)
+        if info is None:
+            raise CorpusError(f"{folder} is not a finished prepared dataset (tvq prepare)")
+        if info.get("format") != FORMAT or info.get("version") != VERSION:
+            raise CorpusError(f"{folder} is a prepared dataset of another format version; "
+                              "prepare it again")  # fmt: skip
+        spec = info["tokenizer"]
+        if spec["kind"] == "sentencepiece":
+            tokenizer = SentencePieceTokenizer(folder / TOKENIZER_FILE)
+            if tokenizer.fingerprint != spec["fingerprint"]:
+                raise CorpusError(f"{folder / TOKENIZER_FILE} is not the tokenizer of its "
+                                  "dataset (edited?); prepare it again")  # fmt: skip
+        else:
+            tokenizer = ByteTokenizer()
+        dtype = np.dtype(info["dtype"])
+        train, val = (_stream(folder, info["splits"][s], dtype) for s in SPLITS)
+        index = _index(folder, info["splits"]["val"])
+        return cls(folder, info, tokenizer, train, HeldOutDocuments(val, index), reused)
+
+    def held_out_names(self, limit: int = 100) -> list[str]:
+        """Names of the first `limit` held-out documents: the file, and the line of JSONL."""
+        names = []
+        inputs = self.info["inputs"]
+        for source, line, *_ in self.held_out.index[:limit]:
+            name = Path(inputs[int(source)]["path"]).name
+            names.append(f"{name}:{int(line)}" if line else name)
+        return names
+
+
+def _stream(folder: Path, split: dict, dtype: np.dtype) -> TokenShards:
+    parts = []
+    for shard in split["shards"]:
+        path = folder / shard["file"]
+        if path.stat().st_size != shard["tokens"] * dtype.itemsize:
+            raise CorpusError(f"{path} has {path.stat().st_size} bytes, its dataset says "
+                              f"{shard['tokens']} tokens; prepare it again")  # fmt: skip
+        parts.append(np.memmap(path, dtype, mode="r", shape=(shard["tokens"],)))
+    return TokenShards(parts)
+
+
+def _index(folder: Path, split: dict) -> np.ndarray:
+    if not split["documents"]:
+        return np.zeros([0, len(INDEX_COLUMNS)], np.int64)
+    return np.memmap(folder / index_name("val"), np.int64, mode="r",
+                     shape=(split["documents"], len(INDEX_COLUMNS)))  # fmt: skip
+
+
+class ShardWriter:
+    """Tokens appended to one raw shard file, synced to disk on close."""
+
+    def __init__(self, path: Path, dtype: np.dtype) -> None:
+        self.path, self.dtype = path, dtype
+        self.file = open(path, "wb", buffering=1 << 20)  # noqa: SIM115 (closed by close())
+        self.tokens = 0
+
+    def write(self, ids: np.ndarray) -> None:
+        self.file.write(np.asarray(ids, self.dtype).tobytes())
+        self.tokens += len(ids)
+
+    def close(self) -> None:
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+
+
+def partial_folder(final: Path) -> Path:
+    """Where `final` is written before it is renamed into place: a hidden sibling named
+    after this host and process, so that leftovers of a killed run can be told apart."""
+    return final.parent / f".{final.name}{PARTIAL}{socket.gethostname()}-{os.getpid()}"
+
+
+def remove_leftovers(folder: Path) -> None:
+    """Removes the partial folders beside or inside `folder` left by killed processes of
+    this host (others' may still be writing)."""
+    host = socket.gethostname()
+    candidates = list(folder.parent.glob(f".{folder.name}{PARTIAL}*"))
+    if folder.is_dir():
+        candidates += folder.glob(f".*{PARTIAL}*")
+    for path in candidates:
+        owner = path.name.rsplit(PARTIAL, 1)[1]
+        owner_host, _, pid = owner.rpartition("-")
+        if owner_host == host and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def publish(partial: Path, final: Path, info: dict[str, Any]) -> None:
+    """Finishes a dataset: dataset.json, then COMPLETE, then the rename into place. A
+    finished dataset already at `final` is replaced only once the new one is complete."""
+    (partial / INFO_FILE).write_text(json.dumps(info, indent=1))
+    with open(partial / COMPLETE_FILE, "w") as f:
+        f.write(info["key"] + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    _sync_folder(partial)
+    old = None
+    if final.exists():
+        old = final.parent / f".{final.name}.old-{os.getpid()}"
+        final.rename(old)
+    try:
+        partial.rename(final)
+    except OSError:  # another process published it first: theirs is as good
+        if old is not None:
+            old.rename(final)
+            old = None
+        if not is_prepared(final):
+            raise
+        shutil.rmtree(partial, ignore_errors=True)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    _sync_folder(final.parent)
+
+
+def _sync_folder(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

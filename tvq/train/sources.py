@@ -1,0 +1,198 @@
+"""Reading training documents out of input files, streaming (docs/DESIGN.md section 11).
+
+A text file is one document, its bytes decoded as UTF-8 (invalid bytes become U+FFFD); a
+file of whitespace alone is no document. A JSONL file holds one document per line: a JSON
+object whose text field (`text` unless named otherwise) is a string; a blank line is
+skipped; any other line is a bad line, named by file and line number. Either may be
+gzip-compressed (.gz). Files are read in pieces of READ_SIZE bytes, and a plain file may
+be read in segments (byte ranges that start after a newline), so that several processes
+share one large file; a gzip file is read from its start.
+"""
+
+from __future__ import annotations
+
+import codecs
+import contextlib
+import gzip
+import json
+import re
+import struct
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import BinaryIO
+
+from tvq.errors import CorpusError
+from tvq.train.data import Source
+
+READ_SIZE = 1 << 20
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Bytes [start, end) of a source (end -1: to its end; a gzip file is read whole).
+    `first_doc` is the ordinal (over the whole corpus) of the first document that starts
+    in it; for text, `continues` says that it starts inside that document, begun by the
+    previous segment, and `ends` that the document ends in it. `first_line` numbers a
+    JSONL segment's first line in its file (1-based); `documents` counts the documents
+    that start in it (a text file's: 1, or 0 for whitespace alone), once scanned."""
+
+    source: int
+    start: int = 0
+    end: int = -1
+    first_doc: int = 0
+    continues: bool = False
+    ends: bool = True
+    first_line: int = 1
+    documents: int = 0
+
+    def length(self, source: Source) -> int:
+        return (source.size if self.end < 0 else self.end) - self.start
+
+
+class BadLine(Exception):
+    """A JSONL line that is not a document (its reason; the caller knows where)."""
+
+
+@contextlib.contextmanager
+def reading(source: Source):
+    """Turns what reading a file can raise into one CorpusError naming it."""
+    try:
+        yield
+    except (EOFError, zlib.error, gzip.BadGzipFile) as e:
+        raise CorpusError(
+            f"{source.path} is not a complete gzip file (truncated or corrupt: {e})"
+        ) from None
+    except OSError as e:
+        raise CorpusError(f"{source.path} cannot be read: {e.strerror or e}") from None
+
+
+class SegmentReader:
+    """The bytes of one segment as a stream; `consumed` counts the bytes taken from the
+    file itself (compressed bytes for gzip), for progress."""
+
+    def __init__(self, source: Source, segment: Segment | None = None) -> None:
+        self.source = source
+        segment = segment or Segment(0)
+        self.raw = open(source.path, "rb")  # noqa: SIM115 (closed by close())
+        if source.compressed:
+            self.stream: BinaryIO = gzip.GzipFile(fileobj=self.raw, mode="rb")
+            self.left = -1
+        else:
+            self.raw.seek(segment.start)
+            self.stream = self.raw
+            self.left = -1 if segment.end < 0 else segment.end - segment.start
+        self.start = segment.start if not source.compressed else 0
+
+    @property
+    def consumed(self) -> int:
+        return self.raw.tell() - self.start
+
+    def read(self, size: int = READ_SIZE) -> bytes:
+        if self.left == 0:
+            return b""
+        data = self.stream.read(size if self.left < 0 else min(size, self.left))
+        if self.left > 0:
+            self.left -= len(data)
+        return data
+
+    def lines(self) -> Iterator[bytes]:
+        """The segment's lines (each with its newline, the last maybe without)."""
+        while self.left != 0:
+            line = self.stream.readline()
+            if not line:
+                return
+            if self.left > 0:
+                line = line[: self.left]
+                self.left -= len(line)
+            yield line
+
+    def close(self) -> None:
+        self.stream.close()
+        self.raw.close()
+
+    def __enter__(self) -> SegmentReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def text_chunks(reader: SegmentReader, size: int = READ_SIZE) -> Iterator[str]:
+    """The segment's text decoded piece by piece: the pieces join to the whole file's
+    `bytes.decode("utf-8", errors="replace")` (a segment starts after a newline, where a
+    decoder has nothing pending)."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    while data := reader.read(size):
+        if text := decoder.decode(data):
+            yield text
+    if text := decoder.decode(b"", final=True):
+        yield text
+
+
+def has_text(source: Source) -> bool:
+    """Whether a text file holds a document: anything but whitespace (Python's str.strip)."""
+    with reading(source), SegmentReader(source) as reader:
+        return any(chunk.strip() for chunk in text_chunks(reader, 1 << 16))
+
+
+def document_text(line: bytes, field: str) -> str | None:
+    """The document of one JSONL line, None for a blank line; BadLine for anything else.
+    Lone surrogates (valid JSON escapes, but no text) become U+FFFD."""
+    if not line.strip():
+        return None
+    try:
+        value = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise BadLine(f"not JSON ({e.msg})") from None
+    except (UnicodeDecodeError, RecursionError) as e:
+        raise BadLine(f"not JSON ({type(e).__name__})") from None
+    if not isinstance(value, dict):
+        raise BadLine(f"not a JSON object (a {type(value).__name__})")
+    if field not in value:
+        raise BadLine(f"no field {field!r} (--text-field names another)")
+    text = value[field]
+    if not isinstance(text, str):
+        raise BadLine(f"field {field!r} is not a string")
+    return _SURROGATE.sub("\ufffd", text) if _SURROGATE.search(text) else text
+
+
+def bad_line_error(source: Source, line: int, reason: str) -> CorpusError:
+    return CorpusError(f"{source.path}:{line}: {reason}; --skip-bad-lines skips such lines")
+
+
+def split_points(source: Source, target: int) -> list[int]:
+    """Byte offsets that cut a plain file into pieces of about `target` bytes, each just
+    after a newline (none for a gzip file or one smaller than two pieces)."""
+    if source.compressed or source.size < 2 * target:
+        return []
+    points = []
+    with reading(source), open(source.path, "rb") as f:
+        at = target
+        while at < source.size - target // 2:
+            f.seek(at)
+            while True:  # forward to the next newline
+                block = f.read(1 << 16)
+                if not block:
+                    return points
+                newline = block.find(b"\n")
+                if newline >= 0:
+                    at += newline + 1
+                    break
+                at += len(block)
+            if at >= source.size:
+                break
+            points.append(at)
+            at += target
+    return points
+
+
+def expanded_size(source: Source) -> int:
+    """The size of the text a file holds: its size, or for gzip the size its trailer
+    records (modulo 4 GiB, so at least the compressed size), for estimates only."""
+    if not source.compressed or source.size < 18:
+        return source.size
+    with reading(source), open(source.path, "rb") as f:
+        f.seek(-4, 2)
+        return max(struct.unpack("<I", f.read(4))[0], source.size)

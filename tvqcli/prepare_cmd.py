@@ -1,0 +1,127 @@
+"""`tvq prepare`: tokenize a corpus once into memory-mapped shards that `tvq train DATA`
+reads (docs/DESIGN.md section 11); and the progress display both commands share."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from tvq.train.settings import DEFAULT_VAL_FRACTION, DEFAULT_VOCAB_SIZE
+from tvqcli.app import app, check_output_dir, fail, finite, handle_errors, stderr
+
+PHASES = {"scan": "scanning", "tokenizer": "training the tokenizer", "tokenize": "tokenizing",
+          "index": "indexing"}  # fmt: skip
+
+
+@app.command()
+@handle_errors
+def prepare(
+    inputs: Annotated[
+        list[Path],
+        typer.Argument(
+            help="Text files (one document each), JSONL files (one per line), "
+            "either also .gz, or directories of them."
+        ),
+    ],  # fmt: skip
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder of the prepared dataset.")],
+    tokenizer: Annotated[
+        Path | None, typer.Option(help="Use this sentencepiece .model instead of training one.")
+    ] = None,
+    use_bytes: Annotated[bool, typer.Option("--bytes", help="Byte-level tokenizer.")] = False,
+    vocab_size: Annotated[
+        int, typer.Option(help="Vocabulary of a new tokenizer.", min=1)
+    ] = DEFAULT_VOCAB_SIZE,
+    val: Annotated[
+        list[Path] | None, typer.Option(help="Hold out this file for evaluation (repeatable).")
+    ] = None,
+    val_fraction: Annotated[
+        float, typer.Option(help="Fraction of documents held out.", callback=finite)
+    ] = DEFAULT_VAL_FRACTION,
+    seed: Annotated[int, typer.Option(help="Seed of the held-out choice (tvq train's).")] = 0,
+    text_field: Annotated[str, typer.Option(help="The text field of JSONL objects.")] = "text",
+    skip_bad_lines: Annotated[
+        bool, typer.Option(help="Skip (and count) JSONL lines that are not documents.")
+    ] = False,
+    workers: Annotated[
+        int | None, typer.Option(help="Processes (default: one per core).", min=1)
+    ] = None,
+) -> None:
+    """Tokenize text once into memory-mapped token shards for `tvq train DATA`.
+
+    Run again on the same inputs, it finds the dataset up to date and does nothing."""
+    from tvq.text.tokenizer import ByteTokenizer, SentencePieceTokenizer
+    from tvq.train import prepare as preparing
+    from tvq.train.shards import INFO_FILE
+
+    check_output_dir(out, "--out")
+    if tokenizer is not None and use_bytes:
+        raise fail("give one tokenizer: --tokenizer FILE or --bytes, not both", 2)
+    if out.is_dir() and any(out.iterdir()) and not (out / INFO_FILE).is_file():
+        raise fail(f"--out {out} holds other files; use an empty or new folder")
+    chosen = ByteTokenizer() if use_bytes else (
+        SentencePieceTokenizer(tokenizer) if tokenizer is not None else None)  # fmt: skip
+    req = preparing.request(inputs, tokenizer=chosen, vocab_size=vocab_size, held_out=val or [],
+                            val_fraction=val_fraction, seed=seed, text_field=text_field,
+                            skip_bad_lines=skip_bad_lines)  # fmt: skip
+    with PrepareProgress() as report:
+        data = preparing.prepare(req, out=out, workers=workers, on_event=report)
+    train, held = data.info["splits"]["train"], data.info["splits"]["val"]
+    stderr.print(
+        f"{out}: {train['documents']} training documents ({train['tokens']} tokens), "
+        f"{held['documents']} held out ({held['tokens']} tokens); "
+        f"train with: tvq train {out} --out MODEL",
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
+class PrepareProgress:
+    """Preparation progress on stderr: on a terminal a bar per phase (bytes, MB/s, ETA),
+    otherwise one line per phase when it ends."""
+
+    def __init__(self, quiet: bool = False) -> None:
+        self.quiet = quiet
+
+    def __enter__(self):
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+            TransferSpeedColumn,
+        )
+
+        self.live = stderr.is_terminal and not self.quiet
+        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+                            TransferSpeedColumn(), TimeRemainingColumn(), console=stderr,
+                            disable=not self.live, transient=True)  # fmt: skip
+        self.tasks: dict[str, int] = {}
+        return self.report
+
+    def report(self, event) -> None:
+        if self.quiet:
+            return
+        if event.phase in ("found", "done"):  # the end: the training's bar may follow
+            self.bar.stop()
+            line = (f"using the prepared data in {event.detail} (tokenized before: nothing to do)"
+                    if event.phase == "found" else f"prepared {event.detail}")  # fmt: skip
+            stderr.print(line, highlight=False, soft_wrap=True)
+            return
+        task = self.tasks.get(event.phase)
+        if task is None:
+            self.bar.start()
+            task = self.bar.add_task(PHASES.get(event.phase, event.phase),
+                                     total=event.total or None)  # fmt: skip
+            self.tasks[event.phase] = task
+        self.bar.update(task, completed=event.done, total=event.total or None)
+        if event.finished:
+            self.bar.remove_task(task)
+            self.bar.console.print(f"{event.phase}: {event.detail} in {event.seconds:.1f} s",
+                                   highlight=False, soft_wrap=True)  # fmt: skip
+
+    def __exit__(self, *exc):
+        self.bar.stop()
+        return False
