@@ -31,7 +31,7 @@ from tvqcli.app import (
     join_cluster,
     stderr,
 )
-from tvqcli.prepare_cmd import PrepareProgress
+from tvqcli.prepare_output import PrepareProgress
 
 # Architecture fields and training settings passed through to the library; their defaults
 # are the library's (tvq/config.py, tvq/train/settings.py).
