@@ -39,7 +39,7 @@ ARCH_FIELDS = ("d_model", "d_k", "d_v", "n_head", "n_code", "n_layer", "mem_len"
                "e_scale")  # fmt: skip
 RUN_FIELDS = ("steps", "batch_size", "update_len", "block_len", "lr", "warmup", "weight_decay",
               "grad_clip", "c_beta", "c_gamma", "p_dropemb", "p_dropres", "p_droplyr", "seed",
-              "eval_every", "save_every")  # fmt: skip
+              "eval_every", "save_every", "grad_accum", "remat")  # fmt: skip
 
 
 @app.command()
@@ -118,6 +118,20 @@ def train(
     seed: Annotated[int, typer.Option(help="Random seed.")] = Run.seed,
     eval_every: Annotated[int, typer.Option(help="Steps between evaluations.")] = Run.eval_every,
     save_every: Annotated[int, typer.Option(help="Steps between checkpoints.")] = Run.save_every,
+    grad_accum: Annotated[
+        int, typer.Option(help="Run each batch as N micro-batches (less memory, same update).")
+    ] = Run.grad_accum,
+    remat: Annotated[
+        bool,
+        typer.Option(
+            "--remat",
+            help="Recompute each layer in the backward pass "
+            "(gradient checkpointing: less memory, same gradients).",
+        ),
+    ] = Run.remat,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Print the compiled step's memory.")
+    ] = False,
     name: Annotated[str, typer.Option(help="Corpus name for the metadata.")] = "",
     text_field: Annotated[str, typer.Option(help="The text field of JSONL objects.")] = "text",
     skip_bad_lines: Annotated[
@@ -175,7 +189,7 @@ def train(
             corpus_name=name, command=command, on_progress=report, devices=devices,
             shard_params=shard_params, algorithm=algorithm and algorithm.value,
             dtype=dtype and dtype.value, text_field=text_field, skip_bad_lines=skip_bad_lines,
-            on_prepare=on_prepare,
+            on_prepare=on_prepare, on_memory=_print_memory if verbose and not quiet else None,
         )  # fmt: skip
     if not cluster.is_main():  # process 0 reports for the cluster
         return
@@ -187,6 +201,19 @@ def train(
             f"{meta['heldout_bits_per_byte']:.4f} bits/byte"
         )
     stderr.print(line, highlight=False)
+
+
+def _print_memory(sizes: dict[str, int] | None) -> None:
+    """tvq train -v: the compiled step's memory, one line on stderr."""
+    if sizes is None:
+        stderr.print("compiled step memory: not reported by this backend", highlight=False)
+        return
+    mb = {name: size / 2**20 for name, size in sizes.items()}
+    stderr.print(
+        f"compiled step memory: {mb['total']:.1f} MiB per device (arguments "
+        f"{mb['arguments']:.1f}, outputs {mb['outputs']:.1f}, temporaries "
+        f"{mb['temporaries']:.1f}, reused inputs {mb['aliased']:.1f})", highlight=False,
+    )  # fmt: skip
 
 
 # Options a prepared dataset has fixed (tvq prepare chose them).

@@ -37,8 +37,10 @@ def data_mesh(devices: int | None = None, *, local: bool = False) -> Mesh:
     return Mesh(np.array([d for group in per_process for d in group[:count]]), (DATA,))
 
 
-def rows_spec(mesh: Mesh, shape: tuple[int, ...]) -> NamedSharding:
-    return NamedSharding(mesh, PartitionSpec(DATA) if shape else PartitionSpec())
+def rows_spec(mesh: Mesh, shape: tuple[int, ...], axis: int = 0) -> NamedSharding:
+    if len(shape) <= axis:
+        return NamedSharding(mesh, PartitionSpec())
+    return NamedSharding(mesh, PartitionSpec(*[None] * axis, DATA))
 
 
 def replicated(mesh: Mesh, tree: Any) -> Any:
@@ -46,9 +48,10 @@ def replicated(mesh: Mesh, tree: Any) -> Any:
     return _place(tree, lambda shape: NamedSharding(mesh, PartitionSpec()))
 
 
-def split_rows(mesh: Mesh, tree: Any) -> Any:
-    """Every array of `tree` split along its first (batch) axis over the mesh."""
-    return _place(tree, lambda shape: rows_spec(mesh, shape))
+def split_rows(mesh: Mesh, tree: Any, axis: int = 0) -> Any:
+    """Every array of `tree` split along its batch axis (the first, or `axis`: 1 for a
+    state stacked by sublayer, tvq/nn/state.py) over the mesh."""
+    return _place(tree, lambda shape: rows_spec(mesh, shape, axis))
 
 
 def rows_from(mesh: Mesh, shape: tuple[int, ...], rows: Callable[[slice], np.ndarray]):

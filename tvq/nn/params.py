@@ -1,6 +1,8 @@
 """The parameter tree: its layout (the reference implementation's names and shapes,
 docs/DESIGN.md sections 4-5), fresh initialisation, and the check every loaded tree
-passes, whatever its source (a tvq model directory or a reference checkpoint).
+passes, whatever its source (a tvq model directory or a reference checkpoint). Every
+tree here is the reference tree; the network stacks it inside each compiled call
+(tvq/nn/layout.py).
 """
 
 from __future__ import annotations
@@ -13,15 +15,14 @@ import numpy as np
 
 from tvq.config import ModelConfig
 from tvq.errors import CheckpointError
-from tvq.nn.layout import QUANTIZER, sublayer_paths
-from tvq.nn.state import state_shapes
+from tvq.nn.layout import QUANTIZER, sublayer_paths, unstack_params
 from tvq.nn.transformer import Transformer
 
 
 def param_layout(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Every parameter's name and shape (docs/DESIGN.md section 4's layout), worked out from
     the config alone: checking a checkpoint costs no tracing of the model at start-up.
-    tests/test_checkpoint_and_errors.py holds it equal to what `Transformer.init` makes."""
+    tests/test_checkpoint_and_errors.py holds it equal to what `init_stacked` makes."""
     d, n = config.d_model, config.n_vocab
     hk, hv = config.n_head * config.d_k, config.n_head * config.d_v
     layout = {"token_embedder/embs": (n, d), "token_embedder/bias_out": (n,)}
@@ -46,12 +47,21 @@ def param_layout(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     return layout
 
 
+def init_stacked(config: ModelConfig, key: jax.Array) -> Any:
+    """Fresh parameters (docs/DESIGN.md section 4's initialisers) as the scanned tree
+    (tvq/nn/layout.py): the flax modules make it without running the network, each
+    sublayer drawn from its own key (tvq.nn.transformer.init_sublayers). Jit it and
+    unstack outside (tvq.runtime.model.init_params): a program whose outputs were the
+    reference tree's leaves would grow with depth."""
+    return Transformer(config).init(key, method=Transformer.create)["params"]
+
+
 def param_shapes(config: ModelConfig) -> Any:
-    """The parameter tree of `config` as ShapeDtypeStructs, without computing anything."""
-    net = Transformer(config)
-    tokens = jax.ShapeDtypeStruct([1, 1], jnp.int32)
-    state = state_shapes(config, 1)
-    return jax.eval_shape(net.init, jax.random.PRNGKey(0), tokens, state)["params"]
+    """The parameter tree of `config` (the reference layout) as ShapeDtypeStructs,
+    without computing anything."""
+    return jax.eval_shape(
+        lambda key: unstack_params(init_stacked(config, key)), jax.random.PRNGKey(0)
+    )
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:

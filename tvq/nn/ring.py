@@ -37,6 +37,7 @@ from tvq.nn.attention import (
     mixed_dot,
     softmax_mix,
 )
+from tvq.nn.layout import scanned, stack_trees, unstack_tree
 from tvq.nn.state import AttentionState, ModelState
 
 
@@ -173,26 +174,35 @@ def attend_ring(
     return _per_head(out, batch)
 
 
-def empty_rings(config: ModelConfig, batch_size: int) -> tuple[RingState, ...]:
+def empty_rings(config: ModelConfig, batch_size: int) -> tuple[RingState, ...] | RingState:
     """model_to_ring(initial_state(...)), built on the host: no XLA program at start-up."""
     g, size, s = batch_size * config.n_head, config.mem_len + 1, config.n_code
+    n_sub = 2 * config.n_layer
+    stacked = scanned(n_sub)
+    at = (n_sub,) if stacked else ()  # the stacked form's sublayer axis, after the rows
+
+    def rows(shape, dtype, fill=0):
+        return np.full([shape[0], *at, *shape[1:]], fill, dtype)
 
     def ring() -> RingState:
         return RingState(
-            pos_offset=np.zeros([batch_size], np.int32),
-            z=np.full([g, size], s, np.int32),
-            v=np.zeros([g, size, config.d_v], np.float32),
-            n=np.zeros([g, s], np.float32),
-            u_bar=np.zeros([g, s, config.d_v], np.float32),
-            leaving_z=np.full([g], s, np.int32),
-            leaving_v=np.zeros([g, config.d_v], np.float32),
+            pos_offset=rows([batch_size], np.int32),
+            z=rows([g, size], np.int32, s),
+            v=rows([g, size, config.d_v], np.float32),
+            n=rows([g, s], np.float32),
+            u_bar=rows([g, s, config.d_v], np.float32),
+            leaving_z=rows([g], np.int32, s),
+            leaving_v=rows([g, config.d_v], np.float32),
         )
 
-    return jax.device_put(tuple(ring() for _ in range(2 * config.n_layer)))
+    return jax.device_put(ring() if stacked else tuple(ring() for _ in range(n_sub)))
 
 
-def repeat_rows(rings: tuple[RingState, ...], n: int) -> tuple[RingState, ...]:
-    """Each row repeated n times (row-major): n samples continue one context."""
+def repeat_rows(
+    rings: tuple[RingState, ...] | RingState, n: int
+) -> tuple[RingState, ...] | RingState:
+    """Each row repeated n times (row-major): n samples continue one context. Rings in
+    either form (tvq.nn.layout.scanned): every array's first axis is its rows."""
 
     def repeat(ring: RingState) -> RingState:
         b = ring.pos_offset.shape[0]
@@ -201,7 +211,7 @@ def repeat_rows(rings: tuple[RingState, ...], n: int) -> tuple[RingState, ...]:
             return _flat(jnp.repeat(_per_head(x, b), n, axis=0))
 
         return RingState(
-            pos_offset=jnp.repeat(ring.pos_offset, n),
+            pos_offset=jnp.repeat(ring.pos_offset, n, axis=0),
             z=rows(ring.z),
             v=rows(ring.v),
             n=rows(ring.n),
@@ -210,14 +220,42 @@ def repeat_rows(rings: tuple[RingState, ...], n: int) -> tuple[RingState, ...]:
             leaving_v=rows(ring.leaving_v),
         )
 
+    if isinstance(rings, RingState):
+        return repeat(rings)
     return tuple(repeat(ring) for ring in rings)
 
 
-def model_to_ring(state: ModelState) -> tuple[RingState, ...]:
-    return tuple(to_ring(s) for s in state.sublayers)
+def model_to_ring(state: ModelState) -> tuple[RingState, ...] | RingState:
+    """Window order → the decoding rings: one per sublayer, or stacked where the network
+    scans its sublayers (tvq.nn.layout.scanned), from one conversion under vmap (a
+    program of one sublayer's size)."""
+    if not scanned(len(state.sublayers)):
+        return tuple(to_ring(s) for s in state.sublayers)
+    return sublayer_axis_second(jax.vmap(to_ring)(stack_trees(state.sublayers)))
 
 
-def model_from_ring(rings: tuple[RingState, ...], tables) -> ModelState:
-    return ModelState(
-        sublayers=tuple(from_ring(r, t.codebook) for r, t in zip(rings, tables, strict=True))
-    )
+def model_from_ring(
+    rings: tuple[RingState, ...] | RingState,
+    tables: AttentionTables | tuple[AttentionTables, ...],
+) -> ModelState:
+    """The rings (either form) as a ModelState; tables as tvq.nn.transformer.network gives
+    them (stacked [2·n_layer, ...] or one per sublayer)."""
+    if isinstance(tables, AttentionTables):
+        codebooks = tables.codebook  # [2·n_layer, H, S, K]
+    else:
+        codebooks = jnp.stack([t.codebook for t in tables])
+    if isinstance(rings, RingState):
+        states = jax.vmap(from_ring)(sublayer_axis_first(rings), codebooks)
+        return ModelState(sublayers=unstack_tree(states))
+    return ModelState(sublayers=tuple(from_ring(r, codebooks[i]) for i, r in enumerate(rings)))
+
+
+def sublayer_axis_first(rings: RingState) -> RingState:
+    """Stacked rings, rows first ([G, 2·n_layer, ...], what the decoding loop carries and
+    splits by rows) → sublayers first ([2·n_layer, G, ...], what a scan runs over)."""
+    return jax.tree_util.tree_map(lambda x: jnp.moveaxis(x, 1, 0), rings)
+
+
+def sublayer_axis_second(rings: RingState) -> RingState:
+    """The inverse of sublayer_axis_first."""
+    return jax.tree_util.tree_map(lambda x: jnp.moveaxis(x, 0, 1), rings)

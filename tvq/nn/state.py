@@ -3,6 +3,12 @@
 One `AttentionState` per VQ-attention sublayer: the window memory of the last
 M tokens and the per-codeword aggregate of everything older. Its size depends
 on the configuration and batch size, never on how many tokens were read.
+
+`ModelState` (a tuple of them, one per sublayer) is the public form: state files, the
+training loop and every call take and return it. The network's scan over sublayers
+(tvq/nn/transformer.py) carries them stacked instead, one AttentionState whose leaves
+have a leading axis of 2·n_layer sublayers (`stack_state`, `unstack_state`); a compiled
+call converts once at its start and end.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import numpy as np
 
 from tvq.config import ModelConfig
 from tvq.errors import StateError
+from tvq.nn.layout import stack_trees, unstack_tree
 
 
 @flax.struct.dataclass
@@ -48,6 +55,16 @@ class ModelState:
     @property
     def nbytes(self) -> int:
         return int(sum(x.nbytes for x in jax.tree_util.tree_leaves(self)))
+
+
+def stack_state(state: ModelState) -> AttentionState:
+    """ModelState → one AttentionState with leaves [2·n_layer, B, ...] (the scan's form)."""
+    return stack_trees(state.sublayers)
+
+
+def unstack_state(stacked: AttentionState) -> ModelState:
+    """The inverse of stack_state."""
+    return ModelState(sublayers=unstack_tree(stacked))
 
 
 def initial_attention_state(config: ModelConfig, batch_size: int) -> AttentionState:

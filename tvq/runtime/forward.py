@@ -21,7 +21,8 @@ import jax.numpy as jnp
 from tvq.config import ModelConfig
 from tvq.errors import InputError
 from tvq.files import warm
-from tvq.nn.state import ModelState
+from tvq.nn.layout import scanned
+from tvq.nn.state import AttentionState, ModelState, stack_state, unstack_state
 from tvq.nn.transformer import Transformer, network
 
 
@@ -134,7 +135,7 @@ def forward(
     config: ModelConfig,
     params: Any,
     tokens: jax.Array,
-    state: ModelState,
+    state: ModelState | AttentionState,
     block_len: int,
     targets: jax.Array | None = None,
     input_offsets: jax.Array | None = None,
@@ -149,13 +150,15 @@ def forward(
     k most likely tokens per position, pick_targets). input_offsets
     [B, T, D], added to the embeddings, lets tests take Jacobians. algorithm "serial"
     or "parallel" (docs/DESIGN.md section 8) gives the same numbers; chunk_len (parallel
-    only, None: default_chunk_len) bounds memory.
+    only, None: default_chunk_len) bounds memory. The state comes back in the form
+    given; where the network scans its sublayers, the fold carries it stacked
+    (tvq/nn/state.py): a ModelState is stacked once here and unstacked once at the end.
     """
     net, variables, tables = network(config, params)
     if algorithm == "parallel" and chunk_len is None:
         chunk_len = default_chunk_len(config, tokens.shape[0], block_len)
 
-    def step(carry: ModelState, piece, piece_block_len):
+    def step(carry: AttentionState, piece, piece_block_len):
         piece_tokens, piece_targets, piece_offsets = piece
         carry, log_probs, _ = net.apply(
             variables, piece_tokens, carry, tables, False, piece_offsets, piece_block_len,
@@ -166,8 +169,10 @@ def forward(
         return carry, pick_targets(log_probs, piece_targets, top_k)
 
     seqs = (tokens, targets, input_offsets)
-    new_state, out = fold_blocks(step, state, seqs, block_len, algorithm, chunk_len)
-    return out, new_state
+    stack = isinstance(state, ModelState) and net.scanned  # a scan carries it stacked
+    carried = stack_state(state) if stack else state
+    new_state, out = fold_blocks(step, carried, seqs, block_len, algorithm, chunk_len)
+    return out, unstack_state(new_state) if stack else new_state
 
 
 def pick_targets(log_probs: jax.Array, targets: jax.Array, top_k: int = 0) -> Any:
@@ -180,8 +185,46 @@ def pick_targets(log_probs: jax.Array, targets: jax.Array, top_k: int = 0) -> An
     return picked, values, ids.astype(jnp.int32)
 
 
+def _stacked_forward(
+    config: ModelConfig, params: Any, tokens: jax.Array, state: Any, block_len: int,
+    targets: jax.Array | None = None, input_offsets: jax.Array | None = None,
+    algorithm: str = "serial", chunk_len: int | None = None, top_k: int = 0,
+) -> tuple[Any, AttentionState]:  # fmt: skip
+    """forward() returning the state stacked where the network scans its sublayers,
+    whatever came in: the compiled program's outputs, like its body, do not grow with
+    depth (docs/DESIGN.md section 5)."""
+    if isinstance(state, ModelState) and scanned(2 * config.n_layer):
+        state = stack_state(state)
+    return forward(config, params, tokens, state, block_len, targets, input_offsets,
+                   algorithm, chunk_len, top_k)  # fmt: skip
+
+
+_stacked_forward.__name__ = _stacked_forward.__qualname__ = "forward"  # its jit's name
 FORWARD_STATIC = ("config", "block_len", "algorithm", "chunk_len", "top_k")
-forward_jit = warm.Entry(forward, static_argnames=FORWARD_STATIC)
+forward_program = warm.Entry(_stacked_forward, static_argnames=FORWARD_STATIC)
+
+
+def forward_jit(
+    config: ModelConfig, params: Any, tokens: jax.Array, state: Any, block_len: int,
+    targets: jax.Array | None = None, input_offsets: jax.Array | None = None, *,
+    algorithm: str = "serial", chunk_len: int | None = None, top_k: int = 0,
+) -> tuple[Any, Any]:  # fmt: skip
+    """forward(), compiled: one program per shape (`forward_program`, whose state comes
+    back stacked), called always in one form; a ModelState comes back as one, unstacked
+    outside the program (tvq.nn.layout.unstack_tree)."""
+    out, stacked = forward_program(
+        config, params, tokens, state, block_len, targets, input_offsets, algorithm=algorithm,
+        chunk_len=chunk_len, top_k=top_k,
+    )  # fmt: skip
+    return out, public_state(state, stacked)
+
+
+def public_state(given: Any, result: Any) -> Any:
+    """A program's resulting state in the form the caller gave (a ModelState is unstacked
+    outside the program, by tvq.nn.layout.unstack_tree)."""
+    if isinstance(given, ModelState) and not isinstance(result, ModelState):
+        return unstack_state(result)
+    return result
 
 
 def on_device(tree: Any) -> Any:
@@ -218,6 +261,8 @@ def sequence_parallel_forward(
     chunk_len = max(chunk_len, block_len, -(-config.mem_len // block_len) * block_len)
     span = n_devices * chunk_len
     net, variables, tables = network(config, params)
+    stack = isinstance(state, ModelState) and net.scanned
+    state = stack_state(state) if stack else state
 
     def local(variables, tables, state, piece):
         piece_tokens, piece_targets = piece
@@ -249,19 +294,42 @@ def sequence_parallel_forward(
         outs.append(jax.tree_util.tree_map(from_blocks, ys))
     if whole < length:
         rest, state = forward(
-            config, params, tokens[:, whole:], state, block_len,
+            config, variables["params"], tokens[:, whole:], state, block_len,
             None if targets is None else targets[:, whole:], algorithm="parallel",
             chunk_len=chunk_len, top_k=top_k,
         )  # fmt: skip
         outs.append(rest)
+    state = unstack_state(state) if stack else state
     if len(outs) == 1:
         return outs[0], state
     return jax.tree_util.tree_map(lambda *a: jnp.concatenate(a, axis=1), *outs), state
 
 
+def _stacked_sequence_parallel(
+    config: ModelConfig, params: Any, tokens: jax.Array, state: Any, block_len: int,
+    targets: jax.Array | None, mesh: Any, chunk_len: int | None = None, top_k: int = 0,
+) -> tuple[Any, AttentionState]:  # fmt: skip
+    """sequence_parallel_forward() returning the state stacked (as _stacked_forward)."""
+    if isinstance(state, ModelState) and scanned(2 * config.n_layer):
+        state = stack_state(state)
+    return sequence_parallel_forward(config, params, tokens, state, block_len, targets, mesh,
+                                     chunk_len, top_k)  # fmt: skip
+
+
+_stacked_sequence_parallel.__name__ = "sequence_parallel_forward"
+_stacked_sequence_parallel.__qualname__ = "sequence_parallel_forward"
 # A mesh is a static argument: its program is not kept on disk (warm.Entry).
-sequence_parallel_jit = warm.Entry(
-    sequence_parallel_forward,
+sequence_parallel_program = warm.Entry(
+    _stacked_sequence_parallel,
     static_argnames=("config", "block_len", "mesh", "chunk_len", "top_k"),
     store=False,
 )
+
+
+def sequence_parallel_jit(config: ModelConfig, params: Any, tokens: jax.Array, state: Any,
+                          block_len: int, targets: jax.Array | None, mesh: Any,
+                          top_k: int = 0) -> tuple[Any, Any]:  # fmt: skip
+    """sequence_parallel_forward(), compiled (as forward_jit)."""
+    out, stacked = sequence_parallel_program(config, params, tokens, state, block_len, targets,
+                                             mesh, top_k=top_k)  # fmt: skip
+    return out, public_state(state, stacked)

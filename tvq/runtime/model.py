@@ -24,8 +24,9 @@ from tvq.config import DTYPES, ModelConfig
 from tvq.distributed.devices import replicated
 from tvq.errors import InputError, is_int
 from tvq.files import checkpoint, reference, warm
+from tvq.nn.layout import unstack_params
+from tvq.nn.params import init_stacked
 from tvq.nn.state import ModelState, check_state, initial_state, state_nbytes
-from tvq.nn.transformer import Transformer
 from tvq.runtime.forward import (
     check_algorithm,
     forward_jit,
@@ -69,16 +70,15 @@ def default_block_len(config: ModelConfig) -> int:
 
 def init_params(config: ModelConfig, seed: int = 0) -> Any:
     """Fresh parameters for `config`, as a nested dict in the reference layout."""
-    return _init_params(config, jax.random.PRNGKey(seed))
+    return unstack_params(_init_params(config, jax.random.PRNGKey(seed)))
 
 
 @warm.entry(static_argnames=("config",))
 def _init_params(config: ModelConfig, key: jax.Array) -> Any:
-    """Compiled once per config (a jit of a fresh bound `net.init` would compile anew
-    at every call)."""
-    net = Transformer(config)
-    tokens = jnp.zeros([1, 1], jnp.int32)
-    return net.init(key, tokens, initial_state(config, 1))["params"]
+    """The scanned tree, compiled once per config (a jit of a fresh bound `net.init`
+    would compile anew at every call); one sublayer traced whatever the depth
+    (tvq.nn.params.init_stacked)."""
+    return init_stacked(config, key)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

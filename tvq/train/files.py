@@ -63,12 +63,13 @@ def train_from_files(
     workers: int | None = None,
     cache_dir: Path | None = None,
     on_prepare: Callable[[prepare.PrepareEvent], None] | None = None,
+    on_memory: Callable[[dict[str, int] | None], None] | None = None,
 ) -> Model:
     """Trains (or resumes, or fine-tunes `from_dir`) a model on text files, or on one
     prepared dataset (`tvq prepare`); writes it to `out` and returns it. architecture:
     ModelConfig fields; settings: TrainSettings. algorithm: the serial or parallel form
     (None: the faster for the device); dtype: the compute dtype (None: the
-    architecture's, or the fine-tuned model's).
+    architecture's, or the fine-tuned model's); on_memory: as run_training's.
 
     Text is prepared into the cache folder (`cache_dir`, by default
     prepare.data_cache_dir()) or found there; in a cluster, process 0 prepares it into
@@ -127,6 +128,7 @@ def train_from_files(
         out=out, config=config, settings=settings_obj, train_tokens=data.train,
         val_documents=data.held_out, tokenizer=tokenizer, metadata=metadata, init_from=base,
         on_progress=on_progress, devices=devices, shard_params=shard_params, algorithm=algorithm,
+        on_memory=on_memory,
     )  # fmt: skip
 
 

@@ -40,15 +40,18 @@ from tvq.distributed.devices import (
 from tvq.errors import Interrupted, TrainingError
 from tvq.files import warm
 from tvq.files.atomic import write_atomically
-from tvq.nn.state import ModelState, initial_state
+from tvq.nn.layout import unstack_params
+from tvq.nn.state import ModelState, initial_state, stack_state
 from tvq.runtime.context import score_ids
 from tvq.runtime.forward import check_algorithm
 from tvq.runtime.model import Model, init_params
 from tvq.train.data import TokenShards, TokenStream
 from tvq.train.settings import TrainSettings
-from tvq.train.step import compiled_step, learning_rate
+from tvq.train.step import compiled_step, learning_rate, step_memory
 
 TRAIN_DIR = "train"
+# Settings that change memory, never the numbers: a run may resume with others.
+MEMORY_SETTINGS = ("grad_accum", "remat")
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -143,6 +146,7 @@ def run_training(
     devices: int | None = None,
     shard_params: bool = False,
     algorithm: str | None = None,
+    on_memory: Callable[[dict[str, int] | None], None] | None = None,
 ) -> Model:
     """Trains (or resumes) a run in `out`; writes the model there and returns it.
 
@@ -157,7 +161,9 @@ def run_training(
     for the device) is the serial or parallel form: same loss and gradient, so a run
     may resume with the other. train_tokens: the training stream (an array, or the
     memory-mapped shards of a prepared dataset, of which each process reads only its
-    rows); val_documents: (token ids, UTF-8 bytes) of each held-out document."""
+    rows); val_documents: (token ids, UTF-8 bytes) of each held-out document.
+    on_memory, if given, receives the compiled step's memory before the first step
+    (tvq.train.step.step_memory: None where the backend gives no analysis)."""
     import orbax.checkpoint as ocp
 
     mesh = data_mesh(devices)
@@ -166,6 +172,8 @@ def run_training(
             f"batch size {settings.batch_size} must be a multiple of the {mesh.size} devices "
             "(use --devices to choose fewer)"
         )
+    if settings.grad_accum > 1:
+        settings.check_devices(mesh.size)
 
     # The data must fit the settings before anything is written: a run that cannot start
     # leaves no run.json behind to refuse the corrected command.
@@ -191,6 +199,10 @@ def run_training(
             raise TrainingError(f"{run_file} is corrupt; use another --out")
         if isinstance(previous.get("settings"), dict):  # settings added since, at defaults
             previous["settings"] = dataclasses.asdict(TrainSettings()) | previous["settings"]
+        if isinstance(previous.get("settings"), dict):  # memory knobs may change on resume
+            previous["settings"] = previous["settings"] | {
+                name: run_doc["settings"][name] for name in MEMORY_SETTINGS
+            }
         if previous != run_doc:
             changed = sorted(
                 k for k in run_doc if previous.get(k) != run_doc[k]
@@ -207,6 +219,23 @@ def run_training(
     optimizer, train_step = compiled_step(config, settings, check_algorithm(algorithm))
     params = init_from.params if init_from is not None else init_params(config, settings.seed)
     place = functools.partial(split_largest_axis if shard_params else replicated, mesh)
+
+    def fresh_state() -> Any:  # an epoch's first attention state, in the step's form
+        state = initial_state(config, settings.batch_size)
+        return split_rows(mesh, stack_state(state) if train_step.scan else state,
+                          train_step.rows_axis)  # fmt: skip
+
+    def as_files(run: RunState) -> RunState:  # the forms checkpoints hold (the reference tree)
+        params, opt_state, attn_state = train_step.outward(run.params, run.opt_state,
+                                                           run.attn_state)  # fmt: skip
+        return run.replace(params=params, opt_state=opt_state, attn_state=attn_state)
+
+    def as_program(run: RunState) -> RunState:  # the forms the step runs on and donates
+        params, opt_state, attn_state = train_step.inward(run.params, run.opt_state,
+                                                          run.attn_state)  # fmt: skip
+        attn_state = split_rows(mesh, attn_state, train_step.rows_axis)
+        return run.replace(params=place(params), opt_state=place(opt_state), attn_state=attn_state)
+
     run = RunState(
         params=place(params),  # new arrays: the step donates its inputs
         opt_state=place(optimizer.init(params)),
@@ -226,6 +255,13 @@ def run_training(
                 f"checkpoint {latest} in {train_dir / 'checkpoints'} cannot be restored "
                 f"({first}); remove it to resume from an earlier one"
             ) from None
+    run = as_program(run)
+    if on_memory is not None:  # the compiled step's memory (tvq train -v)
+        shape = (settings.batch_size, settings.update_len)
+        tokens = rows_from(mesh, shape, lambda rows: np.zeros((len(range(*rows.indices(
+            shape[0]))), shape[1]), np.int32))  # fmt: skip
+        on_memory(step_memory(train_step, run.params, run.opt_state, run.attn_state, tokens,
+                              tokens, run.step))  # fmt: skip
     step = int(_value(run.step))
     cluster.set_context(f"checkpoints in {train_dir / 'checkpoints'} are intact: run the same "
                         "command again to resume")  # fmt: skip
@@ -242,8 +278,12 @@ def run_training(
     def save(at_step: int) -> None:
         if manager.latest_step() == at_step:  # e.g. Ctrl-C just after a scheduled save
             return
-        manager.save(at_step, args=ocp.args.StandardSave(run), force=True)
+        manager.save(at_step, args=ocp.args.StandardSave(as_files(run)), force=True)
         manager.wait_until_finished()
+
+    def host_params() -> Any:  # the reference tree, whole, as numpy on every process
+        params = to_host(mesh, run.params)
+        return jax.tree_util.tree_map(np.asarray, unstack_params(params))
 
     last_eval: dict[str, float] | None = None
     started, done_here = time.perf_counter(), 0
@@ -254,9 +294,7 @@ def run_training(
             inputs = rows_from(mesh, shape, lambda rows, w=window: w(rows)[:, :-1])
             targets = rows_from(mesh, shape, lambda rows, w=window: w(rows)[:, 1:])
             if stream.starts_epoch(step):
-                run = run.replace(
-                    attn_state=split_rows(mesh, initial_state(config, settings.batch_size))
-                )
+                run = run.replace(attn_state=fresh_state())
             params, opt_state, attn_state, metrics = train_step(
                 run.params, run.opt_state, run.attn_state, inputs, targets, run.step
             )
@@ -273,7 +311,7 @@ def run_training(
                       tokens_per_second=round(speed, 1))  # fmt: skip
             eval_now = step % settings.eval_every == 0 or step == settings.steps
             if eval_now and val_documents:
-                model = Model(config, to_host(mesh, run.params), block_len=settings.block_len)
+                model = Model(config, host_params(), block_len=settings.block_len)
                 last_eval = evaluate(model, val_documents)
                 log.write(step=step, val_loss=last_eval["loss"],
                           val_bits_per_byte=last_eval["bits_per_byte"])  # fmt: skip
@@ -300,7 +338,7 @@ def run_training(
         manager.close()
         log.close()
 
-    params = to_host(mesh, run.params)
+    params = host_params()
     if last_eval is None and val_documents:
         last_eval = evaluate(Model(config, params), val_documents)
     metadata = dict(metadata)

@@ -39,17 +39,25 @@ class TrainSettings:
     seed: int = 0
     eval_every: int = 250
     save_every: int = 50
+    # memory, never the numbers (docs/DESIGN.md section 11): the batch as grad_accum
+    # micro-batches of batch_size / grad_accum rows, their gradients summed inside the
+    # step; remat: recompute each sublayer in the backward pass instead of keeping it
+    grad_accum: int = 1
+    remat: bool = False
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
             if field.type == "int" and not is_int(value):
                 raise TrainingError(f"{field.name} must be an integer, got {value!r}")
+            if field.type == "bool" and not isinstance(value, bool):
+                raise TrainingError(f"{field.name} must be true or false, got {value!r}")
             if field.type == "float" and (
                 not isinstance(value, int | float) or not math.isfinite(value)
             ):
                 raise TrainingError(f"{field.name} must be a finite number, got {value!r}")
-        for name in ("steps", "batch_size", "update_len", "block_len", "eval_every", "save_every"):
+        for name in ("steps", "batch_size", "update_len", "block_len", "eval_every", "save_every",
+                     "grad_accum"):  # fmt: skip
             if getattr(self, name) < 1:
                 raise TrainingError(f"{name} must be at least 1, got {getattr(self, name)}")
         for name in ("warmup", "weight_decay", "c_beta", "seed"):
@@ -66,6 +74,17 @@ class TrainSettings:
                 raise TrainingError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         if not 0 <= self.c_gamma < 1:
             raise TrainingError(f"c_gamma must be in [0, 1), got {self.c_gamma}")
+        self.check_devices(1)
+
+    def check_devices(self, count: int) -> None:
+        """TrainingError unless the batch splits into grad_accum micro-batches with the
+        same number of rows on each of `count` devices."""
+        if self.batch_size % (self.grad_accum * count):
+            devices = f" × {count} devices = {self.grad_accum * count}" if count > 1 else ""
+            raise TrainingError(
+                f"batch size {self.batch_size} must be a multiple of grad_accum "
+                f"{self.grad_accum}{devices}"
+            )
 
     @property
     def dropout(self) -> bool:

@@ -15,8 +15,19 @@ import optax
 
 from tvq.config import ModelConfig
 from tvq.files import warm
-from tvq.nn.layout import QUANTIZER, sublayer_params
-from tvq.nn.state import ModelState
+from tvq.nn.layout import (
+    LAYERS,
+    QUANTIZER,
+    STACK,
+    is_stacked,
+    scanned,
+    stack_params,
+    stack_trees,
+    sublayer_params,
+    unstack_params,
+    unstack_tree,
+)
+from tvq.nn.state import AttentionState, ModelState, stack_state, unstack_state
 from tvq.nn.sublayer import SublayerStats
 from tvq.nn.transformer import Dropout, Transformer, network
 from tvq.runtime.forward import default_chunk_len, fold_blocks
@@ -52,8 +63,13 @@ def make_optimizer(settings: TrainSettings) -> optax.GradientTransformation:
     schedule; weight decay on matrices only; the codebooks are left to the EMA."""
     schedule = learning_rate(settings)
 
-    def decay_mask(params):  # decoupled weight decay on matrices only
-        return jax.tree_util.tree_map(lambda x: x.ndim > 1, params)
+    def decay_mask(params):  # decoupled weight decay on matrices only (either tree form:
+        # a stacked sublayer parameter has one axis more than the matrix or vector it is)
+        def is_matrix(path, x):
+            stacked = getattr(path[0], "key", None) == STACK
+            return x.ndim - stacked > 1
+
+        return jax.tree_util.tree_map_with_path(is_matrix, params)
 
     main = optax.chain(
         optax.clip_by_global_norm(settings.grad_clip),
@@ -108,25 +124,37 @@ def dropout_multipliers(
     emb, res = jax.vmap(block_masks)(first_block + jnp.arange(n_blocks))
     emb = jnp.moveaxis(emb, 0, 1).reshape(batch, n_blocks * block_len, d_model)
     res = jnp.moveaxis(res, 0, 2).reshape(n_sub, batch, n_blocks * block_len, d_model)
-    res = res * layers[:, :, None, None]
-    return Dropout(embedding=emb, residuals=tuple(res))
+    return Dropout(embedding=emb, residuals=res * layers[:, :, None, None])
 
 
 def train_forward(
-    config: ModelConfig, params: Any, inputs: jax.Array, targets: jax.Array, state: ModelState,
-    block_len: int, algorithm: str = "serial", settings: TrainSettings | None = None,
-    key: jax.Array | None = None,
-) -> tuple[tuple[jax.Array, tuple[SublayerStats, ...]], ModelState]:  # fmt: skip
+    config: ModelConfig, params: Any, inputs: jax.Array, targets: jax.Array,
+    state: ModelState | AttentionState, block_len: int, algorithm: str = "serial",
+    settings: TrainSettings | None = None, key: jax.Array | None = None,
+    rows: jax.Array | None = None, stacked_stats: bool = False,
+) -> tuple[tuple[jax.Array, Any], Any]:  # fmt: skip
     """→ ((Σ NLL, per-sublayer statistics summed over blocks), new state). Either
     algorithm (docs/DESIGN.md section 12) gives the same loss and gradient, with dropout
-    too. Dropout when settings asks for it, drawn from `key` (dropout_key)."""
+    too. Dropout when settings asks for it, drawn from `key` (dropout_key); rows (a
+    micro-batch of grad_accum) names the window's rows these are, so they drop what
+    they drop in the whole batch. With settings.remat the backward pass recomputes each
+    sublayer. params in either form (tvq/nn/layout.py). A ModelState gives a tuple of
+    SublayerStats, one per sublayer (stacked_stats: stacked [2·n_layer, ...]), and a
+    ModelState; a stacked state (the train step's) stacked statistics and state."""
     net, variables, tables = network(config, params)
+    public = isinstance(state, ModelState)
+    stack = public and net.scanned  # a scan carries the state stacked
+    carried = stack_state(state) if stack else state
+    n_sub = 2 * config.n_layer
     zeros = SublayerStats.zeros(config.n_head, config.n_code, config.d_k)
+    zeros = jax.tree_util.tree_map(lambda x: jnp.zeros((n_sub, *x.shape), x.dtype), zeros)
     dropping = settings is not None and settings.dropout
     if dropping and key is None:
         raise ValueError("dropout needs a key")
+    remat = settings is not None and settings.remat
     batch = inputs.shape[0]
-    layers = layer_keep(settings, key, 2 * config.n_layer, batch) if dropping else None
+    full_batch = batch if rows is None else settings.batch_size
+    layers = layer_keep(settings, key, n_sub, full_batch) if dropping else None
 
     def step(carry, piece, piece_block_len):
         state, nll, stats, block = carry
@@ -136,30 +164,51 @@ def train_forward(
         if dropping:
             size = length if piece_block_len is None else piece_block_len
             dropout = dropout_multipliers(settings, key, layers, block, length // size, size,
-                                          batch, config.d_model)  # fmt: skip
+                                          full_batch, config.d_model)  # fmt: skip
+            if rows is not None:  # this micro-batch's rows of the whole batch's draws
+                dropout = Dropout(embedding=dropout.embedding[rows],
+                                  residuals=dropout.residuals[:, rows])  # fmt: skip
         state, log_probs, block_stats = net.apply(
             variables, tokens, state, tables, True, None, piece_block_len,
-            dropout=dropout, method=Transformer.block,
+            dropout=dropout, remat=remat, method=Transformer.block,
         )  # fmt: skip
         picked = jnp.take_along_axis(log_probs, block_targets[..., None], axis=-1)
-        stats = tuple(a + b for a, b in zip(stats, block_stats, strict=True))
         blocks = 1 if piece_block_len is None else length // piece_block_len
-        return (state, nll - jnp.sum(picked), stats, block + blocks), None
+        return (state, nll - jnp.sum(picked), stats + block_stats, block + blocks), None
 
-    carry = (state, jnp.zeros([]), (zeros,) * (2 * config.n_layer), jnp.zeros([], jnp.int32))
+    carry = (carried, jnp.zeros([]), zeros, jnp.zeros([], jnp.int32))
     chunk_len = None
     if algorithm == "parallel":
-        chunk_len = default_chunk_len(config, inputs.shape[0], block_len)
-    (state, nll, stats, _), _ = fold_blocks(
+        chunk_len = default_chunk_len(config, batch, block_len)
+    (carried, nll, stats, _), _ = fold_blocks(
         step, carry, (inputs, targets), block_len, algorithm, chunk_len
     )
-    return (nll, stats), state
+    if public:
+        stats = stats if stacked_stats else unstack_stats(stats)
+        return (nll, stats), unstack_state(carried) if stack else carried
+    return (nll, stats), carried
 
 
-def apply_ema(params: Any, stats: tuple[SublayerStats, ...], gamma: float) -> Any:
+def unstack_stats(stats: SublayerStats) -> tuple[SublayerStats, ...]:
+    """Stacked statistics [2·n_layer, ...] → one SublayerStats per sublayer."""
+    return unstack_tree(stats)
+
+
+def apply_ema(params: Any, stats: SublayerStats | tuple[SublayerStats, ...], gamma: float) -> Any:
     """c_sum ← γ·c_sum + (1 − γ)·Σ k assigned; c_count ← γ·c_count + (1 − γ)·count, per
-    sublayer in Transformer.sublayers order."""
+    sublayer in the network's order. params in either form (tvq/nn/layout.py), stats
+    stacked [2·n_layer, ...] or one per sublayer; the scanned tree takes one update of
+    the stacked codebooks."""
     params = jax.tree_util.tree_map(lambda x: x, params)  # shallow copy of every dict
+    if is_stacked(params):
+        if not isinstance(stats, SublayerStats):
+            stats = stack_trees(stats)
+        quantizer = params[STACK][QUANTIZER]
+        quantizer["c_sum"] = gamma * quantizer["c_sum"] + (1 - gamma) * stats.code_sum
+        quantizer["c_count"] = gamma * quantizer["c_count"] + (1 - gamma) * stats.code_count
+        return params
+    if isinstance(stats, SublayerStats):
+        stats = unstack_stats(stats)
     quantizers = [sublayer[QUANTIZER] for sublayer in sublayer_params(params)]
     for quantizer, stat in zip(quantizers, stats, strict=True):
         quantizer["c_sum"] = gamma * quantizer["c_sum"] + (1 - gamma) * stat.code_sum
@@ -176,33 +225,203 @@ def compiled_step(config: ModelConfig, settings: TrainSettings, algorithm: str =
     return optimizer, make_train_step(config, settings, optimizer, algorithm)
 
 
+def micro_batches(x: jax.Array, n: int, axis: int = 0) -> jax.Array:
+    """[..., B, ...] (B on `axis`) → [n, ..., B / n, ...]: micro-batch k holds rows k,
+    k + n, k + 2n, …, so each device's rows split evenly when B is a multiple of n times
+    the device count (the rows of a device are contiguous)."""
+    shape = x.shape
+    x = x.reshape(*shape[:axis], shape[axis] // n, n, *shape[axis + 1 :])
+    return jnp.moveaxis(x, axis + 1, 0)
+
+
+def whole_batch(x: jax.Array, axis: int = 0) -> jax.Array:
+    """The inverse of micro_batches."""
+    n = x.shape[0]
+    x = jnp.moveaxis(x, 0, axis + 1)
+    shape = x.shape
+    return x.reshape(*shape[:axis], shape[axis] * n, *shape[axis + 2 :])
+
+
 def make_train_step(
     config: ModelConfig, settings: TrainSettings, optimizer, algorithm: str = "serial"
-):
+) -> TrainStep:
     """The compiled step: (params, opt_state, attention state, inputs [B, U], targets
     [B, U], step) → (params, opt_state, attention state after the window, StepMetrics).
     step (the update's number, from 0) is needed only when the settings ask for dropout:
-    its draws come from dropout_key(seed, step), so a resumed run draws the same."""
+    its draws come from dropout_key(seed, step), so a resumed run draws the same.
 
-    def loss_fn(params, inputs, targets, state, key):
+    Parameters, optimiser state and attention state come and go in the form given: the
+    reference tree (its optimiser state) and a ModelState, as the training loop keeps
+    them, or stacked (tvq/nn/layout.py, tvq/nn/state.py). A scanned network (docs/DESIGN.md
+    section 5) runs, differentiates and updates them stacked and the program returns them
+    stacked, the public forms restored outside it (TrainStep); an unrolled one keeps
+    the reference tree throughout, each sublayer reading its own arrays. With
+    grad_accum N the B rows run as N micro-batches of B / N rows (a scan inside the
+    step: rows k, k + N, …), whose gradients, losses and codebook statistics are
+    summed: one batch's update, float rounding aside, with 1/N of the activations in
+    memory."""
+    accum = settings.grad_accum
+    scan = scanned(2 * config.n_layer)
+
+    def loss_fn(params, inputs, targets, state, key, rows, count):
         (nll, stats), new_state = train_forward(
-            config, params, inputs, targets, state, settings.block_len, algorithm, settings, key
-        )
-        count = inputs.size
-        commit = sum(s.commit for s in stats) / count
-        loss = nll / count + settings.c_beta * commit
-        return loss, (nll / count, commit, stats, new_state)
+            config, params, inputs, targets, state, settings.block_len, algorithm, settings,
+            key, rows, stacked_stats=True,
+        )  # fmt: skip
+        commit = jnp.sum(stats.commit)
+        loss = nll / count + settings.c_beta * (commit / count)
+        return loss, (nll, commit, stats, new_state)
+
+    gradient = jax.grad(loss_fn, has_aux=True)
 
     def train_step(params, opt_state, state, inputs, targets, step=None):
         key = dropout_key(settings.seed, step) if settings.dropout else None
-        grads, (nll, commit, stats, new_state) = jax.grad(loss_fn, has_aux=True)(
-            params, inputs, targets, state, key
-        )
+        if scan:  # the scan reads the stacked tree; unrolled, each sublayer its own dicts
+            params, opt_state = stack_params(params), stack_in(opt_state)
+        carried = stack_state(state) if isinstance(state, ModelState) and scan else state
+        count = inputs.size
+        if accum == 1:
+            grads, (nll, commit, stats, new_state) = gradient(
+                params, inputs, targets, carried, key, None, count
+            )
+        else:
+            rows = micro_batches(jnp.arange(inputs.shape[0]), accum)
+            axis = 0 if isinstance(carried, ModelState) else 1  # the rows' axis
+            pieces = (micro_batches(inputs, accum), micro_batches(targets, accum),
+                      jax.tree_util.tree_map(lambda x: micro_batches(x, accum, axis), carried),
+                      rows)  # fmt: skip
+
+            def micro(total, piece):
+                tokens, piece_targets, piece_state, piece_rows = piece
+                grads, (nll, commit, stats, new_state) = gradient(
+                    params, tokens, piece_targets, piece_state, key, piece_rows, count
+                )
+                total = jax.tree_util.tree_map(jnp.add, total, (grads, nll, commit, stats))
+                return total, new_state
+
+            scalar = jnp.zeros([], jnp.float32)
+            zero = (jax.tree_util.tree_map(jnp.zeros_like, params), scalar, scalar,
+                    _stats_zeros(config))  # fmt: skip
+            (grads, nll, commit, stats), new_state = jax.lax.scan(micro, zero, pieces)
+            new_state = jax.tree_util.tree_map(lambda x: whole_batch(x, axis), new_state)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
         params = apply_ema(params, stats, settings.c_gamma)
-        metrics = StepMetrics(loss=nll, commit=commit, grad_norm=optax.tree.norm(grads))
+        metrics = StepMetrics(loss=nll / count, commit=commit / count,
+                              grad_norm=optax.tree.norm(grads))  # fmt: skip
         return params, opt_state, jax.lax.stop_gradient(new_state), metrics
 
     # A closure over the settings and optimizer, run across processes: not kept on disk.
-    return warm.Entry(train_step, donate_argnums=(0, 1, 2), store=False)
+    # Inputs are donated only where they can hold the outputs: in the stacked forms.
+    return TrainStep(
+        warm.Entry(train_step, store=False),
+        warm.Entry(train_step, donate_argnums=(0, 1, 2), store=False),
+        scan,
+    )
+
+
+def stack_in(tree: Any) -> Any:
+    """Every reference parameter tree inside `tree` (an optimiser state holds several)
+    stacked; the rest as it is."""
+    return jax.tree_util.tree_map(
+        lambda x: stack_params(x) if _is_reference(x) else x, tree, is_leaf=_is_reference
+    )
+
+
+def unstack_in(tree: Any) -> Any:
+    """Every scanned parameter tree inside `tree` unstacked (the inverse of stack_in)."""
+    return jax.tree_util.tree_map(
+        lambda x: unstack_params(x) if _is_scanned(x) else x, tree, is_leaf=_is_scanned
+    )
+
+
+def _is_reference(x: Any) -> bool:
+    return isinstance(x, dict) and f"{LAYERS}_0" in x
+
+
+def _is_scanned(x: Any) -> bool:
+    return isinstance(x, dict) and STACK in x
+
+
+class TrainStep:
+    """The compiled step as the training loop calls it: parameters, optimiser state and
+    attention state come back in the form they came in. The program itself returns them
+    stacked (`program`); a reference tree and a ModelState are restored from that
+    outside it (tvq.nn.layout.unstack_tree: small programs that do not grow with depth),
+    so its size, and its compile time, do not depend on depth either. A loop that keeps
+    the stacked forms (tvq.nn.layout.stack_params, stack_in, tvq.nn.state.stack_state)
+    skips the conversions and has its inputs donated (`donating`)."""
+
+    def __init__(self, program: warm.Entry, donating: warm.Entry, scan: bool) -> None:
+        self.program, self.donating, self.scan = program, donating, scan
+
+    def _program(self, params, state) -> warm.Entry:
+        """The donating program where the outputs come in the inputs' forms: stacked for
+        a scanned network, the reference tree and a ModelState for an unrolled one."""
+        stacked = is_stacked(params) and not isinstance(state, ModelState)
+        public = not is_stacked(params) and isinstance(state, ModelState)
+        return self.donating if (stacked if self.scan else public) else self.program
+
+    def __call__(self, params, opt_state, state, inputs, targets, step=None):
+        out_params, out_opt, out_state, metrics = self._program(params, state)(
+            params, opt_state, state, inputs, targets, step
+        )
+        if not is_stacked(params):
+            out_params, out_opt = unstack_params(out_params), unstack_in(out_opt)
+        if isinstance(state, ModelState) and not isinstance(out_state, ModelState):
+            out_state = unstack_state(out_state)
+        return out_params, out_opt, out_state, metrics
+
+    def inward(self, params: Any, opt_state: Any, state: ModelState) -> tuple[Any, Any, Any]:
+        """Parameters, optimiser state and attention state in the forms the program
+        runs on, converts nothing for and donates: stacked where the network scans
+        (what the training loop keeps between steps), else as they are."""
+        if not self.scan:
+            return params, opt_state, state
+        return stack_params(params), stack_in(opt_state), stack_state(state)
+
+    def outward(self, params: Any, opt_state: Any, state: Any) -> tuple[Any, Any, ModelState]:
+        """The inverse of inward: the reference tree, its optimiser state and a ModelState,
+        the forms of checkpoints and model directories."""
+        if isinstance(state, AttentionState):
+            state = unstack_state(state)
+        return unstack_params(params), unstack_in(opt_state), state
+
+    @property
+    def rows_axis(self) -> int:
+        """The batch rows' axis of the attention state in the program's form (inward)."""
+        return 1 if self.scan else 0
+
+    def lower(self, params, opt_state, state, inputs, targets, step=None) -> Any:
+        """The program a call with these arguments runs, lowered (jax's AOT API)."""
+        program = self._program(params, state)
+        return program.lower(params, opt_state, state, inputs, targets, step)
+
+
+def _stats_zeros(config: ModelConfig) -> SublayerStats:
+    """Stacked zero statistics [2·n_layer, ...]."""
+    zeros = SublayerStats.zeros(config.n_head, config.n_code, config.d_k)
+    return jax.tree_util.tree_map(lambda x: jnp.zeros((2 * config.n_layer, *x.shape)), zeros)
+
+
+def step_memory(train_step, params, opt_state, state, inputs, targets, step=None) -> dict | None:
+    """The compiled step's memory in bytes, for the arguments of a call (arrays or
+    jax.ShapeDtypeStructs): {"arguments", "outputs", "temporaries", "aliased", "total"}
+    from XLA's memory analysis (`compiled.memory_analysis()`), or None where the backend
+    gives none. It compiles the step for these shapes (with JAX's persistent cache on,
+    as the CLI has it, the call then loads that program instead of compiling again)."""
+    try:
+        lowered = train_step.lower(params, opt_state, state, inputs, targets, step)
+        analysis = lowered.compile().memory_analysis()
+    except (NotImplementedError, jax.errors.JaxRuntimeError):
+        return None
+    if analysis is None:
+        return None
+    sizes = {
+        "arguments": int(analysis.argument_size_in_bytes),
+        "outputs": int(analysis.output_size_in_bytes),
+        "temporaries": int(analysis.temp_size_in_bytes),
+        "aliased": int(analysis.alias_size_in_bytes),
+    }
+    sizes["total"] = sizes["arguments"] + sizes["outputs"] + sizes["temporaries"] - sizes["aliased"]
+    return sizes
