@@ -46,19 +46,25 @@ class Entry:
 
 class RunningBatch:
     """The rows of the requests running now, on the device: rings, last tokens, keys,
-    settings and penalties, padded to a power of two rows (few shapes compile)."""
+    settings and penalties, in slots. The device arrays hold a power of two of slots
+    (few shapes compile) and keep that shape from call to call: a request's rows are
+    written into free slots (one compiled scatter), a finished request's slots are only
+    marked free (the loop leaves a row with no steps to take as it is), and the arrays
+    are resized (live rows gathered to the front) only when the rows outgrow them or
+    fill a quarter of them or less. So a call costs one run of the compiled loop, not a
+    gather and a padding of every array around it."""
 
     def __init__(self, model: Model, alternatives: int) -> None:
         self.model, self.alternatives = model, alternatives
         self.entries: list[Entry] = []
-        self.owner: list[tuple[Entry, int]] = []  # per row: its entry and sample index
-        self.counts: list[int] = []  # per row: tokens sampled so far
-        self.chunks: list[int] = []  # per row: the steps its next call may take (1, 2, 4…)
-        self.device: dict | None = None  # the rows' arrays, padded
+        self.slots: list[tuple[Entry, int] | None] = []  # per slot: entry and sample index
+        self.counts: list[int] = []  # per slot: tokens sampled so far
+        self.chunks: list[int] = []  # per slot: the steps its next call may take (1, 2, 4…)
+        self.device: dict | None = None  # the slots' arrays
 
     @property
     def rows(self) -> int:
-        return len(self.owner)
+        return sum(slot is not None for slot in self.slots)
 
     def admit(self, r: Request, context: Context | None, rest, rows: TextRows, on_done,
               cancelled, job: object = None) -> None:  # fmt: skip
@@ -81,13 +87,14 @@ class RunningBatch:
         }  # fmt: skip
         entry = Entry(r, rows, on_done, cancelled, job)
         self.entries.append(entry)
-        live = self._gather(list(range(self.rows)))
-        self.device = new if live is None else jax.tree_util.tree_map(
-            lambda a, b: jnp.concatenate([jnp.asarray(a), jnp.asarray(b)]), live, new
-        )  # fmt: skip
-        self.owner += [(entry, j) for j in range(n)]
-        self.counts += [0] * n
-        self.chunks += [1] * n
+        free = [i for i, slot in enumerate(self.slots) if slot is None]
+        if len(free) < n:
+            self._resize(1 << (self.rows + n - 1).bit_length())
+            free = [i for i, slot in enumerate(self.slots) if slot is None]
+        slots = free[:n]
+        self.device = _put_rows(self.device, new, np.asarray(slots, np.int32))
+        for j, i in enumerate(slots):
+            self.slots[i], self.counts[i], self.chunks[i] = (entry, j), 0, 1
         for j in range(n):
             if r.max_tokens <= 0:
                 rows.finish_at(j)
@@ -98,82 +105,73 @@ class RunningBatch:
         for entry in self.entries:
             if entry.cancelled():
                 entry.rows.cancel(np.ones(len(entry.rows.samples), bool))
-        live = [not entry.rows.samples[j].done for entry, j in self.owner]
+        live = [slot is not None and not slot[0].rows.samples[slot[1]].done
+                for slot in self.slots]  # fmt: skip
         if any(live):
             self._call(live)
         self._retire()
 
     def _call(self, live: list[bool]) -> None:
-        rows = zip(self.owner, self.counts, self.chunks, live, strict=True)
-        steps = min([CHUNK] + [min(entry.request.max_tokens - count, chunk)
-                               for (entry, _), count, chunk, on in rows if on])  # fmt: skip
-        size = 1 << max(0, self.rows - 1).bit_length()
-        padded = self._padded(size)
-        limits = np.zeros(size, np.int32)
-        limits[: self.rows] = np.where(live, steps, 0)
-        counts = np.zeros(size, np.int32)
-        counts[: self.rows] = self.counts
-        no_forcing = np.zeros([CHUNK, size], np.int32)
+        slots = zip(self.slots, self.counts, self.chunks, live, strict=True)
+        steps = min([CHUNK] + [min(slot[0].request.max_tokens - count, chunk)
+                               for slot, count, chunk, on in slots if on])  # fmt: skip
+        limits = np.where(live, steps, 0).astype(np.int32)
+        counts = np.asarray(self.counts, np.int32)
+        no_forcing = np.zeros([CHUNK, len(self.slots)], np.int32)
+        d = self.device
         rings, token, tokens, log_probs, sampled, top_values, top_ids, penalties = run_chunk(
-            self.model, padded["rings"], padded["token"], padded["keys"], counts, limits,
-            no_forcing, 0, padded["eos"], padded["sampling"], padded["penalties"],
-            top_k=self.alternatives,
+            self.model, d["rings"], d["token"], d["keys"], counts, limits, no_forcing, 0,
+            d["eos"], d["sampling"], d["penalties"], top_k=self.alternatives,
         )  # fmt: skip
+        self.device = dict(d, rings=rings, token=token, penalties=penalties)
         tokens, log_probs = np.asarray(tokens), np.asarray(log_probs)
         top_values, top_ids = np.asarray(top_values), np.asarray(top_ids)
-        self.device = {
-            "rings": rings, "token": token, "keys": padded["keys"], "eos": padded["eos"],
-            "sampling": padded["sampling"], "penalties": penalties,
-        }  # fmt: skip
-        self.device = self._gather(list(range(self.rows)))  # drop the padding again
+        where = {id(entry): [] for entry in self.entries}  # each entry's slots, in row order
+        for i, slot in enumerate(self.slots):
+            if slot is not None:
+                where[id(slot[0])].append((slot[1], i))
+        taken = [(entry, [i for _, i in sorted(where[id(entry)])]) for entry in self.entries]
         for step in range(min(int(sampled), steps)):
-            for entry in self.entries:
-                rows = [i for i, (owner, _) in enumerate(self.owner) if owner is entry]
-                entry.rows.take(tokens[step, rows], log_probs[step, rows],
-                                top_values[step, rows], top_ids[step, rows])  # fmt: skip
-        for i, (entry, j) in enumerate(self.owner):
+            for entry, at in taken:
+                entry.rows.take(tokens[step, at], log_probs[step, at], top_values[step, at],
+                                top_ids[step, at])  # fmt: skip
+        for i, slot in enumerate(self.slots):
             if live[i]:
+                entry, j = slot
                 self.counts[i] += steps
                 self.chunks[i] = min(2 * self.chunks[i], CHUNK)
                 if self.counts[i] >= entry.request.max_tokens:
                     entry.rows.finish_at(j)
 
     def _retire(self) -> None:
-        """Requests whose rows all ended leave; their rows are dropped from the batch."""
+        """Requests whose rows all ended leave; their slots are freed."""
         done = [e for e in self.entries if all(s.done for s in e.rows.samples)]
         if not done:
             return
-        keep = [i for i, (entry, _) in enumerate(self.owner) if entry not in done]
-        self.device = self._gather(keep)
-        self.owner = [self.owner[i] for i in keep]
-        self.counts = [self.counts[i] for i in keep]
-        self.chunks = [self.chunks[i] for i in keep]
+        self.slots = [None if slot is not None and slot[0] in done else slot
+                      for slot in self.slots]  # fmt: skip
         self.entries = [e for e in self.entries if e not in done]
+        if self.rows <= len(self.slots) // 4:  # mostly empty: fewer slots, a faster call
+            self._resize(1 << max(0, self.rows - 1).bit_length() if self.rows else 0)
         for entry in done:
             entry.rows.finish_all()
             entry.on_done(entry.rows.samples)
 
-    def _gather(self, rows: list[int]) -> dict | None:
-        """These rows of the device arrays (None: none). Every array holds its rows
-        row-major on its first axis, some several entries a row (a ring's heads: G = B·H),
-        so row r is entries r·k … r·k + k − 1, k = the axis's length / the batch's."""
-        if self.device is None or not rows:
-            return None
-        batch = self.device["token"].shape[0]
-        index = np.asarray(rows, np.int32)
-
-        def take(a):
-            a = jnp.asarray(a)
-            k = a.shape[0] // batch
-            return jnp.take(a, jnp.asarray((index[:, None] * k + np.arange(k)).ravel()), axis=0)
-
-        return jax.tree_util.tree_map(take, self.device)
-
-    def _padded(self, size: int) -> dict:
-        """The rows' arrays with size − rows rows of an empty text that never sample."""
-        pad = size - self.rows
+    def _resize(self, size: int) -> None:
+        """`size` slots (0: none): the live rows first, in slot order, then free slots
+        of an empty text (their arrays are valid; the loop never advances them)."""
+        keep = [i for i, slot in enumerate(self.slots) if slot is not None]
+        live = _take_rows(self.device, keep) if keep else None
+        pad = size - len(keep)
+        self.slots = [self.slots[i] for i in keep] + [None] * pad
+        self.counts = [self.counts[i] for i in keep] + [0] * pad
+        self.chunks = [self.chunks[i] for i in keep] + [1] * pad
+        if size == 0:
+            self.device = None
+            return
         if not pad:
-            return self.device
+            self.device = live
+            return
         config = self.model.config
         extra = {
             "rings": empty_rings(config, pad),
@@ -183,6 +181,39 @@ class RunningBatch:
             "penalties": Penalties.start(config.n_vocab, [[]] * pad),
             "eos": np.full([pad], -1, np.int32),
         }  # fmt: skip
-        return jax.tree_util.tree_map(
-            lambda a, b: jnp.concatenate([jnp.asarray(a), jnp.asarray(b)]), self.device, extra
-        )
+        self.device = extra if live is None else jax.tree_util.tree_map(
+            lambda a, b: jnp.concatenate([jnp.asarray(a), jnp.asarray(b)]), live, extra
+        )  # fmt: skip
+
+
+def _row_index(a: jax.Array, batch: int, rows: np.ndarray) -> np.ndarray:
+    """The entries of an array's first axis that hold these rows. Every array holds its
+    rows row-major on its first axis, some several entries a row (a ring's heads: G =
+    B·H), so row r is entries r·k … r·k + k − 1, k = the axis's length / the batch's."""
+    k = a.shape[0] // batch
+    return (rows[:, None] * k + np.arange(k)).ravel().astype(np.int32)
+
+
+def _take_rows(device: dict, rows: list[int]) -> dict:
+    """These rows of the device arrays."""
+    batch = device["token"].shape[0]
+    index = np.asarray(rows, np.int32)
+    return jax.tree_util.tree_map(
+        lambda a: jnp.take(jnp.asarray(a), _row_index(a, batch, index), axis=0), device
+    )
+
+
+def _put_rows(device: dict, new: dict, slots: np.ndarray) -> dict:
+    """`new`'s rows written into these slots of the device arrays (one compiled scatter
+    per shape)."""
+    batch = device["token"].shape[0]
+    index = jax.tree_util.tree_map(lambda a: _row_index(a, batch, slots), device)
+    return _scatter(device, new, index)
+
+
+@jax.jit
+def _scatter(device: dict, new: dict, index: dict) -> dict:
+    return jax.tree_util.tree_map(
+        lambda a, b, i: jnp.asarray(a).at[i].set(jnp.asarray(b).astype(a.dtype)),
+        device, new, index,
+    )  # fmt: skip
