@@ -28,6 +28,7 @@ Prints a table of both servers' numbers, the ratio working tree ÷ REV and the t
 
     python bench/serve_load.py [--requests 8] [--max-tokens 64] [--model DIR]
     python bench/serve_load.py --against REV [--quick] [--shared-cache] [--model DIR]
+                               [--only settings long mixed health]
 """
 
 from __future__ import annotations
@@ -437,6 +438,8 @@ def measure_server(name: str, tree: Path, args: argparse.Namespace, sizes: dict,
     results["start_seconds"] = time.perf_counter() - started
     try:
         for key, title, measure in MEASUREMENTS:
+            if key not in args.only:
+                continue
             if process.poll() is not None:
                 said = " | ".join(process.stderr_tail)  # type: ignore[attr-defined]
                 results[key] = {"error": f"the server exited ({process.returncode}): {said}"}
@@ -466,7 +469,9 @@ def table(old: dict, new: dict, rev: str) -> list[str]:
 
     def cell(results: dict, key: str, get) -> tuple[float | None, str]:
         part = results.get(key)
-        if part is None or "error" in part:
+        if part is None:
+            return None, "not run"
+        if "error" in part:
             return None, "failed"
         try:
             return get(part), ""
@@ -583,6 +588,13 @@ def main() -> None:
     )
     parser.add_argument(
         "--quick", action="store_true", help="with --against: smaller sizes, for a smoke run"
+    )
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        choices=[key for key, _, _ in MEASUREMENTS],
+        default=[key for key, _, _ in MEASUREMENTS],
+        help="with --against: run these measurements only (default: all)",
     )
     parser.add_argument(
         "--shared-cache",

@@ -491,6 +491,7 @@ def test_requests_join_and_leave_the_running_batch(model_dir):
         ("Hamlet: ", 12, 3, 1, tvq.Sampler(temperature=0.8), 0),
         ("Ophelia, in thy orisons", 20, 4, 2, tvq.Sampler(top_k=5, presence_penalty=1.0), 3),
         ("A", 5, 5, 1, tvq.Sampler(temperature=0, repetition_penalty=1.3), 2),
+        ("To be", 9, 6, 1, tvq.Sampler(min_p=0.1, frequency_penalty=0.5), 1),
     ]
     done = {}
 
@@ -511,8 +512,14 @@ def test_requests_join_and_leave_the_running_batch(model_dir):
     join(1)
     batch.step()
     join(2)
+    while 2 not in done:
+        batch.step()
+    assert batch.rows == 3 and len(batch.slots) == 4  # case 2's slot is free again
+    join(3)  # takes the free slot: the arrays keep their shape
+    assert batch.rows == 4 and len(batch.slots) == 4
     while batch.rows:
         batch.step()
+    assert batch.device is None and not batch.slots
     for i, (text, max_tokens, seed, n, sampler, logprobs) in enumerate(cases):
         alone = generate(model, text, max_tokens=max_tokens, seed=seed, num_samples=n,
                          sampler=sampler, logprobs=logprobs)  # fmt: skip

@@ -23,6 +23,8 @@ Every row of a ring is at the same position: decoding replicates one context.
 
 from __future__ import annotations
 
+import functools
+
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -175,10 +177,18 @@ def attend_ring(
 
 
 def empty_rings(config: ModelConfig, batch_size: int) -> tuple[RingState, ...] | RingState:
-    """model_to_ring(initial_state(...)), built on the host: no XLA program at start-up."""
+    """model_to_ring(initial_state(...)), built on the host: no XLA program at start-up.
+    The arrays are made once per shape and shared (nothing donates rings: the decoding
+    loop and the server's running batch only read them); a request joining the server's
+    batch would otherwise build and transfer them every time."""
+    return _empty_rings(config, batch_size, scanned(2 * config.n_layer))
+
+
+@functools.lru_cache(maxsize=16)
+def _empty_rings(config: ModelConfig, batch_size: int, stacked: bool
+                 ) -> tuple[RingState, ...] | RingState:  # fmt: skip
     g, size, s = batch_size * config.n_head, config.mem_len + 1, config.n_code
     n_sub = 2 * config.n_layer
-    stacked = scanned(n_sub)
     at = (n_sub,) if stacked else ()  # the stacked form's sublayer axis, after the rows
 
     def rows(shape, dtype, fill=0):

@@ -174,7 +174,12 @@ def feed_ids(model: Model, state, token, ids: np.ndarray, top_k: int = 0):
 
 def row_keys(seed: int, n: int) -> np.ndarray:
     """The keys of n samples of one text [n, 2]: sample i draws from fold_in(key(seed), i)."""
-    return np.asarray(_fold_keys(seed_key(seed), np.arange(n, dtype=np.int32)))
+    return np.asarray(device_row_keys(seed, n))
+
+
+def device_row_keys(seed: int, n: int) -> jax.Array:
+    """row_keys on the device, without waiting for them (the server's running batch)."""
+    return _fold_keys(seed_key(seed), np.arange(n, dtype=np.int32))
 
 
 def seed_key(seed: int) -> np.ndarray:

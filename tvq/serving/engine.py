@@ -156,6 +156,7 @@ class Engine:
             if n <= self.settings.max_batch_rows:
                 generate(self.model, [], max_tokens=1, seed=0, num_samples=n,
                          alternatives=self.alternatives)  # fmt: skip
+                self.running.warm_up(n)
 
     def submit(self, job: Job) -> None:
         r = job.request

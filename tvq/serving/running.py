@@ -25,7 +25,8 @@ import numpy as np
 from tvq.decoding import Request, eos_ids_of, prefill_rings
 from tvq.nn.ring import empty_rings
 from tvq.runtime.context import Context, eos_id
-from tvq.runtime.decode_loop import CHUNK, repeat_ring_rows, row_keys, run_chunk
+from tvq.runtime.decode_loop import CHUNK, device_row_keys, run_chunk, seed_key
+from tvq.runtime.forward import on_device
 from tvq.runtime.model import Model
 from tvq.text.rows import Sample, TextRows
 from tvq.text.sampling import Penalties, Sampler, SamplerRows
@@ -61,6 +62,8 @@ class RunningBatch:
         self.counts: list[int] = []  # per slot: tokens sampled so far
         self.chunks: list[int] = []  # per slot: the steps its next call may take (1, 2, 4…)
         self.device: dict | None = None  # the slots' arrays
+        self._fresh: Context | None = None  # the start of a document, made once
+        self._blank: dict[int, dict] = {}  # free slots' arrays, per count, made once
 
     @property
     def rows(self) -> int:
@@ -72,18 +75,20 @@ class RunningBatch:
         `rest` (under a block) still to feed."""
         model = self.model
         fresh = context is None
-        context = context or Context.start(model, 1)
+        if fresh:
+            self._fresh = self._fresh or Context.start(model, 1)
+            context = self._fresh
         rings, token = prefill_rings(model, context, np.asarray(rest, np.int32), fresh,
                                      self.alternatives)  # fmt: skip
         n = r.num_samples
         sampler = r.sampler or Sampler()
         prompt = np.asarray(list(r.prompt_ids), np.int32).tolist()
-        new = {
-            "rings": repeat_ring_rows(rings, n=n), "token": jnp.repeat(token, n),
-            "keys": jnp.asarray(row_keys(r.seed, n)),
-            "sampling": SamplerRows.of([sampler] * n, model.config.n_vocab),
-            "penalties": Penalties.start(model.config.n_vocab, [prompt] * n),
-            "eos": eos_ids_of(model.tokenizer, [bool(r.ignore_eos)] * n),
+        new = {  # one row; its n samples differ only in their keys (set by _put_row)
+            "rings": rings, "token": token,
+            "keys": jnp.zeros([1, 2], jnp.uint32),
+            "sampling": SamplerRows.of([sampler], model.config.n_vocab),
+            "penalties": Penalties.start(model.config.n_vocab, [prompt]),
+            "eos": eos_ids_of(model.tokenizer, [bool(r.ignore_eos)]),
         }  # fmt: skip
         entry = Entry(r, rows, on_done, cancelled, job)
         self.entries.append(entry)
@@ -92,7 +97,9 @@ class RunningBatch:
             self._resize(1 << (self.rows + n - 1).bit_length())
             free = [i for i, slot in enumerate(self.slots) if slot is None]
         slots = free[:n]
-        self.device = _put_rows(self.device, new, np.asarray(slots, np.int32))
+        new, key = on_device((new, seed_key(r.seed)))
+        for j, slot in enumerate(slots):  # one compiled program per slot count
+            self.device = _put_row(self.device, new, np.int32(slot), key, np.int32(j))
         for j, i in enumerate(slots):
             self.slots[i], self.counts[i], self.chunks[i] = (entry, j), 0, 1
         for j in range(n):
@@ -172,18 +179,31 @@ class RunningBatch:
         if not pad:
             self.device = live
             return
+        extra = self._blank.get(pad) or self._blank.setdefault(pad, self._blank_rows(pad))
+        self.device = extra if live is None else jax.tree_util.tree_map(
+            lambda a, b: jnp.concatenate([jnp.asarray(a), jnp.asarray(b)]), live, extra
+        )  # fmt: skip
+
+    def warm_up(self, size: int) -> None:
+        """Compiles, before serving, what a request joining a batch of `size` slots runs
+        besides the loop: writing its row into a slot."""
+        blank = self._blank_rows(size)
+        one = jax.tree_util.tree_map(lambda a: a[: a.shape[0] // size], blank)
+        key = on_device(seed_key(0))
+        jax.block_until_ready(_put_row(blank, one, np.int32(0), key, np.int32(0)))
+
+    def _blank_rows(self, pad: int) -> dict:
+        """The arrays of `pad` free slots: an empty text that never samples."""
         config = self.model.config
-        extra = {
+        blank = {
             "rings": empty_rings(config, pad),
             "token": jnp.full([pad], eos_id(self.model), jnp.int32),
-            "keys": jnp.asarray(row_keys(0, pad)),
+            "keys": device_row_keys(0, pad),
             "sampling": SamplerRows.of([Sampler()] * pad, config.n_vocab),
             "penalties": Penalties.start(config.n_vocab, [[]] * pad),
             "eos": np.full([pad], -1, np.int32),
         }  # fmt: skip
-        self.device = extra if live is None else jax.tree_util.tree_map(
-            lambda a, b: jnp.concatenate([jnp.asarray(a), jnp.asarray(b)]), live, extra
-        )  # fmt: skip
+        return on_device(blank)  # committed, as _put_row's outputs: one compiled form
 
 
 def _row_index(a: jax.Array, batch: int, rows: np.ndarray) -> np.ndarray:
@@ -203,17 +223,17 @@ def _take_rows(device: dict, rows: list[int]) -> dict:
     )
 
 
-def _put_rows(device: dict, new: dict, slots: np.ndarray) -> dict:
-    """`new`'s rows written into these slots of the device arrays (one compiled scatter
-    per shape)."""
-    batch = device["token"].shape[0]
-    index = jax.tree_util.tree_map(lambda a: _row_index(a, batch, slots), device)
-    return _scatter(device, new, index)
-
-
 @jax.jit
-def _scatter(device: dict, new: dict, index: dict) -> dict:
-    return jax.tree_util.tree_map(
-        lambda a, b, i: jnp.asarray(a).at[i].set(jnp.asarray(b).astype(a.dtype)),
-        device, new, index,
-    )  # fmt: skip
+def _put_row(device: dict, new: dict, slot: jax.Array, key: jax.Array, sample: jax.Array
+             ) -> dict:  # fmt: skip
+    """`new`'s one row written into slot `slot` of the device arrays, its key that of
+    sample `sample` of the text (decode_loop.row_keys: fold_in(key, sample)); the slot
+    is an argument, so one program serves every slot of a given count."""
+    new = dict(new, keys=jax.random.fold_in(key, sample)[None])
+    batch = device["token"].shape[0]
+
+    def put(a, b):
+        k = a.shape[0] // batch
+        return jax.lax.dynamic_update_slice_in_dim(a, b.astype(a.dtype), slot * k, axis=0)
+
+    return jax.tree_util.tree_map(put, device, new)
