@@ -33,6 +33,7 @@ from tvq.serving.protocol import (
     ServerSettings,
     api_error,
     choice_end,
+    id_array,
     logprobs_json,
     logprobs_piece,
     request_sampler,
@@ -273,7 +274,7 @@ class Engine:
         is stored when it ends (the state after every token it sampled)."""
         self.stats["requests"] += 1
         r = job.request
-        ids = np.asarray(r.prompts[0], np.int32)
+        ids = id_array(r.prompts[0])
         start = self._start_context(job) if prefill is None else None
         context, read = (prefill.context, prefill.read) if prefill is not None else (start, 0)
         if prefill is not None and r.echo:

@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from tvq.errors import TvqError, is_int
 from tvq.serving.sessions import SESSION_ID
 from tvq.text.sampling import REPEAT_WINDOW, Sampler
@@ -254,6 +256,19 @@ def encode_marked(tokenizer, text: str) -> list[int]:
     if text.startswith(tokenizer.eos_text):
         return [tokenizer.eos_id, *tokenizer.encode(text[len(tokenizer.eos_text) :])]
     return list(tokenizer.encode(text))
+
+
+ID_CHUNK = 1 << 16  # ids converted per call from a list to an array (see id_array)
+
+
+def id_array(ids) -> np.ndarray:
+    """Token ids (a list or an array) as int32, a chunk at a time for a long list:
+    numpy converts a list in one call holding the interpreter lock (260 ms for 4M ids),
+    which would stall the event loop's thread as long."""
+    if isinstance(ids, np.ndarray) or len(ids) <= ID_CHUNK:
+        return np.asarray(ids, np.int32)
+    return np.concatenate([np.asarray(ids[start : start + ID_CHUNK], np.int32)
+                           for start in range(0, len(ids), ID_CHUNK)])  # fmt: skip
 
 
 def decode_marked(tokenizer, ids: list[int]) -> str:

@@ -29,7 +29,7 @@ from tvq.runtime.decode_loop import CHUNK, device_row_keys, run_chunk, seed_key
 from tvq.runtime.forward import on_device
 from tvq.runtime.model import Model
 from tvq.text.rows import Sample, TextRows
-from tvq.text.sampling import Penalties, Sampler, SamplerRows
+from tvq.text.sampling import REPEAT_WINDOW, Penalties, Sampler, SamplerRows
 
 
 @dataclasses.dataclass(eq=False)  # an entry is itself: compared by identity
@@ -82,7 +82,7 @@ class RunningBatch:
                                      self.alternatives)  # fmt: skip
         n = r.num_samples
         sampler = r.sampler or Sampler()
-        prompt = np.asarray(list(r.prompt_ids), np.int32).tolist()
+        prompt = [int(i) for i in r.prompt_ids[-REPEAT_WINDOW:]]  # all the penalties read
         new = {  # one row; its n samples differ only in their keys (set by _put_row)
             "rings": rings, "token": token,
             "keys": jnp.zeros([1, 2], jnp.uint32),
