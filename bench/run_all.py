@@ -31,6 +31,9 @@ FULL = [
     ["parallel.py"],
     # needs the held-out plays (see RESULTS.md section 9): python bench/precision.py FILES
     ["gpu_speed.py", "check", "--smoke"],  # on a GPU: bash bench/gpu.sh
+    ["compile_depth.py"],
+    ["depth_forms.py"],
+    ["data_prep.py", "--sizes-mb", "100"],  # the 1 GB corpora: --sizes-mb 1024
 ]
 QUICK = [
     ["score_length.py", "--lengths", "1024", "8192", "--batches", "2", "--batch-length", "8192"],
@@ -44,6 +47,9 @@ QUICK = [
     ["comm.py"],
     ["parallel.py", "--lengths", "4096", "--repeats", "1"],
     ["gpu_speed.py", "check", "--smoke"],
+    ["compile_depth.py", "--layers", "2", "8"],
+    ["depth_forms.py", "--rounds", "1", "--tokens", "20", "--score-tokens", "1024"],
+    ["data_prep.py", "--quick"],
 ]
 
 
