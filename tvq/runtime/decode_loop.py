@@ -9,6 +9,7 @@ text depends on its own key only.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.struct
@@ -143,9 +144,7 @@ def feed(model: Model, rings, token, ids: np.ndarray, top_k: int = 0):
     gets compiled. Returns (rings, last token, scored): scored holds the log-probs of the
     ids [B, T] and, with top_k, the k most likely tokens' log-probs and ids [B, T, k]."""
     batch, length = ids.shape
-    keys = row_keys(0, batch)  # unused: nothing is sampled
-    sampling = SamplerRows.of([GREEDY] * batch, model.config.n_vocab)
-    penalties = Penalties.start(model.config.n_vocab, [[]] * batch)
+    keys, sampling, penalties = _feeding(model.config.n_vocab, batch)
     parts = []
     for start in range(0, length, CHUNK):
         piece = ids[:, start : start + CHUNK]
@@ -159,6 +158,16 @@ def feed(model: Model, rings, token, ids: np.ndarray, top_k: int = 0):
         parts.append((log_probs[:n].T, top_values[:n].swapaxes(0, 1), top_ids[:n].swapaxes(0, 1)))
     scored = [jnp.concatenate(p, axis=1) for p in zip(*parts, strict=True)]
     return rings, token, tuple(scored if top_k else scored[:1])
+
+
+@functools.lru_cache(maxsize=8)
+def _feeding(n_vocab: int, batch: int) -> tuple[jax.Array, SamplerRows, Penalties]:
+    """What feeding passes for keys, settings and penalties (unused: nothing is
+    sampled), on the device, made once per batch size (nothing donates them): a server
+    feeds every joining request's prompt tail."""
+    keys = row_keys(0, batch)
+    sampling = SamplerRows.of([GREEDY] * batch, n_vocab)
+    return on_device((keys, sampling, Penalties.start(n_vocab, [[]] * batch)))
 
 
 def feed_ids(model: Model, state, token, ids: np.ndarray, top_k: int = 0):
