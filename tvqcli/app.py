@@ -189,6 +189,33 @@ def finite(value: float | None) -> float | None:
     return value
 
 
+# The corpus options that tvq prepare and tvq train share (tvq/train/prepare.py).
+TokenizerFileOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--tokenizer", help="Use this sentencepiece .model instead of training one."
+    ),  # fmt: skip
+]
+BytesOption = Annotated[bool, typer.Option("--bytes", help="Byte-level tokenizer.")]
+ValOption = Annotated[
+    list[Path] | None,
+    typer.Option("--val", help="Hold out this file for evaluation (repeatable)."),
+]
+ValFractionOption = Annotated[
+    float, typer.Option("--val-fraction", help="Fraction of documents held out.", callback=finite)
+]
+TextFieldOption = Annotated[
+    str, typer.Option("--text-field", help="The text field of JSONL objects.")
+]
+SkipBadLinesOption = Annotated[
+    bool,
+    typer.Option(
+        "--skip-bad-lines/--no-skip-bad-lines",
+        help="Skip (and count) JSONL lines that are not documents.",
+    ),  # fmt: skip
+]
+
+
 def check_output_file(path: Path | None, option: str) -> None:
     """Before any work: `path` can be created or replaced (its folder exists and is
     writable, and it is not a directory)."""

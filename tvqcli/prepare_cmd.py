@@ -9,7 +9,19 @@ from typing import Annotated
 import typer
 
 from tvq.train.settings import DEFAULT_VAL_FRACTION, DEFAULT_VOCAB_SIZE
-from tvqcli.app import app, check_output_dir, fail, finite, handle_errors, stderr
+from tvqcli.app import (
+    BytesOption,
+    SkipBadLinesOption,
+    TextFieldOption,
+    TokenizerFileOption,
+    ValFractionOption,
+    ValOption,
+    app,
+    check_output_dir,
+    fail,
+    handle_errors,
+    stderr,
+)
 from tvqcli.prepare_output import PrepareProgress
 
 
@@ -24,24 +36,16 @@ def prepare(
         ),
     ],  # fmt: skip
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder of the prepared dataset.")],
-    tokenizer: Annotated[
-        Path | None, typer.Option(help="Use this sentencepiece .model instead of training one.")
-    ] = None,
-    use_bytes: Annotated[bool, typer.Option("--bytes", help="Byte-level tokenizer.")] = False,
+    tokenizer: TokenizerFileOption = None,
+    use_bytes: BytesOption = False,
     vocab_size: Annotated[
         int, typer.Option(help="Vocabulary of a new tokenizer.", min=1)
     ] = DEFAULT_VOCAB_SIZE,
-    val: Annotated[
-        list[Path] | None, typer.Option(help="Hold out this file for evaluation (repeatable).")
-    ] = None,
-    val_fraction: Annotated[
-        float, typer.Option(help="Fraction of documents held out.", callback=finite)
-    ] = DEFAULT_VAL_FRACTION,
+    val: ValOption = None,
+    val_fraction: ValFractionOption = DEFAULT_VAL_FRACTION,
     seed: Annotated[int, typer.Option(help="Seed of the held-out choice (tvq train's).")] = 0,
-    text_field: Annotated[str, typer.Option(help="The text field of JSONL objects.")] = "text",
-    skip_bad_lines: Annotated[
-        bool, typer.Option(help="Skip (and count) JSONL lines that are not documents.")
-    ] = False,
+    text_field: TextFieldOption = "text",
+    skip_bad_lines: SkipBadLinesOption = False,
     workers: Annotated[
         int | None, typer.Option(help="Processes (default: one per core).", min=1)
     ] = None,

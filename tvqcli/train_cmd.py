@@ -17,12 +17,18 @@ from tvq.train.settings import TrainSettings as Run
 from tvqcli.app import (
     CLUSTER_OPTIONS,
     AlgorithmOption,
+    BytesOption,
     CoordinatorOption,
     DevicesOption,
     DistributedOption,
     DtypeOption,
     NumProcessesOption,
     ProcessIdOption,
+    SkipBadLinesOption,
+    TextFieldOption,
+    TokenizerFileOption,
+    ValFractionOption,
+    ValOption,
     app,
     check_output_dir,
     fail,
@@ -54,10 +60,8 @@ def train(
         ),
     ],  # fmt: skip
     out: Annotated[Path, typer.Option("--out", "-o", help="Model directory to write.")],
-    tokenizer: Annotated[
-        Path | None, typer.Option(help="Use this sentencepiece .model instead of training one.")
-    ] = None,
-    use_bytes: Annotated[bool, typer.Option("--bytes", help="Byte-level tokenizer.")] = False,
+    tokenizer: TokenizerFileOption = None,
+    use_bytes: BytesOption = False,
     vocab_size: Annotated[
         int, typer.Option(help="Vocabulary of a new tokenizer.")
     ] = DEFAULT_VOCAB_SIZE,
@@ -65,12 +69,8 @@ def train(
         Path | None,
         typer.Option("--from", help="Fine-tune this model (architecture and tokenizer)."),
     ] = None,
-    val: Annotated[
-        list[Path] | None, typer.Option(help="Hold out this file for evaluation (repeatable).")
-    ] = None,
-    val_fraction: Annotated[
-        float, typer.Option(help="Fraction of documents held out.", callback=finite)
-    ] = DEFAULT_VAL_FRACTION,
+    val: ValOption = None,
+    val_fraction: ValFractionOption = DEFAULT_VAL_FRACTION,
     d_model: Annotated[int, typer.Option(help="Model width.")] = Arch.d_model,
     d_k: Annotated[int, typer.Option(help="Key width per head.")] = Arch.d_k,
     d_v: Annotated[int, typer.Option(help="Value width per head.")] = Arch.d_v,
@@ -133,10 +133,8 @@ def train(
         bool, typer.Option("--verbose", "-v", help="Print the compiled step's memory.")
     ] = False,
     name: Annotated[str, typer.Option(help="Corpus name for the metadata.")] = "",
-    text_field: Annotated[str, typer.Option(help="The text field of JSONL objects.")] = "text",
-    skip_bad_lines: Annotated[
-        bool, typer.Option(help="Skip (and count) JSONL lines that are not documents.")
-    ] = False,
+    text_field: TextFieldOption = "text",
+    skip_bad_lines: SkipBadLinesOption = False,
     devices: DevicesOption = None,
     shard_params: Annotated[
         bool,
