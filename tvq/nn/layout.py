@@ -25,6 +25,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 # Networks of at most this many sublayers run them one after another (unrolled); deeper
 # ones as one scan. Unrolled, a program holds a copy of the sublayer per sublayer, so its
@@ -83,14 +84,15 @@ def stack_trees(trees: Sequence[Any]) -> Any:
 def unstack_tree(tree: Any) -> tuple[Any, ...]:
     """The inverse of stack_trees: one tree per entry of the leaves' leading axis.
 
-    Inside a trace this is a slice per entry and leaf. Outside, each entry is taken by
-    one small compiled program per leaf shape (the index is an argument), so
-    converting costs no compilation that grows with depth: a compiled program whose
-    outputs are the per-sublayer slices would hold one kernel per slice, and XLA:CPU
-    compiles each in milliseconds (bench/RESULTS.md section 13)."""
+    Inside a trace this is a slice per entry and leaf, and on numpy arrays a view.
+    Otherwise each entry is taken by one small compiled program per leaf shape (the
+    index is an argument), so converting costs no compilation that grows with depth: a
+    compiled program whose outputs are the per-sublayer slices would hold one kernel
+    per slice, and XLA:CPU compiles each in milliseconds (bench/RESULTS.md section 13)."""
     leaves = jax.tree_util.tree_leaves(tree)
     count = leaves[0].shape[0]
-    if any(isinstance(leaf, jax.core.Tracer) for leaf in leaves):
+    on_host = all(isinstance(leaf, np.ndarray) for leaf in leaves)  # views: nothing copied
+    if on_host or any(isinstance(leaf, jax.core.Tracer) for leaf in leaves):
         take = operator.itemgetter
         return tuple(jax.tree_util.tree_map(take(i), tree) for i in range(count))
     return tuple(jax.tree_util.tree_map(lambda x, i=i: _take(x, i), tree) for i in range(count))
