@@ -4,6 +4,7 @@ losses of training from the text; a second run reads the cache instead of the te
 input is one clear line; a killed preparation is never taken for a finished one."""
 
 import gzip
+import hashlib
 import json
 import os
 import subprocess
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import sentencepiece as spm
 from typer.testing import CliRunner
 
 from tvq.errors import CorpusError
@@ -347,3 +349,73 @@ def test_a_damaged_cache_entry_is_made_again(tmp_path):
     again = prepare.prepare(req)
     assert not again.reused and again.folder == data.folder
     assert shard.stat().st_size == 2 * len(again.train)
+
+
+def prepared_digest(folder: Path, corpus_dir: Path) -> dict[str, str]:
+    """sha256 of every file of a prepared dataset; dataset.json without what names this
+    run (its key and inputs' paths and times, the date, the timings, the tokenizer's
+    fingerprint), COMPLETE skipped (the key again), of a trained tokenizer its pieces."""
+    digests = {}
+    for path in sorted(folder.iterdir()):
+        data = path.read_bytes()
+        if path.name == "COMPLETE":
+            continue
+        if path.name == "tokenizer.model":  # its pieces: the file names its training text
+            model = spm.SentencePieceProcessor(model_file=str(path))
+            data = json.dumps([(model.id_to_piece(i), model.get_score(i))
+                               for i in range(model.get_piece_size())]).encode()  # fmt: skip
+        if path.name == "dataset.json":
+            info = json.loads(data)
+            for volatile in ("key", "created", "seconds"):
+                info.pop(volatile)
+            if info["tokenizer"]["kind"] == "sentencepiece":
+                file = (folder / "tokenizer.model").read_bytes()
+                fingerprint = "sha256:" + hashlib.sha256(file).hexdigest()
+                assert info["tokenizer"].pop("fingerprint") == fingerprint
+            for item in info["inputs"]:
+                item["path"] = str(Path(item.pop("path")).relative_to(corpus_dir.resolve()))
+                item.pop("mtime_ns")
+            if "files" in info["held_out"]:
+                info["held_out"]["files"] = [Path(p).name for p in info["held_out"]["files"]]
+            data = json.dumps(info).encode()  # the order of the fields too
+        digests[path.name] = hashlib.sha256(data).hexdigest()[:16]
+    return digests
+
+
+GOLDEN_SENTENCEPIECE = {
+    "dataset.json": "eccb16c6daf53b1a", "tokenizer.model": "b99d4bcecc3662d5",
+    "train-00000.bin": "a60878fffe639657", "train.docs.bin": "7a585c494e195d02",
+    "val-00000.bin": "d4c0ba68e7d217ac", "val.docs.bin": "7bde917efe376906"
+}  # fmt: skip
+GOLDEN_BYTES = {
+    "dataset.json": "3196979d64325929", "train-00000.bin": "23986f0e2d87de6c",
+    "train-00001.bin": "fef7c3889a2934d6", "train-00002.bin": "eabdd69838176ce7",
+    "train-00003.bin": "8ac010c69204af01", "train-00004.bin": "3d88bcfc09b7145d",
+    "train-00005.bin": "2b0518eb77b3cd12", "train-00006.bin": "949ae9ca576669f6",
+    "train-00007.bin": "279289d8c7c7ac26", "train-00008.bin": "3025fcdeebe38230",
+    "train-00009.bin": "5932ce52d5f351bf", "train-00010.bin": "7d404abfdc317940",
+    "train-00011.bin": "7a01137212467790", "train-00012.bin": "62f41bf389eadb96",
+    "train-00013.bin": "a3d74dabb6f8f607", "train-00014.bin": "7662aec5c13112cb",
+    "train-00024.bin": "67030ad3d18074a5", "train.docs.bin": "7031b0b436df1e6f",
+    "val-00015.bin": "ba1723ea90705e9d", "val-00016.bin": "5c6a2450e4a1f0d7",
+    "val-00017.bin": "c5be546312c4b605", "val-00018.bin": "180c6a10023270da",
+    "val-00019.bin": "9045e2679f9eb2af", "val-00020.bin": "747eb8b9727e8bcb",
+    "val-00021.bin": "e028c9e8f348684c", "val-00022.bin": "d87b158f8882a973",
+    "val-00023.bin": "bee9a7fffe4c92cb", "val.docs.bin": "d17e2c8f3ee90b70"
+}  # fmt: skip
+
+
+def test_prepared_shards_hash_as_recorded(tmp_path):
+    """The prepared files of a small corpus are byte for byte those recorded when the
+    format was made (a sentencepiece tokenizer trained by tvq prepare with a held-out
+    fraction; bytes with a --val file, cut into units of 300 bytes)."""
+    corpus(tmp_path / "corpus")
+    made = runner.invoke(app, ["prepare", str(tmp_path / "corpus"), "--vocab-size", "400",
+                               "--val-fraction", "0.2", "--seed", "3",
+                               "--out", str(tmp_path / "spm")])  # fmt: skip
+    assert made.exit_code == 0, made.output
+    req = prepare.request([tmp_path / "corpus"], tokenizer=ByteTokenizer(),
+                          held_out=[tmp_path / "corpus" / "e.jsonl"])  # fmt: skip
+    prepare.prepare(req, out=tmp_path / "bytes", workers=1, unit_bytes=300)
+    assert prepared_digest(tmp_path / "spm", tmp_path / "corpus") == GOLDEN_SENTENCEPIECE
+    assert prepared_digest(tmp_path / "bytes", tmp_path / "corpus") == GOLDEN_BYTES
