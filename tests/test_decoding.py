@@ -256,23 +256,24 @@ def test_a_batch_of_requests_gives_each_request_its_own_samples(byte_model):
     """generate_batch (tvq serve's batches): texts at different positions, with their
     own seeds, lengths, stop strings and sample counts, side by side in one loop, each
     get what generate gives them alone (row keys and ring positions are per row)."""
-    from tvq.decoding import Request, generate_batch
+    from tvq.decoding import BatchGeneration, BatchItem, stream_batch
 
     encode = byte_model.tokenizer.encode
     requests = [
-        Request(encode("To be, or not"), max_tokens=20, seed=1),
-        Request(encode("Once"), max_tokens=7, seed=2, num_samples=2),
-        Request([], max_tokens=12, seed=3, stop=["e"]),
-        Request(encode("xy"), max_tokens=0, seed=4),
-        Request(encode("Long ago, in a kingdom by the sea"), max_tokens=40, seed=5),
+        BatchItem(encode("To be, or not"), max_tokens=20, seed=1),
+        BatchItem(encode("Once"), max_tokens=7, seed=2, num_samples=2),
+        BatchItem([], max_tokens=12, seed=3, stop=["e"]),
+        BatchItem(encode("xy"), max_tokens=0, seed=4),
+        BatchItem(encode("Long ago, in a kingdom by the sea"), max_tokens=40, seed=5),
     ]  # 6 rows: padded to 8
     sampler = Sampler(temperature=1.0, top_p=0.9)
     streamed = {}
-
-    def on_text(i, j, text):
-        streamed[i, j] = streamed.get((i, j), "") + text
-
-    batched = generate_batch(byte_model, requests, sampler=sampler, logprobs=2, on_text=on_text)
+    for event in stream_batch(byte_model, requests, sampler=sampler, logprobs=2):
+        if isinstance(event, BatchGeneration):
+            batched = event.samples
+        else:
+            key = event.prompt, event.sample
+            streamed[key] = streamed.get(key, "") + event.text
     for i, (request, samples) in enumerate(zip(requests, batched, strict=True)):
         alone = generate(byte_model, request.prompt_ids, max_tokens=request.max_tokens,
                          sampler=sampler, seed=request.seed, num_samples=request.num_samples,

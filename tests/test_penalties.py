@@ -9,7 +9,7 @@ import pytest
 
 import tvq
 from tests.conftest import count_compilations, tiny_config
-from tvq.decoding import Request, generate, generate_batch
+from tvq.decoding import BatchItem, generate, generate_batch
 from tvq.text.sampling import REPEAT_WINDOW, Penalties, Sampler, SamplerRows, penalized, pick_rows
 
 SETTINGS = [
@@ -113,15 +113,15 @@ def test_rows_with_different_settings_share_a_batch_and_get_what_each_gets_alone
     ignore_eos gives each request what generate() gives it alone, in one program."""
     encode = model.tokenizer.encode
     requests = [
-        Request(encode("ROMEO."), 20, seed=1, sampler=Sampler(temperature=0.9, top_k=7)),
-        Request(encode("JULIET. O"), 12, seed=2, num_samples=2, logprobs=3,
+        BatchItem(encode("ROMEO."), 20, seed=1, sampler=Sampler(temperature=0.9, top_k=7)),
+        BatchItem(encode("JULIET. O"), 12, seed=2, num_samples=2, logprobs=3,
                 sampler=Sampler(presence_penalty=1.0, repetition_penalty=1.2)),
-        Request(encode("A"), 16, seed=3, sampler=Sampler(temperature=0), ignore_eos=True,
+        BatchItem(encode("A"), 16, seed=3, sampler=Sampler(temperature=0), ignore_eos=True,
                 stop=("e",)),
-        Request(encode("Exit."), 9, seed=4, logprobs=5,
+        BatchItem(encode("Exit."), 9, seed=4, logprobs=5,
                 sampler=Sampler(top_p=0.8, frequency_penalty=-0.5, logit_bias=((40, 4.0),))),
     ]  # fmt: skip
-    plain = [Request(r.prompt_ids, r.max_tokens, r.seed, r.num_samples) for r in requests]
+    plain = [BatchItem(r.prompt_ids, r.max_tokens, r.seed, r.num_samples) for r in requests]
     generate_batch(model, plain, alternatives=5)  # the same shapes, default settings
     with count_compilations() as counts:
         together = generate_batch(model, requests)

@@ -481,7 +481,7 @@ def test_requests_join_and_leave_the_running_batch(model_dir):
     """Continuous batching (tvq.serving.running): requests join the running rows at
     different times, with their own samplers, penalties, sample counts and lengths, and
     each gets exactly what generate() gives it alone."""
-    from tvq.decoding import Request, generate
+    from tvq.decoding import BatchItem, generate
     from tvq.serving.running import RunningBatch
     from tvq.text.rows import TextRows
 
@@ -500,11 +500,9 @@ def test_requests_join_and_leave_the_running_batch(model_dir):
         ids = np.asarray(model.tokenizer.encode(text), np.int32)
         whole = len(ids) - len(ids) % model.block_len
         context = tvq.score_ids(model, ids[:whole])[1] if whole else None
-        request = Request(ids, max_tokens, seed, n, (), sampler, logprobs, False)
-        rows = TextRows(model.tokenizer, [[]] * n, None, [False] * n, [logprobs] * n,
-                        lambda *piece: None)  # fmt: skip
-        batch.admit(request, context, ids[whole:], rows, lambda s, i=i: done.__setitem__(i, s),
-                    lambda: False)  # fmt: skip
+        request = BatchItem(ids, max_tokens, seed, n, (), sampler, logprobs, False)
+        rows = TextRows(model.tokenizer, [[]] * n, [False] * n, [logprobs] * n)
+        batch.admit(request, context, ids[whole:], rows, lambda s, i=i: done.__setitem__(i, s))
 
     join(0)
     batch.step()

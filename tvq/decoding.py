@@ -4,21 +4,29 @@
 Block-length invariance (docs/DESIGN.md invariant 3) makes this exact: the log-probs the
 sampler sees are those that scoring the finished text gives (invariant 6). Tokens are
 sampled in chunks by one compiled `jax.lax.while_loop` (no Python per token); between
-chunks the host streams the text and applies stop strings. The first chunk is one
+chunks the host releases the text and applies stop strings. The first chunk is one
 token, so the first text appears at once, and chunks then double up to `CHUNK`.
 The attention memory lives in a ring during decoding (tvq.nn.ring): each token is written
 in place, and its cost does not depend on the position. The compiled loop itself, whose
 network pass per token is `Transformer.step`, is tvq/runtime/decode_loop.py; this module is the
-host side: prompts, sample rows, stop strings, streaming. (Over 300 lines: one text and
-a batch of texts share the chunk loop and its replay up to a stop string.)
+host side: prompts, sample rows, stop strings, and the stream of events.
+
+The primitive is a generator, as mlx-lm's `stream_generate`: `stream_generate` yields a
+`Piece` of text (with its tokens and log-probs) as soon as it is final, then the
+`Generation` (each sample's finish_reason, the usage and timings); `generate` is a loop
+over it. Closing the stream cancels it; `GenerationStream.stop` ends it early and still
+gives the Generation. (Over 300 lines: one text and a batch of texts share the chunk loop
+and its replay up to a stop string.)
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -39,12 +47,16 @@ from tvq.runtime.decode_loop import (
 )
 from tvq.runtime.forward import on_device
 from tvq.runtime.model import Model, check_top_k
-from tvq.text.rows import Sample, TextRows
+from tvq.text.ranges import check
+from tvq.text.rows import Piece, Sample, TextRows
 from tvq.text.sampling import Penalties, Sampler, SamplerRows
 
 
 @dataclasses.dataclass
 class Generation:
+    """The end of a generation: the samples (each with its finish_reason), the usage and
+    the timings; `context` continues after the last sampled token."""
+
     samples: list[Sample]
     prompt_tokens: int
     prompt_seconds: float
@@ -61,9 +73,62 @@ class Generation:
         return self.resume()
 
 
-def generate(
+@dataclasses.dataclass
+class BatchGeneration:
+    """The end of a batch (stream_batch): each prompt's samples, in request order."""
+
+    samples: list[list[Sample]]
+
+
+Event = Piece | Generation | BatchGeneration
+
+
+class GenerationStream(Iterator[Event]):
+    """The events of a generation: Pieces of final text as they are sampled, then the
+    Generation (BatchGeneration for a batch). Closing it (`close`, leaving a `with`
+    block, or dropping it) cancels at once: nothing more is computed. `stop()` ends
+    every row at the next chunk (at most CHUNK tokens on) with finish_reason
+    "cancelled", and the stream still ends with its Generation, whose context continues
+    after the tokens sampled; it may be called from another thread or a signal handler."""
+
+    def __init__(self, run: Callable[[GenerationStream], Generator[Event, None, None]]) -> None:
+        self._stopping = threading.Event()
+        self._events = run(self)
+
+    def __next__(self) -> Event:
+        return next(self._events)
+
+    def __enter__(self) -> GenerationStream:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._events.close()
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping.is_set()
+
+
+def check_generation(model: Model, max_tokens: int, seed: int, num_samples: int,
+                     logprobs: int) -> None:  # fmt: skip
+    """A generation's own settings within their ranges (tvq.text.ranges), before any
+    array is made; SettingError names the first one that is not."""
+    check("max_tokens", max_tokens)
+    check("seed", seed)
+    check("num_samples", num_samples)
+    check("logprobs", logprobs)
+    check_top_k(logprobs, model.config.n_vocab, "logprobs")
+
+
+def stream_generate(
     model: Model,
-    prompt_ids: Sequence[int] | str,
+    prompt: Sequence[int] | str,
     *,
     max_tokens: int = 256,
     sampler: Sampler | None = None,
@@ -71,204 +136,202 @@ def generate(
     num_samples: int = 1,
     stop: Sequence[str] = (),
     context: Context | None = None,
-    on_text: Callable[[int, str], None] | None = None,
     ignore_eos: bool = False,
-    devices: int | None = None,
     logprobs: int = 0,
-    should_stop: Callable[[], bool] | None = None,
+    devices: int | None = None,
     alternatives: int | None = None,
-    on_piece: Callable[[int, str, Sample, int, int], None] | None = None,
-) -> Generation:
+) -> GenerationStream:
     """Samples `num_samples` continuations of context + prompt (token ids, or text for
-    the model's tokenizer) as one batch; a row ends
-    at an end-of-document token unless ignore_eos (then only max_tokens and stop end it).
-    The rows are split over the local devices (at most `devices`; as many as divide
-    num_samples); the samples do not depend on how many.
-
-    on_text(row, text) receives text as soon as it is final (never half a character,
-    never the start of a stop string that may still complete). logprobs k > 0 also
-    keeps, per sampled token, the k most likely tokens with their log-probs
-    (Sample.top_logprobs), found inside the compiled loop. should_stop() is asked
-    between chunks (at most CHUNK tokens apart): True ends every row there, with
-    finish_reason "cancelled" (a client that went away). alternatives (≥ logprobs;
-    default logprobs) is how many alternatives the compiled loop finds per token: a
-    server passes its one bound, so every request runs the same program.
-    on_piece(row, text, sample, start, end), instead of on_text, also gives the tokens
-    sample.ids[start:end] that came with the text (TextRows).
-    """
+    the model's tokenizer) as one batch, yielding each Piece of final text as it is
+    sampled and then the Generation. A row ends at an end-of-document token unless
+    ignore_eos (then only max_tokens and stop end it). The rows are split over the local
+    devices (at most `devices`; as many as divide num_samples); the samples do not
+    depend on how many. logprobs k > 0 also keeps, per sampled token, the k most likely
+    tokens with their log-probs (Sample.top_logprobs), found inside the compiled loop;
+    alternatives (≥ logprobs; default logprobs) is how many the loop finds: a server
+    passes its one bound, so every request runs the same program. Every setting is
+    checked before anything runs (SettingError)."""
     sampler = sampler or Sampler()
     tokenizer = require_tokenizer(model)
-    if isinstance(prompt_ids, str):  # text: through the model's tokenizer
-        prompt_ids = tokenizer.encode(prompt_ids)
-    if max_tokens < 0:
-        raise InputError(f"max-tokens must be >= 0, got {max_tokens}")
-    if num_samples < 1:
-        raise InputError(f"num-samples must be >= 1, got {num_samples}")
-    check_top_k(logprobs, model.config.n_vocab, "logprobs")
-    width = logprobs if alternatives is None else max(alternatives, logprobs)
-    started = time.perf_counter()
-    fresh = context is None
-    context = context or Context.start(model, 1)
-    if context.state.batch_size != 1:
+    check_generation(model, max_tokens, seed, num_samples, logprobs)
+    if context is not None and context.state.batch_size != 1:
         raise InputError("generation continues a single context (batch size 1)")
-    prompt = np.asarray(list(prompt_ids), np.int32)
-    # Whole blocks of the prompt go through the blockwise forward; what is left (less
-    # than a block) through the decoding loop, which is compiled anyway: an odd prompt
-    # length then costs no compilation of its own.
-    whole = len(prompt) - len(prompt) % model.block_len if max_tokens else len(prompt)
-    if whole:
-        _, context = score_ids(model, prompt[:whole], context)
-    if not max_tokens:
-        done = time.perf_counter()
-        return Generation(
-            samples=[Sample() for _ in range(num_samples)], prompt_tokens=len(prompt),
-            prompt_seconds=done - started, generated_tokens=0, generate_seconds=1e-9,
-            seed=seed, resume=lambda: _repeat_context(context, num_samples),
+    ids = tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
+    prompt_ids = np.asarray(list(ids), np.int32)
+    width = logprobs if alternatives is None else max(alternatives, logprobs)
+
+    def run(stream: GenerationStream) -> Generator[Event, None, None]:
+        started = time.perf_counter()
+        start = context or Context.start(model, 1)
+        # Whole blocks of the prompt go through the blockwise forward; what is left (less
+        # than a block) through the decoding loop, which is compiled anyway: an odd
+        # prompt length then costs no compilation of its own.
+        whole = len(prompt_ids) - len(prompt_ids) % model.block_len if max_tokens else \
+            len(prompt_ids)  # fmt: skip
+        after = score_ids(model, prompt_ids[:whole], start)[1] if whole else start
+        if not max_tokens:
+            yield Generation(
+                samples=[Sample(done=True) for _ in range(num_samples)],
+                prompt_tokens=len(prompt_ids), prompt_seconds=time.perf_counter() - started,
+                generated_tokens=0, generate_seconds=1e-9, seed=seed,
+                resume=lambda: _repeat_context(after, num_samples),
+            )  # fmt: skip
+            return
+        fresh = context is None and not whole
+        rings, token = prefill_rings(model, after, prompt_ids[whole:], fresh, width)
+        if num_samples > 1:
+            rings, token = repeat_ring_rows(rings, n=num_samples), jnp.repeat(token, num_samples)
+        mesh = mesh_for_rows(num_samples, devices)
+        n = num_samples
+        rows = TextRows(tokenizer, [list(stop)] * n, [ignore_eos] * n, [logprobs] * n)
+        loop = _SampleLoop(model, rows, row_keys(seed, n), np.full(n, max_tokens),
+                           SamplerRows.of([sampler] * n, model.config.n_vocab),
+                           Penalties.start(model.config.n_vocab, [prompt_ids.tolist()] * n),
+                           width, eos_ids_of(tokenizer, [ignore_eos] * n), mesh,
+                           keep_state=True)  # fmt: skip
+        rings, token, count = yield from loop.run(rings, token, stream)
+        finished_at = time.perf_counter()
+        first = rows.first_token_at or finished_at
+        tokens_before = after.tokens + len(prompt_ids) - whole
+
+        def resume() -> Context:
+            state = ring_to_state(model.config, model.params, on_device(rings))
+            return Context(state=state, last_token=np.asarray(token), tokens=tokens_before + count)
+
+        yield Generation(
+            samples=rows.samples, prompt_tokens=len(prompt_ids),
+            prompt_seconds=first - started, generated_tokens=count * num_samples,
+            generate_seconds=max(finished_at - first, 1e-9), seed=seed, resume=resume,
+            devices=mesh.size if mesh is not None else 1,
         )  # fmt: skip
 
-    rings, token = prefill_rings(model, context, prompt[whole:], fresh and not whole, width)
-    if num_samples > 1:
-        rings, token = repeat_ring_rows(rings, n=num_samples), jnp.repeat(token, num_samples)
-    mesh = mesh_for_rows(num_samples, devices)
-    params = replicated(mesh, model.params) if mesh is not None else None
+    return GenerationStream(run)
 
-    def row_piece(row: int, text: str, start: int, end: int) -> None:
-        on_piece(row, text, rows.samples[row], start, end)
 
-    rows = TextRows(tokenizer, [list(stop)] * num_samples, on_text, [ignore_eos] * num_samples,
-                    [logprobs] * num_samples,
-                    row_piece if on_piece is not None else None)  # fmt: skip
-    sampling = SamplerRows.of([sampler] * num_samples, model.config.n_vocab)
-    penalties = Penalties.start(model.config.n_vocab, [prompt.tolist()] * num_samples)
-    rings, token, count = _sample_loop(
-        model, rings, token, rows, row_keys(seed, num_samples), np.full(num_samples, max_tokens),
-        sampling, penalties, width, eos_ids_of(tokenizer, [ignore_eos] * num_samples),
-        should_stop, mesh, params, keep_state=True,
-    )  # fmt: skip
-    rows.finish_all()
-    finished_at = time.perf_counter()
-    first = rows.first_token_at or finished_at
-    tokens_before = context.tokens + len(prompt) - whole
-
-    def resume() -> Context:
-        state = ring_to_state(model.config, model.params, on_device(rings))
-        return Context(state=state, last_token=np.asarray(token), tokens=tokens_before + count)
-
-    return Generation(
-        samples=rows.samples,
-        prompt_tokens=len(prompt),
-        prompt_seconds=first - started,
-        generated_tokens=count * num_samples,
-        generate_seconds=max(finished_at - first, 1e-9),
-        seed=seed,
-        resume=resume,
-        devices=mesh.size if mesh is not None else 1,
-    )
+def generate(model: Model, prompt: Sequence[int] | str, **options: Any) -> Generation:
+    """stream_generate to its end: the Generation (same options)."""
+    for event in stream_generate(model, prompt, **options):
+        if isinstance(event, Generation):
+            return event
+    raise AssertionError("a generation stream ends with its Generation")
 
 
 @dataclasses.dataclass(frozen=True)
-class Request:
-    """One text's share of a batch (generate_batch), from the start of a document."""
+class BatchItem:
+    """One text's share of a batch (stream_batch), from the start of a document."""
 
     prompt_ids: Sequence[int]
     max_tokens: int = 256
     seed: int = 0
     num_samples: int = 1
     stop: Sequence[str] = ()
-    # None: generate_batch's own arguments; rows with different settings share the batch
+    # None: the batch's own arguments; rows with different settings share the batch
     sampler: Sampler | None = None
     logprobs: int | None = None
     ignore_eos: bool | None = None
 
 
-def generate_batch(
+def stream_batch(
     model: Model,
-    requests: Sequence[Request],
+    items: Sequence[BatchItem],
     *,
     sampler: Sampler | None = None,
     logprobs: int = 0,
     ignore_eos: bool = False,
-    on_text: Callable[[int, int, str], None] | None = None,
-    should_stop: Callable[[], Sequence[bool]] | None = None,
     alternatives: int | None = None,
-    on_piece: Callable[[int, int, str, Sample, int, int], None] | None = None,
-) -> list[list[Sample]]:
-    """Samples the continuations of several texts at once: every request's rows share
-    one compiled decoding loop (tvq serve batches concurrent requests so), whatever their
-    samplers, penalties, log-probs and ignore_eos (each request's own, or these
-    arguments). Each request gets the samples generate() gives it alone with its seed
-    and settings: a row draws from its own keys by its own settings, and rows of texts
-    at different positions run side by side. The batch is padded to a power of two
-    rows, so few shapes ever compile.
-
-    on_text(request, sample, text) streams text; should_stop() → one bool per request
-    (its client went away) is asked between chunks; alternatives as for generate.
-    on_piece(request, sample index, text, sample, start, end), instead of on_text, also
-    gives the tokens sample.ids[start:end] that came with the text (TextRows).
-    Returns the samples per request."""
+) -> GenerationStream:
+    """Samples the continuations of several texts at once: every item's rows share one
+    compiled decoding loop, whatever their samplers, penalties, log-probs and ignore_eos
+    (each item's own, or these arguments). Each item gets the samples generate() gives
+    it alone with its seed and settings: a row draws from its own keys by its own
+    settings, and rows of texts at different positions run side by side. The batch is
+    padded to a power of two rows, so few shapes ever compile. Yields Pieces (`prompt`:
+    the item, `sample`: its sample), then the BatchGeneration."""
     sampler = sampler or Sampler()
     tokenizer = require_tokenizer(model)
-    owners = [(i, j) for i, r in enumerate(requests) for j in range(r.num_samples)]
+    top_k = max([logprobs, alternatives or 0] + [r.logprobs or 0 for r in items])
+    for r in items:
+        check_generation(model, r.max_tokens, r.seed, r.num_samples, r.logprobs or 0)
+    owners = [(i, j) for i, r in enumerate(items) for j in range(r.num_samples)]
     size = 1 << max(0, len(owners) - 1).bit_length()  # rows, padded to a power of two
-    parts, keys, limits, stops, samplers, recent, eos_rules, tops = [], [], [], [], [], [], [], []
-    top_k = max([logprobs, alternatives or 0] + [r.logprobs or 0 for r in requests])
-    for r in requests:
+
+    def run(stream: GenerationStream) -> Generator[Event, None, None]:
+        rows = _BatchRows(model, top_k, sampler, logprobs, ignore_eos)
+        for r in items:
+            rows.add(r)
+        rows.pad(size - len(owners))
+        text = TextRows(tokenizer, rows.stops, rows.eos_rules, rows.tops)
+        loop = _SampleLoop(model, text, np.concatenate(rows.keys), np.asarray(rows.limits),
+                           SamplerRows.of(rows.samplers, model.config.n_vocab),
+                           Penalties.start(model.config.n_vocab, rows.recent), top_k,
+                           eos_ids_of(tokenizer, rows.eos_rules), mesh_for_rows(size, None),
+                           keep_state=False, owners=owners)  # fmt: skip
+        yield from loop.run(*rows.joined(), stream)
+        out: list[list[Sample]] = [[] for _ in items]
+        for row, (i, _) in enumerate(owners):
+            out[i].append(text.samples[row])
+        yield BatchGeneration(out)
+
+    return GenerationStream(run)
+
+
+def generate_batch(model: Model, items: Sequence[BatchItem], **options: Any
+                   ) -> list[list[Sample]]:  # fmt: skip
+    """stream_batch to its end: the samples per item (same options)."""
+    for event in stream_batch(model, items, **options):
+        if isinstance(event, BatchGeneration):
+            return event.samples
+    raise AssertionError("a batch stream ends with its BatchGeneration")
+
+
+class _BatchRows:
+    """The rows of a batch being assembled: each item's rings and last tokens repeated
+    for its samples, and per row its key, limit, stop strings, sampler, recent tokens,
+    end-of-document rule and log-probs."""
+
+    def __init__(self, model: Model, top_k: int, sampler: Sampler, logprobs: int,
+                 ignore_eos: bool) -> None:  # fmt: skip
+        self.model, self.top_k = model, top_k
+        self.sampler, self.logprobs, self.ignore_eos = sampler, logprobs, ignore_eos
+        self.parts, self.keys, self.limits, self.stops = [], [], [], []
+        self.samplers, self.recent, self.eos_rules, self.tops = [], [], [], []
+
+    def add(self, r: BatchItem) -> None:
+        model, n = self.model, r.num_samples
         prompt = np.asarray(list(r.prompt_ids), np.int32)
-        check_top_k(r.logprobs or 0, model.config.n_vocab, "logprobs")
         whole = len(prompt) - len(prompt) % model.block_len
         context = Context.start(model, 1)
         if whole:
             _, context = score_ids(model, prompt[:whole], context)
-        rings, token = prefill_rings(model, context, prompt[whole:], not whole, top_k)
-        parts.append((repeat_ring_rows(rings, n=r.num_samples), jnp.repeat(token, r.num_samples)))
-        keys.append(row_keys(r.seed, r.num_samples))
-        n = r.num_samples
-        limits += [r.max_tokens] * n
-        stops += [list(r.stop)] * n
-        samplers += [r.sampler or sampler] * n
-        recent += [prompt.tolist()] * n
-        eos_rules += [ignore_eos if r.ignore_eos is None else r.ignore_eos] * n
-        tops += [logprobs if r.logprobs is None else r.logprobs] * n
-    padding = size - len(owners)
-    if padding:  # rows of an empty text that never sample
-        parts.append((empty_rings(model.config, padding),
-                      jnp.full([padding], eos_id(model), jnp.int32)))  # fmt: skip
-        keys.append(row_keys(0, padding))
-        limits += [0] * padding
-        stops += [[]] * padding
-        samplers += [sampler] * padding
-        recent += [[]] * padding
-        eos_rules += [False] * padding
-        tops += [0] * padding
-    rings = jax.tree_util.tree_map(lambda *a: jnp.concatenate(a, axis=0), *[p[0] for p in parts])
-    token = jnp.concatenate([p[1] for p in parts])
+        rings, token = prefill_rings(model, context, prompt[whole:], not whole, self.top_k)
+        self.parts.append((repeat_ring_rows(rings, n=n), jnp.repeat(token, n)))
+        self.keys.append(row_keys(r.seed, n))
+        self.limits += [r.max_tokens] * n
+        self.stops += [list(r.stop)] * n
+        self.samplers += [r.sampler or self.sampler] * n
+        self.recent += [prompt.tolist()] * n
+        self.eos_rules += [self.ignore_eos if r.ignore_eos is None else r.ignore_eos] * n
+        self.tops += [self.logprobs if r.logprobs is None else r.logprobs] * n
 
-    def row_text(row: int, text: str) -> None:
-        if on_text is not None and row < len(owners):
-            on_text(*owners[row], text)
+    def pad(self, padding: int) -> None:
+        """Rows of an empty text that never sample."""
+        if not padding:
+            return
+        self.parts.append((empty_rings(self.model.config, padding),
+                           jnp.full([padding], eos_id(self.model), jnp.int32)))  # fmt: skip
+        self.keys.append(row_keys(0, padding))
+        self.limits += [0] * padding
+        self.stops += [[]] * padding
+        self.samplers += [self.sampler] * padding
+        self.recent += [[]] * padding
+        self.eos_rules += [False] * padding
+        self.tops += [0] * padding
 
-    def rows_to_stop():
-        stopped = list(should_stop())
-        return [stopped[i] for i, _ in owners] + [True] * padding
-
-    def row_piece(row: int, text: str, start: int, end: int) -> None:
-        if row < len(owners):
-            on_piece(*owners[row], text, rows.samples[row], start, end)
-
-    rows = TextRows(tokenizer, stops, row_text, eos_rules, tops,
-                    row_piece if on_piece is not None else None)  # fmt: skip
-    mesh = mesh_for_rows(size, None)
-    params = replicated(mesh, model.params) if mesh is not None else None
-    sampling = SamplerRows.of(samplers, model.config.n_vocab)
-    penalties = Penalties.start(model.config.n_vocab, recent)
-    _sample_loop(model, rings, token, rows, np.concatenate(keys), np.asarray(limits), sampling,
-                 penalties, top_k, eos_ids_of(tokenizer, eos_rules),
-                 rows_to_stop if should_stop else None, mesh, params, keep_state=False)  # fmt: skip
-    rows.finish_all()
-    out: list[list[Sample]] = [[] for _ in requests]
-    for row, (i, _) in enumerate(owners):
-        out[i].append(rows.samples[row])
-    return out
+    def joined(self):
+        """(rings, last tokens) of every row."""
+        rings = jax.tree_util.tree_map(lambda *a: jnp.concatenate(a, axis=0),
+                                       *[p[0] for p in self.parts])  # fmt: skip
+        return rings, jnp.concatenate([p[1] for p in self.parts])
 
 
 def prefill_rings(model: Model, context: Context, rest: np.ndarray, fresh: bool,
@@ -289,49 +352,71 @@ def eos_ids_of(tokenizer, ignore_eos: list[bool]) -> np.ndarray:
     return np.asarray([-1 if ignore else eos for ignore in ignore_eos], np.int32)
 
 
-def _sample_loop(model: Model, rings, token, rows: TextRows, keys: np.ndarray,
-                 max_tokens: np.ndarray, sampling: SamplerRows, penalties: Penalties,
-                 logprobs: int, eos_ids: np.ndarray, should_stop, mesh, params,
-                 keep_state: bool):  # fmt: skip
+class _SampleLoop:
     """Samples every row until it ends (end of document, a stop string, its max_tokens,
-    or should_stop() true for it: a bool, or one per row) in chunks of 1, 2, 4, … up to
-    CHUNK tokens → (rings, last token, tokens taken). keep_state: the rings are the
-    state after the last token taken even when a stop string ended the last row
-    mid-chunk (that chunk is replayed up to it)."""
-    batch = len(max_tokens)
-    no_forcing = np.zeros([CHUNK, batch], np.int32)
-    count, chunk = 0, 1
-    for row in np.flatnonzero(max_tokens <= 0):
-        rows.finish_at(int(row))
-    while not rows.all_done:
-        if should_stop is not None:
-            rows.cancel(np.broadcast_to(should_stop(), [batch]))
-            if rows.all_done:
+    or the stream stopped) in chunks of 1, 2, 4, … up to CHUNK tokens, releasing the
+    rows' pieces as they come. keep_state: the rings are the state after the last token
+    taken even when a stop string ended the last row mid-chunk (that chunk is replayed
+    up to it). owners: per row, its (item, sample) in a batch; rows beyond are padding."""
+
+    def __init__(self, model: Model, rows: TextRows, keys: np.ndarray, max_tokens: np.ndarray,
+                 sampling: SamplerRows, penalties: Penalties, logprobs: int,
+                 eos_ids: np.ndarray, mesh, keep_state: bool,
+                 owners: list[tuple[int, int]] | None = None) -> None:  # fmt: skip
+        self.model, self.rows, self.keys, self.max_tokens = model, rows, keys, max_tokens
+        self.sampling, self.penalties, self.logprobs = sampling, penalties, logprobs
+        self.eos_ids, self.mesh, self.keep_state, self.owners = eos_ids, mesh, keep_state, owners
+        self.params = replicated(mesh, model.params) if mesh is not None else None
+
+    def _pieces(self) -> list[Piece]:
+        pieces = self.rows.drain()
+        if self.owners is None:
+            return pieces
+        return [dataclasses.replace(p, prompt=self.owners[p.sample][0],
+                                    sample=self.owners[p.sample][1])
+                for p in pieces if p.sample < len(self.owners)]  # fmt: skip
+
+    def run(self, rings, token, stream: GenerationStream):
+        """Yields the rows' Pieces; returns (rings, last token, tokens taken)."""
+        rows, max_tokens = self.rows, self.max_tokens
+        batch = len(max_tokens)
+        no_forcing = np.zeros([CHUNK, batch], np.int32)
+        count, chunk = 0, 1
+        for row in np.flatnonzero(max_tokens <= 0):
+            rows.finish_at(int(row))
+        while not rows.all_done:
+            if stream.stopping:
+                rows.cancel(np.ones(batch, bool))
                 break
-        done = np.array([s.done for s in rows.samples])
-        limits = np.where(done, 0, np.clip(max_tokens - count, 0, chunk))
-        before = (rings, token)
-        rings, token, tokens, log_probs, sampled, top_values, top_ids, after = run_chunk(
-            model, rings, token, keys, np.full(batch, count), limits, no_forcing, 0, eos_ids,
-            sampling, penalties, mesh, params, logprobs,
-        )  # fmt: skip
-        tokens, log_probs, sampled = np.asarray(tokens), np.asarray(log_probs), int(sampled)
-        top_values, top_ids = np.asarray(top_values), np.asarray(top_ids)
-        used = 0
-        while used < sampled and not rows.all_done:
-            rows.take(tokens[used], log_probs[used], top_values[used], top_ids[used])
-            used += 1
-            for row in np.flatnonzero(max_tokens == count + used):
-                rows.finish_at(int(row))
-        if keep_state and used < sampled:  # a stop string ended it mid-chunk
-            rings, token, *_, after = run_chunk(model, *before, keys, np.full(batch, count),
-                                                np.full(batch, used), tokens, used, eos_ids,
-                                                sampling, penalties, mesh, params,
-                                                logprobs)  # fmt: skip
-        penalties = after
-        count += used
-        chunk = min(2 * chunk, CHUNK)
-    return rings, token, count
+            done = np.array([s.done for s in rows.samples])
+            limits = np.where(done, 0, np.clip(max_tokens - count, 0, chunk))
+            before = (rings, token)
+            rings, token, tokens, log_probs, sampled, top_values, top_ids, after = run_chunk(
+                self.model, rings, token, self.keys, np.full(batch, count), limits, no_forcing,
+                0, self.eos_ids, self.sampling, self.penalties, self.mesh, self.params,
+                self.logprobs,
+            )  # fmt: skip
+            tokens, log_probs, sampled = np.asarray(tokens), np.asarray(log_probs), int(sampled)
+            top_values, top_ids = np.asarray(top_values), np.asarray(top_ids)
+            used = 0
+            while used < sampled and not rows.all_done:
+                rows.take(tokens[used], log_probs[used], top_values[used], top_ids[used])
+                used += 1
+                for row in np.flatnonzero(max_tokens == count + used):
+                    rows.finish_at(int(row))
+                yield from self._pieces()
+            if self.keep_state and used < sampled:  # a stop string ended it mid-chunk
+                rings, token, *_, after = run_chunk(
+                    self.model, *before, self.keys, np.full(batch, count), np.full(batch, used),
+                    tokens, used, self.eos_ids, self.sampling, self.penalties, self.mesh,
+                    self.params, self.logprobs,
+                )  # fmt: skip
+            self.penalties = after
+            count += used
+            chunk = min(2 * chunk, CHUNK)
+        rows.finish_all()
+        yield from self._pieces()
+        return rings, token, count
 
 
 def _repeat_context(context: Context, n: int) -> Context:

@@ -20,7 +20,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from tvq.serving.engine import Engine, Job
+from tvq.serving.engine import ChoiceEnd, ChoiceText, Engine, Failed, Finished, Job
 from tvq.serving.protocol import (
     BASE_MODEL_ONLY,
     SSE_DONE,
@@ -102,16 +102,15 @@ def build_app(engine: Engine) -> Starlette:
             texts = [""] * (len(r.prompts) * r.n)
             choices: list[dict | None] = [None] * len(texts)
             while True:
-                kind, *rest = await job.events.get()
-                if kind == "text":
-                    texts[rest[0]] += rest[1]
-                elif kind == "choice":
-                    choices[rest[0]] = rest[1]
-                elif kind == "error":
-                    raise rest[0]
-                else:
-                    usage = rest[0]
-                    break
+                match await job.events.get():
+                    case ChoiceText(choice, text):
+                        texts[choice] += text
+                    case ChoiceEnd(choice, end):
+                        choices[choice] = end
+                    case Failed(error):
+                        raise error
+                    case Finished(usage):
+                        break
         finally:
             job.cancelled.set()  # a no-op once done; frees the worker if the client left
         answer = completion_response(head, texts, choices, usage)
@@ -185,18 +184,18 @@ async def _stream(job: Job, head: dict, r: CompletionRequest) -> AsyncIterator[s
     [DONE]. Leaving early (the client went away) cancels the job at once."""
     try:
         while True:
-            kind, *rest = await job.events.get()
-            if kind == "text":
-                yield sse_chunk(head, text_chunk(rest[0], rest[1], rest[2]))
-            elif kind == "choice":  # its log-probs went with its text pieces
-                yield sse_chunk(head, end_chunk(rest[0], rest[1] | {"logprobs": None}))
-            elif kind == "error":
-                yield sse_error(rest[0])
-                break
-            else:
-                if r.include_usage:
-                    yield sse_chunk(head, usage_chunk(rest[0]))
-                break
+            match await job.events.get():
+                case ChoiceText(choice, text, logprobs):
+                    yield sse_chunk(head, text_chunk(choice, text, logprobs))
+                case ChoiceEnd(choice, end):  # its log-probs went with its text pieces
+                    yield sse_chunk(head, end_chunk(choice, end | {"logprobs": None}))
+                case Failed(error):
+                    yield sse_error(error)
+                    break
+                case Finished(usage):
+                    if r.include_usage:
+                        yield sse_chunk(head, usage_chunk(usage))
+                    break
         yield SSE_DONE
     finally:
         job.cancelled.set()

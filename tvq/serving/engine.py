@@ -7,9 +7,10 @@ advances every running row. Text goes back to the event loop as it is sampled, w
 tokens' log-probs. Requests with a session start from, and leave behind, its state
 (tvq.serving.sessions), one at a time per session.
 
-Over 300 lines because admission, long prompts, sessions and the requests that run alone
-all share the worker's state (the running batch, the prompts being read, the busy
-sessions); the batch itself is tvq/serving/running.py.
+Each job's answer goes back as typed events (`ChoiceText`, `ChoiceEnd`, `Finished`,
+`Failed`). Over 300 lines because admission, long prompts, sessions and the requests
+that run alone all share the worker's state (the running batch, the prompts being read,
+the busy sessions); the batch itself is tvq/serving/running.py.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import time
 
 import numpy as np
 
-from tvq.decoding import Request, Sample, generate
+from tvq.decoding import BatchItem, Generation, Piece, Sample, generate, stream_generate
 from tvq.errors import StateError
 from tvq.runtime.context import Context, chunk_len, require_tokenizer, score_ids
 from tvq.runtime.model import Model
@@ -36,8 +37,6 @@ from tvq.serving.protocol import (
     id_array,
     logprobs_json,
     logprobs_piece,
-    request_sampler,
-    request_seed,
     usage_json,
 )
 from tvq.serving.running import RunningBatch
@@ -45,18 +44,51 @@ from tvq.serving.sessions import Sessions
 from tvq.text.rows import TextRows
 
 
+@dataclasses.dataclass(frozen=True)
+class ChoiceText:
+    """A piece of a choice's text, with its tokens' log-probs when asked for."""
+
+    choice: int
+    text: str
+    logprobs: dict | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class ChoiceEnd:
+    """A choice ended: its finish_reason and its whole logprobs (choice_end's dict)."""
+
+    choice: int
+    end: dict
+
+
+@dataclasses.dataclass(frozen=True)
+class Finished:
+    """Every choice ended: the request's usage."""
+
+    usage: dict
+
+
+@dataclasses.dataclass(frozen=True)
+class Failed:
+    """The request failed: its answer."""
+
+    error: ApiError
+
+
+JobEvent = ChoiceText | ChoiceEnd | Finished | Failed
+
+
 @dataclasses.dataclass
 class Job:
-    """One request on its way through the worker; events go back to the event loop:
-    ("text", choice, text), ("choice", choice, dict) when a choice ends, ("done",
-    usage), ("error", ApiError)."""
+    """One request on its way through the worker; its events go back to the event loop,
+    each a JobEvent, Finished or Failed last."""
 
     request: CompletionRequest
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue
     cancelled: threading.Event = dataclasses.field(default_factory=threading.Event)
 
-    def send(self, *event) -> None:
+    def send(self, event: JobEvent) -> None:
         self.loop.call_soon_threadsafe(self.events.put_nowait, event)
 
     def batch_key(self) -> tuple | None:
@@ -71,6 +103,7 @@ class Job:
 
     # set by the engine: the prompt is longer than one prefill chunk (Engine.prefill_chunk)
     long_prompt: bool = False
+    out: _Choices | None = None  # where its running rows' pieces go
 
 
 class JobQueue:
@@ -155,7 +188,7 @@ class Engine:
         once, when first needed, and is kept in the compilation cache)."""
         for n in rows:
             if n <= self.settings.max_batch_rows:
-                generate(self.model, [], max_tokens=1, seed=0, num_samples=n,
+                generate(self.model, [], max_tokens=1, num_samples=n,
                          alternatives=self.alternatives)  # fmt: skip
                 self.running.warm_up(n)
 
@@ -203,7 +236,7 @@ class Engine:
             # chunk's time, and a long prompt still gets half the model.
             if self.running.rows and (self.decode_credit > 0 or not self.prefilling):
                 started = time.perf_counter()
-                self._guarded([e.job for e in self.running.entries], self.running.step)
+                self._guarded([e.job for e in self.running.entries], self._step)
                 self.decode_credit -= time.perf_counter() - started
                 self.stats["largest_batch"] = max(self.stats["largest_batch"],
                                                   len(self.running.entries))  # fmt: skip
@@ -211,6 +244,15 @@ class Engine:
                 started = time.perf_counter()
                 self._read_chunk()
                 self.decode_credit = time.perf_counter() - started
+
+    def _step(self) -> None:
+        """One call of the running batch; each entry's new pieces go to its client."""
+        for entry in self.running.entries:
+            if entry.job.cancelled.is_set():
+                self.running.cancel(entry)
+        self.running.step()
+        for entry in self.running.entries:
+            entry.job.out.send(entry.rows.drain())
 
     def _fits(self, job: Job) -> bool:
         """Whether a request's rows fit beside the running ones (any fits an empty batch)."""
@@ -224,11 +266,11 @@ class Engine:
         except Exception as e:  # noqa: BLE001  (answered, never raised)
             error = api_error(e)
             for job in jobs:
-                job.send("error", error)
+                job.send(Failed(error))
                 self.busy.discard(job.request.session)
             if self.running.entries and any(e.job in jobs for e in self.running.entries):
                 for entry in self.running.entries:  # the batch failed: answer all of it
-                    entry.job.send("error", error)
+                    entry.job.send(Failed(error))
                     self.busy.discard(entry.job.request.session)
                 self.running = RunningBatch(self.model, self.alternatives)  # start clean
 
@@ -256,7 +298,7 @@ class Engine:
         except Exception as e:  # noqa: BLE001  (answered, never raised)
             self.prefilling.popleft()
             self.busy.discard(job.request.session)
-            job.send("error", api_error(e))
+            job.send(Failed(api_error(e)))
             return
         self.prefilling.popleft()
         self._guarded([job], lambda: self._admit(job, prefill))
@@ -281,16 +323,14 @@ class Engine:
             start = self._start_context(job)
         echoed = self._prompt_logprobs(r.prompts[0], start, r, r.fresh[0]) \
             if r.echo and r.logprobs is not None else None  # fmt: skip
-        stream = _Stream(job, self.tokenizer, 0, r.prompt_texts[0], echoed)
+        job.out = _Choices(job, self.tokenizer, 0, r.prompt_texts[0], echoed)
         whole = len(ids) - len(ids) % self.model.block_len
         if whole > read:
             _, context = score_ids(self.model, ids[read:whole], context)
-        request = Request(ids, r.max_tokens, request_seed(r), r.n, r.stop, request_sampler(r),
-                          r.logprobs or 0, r.ignore_eos)  # fmt: skip
-        rows = TextRows(self.tokenizer, [r.stop] * r.n, None, [r.ignore_eos] * r.n,
-                        [r.logprobs or 0] * r.n,
-                        lambda row, text, start, end: stream.piece(row, text, rows.samples[row],
-                                                                   start, end))  # fmt: skip
+        request = BatchItem(ids, r.max_tokens, r.seed, r.n, r.stop, r.sampler, r.logprobs or 0,
+                            r.ignore_eos)  # fmt: skip
+        rows = TextRows(self.tokenizer, [r.stop] * r.n, [r.ignore_eos] * r.n,
+                        [r.logprobs or 0] * r.n)  # fmt: skip
 
         after_prompt = None
         if r.session is not None:  # where the sampled tokens continue from, for the session
@@ -299,6 +339,7 @@ class Engine:
                 _, after_prompt = score_ids(self.model, ids[whole:], after_prompt)
 
         def done(samples: list[Sample]) -> None:
+            job.out.send(rows.drain())
             held = {}
             if r.session is not None:
                 self.busy.discard(r.session)
@@ -307,23 +348,19 @@ class Engine:
                     self.sessions.put(r.session, after)
                     held = {"session_tokens": int(after.tokens)}  # an extension
             for row, sample in enumerate(samples):
-                job.send("choice", row, choice_end(self.tokenizer, r, sample, echoed,
-                                                   r.prompt_texts[0]))  # fmt: skip
+                job.send(ChoiceEnd(row, choice_end(self.tokenizer, r, sample, echoed,
+                                                   r.prompt_texts[0])))  # fmt: skip
             completion = sum(len(s.ids) for s in samples)
-            job.send("done", usage_json(len(ids) + r.fresh[0], completion) | held)
+            job.send(Finished(usage_json(len(ids) + r.fresh[0], completion) | held))
 
-        self.running.admit(request, context, ids[whole:], rows, done, job.cancelled.is_set,
-                           job)  # fmt: skip
+        self.running.admit(request, context, ids[whole:], rows, done, job)
 
     def _run(self, job: Job, prefill: _Prefill | None = None) -> None:
         """A request that runs alone (a session, several prompts, or a long prompt whose
         first prefill.read tokens are read into prefill.context), prompt by prompt."""
         r = job.request
-        sampler, seed = request_sampler(r), request_seed(r)
         prompt_tokens, completion_tokens, held = 0, 0, {}
         for p, (ids, text) in enumerate(zip(r.prompts, r.prompt_texts, strict=True)):
-            if job.cancelled.is_set():
-                return
             # a leading end-of-document marker starts a document, a session's too
             fresh = r.fresh[p]
             start = self._session(r.session) if r.session is not None and not fresh else None
@@ -332,23 +369,38 @@ class Engine:
             read = 0
             if prefill is not None:  # its prompt's first tokens are read already
                 start, read = prefill.context, prefill.read
-
-            stream = _Stream(job, self.tokenizer, p * r.n, text, echoed)
-            result = generate(
-                self.model, ids[read:], max_tokens=r.max_tokens, sampler=sampler, seed=seed,
-                num_samples=r.n, stop=r.stop, context=start, on_piece=stream.piece,
-                logprobs=r.logprobs or 0, should_stop=job.cancelled.is_set,
-                ignore_eos=r.ignore_eos, alternatives=self.alternatives,
-            )  # fmt: skip
+            out = _Choices(job, self.tokenizer, p * r.n, text, echoed)
+            result = self._generate(job, ids[read:], start, out)
+            if result is None:  # the client went away
+                return
             prompt_tokens += len(ids) + fresh
             completion_tokens += sum(len(s.ids) for s in result.samples)
-            if r.session is not None and not job.cancelled.is_set():
+            if r.session is not None:
                 self.sessions.put(r.session, result.context)
                 held = {"session_tokens": int(result.context.tokens)}  # an extension
             for row, sample in enumerate(result.samples):
-                end = choice_end(self.tokenizer, r, sample, echoed, text)
-                job.send("choice", p * r.n + row, end)
-        job.send("done", usage_json(prompt_tokens, completion_tokens) | held)
+                job.send(ChoiceEnd(p * r.n + row, choice_end(self.tokenizer, r, sample, echoed,
+                                                             text)))  # fmt: skip
+        job.send(Finished(usage_json(prompt_tokens, completion_tokens) | held))
+
+    def _generate(self, job: Job, ids, start: Context | None, out: _Choices
+                  ) -> Generation | None:  # fmt: skip
+        """One prompt of a request run alone, its pieces streamed to the client; None
+        when the client went away (the stream is closed there: nothing more runs)."""
+        r = job.request
+        with stream_generate(
+            self.model, ids, max_tokens=r.max_tokens, sampler=r.sampler, seed=r.seed,
+            num_samples=r.n, stop=r.stop, context=start, logprobs=r.logprobs or 0,
+            ignore_eos=r.ignore_eos, alternatives=self.alternatives,
+        ) as stream:  # fmt: skip
+            for event in stream:
+                if job.cancelled.is_set():
+                    return None
+                if isinstance(event, Piece):
+                    out.send([event])
+                else:
+                    return event
+        return None
 
     def _session(self, name: str) -> Context | None:
         """The session's context (None: a new session); 409 if its state file is bad."""
@@ -369,7 +421,7 @@ class Engine:
         return ids, scored.log_probs[0], *tops, fresh
 
 
-class _Stream:
+class _Choices:
     """A prompt's choices on their way back: text as it is sampled, each piece with its
     tokens' log-probs when the request asks for them (OpenAI's streamed shape; the pieces
     join to the whole choice's), text offsets counted from the prompt's start. With echo
@@ -381,20 +433,21 @@ class _Stream:
         self.offsets = [0 if r.echo else len(prompt_text)] * r.n
         self.logprobs = r.logprobs is not None
         if r.echo:
-            empty = Sample()
             for row in range(r.n):
                 part = None
                 if echoed is not None:
-                    part = logprobs_json(tokenizer, empty, echoed, 0)
+                    part = logprobs_json(tokenizer, Sample(), echoed, 0)
                 self.offsets[row] = len(prompt_text)
-                job.send("text", first + row, prompt_text, part)
+                job.send(ChoiceText(first + row, prompt_text, part))
 
-    def piece(self, row: int, text: str, sample: Sample, start: int, end: int) -> None:
-        part = None
-        if self.logprobs:
-            part, self.offsets[row] = logprobs_piece(self.tokenizer, sample, start, end,
-                                                     self.offsets[row])  # fmt: skip
-        self.job.send("text", self.first + row, text, part)
+    def send(self, pieces: list[Piece]) -> None:
+        for piece in pieces:
+            part = None
+            if self.logprobs:
+                part, self.offsets[piece.sample] = logprobs_piece(
+                    self.tokenizer, piece, self.offsets[piece.sample]
+                )
+            self.job.send(ChoiceText(self.first + piece.sample, piece.text, part))
 
 
 @dataclasses.dataclass

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import secrets
 import time
 from pathlib import Path
@@ -23,7 +22,8 @@ import numpy as np
 
 from tvq.errors import TvqError, is_int
 from tvq.serving.sessions import SESSION_ID
-from tvq.text.sampling import REPEAT_WINDOW, Sampler
+from tvq.text.ranges import RANGES, Range, SettingError, random_seed
+from tvq.text.sampling import Sampler
 from tvq.text.tokenizer import token_text
 
 
@@ -88,24 +88,23 @@ class CompletionRequest:
     # eos_text), so it starts a document there: from the start state, even in a session
     fresh: list[bool] = dataclasses.field(default_factory=list)
     max_tokens: int = 16
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    min_p: float = 0.0
+    # temperature, top_p, top_k, min_p, the penalties (presence_penalty,
+    # frequency_penalty, and llama.cpp's repetition_penalty, repeat_last_n) and logit_bias
+    sampler: Sampler = dataclasses.field(default_factory=Sampler)
     stop: list[str] = dataclasses.field(default_factory=list)
     n: int = 1
-    seed: int | None = None
+    seed: int = 0  # a random one when the body gives none
     stream: bool = False
     include_usage: bool = False
     logprobs: int | None = None
     echo: bool = False
     session: str | None = None
     ignore_eos: bool = False  # an extension (llama.cpp's, vLLM's): sample past end-of-document
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    repetition_penalty: float = 1.0  # extensions (llama.cpp's repeat_penalty, repeat_last_n)
-    repeat_last_n: int = 64
-    logit_bias: tuple[tuple[int, float], ...] = ()
+
+
+# The body's fields that set tvq.text.ranges's settings, where their names differ.
+FIELD_OF_SETTING = {"num_samples": "n", "logit_bias_id": "logit_bias"}
+SAMPLER_FIELDS = tuple(f.name for f in dataclasses.fields(Sampler) if f.name != "logit_bias")
 
 
 _KIND_NAMES = {int: "an integer", float: "a number", bool: "a boolean", str: "a string",
@@ -157,51 +156,37 @@ def _field(body: dict, name: str, kinds, default, check=None, what: str = ""):
 def parse_completion(body: Any, tokenizer, n_vocab: int, settings: ServerSettings
                      ) -> CompletionRequest:  # fmt: skip
     """Checks a completions body field by field → CompletionRequest, or ApiError 400
-    naming the field."""
+    naming the field. Each setting's range is tvq.text.ranges's (tightened by the
+    server's limits); the sampler's are checked by the Sampler itself."""
     if not isinstance(body, dict):
         raise ApiError(400, "the body must be a JSON object")
-    prompt = body.get("prompt", "")
-    prompts, texts, fresh = _prompts(prompt, tokenizer, n_vocab, settings)
+    prompts, texts, fresh = _prompts(body.get("prompt", ""), tokenizer, n_vocab, settings)
     limit = settings.max_tokens_limit
-    request = CompletionRequest(
-        prompts=prompts,
-        prompt_texts=texts,
-        fresh=fresh,
-        max_tokens=_field(body, "max_tokens", (int,), 16, lambda v: 0 <= v <= limit,
-                          f"between 0 and {limit} (--max-tokens-limit)"),
-        temperature=float(_field(body, "temperature", (int, float), 1.0,
-                                 lambda v: math.isfinite(v) and 0 <= v <= 100,
-                                 "between 0 and 100")),
-        top_p=float(_field(body, "top_p", (int, float), 1.0,
-                           lambda v: 0 < v <= 1, "in (0, 1]")),
-        top_k=_field(body, "top_k", (int,), 0, lambda v: v >= 0, ">= 0"),
-        min_p=float(_field(body, "min_p", (int, float), 0.0,
-                           lambda v: 0 <= v < 1, "in [0, 1)")),
-        stop=_stop(body.get("stop")),
-        n=_field(body, "n", (int,), 1, lambda v: 1 <= v <= settings.max_n,
-                 f"between 1 and {settings.max_n}"),
-        seed=_field(body, "seed", (int,), None, lambda v: abs(v) < 2**63, "a 64-bit integer"),
-        stream=_field(body, "stream", (bool,), False),
-        include_usage=_field(_field(body, "stream_options", (dict,), {}), "include_usage",
-                             (bool,), False),
-        logprobs=_field(body, "logprobs", (int,), None,
-                        lambda v: 0 <= v <= min(MAX_LOGPROBS, n_vocab),
-                        f"between 0 and {min(MAX_LOGPROBS, n_vocab)}"),
-        echo=_field(body, "echo", (bool,), False),
-        ignore_eos=_field(body, "ignore_eos", (bool,), False),
-        session=_field(body, "session", (str,), None, lambda v: bool(SESSION_ID.fullmatch(v)),
-                       "a name of letters, digits, '_', '-' and '.' (not starting with '.'), "
-                       "at most 128 characters"),
-        presence_penalty=float(_field(body, "presence_penalty", (int, float), 0.0,
-                                      lambda v: -2 <= v <= 2, "between -2 and 2")),
-        frequency_penalty=float(_field(body, "frequency_penalty", (int, float), 0.0,
-                                       lambda v: -2 <= v <= 2, "between -2 and 2")),
-        repetition_penalty=float(_field(body, "repetition_penalty", (int, float), 1.0,
-                                        lambda v: 0 < v <= 10, "in (0, 10]")),
-        repeat_last_n=_field(body, "repeat_last_n", (int,), 64,
-                             lambda v: 0 <= v <= REPEAT_WINDOW, f"between 0 and {REPEAT_WINDOW}"),
-        logit_bias=_logit_bias(body.get("logit_bias"), n_vocab),
-    )  # fmt: skip
+    try:
+        request = CompletionRequest(
+            prompts=prompts, prompt_texts=texts, fresh=fresh,
+            max_tokens=_setting(body, "max_tokens", 16,
+                                RANGES["max_tokens"].capped(limit, "(--max-tokens-limit)")),
+            sampler=_sampler(body, n_vocab),
+            stop=_stop(body.get("stop")),
+            n=_setting(body, "n", 1, RANGES["num_samples"].capped(settings.max_n, "(--max-n)")),
+            seed=_setting(body, "seed", None, RANGES["seed"]),
+            stream=_field(body, "stream", (bool,), False),
+            include_usage=_field(_field(body, "stream_options", (dict,), {}), "include_usage",
+                                 (bool,), False),
+            logprobs=_setting(body, "logprobs", None, RANGES["logprobs"].capped(
+                min(MAX_LOGPROBS, n_vocab), "(OpenAI's bound)")),
+            echo=_field(body, "echo", (bool,), False),
+            ignore_eos=_field(body, "ignore_eos", (bool,), False),
+            session=_field(body, "session", (str,), None, lambda v: bool(SESSION_ID.fullmatch(v)),
+                           "a name of letters, digits, '_', '-' and '.' (not starting with "
+                           "'.'), at most 128 characters"),
+        )  # fmt: skip
+    except SettingError as e:
+        field = FIELD_OF_SETTING.get(e.name, e.name)
+        raise ApiError(400, e.message(f"'{field}'"), field) from None
+    if request.seed is None:
+        request.seed = random_seed()
     _field(body, "model", (str,), None)
     for name in ("best_of", "suffix"):
         if body.get(name) not in (None, 1, "", {}):
@@ -211,6 +196,19 @@ def parse_completion(body: Any, tokenizer, n_vocab: int, settings: ServerSetting
     if request.session is not None and request.n != 1:
         raise ApiError(400, "a session continues one text: n must be 1", "n")
     return request
+
+
+def _setting(body: dict, field: str, default, limits: Range):
+    """A numeric field (null or absent: the default) within its range: SettingError."""
+    value = body.get(field)
+    return default if value is None else limits.check(field, value)
+
+
+def _sampler(body: dict, n_vocab: int) -> Sampler:
+    """The request's Sampler, from the fields named as its own are (SettingError)."""
+    given = {name: body[name] for name in SAMPLER_FIELDS if body.get(name) is not None}
+    bias = _logit_bias(body.get("logit_bias"))
+    return Sampler(**given, logit_bias=bias).check_vocabulary(n_vocab)
 
 
 def _prompts(prompt, tokenizer, n_vocab: int, settings: ServerSettings):
@@ -318,22 +316,19 @@ def parse_detokenize(body: Any, tokenizer, n_vocab: int) -> dict:
     return {"prompt": decode_marked(tokenizer, ids)}
 
 
-def _logit_bias(value, n_vocab: int) -> tuple[tuple[int, float], ...]:
-    """OpenAI's logit_bias: {"token id": bias in [-100, 100]}, added to the log-prob."""
+def _logit_bias(value) -> tuple[tuple[int, float], ...]:
+    """OpenAI's logit_bias: {"token id": bias}, added to the log-prob (the Sampler checks
+    the ids and the biases)."""
     if value is None:
         return ()
     if not isinstance(value, dict):
         raise ApiError(400, "'logit_bias' must be an object of token id: bias", "logit_bias")
     pairs = []
     for key, bias in value.items():
-        token = int(key) if isinstance(key, str) and key.strip().isdigit() else None
-        if token is None or not 0 <= token < n_vocab:
-            raise ApiError(400, f"'logit_bias' keys must be token ids in [0, {n_vocab}), got "
-                           f"{key!r}", "logit_bias")  # fmt: skip
-        if not _is_kind(bias, int) and not _is_kind(bias, float) or not -100 <= bias <= 100:
-            raise ApiError(400, f"'logit_bias' values must be numbers in [-100, 100], got "
-                           f"{bias!r}", "logit_bias")  # fmt: skip
-        pairs.append((token, float(bias)))
+        if not (isinstance(key, str) and key.strip().isdigit()):
+            raise ApiError(400, f"'logit_bias' keys must be token ids, got {key!r}",
+                           "logit_bias")  # fmt: skip
+        pairs.append((int(key), bias))
     return tuple(pairs)
 
 
@@ -348,19 +343,6 @@ def _stop(value) -> list[str]:
         raise ApiError(400, f"'stop' must be a string or a list of at most {MAX_STOPS} strings",
                        "stop")  # fmt: skip
     return [s for s in value if s]
-
-
-def request_sampler(r: CompletionRequest) -> Sampler:
-    """The request's sampler: temperature, top_k, top_p, min_p, the penalties, the bias."""
-    return Sampler(temperature=r.temperature, top_k=r.top_k, top_p=r.top_p, min_p=r.min_p,
-                   presence_penalty=r.presence_penalty, frequency_penalty=r.frequency_penalty,
-                   repetition_penalty=r.repetition_penalty, repeat_last_n=r.repeat_last_n,
-                   logit_bias=r.logit_bias)  # fmt: skip
-
-
-def request_seed(r: CompletionRequest) -> int:
-    """The request's seed (a random one when it gives none), as generate takes it."""
-    return secrets.randbits(31) if r.seed is None else r.seed % (1 << 31)
 
 
 # -- answers ------------------------------------------------------------------------------
@@ -459,10 +441,15 @@ def logprobs_json(tokenizer, sample, echoed, start: int) -> dict:
     return _tokens_json(tokenizer, entries, start)[0]
 
 
-def logprobs_piece(tokenizer, sample, begin: int, end: int, start: int) -> tuple[dict, int]:
-    """The logprobs_json of the sample's tokens [begin, end) (a streamed chunk's), text
-    offsets from `start` → (the dict, the offset after them)."""
-    return _tokens_json(tokenizer, _sampled(sample, begin, end), start)
+def logprobs_piece(tokenizer, piece, start: int) -> tuple[dict, int]:
+    """The logprobs_json of a streamed Piece's tokens, text offsets from `start` → (the
+    dict, the offset after them)."""
+    tops = piece.top_logprobs or [[]] * len(piece.ids)
+    entries = [
+        (token, float(lp), top, None)
+        for token, lp, top in zip(piece.ids, piece.log_probs, tops, strict=True)
+    ]
+    return _tokens_json(tokenizer, entries, start)
 
 
 def _sampled(sample, begin: int, end: int) -> list[tuple]:

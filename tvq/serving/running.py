@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tvq.decoding import Request, eos_ids_of, prefill_rings
+from tvq.decoding import BatchItem, eos_ids_of, prefill_rings
 from tvq.nn.ring import empty_rings
 from tvq.runtime.context import Context, eos_id
 from tvq.runtime.decode_loop import CHUNK, device_row_keys, run_chunk, seed_key
@@ -34,15 +34,14 @@ from tvq.text.sampling import REPEAT_WINDOW, Penalties, Sampler, SamplerRows
 
 @dataclasses.dataclass(eq=False)  # an entry is itself: compared by identity
 class Entry:
-    """One prompt of a request in the batch: its n rows, their text, and the callbacks
-    that send them back (on_piece as TextRows's, on_done(samples) once every row ended,
-    cancelled() asked before every call)."""
+    """One prompt of a request in the batch: its n rows and their text (each call's
+    Pieces wait in rows.released for the engine to take), and what the engine does once
+    every row ended (on_done(samples))."""
 
-    request: Request
+    request: BatchItem
     rows: TextRows
     on_done: Callable[[list[Sample]], None]
-    cancelled: Callable[[], bool]
-    job: object = None  # whose request it is (the server's Job), for its errors
+    job: object = None  # whose request it is (the server's Job)
 
 
 class RunningBatch:
@@ -69,8 +68,8 @@ class RunningBatch:
     def rows(self) -> int:
         return sum(slot is not None for slot in self.slots)
 
-    def admit(self, r: Request, context: Context | None, rest, rows: TextRows, on_done,
-              cancelled, job: object = None) -> None:  # fmt: skip
+    def admit(self, r: BatchItem, context: Context | None, rest, rows: TextRows, on_done,
+              job: object = None) -> Entry:  # fmt: skip
         """Adds a request's rows: its prompt read up to `context` (None: nothing read),
         `rest` (under a block) still to feed."""
         model = self.model
@@ -90,7 +89,7 @@ class RunningBatch:
             "penalties": Penalties.start(model.config.n_vocab, [prompt]),
             "eos": eos_ids_of(model.tokenizer, [bool(r.ignore_eos)]),
         }  # fmt: skip
-        entry = Entry(r, rows, on_done, cancelled, job)
+        entry = Entry(r, rows, on_done, job)
         self.entries.append(entry)
         free = [i for i, slot in enumerate(self.slots) if slot is None]
         if len(free) < n:
@@ -105,13 +104,15 @@ class RunningBatch:
         for j in range(n):
             if r.max_tokens <= 0:
                 rows.finish_at(j)
+        return entry
+
+    def cancel(self, entry: Entry) -> None:
+        """Ends an entry's rows (its client went away); it leaves at the next step."""
+        entry.rows.cancel(np.ones(len(entry.rows.samples), bool))
 
     def step(self) -> None:
         """One call of the compiled loop for every running row; then the requests whose
-        rows all ended leave the batch."""
-        for entry in self.entries:
-            if entry.cancelled():
-                entry.rows.cancel(np.ones(len(entry.rows.samples), bool))
+        rows all ended leave the batch (after on_done)."""
         live = [slot is not None and not slot[0].rows.samples[slot[1]].done
                 for slot in self.slots]  # fmt: skip
         if any(live):

@@ -1,6 +1,7 @@
 """The host side of sampled text (docs/DESIGN.md section 7): each row's ids decoded as
 they arrive (never half a character), stop strings applied (text that may begin one is
-held back until it cannot), finished rows marked, and final text streamed to a callback.
+held back until it cannot), finished rows marked, and final text released as `Piece`s,
+each with the tokens that came with it, for the caller to take (`TextRows.released`).
 The compiled loop hands it one token per row at a time (tvq/decoding.py)."""
 
 from __future__ import annotations
@@ -22,26 +23,46 @@ class Sample:
     done: bool = False
 
 
-class TextRows:
-    """Host side of the loop: decodes each row, applies stop strings, streams row 0."""
+@dataclasses.dataclass(frozen=True)
+class Piece:
+    """A piece of a sample's final text (never half a character, never the start of a
+    stop string that may still complete) with the tokens that came with it: the
+    sample's ids[start:start + len(ids)], their log-probs and, when asked for, their
+    most likely alternatives. A piece may have no text (tokens that end a row without
+    any, e.g. a stop string's) or no tokens (text held back until the row ended). The
+    pieces of a sample join to the whole sample."""
 
-    def __init__(self, tokenizer, stops, on_text, ignore_eos, logprobs, on_piece=None):
+    sample: int  # which sample of its prompt
+    text: str
+    start: int  # the index of its first token in the sample
+    ids: list[int]
+    log_probs: list[float]
+    top_logprobs: list[list[tuple[int, float]]]  # per token, likeliest first; [] if not asked
+    prompt: int = 0  # which prompt of a batch it belongs to
+
+
+class TextRows:
+    """Host side of the loop: decodes each row, applies stop strings, and releases each
+    row's final text as Pieces (`released`, taken with `drain`)."""
+
+    def __init__(self, tokenizer, stops, ignore_eos, logprobs):
         """stops: each row's stop strings (one list per row); ignore_eos: per row, go on
-        past an end of document; logprobs: per row, how many alternatives to keep.
-        on_text(row, text) receives each piece of final text; or on_piece(row, text,
-        start, end) receives it with the sample's tokens [start, end) that came with it
-        (the tokens taken since the last piece: a piece may be "" when tokens without
-        text end a row, e.g. a stop string's), so a stream can carry each token's
-        log-probs in the chunk of its text and the pieces join to the whole sample."""
+        past an end of document; logprobs: per row, how many alternatives to keep."""
         n = len(stops)
         self.samples = [Sample() for _ in range(n)]
         self.decoders = [StreamDecoder(tokenizer) for _ in range(n)]
         self.pending = [""] * n  # decoded text not yet released (may begin a stop string)
         self.stops = [[s for s in row if s] for row in stops]
-        self.eos_id, self.on_text = tokenizer.eos_id, on_text
+        self.eos_id = tokenizer.eos_id
         self.ignore_eos, self.logprobs = list(ignore_eos), list(logprobs)
-        self.on_piece, self.attached = on_piece, [0] * n  # tokens already sent with a piece
+        self.attached = [0] * n  # per row: tokens already released with a piece
+        self.released: list[Piece] = []  # pieces not yet taken by the caller
         self.first_token_at: float | None = None
+
+    def drain(self) -> list[Piece]:
+        """The pieces released since the last drain, oldest first."""
+        pieces, self.released = self.released, []
+        return pieces
 
     def take(self, tokens, log_probs, top_log_probs, top_ids) -> bool:
         """One sampled token per row (and its row's top-k [B, k]); True once every row
@@ -110,10 +131,9 @@ class TextRows:
     def _out(self, row: int, text: str) -> None:
         sample = self.samples[row]
         sample.text += text
-        if self.on_piece is not None:
-            start, end = self.attached[row], len(sample.ids)
-            if text or start < end:
-                self.attached[row] = end
-                self.on_piece(row, text, start, end)
-        elif text and self.on_text is not None:
-            self.on_text(row, text)
+        start, end = self.attached[row], len(sample.ids)
+        if text or start < end:
+            self.attached[row] = end
+            tops = sample.top_logprobs[start:end] if self.logprobs[row] else []
+            self.released.append(Piece(row, text, start, sample.ids[start:end],
+                                       sample.log_probs[start:end], tops))  # fmt: skip

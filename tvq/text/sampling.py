@@ -12,20 +12,20 @@ REPEAT_WINDOW tokens) live in the loop's carry.
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tvq.errors import InputError, is_int
-
-REPEAT_WINDOW = 256  # the most recent tokens a repetition penalty can look back over
+from tvq.text.ranges import REPEAT_WINDOW, SettingError, check
 
 
 @dataclasses.dataclass(frozen=True)
 class Sampler:
+    """A request's sampling settings: the defaults are the library's and OpenAI's
+    (plain sampling from the model); each field's range is tvq.text.ranges's."""
+
     temperature: float = 1.0  # 0 = greedy
     top_k: int = 0  # 0 = off
     top_p: float = 1.0  # 1 = off
@@ -41,35 +41,23 @@ class Sampler:
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its log-prob)
 
     def __post_init__(self) -> None:
-        names = ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty",
-                 "repetition_penalty")  # fmt: skip
-        for name in names:
-            value = getattr(self, name)
-            if not isinstance(value, int | float) or not math.isfinite(value):
-                raise InputError(f"{name.replace('_', '-')} must be a finite number, got {value}")
-        if not -2 <= self.presence_penalty <= 2 or not -2 <= self.frequency_penalty <= 2:
-            raise InputError("presence-penalty and frequency-penalty must be in [-2, 2] "
-                             f"(OpenAI's range), got {self.presence_penalty}, "
-                             f"{self.frequency_penalty}")  # fmt: skip
-        if not self.repetition_penalty > 0:
-            raise InputError(f"repeat-penalty must be > 0, got {self.repetition_penalty}")
-        if not is_int(self.repeat_last_n) or not 0 <= self.repeat_last_n <= REPEAT_WINDOW:
-            raise InputError(f"repeat-last-n must be between 0 and {REPEAT_WINDOW}, "
-                             f"got {self.repeat_last_n!r}")  # fmt: skip
+        """Each field within its range (tvq.text.ranges), or SettingError."""
+        for field in dataclasses.fields(self):
+            if field.name != "logit_bias":
+                check(field.name, getattr(self, field.name))
         for pair in self.logit_bias:
-            if len(pair) != 2 or not is_int(pair[0]) or not isinstance(pair[1], int | float) \
-                    or not math.isfinite(pair[1]):  # fmt: skip
-                raise InputError(f"a logit bias is (token id, finite number), got {pair!r}")
-        if not is_int(self.top_k):
-            raise InputError(f"top-k must be an integer, got {self.top_k!r}")
-        if not self.temperature >= 0:
-            raise InputError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise InputError(f"top-k must be >= 0, got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            raise InputError(f"top-p must be in (0, 1], got {self.top_p}")
-        if not 0 <= self.min_p < 1:
-            raise InputError(f"min-p must be in [0, 1), got {self.min_p}")
+            if not isinstance(pair, tuple | list) or len(pair) != 2:
+                raise SettingError("logit_bias", "(token id, bias) pairs", pair)
+            check("logit_bias_id", pair[0])
+            check("logit_bias", pair[1])
+
+    def check_vocabulary(self, n_vocab: int) -> Sampler:
+        """The sampler, if every logit-bias id is a token of a vocabulary of n_vocab, else
+        SettingError."""
+        for token, _ in self.logit_bias:
+            if token >= n_vocab:
+                raise SettingError("logit_bias_id", f"a token id below {n_vocab}", token)
+        return self
 
     @property
     def greedy(self) -> bool:
@@ -120,6 +108,19 @@ class Sampler:
         return jnp.minimum(index, probs.shape[-1] - 1).astype(jnp.int32)
 
 
+@dataclasses.dataclass(frozen=True)
+class Defaults:
+    """What a person at a terminal gets unless they say otherwise."""
+
+    sampler: Sampler
+    max_tokens: int
+
+
+# `tvq generate`, `tvq chat` and the llm plugin: a little cooler than the model and
+# without its unlikeliest tail (llama.cpp and mlx-lm's front ends do the same).
+TERMINAL = Defaults(Sampler(temperature=0.8, top_p=0.95), max_tokens=200)
+
+
 @flax.struct.dataclass
 class SamplerRows:
     """Each row's Sampler as arrays [B] (bias [B, N]): values of the compiled loop."""
@@ -140,10 +141,7 @@ class SamplerRows:
         """The rows of these samplers (one per row), on the host."""
         bias = np.zeros([len(samplers), n_vocab], np.float32)
         for row, s in enumerate(samplers):
-            for token, value in s.logit_bias:
-                if not 0 <= token < n_vocab:
-                    raise InputError(f"logit bias for token {token}, outside the vocabulary "
-                                     f"[0, {n_vocab})")  # fmt: skip
+            for token, value in s.check_vocabulary(n_vocab).logit_bias:
                 bias[row, token] += value
 
         def column(name: str, dtype) -> np.ndarray:
