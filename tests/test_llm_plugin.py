@@ -5,6 +5,7 @@ document would, and bad options fail with llm's one-line error."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -17,15 +18,14 @@ from llm.parts import Message, TextPart
 
 import tvq
 from tvq.integrations import llm_plugin
+from tvq.text.settings import TERMINAL
 
 PROMPT = "To be, or not"
 
 
 def sampler(temperature: float) -> tvq.Sampler:
     """The plugin's default sampler, at this temperature."""
-    defaults = llm_plugin.DEFAULTS
-    return tvq.Sampler(temperature=temperature, top_p=defaults["top_p"],
-                       top_k=defaults["top_k"], min_p=defaults["min_p"])  # fmt: skip
+    return dataclasses.replace(TERMINAL.sampler, temperature=temperature)
 
 
 @pytest.fixture(scope="module")

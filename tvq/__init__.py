@@ -1,9 +1,10 @@
 """tvq: linear-time Transformer-VQ language models (docs/DESIGN.md).
 
-The public face: load a model, generate and score with it (`tvq.load`, `tvq.generate`,
-`tvq.score_stream`, ...). Names are imported on first use (PEP 562), so `import
-tvq.config` or a CLI `--help` does not pay for JAX and Flax. The subpackages follow the
-layers (docs/DESIGN.md section 15): `nn` (the network), `text`, `distributed` (devices and
+The public face: load a model, generate and score with it (`tvq.load`,
+`tvq.stream_generate`, `tvq.generate`, `tvq.score_stream`, ...). Names are imported on
+first use (PEP 562), so `import tvq.config` or a CLI `--help` does not pay for JAX and
+Flax; each is written once, in `_MODULES`. The subpackages follow the layers
+(docs/DESIGN.md section 15): `nn` (the network), `text`, `distributed` (devices and
 processes), `files`, `runtime` (the model and the primitives every job calls), then the
 jobs: `decoding`, `scoring`, `train`, `serving`.
 """
@@ -13,70 +14,36 @@ from __future__ import annotations
 import importlib
 import sys
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 __version__ = "0.1.0"
 
-_EXPORTS = {
-    "ModelConfig": "tvq.config",
-    "Model": "tvq.runtime.model",
-    "load": "tvq.runtime.model",
-    "AttentionState": "tvq.nn.state",
-    "ModelState": "tvq.nn.state",
+# Each public name, once: the module it lives in → the names it exports.
+_MODULES = {
+    "tvq.config": ("ModelConfig",),
+    "tvq.runtime.model": ("Model", "load"),
+    "tvq.nn.state": ("AttentionState", "ModelState"),
     # generation (docs/DESIGN.md section 7)
-    "generate": "tvq.decoding",
-    "generate_batch": "tvq.decoding",
-    "Request": "tvq.decoding",
-    "Generation": "tvq.decoding",
-    "Sampler": "tvq.text.sampling",
+    "tvq.decoding": (
+        "stream_generate", "generate", "GenerationStream", "Generation", "stream_batch",
+        "generate_batch", "BatchItem", "BatchGeneration",
+    ),
+    "tvq.text.rows": ("Piece", "Sample"),
+    "tvq.text.settings": ("Sampler", "SettingError"),
     # scoring (section 8) and the context both carry, saved and loaded (section 10)
-    "Context": "tvq.runtime.context",
-    "score_ids": "tvq.runtime.context",
-    "score_stream": "tvq.scoring.stream",
-    "FileScore": "tvq.scoring.stats",
-    "save_state": "tvq.runtime.statefile",
-    "load_state": "tvq.runtime.statefile",
+    "tvq.runtime.context": ("Context", "score_ids"),
+    "tvq.scoring.stream": ("score_stream",),
+    "tvq.scoring.stats": ("FileScore",),
+    "tvq.runtime.statefile": ("save_state", "load_state"),
     # tokenizers
-    "ByteTokenizer": "tvq.text.tokenizer",
-    "SentencePieceTokenizer": "tvq.text.tokenizer",
-    **{
-        name: "tvq.errors"
-        for name in (
-            "CheckpointError", "ConfigError", "CorpusError", "InputError", "Interrupted",
-            "StateError", "TokenizerError", "TrainingError", "TvqError",
-        )
-    },
+    "tvq.text.tokenizer": ("ByteTokenizer", "SentencePieceTokenizer"),
+    "tvq.errors": (
+        "CheckpointError", "ConfigError", "CorpusError", "InputError", "Interrupted",
+        "StateError", "TokenizerError", "TrainingError", "TvqError",
+    ),
 }  # fmt: skip
-__all__ = [
-    "AttentionState", "ByteTokenizer", "CheckpointError", "ConfigError", "Context",
-    "CorpusError", "FileScore", "Generation", "InputError", "Interrupted", "Model",
-    "ModelConfig", "ModelState", "Request", "Sampler", "SentencePieceTokenizer",
-    "StateError", "TokenizerError", "TrainingError", "TvqError", "generate",
-    "generate_batch", "load", "load_state", "save_state", "score_ids", "score_stream",
-]  # fmt: skip
-
-if TYPE_CHECKING:
-    from tvq.config import ModelConfig
-    from tvq.decoding import Generation, Request, generate, generate_batch
-    from tvq.errors import (
-        CheckpointError,
-        ConfigError,
-        CorpusError,
-        InputError,
-        Interrupted,
-        StateError,
-        TokenizerError,
-        TrainingError,
-        TvqError,
-    )
-    from tvq.nn.state import AttentionState, ModelState
-    from tvq.runtime.context import Context, score_ids
-    from tvq.runtime.model import Model, load
-    from tvq.runtime.statefile import load_state, save_state
-    from tvq.scoring.stats import FileScore
-    from tvq.scoring.stream import score_stream
-    from tvq.text.sampling import Sampler
-    from tvq.text.tokenizer import ByteTokenizer, SentencePieceTokenizer
+_EXPORTS = {name: module for module, names in _MODULES.items() for name in names}
+__all__ = sorted(_EXPORTS)
 
 
 def lazy_exports(package: str, exports: dict[str, str]) -> Callable[[str], Any]:

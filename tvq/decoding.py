@@ -47,9 +47,9 @@ from tvq.runtime.decode_loop import (
 )
 from tvq.runtime.forward import on_device
 from tvq.runtime.model import Model, check_top_k
-from tvq.text.ranges import check
 from tvq.text.rows import Piece, Sample, TextRows
-from tvq.text.sampling import Penalties, Sampler, SamplerRows
+from tvq.text.sampling import Penalties, SamplerRows
+from tvq.text.settings import Sampler, check_all
 
 
 @dataclasses.dataclass
@@ -117,12 +117,9 @@ class GenerationStream(Iterator[Event]):
 
 def check_generation(model: Model, max_tokens: int, seed: int, num_samples: int,
                      logprobs: int) -> None:  # fmt: skip
-    """A generation's own settings within their ranges (tvq.text.ranges), before any
+    """A generation's own settings within their ranges (tvq.text.settings), before any
     array is made; SettingError names the first one that is not."""
-    check("max_tokens", max_tokens)
-    check("seed", seed)
-    check("num_samples", num_samples)
-    check("logprobs", logprobs)
+    check_all(max_tokens=max_tokens, seed=seed, num_samples=num_samples, logprobs=logprobs)
     check_top_k(logprobs, model.config.n_vocab, "logprobs")
 
 

@@ -113,6 +113,17 @@ def fail(message: str, code: int = 1) -> typer.Exit:
     return typer.Exit(code=code)
 
 
+# The options that set a generation setting (tvq.text.settings), where the name differs
+OPTION_OF_SETTING = {"repetition_penalty": "--repeat-penalty", "logit_bias_id": "--logit-bias",
+                     "logit_bias": "--logit-bias"}  # fmt: skip
+
+
+def setting_error(error) -> typer.Exit:
+    """A tvq.text.settings.SettingError as a usage error naming the option."""
+    option = OPTION_OF_SETTING.get(error.name, "--" + error.name.replace("_", "-"))
+    return fail(error.message(option), 2)
+
+
 def join_cluster(coordinator, num_processes, process_id, distributed) -> None:
     """Joins the cluster the options describe (nothing when none is given)."""
     from tvq.distributed.cluster import ClusterSpec, join
@@ -189,7 +200,7 @@ def finite(value: float | None) -> float | None:
     return value
 
 
-# The corpus options that tvq prepare and tvq train share (tvq/train/prepare.py).
+# The corpus options that tvq prepare and tvq train share (tvq/corpus/prepare.py).
 TokenizerFileOption = Annotated[
     Path | None,
     typer.Option(

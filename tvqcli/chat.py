@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import secrets
 import signal
 import sys
 import threading
 from pathlib import Path
 
-from tvqcli.app import Dtype, check_output_file, fail, run_settings, stderr
+from tvqcli.app import Dtype, check_output_file, fail, run_settings, setting_error, stderr
 
 HELP = """\
 Type a line and press Enter: it is appended to the text (with its newline) and the model
@@ -50,18 +49,17 @@ class Settings:
     seed: int | None  # None: a new random seed each turn
 
     def sampler(self):
-        """The Sampler of these settings; InputError for a value out of range."""
-        from tvq.text.sampling import Sampler
+        """The Sampler of these settings; SettingError for a value out of range."""
+        from tvq.text.settings import Sampler
 
         return Sampler(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
                        min_p=self.min_p)  # fmt: skip
 
     def check(self) -> None:
-        """InputError (a TvqError) for a value out of range."""
-        from tvq.errors import InputError
+        """SettingError (a TvqError) for a value out of range (tvq.text.settings)."""
+        from tvq.text.settings import check_all
 
-        if self.max_tokens < 0:
-            raise InputError(f"max_tokens must be >= 0, got {self.max_tokens}")
+        check_all(max_tokens=self.max_tokens, seed=self.seed or 0)
         self.sampler()
 
     def changed(self, name: str, value: str) -> Settings:
@@ -119,14 +117,17 @@ class Session:
         self.line_open = False  # the text on stdout does not end with a newline
         self.after_text = False  # the terminal's cursor is where the text left off
         self.turns = 0
-        self.generating = False
-        self.stopping = threading.Event()  # set by Ctrl-C during a generation
+        self.stream = None  # the generation running now (Ctrl-C stops it)
+
+    @property
+    def generating(self) -> bool:
+        return self.stream is not None
 
     def on_sigint(self, signum, frame) -> None:
         """Ctrl-C: during a generation, ends it at the next chunk (a second one quits,
         exit 130); anywhere else, KeyboardInterrupt (caught at the prompt)."""
-        if self.generating and not self.stopping.is_set():
-            self.stopping.set()
+        if self.stream is not None and not self.stream.stopping:
+            self.stream.stop()
             return
         raise KeyboardInterrupt
 
@@ -170,27 +171,31 @@ class Session:
     def turn(self, text: str) -> None:
         """Feeds `text` after the text so far, then streams the model's continuation
         until max_tokens, a stop string, the end of the document or Ctrl-C."""
-        from tvq.decoding import generate
+        import tvq
+        from tvq.text.settings import random_seed
 
         settings = self.settings
-        seed = secrets.randbits(31) if settings.seed is None else settings.seed
-        self.stopping.clear()
-        self.generating = True  # stays so if a second Ctrl-C breaks off the turn
-        result = generate(
-            self.loaded, self.tokenizer.encode(text), max_tokens=settings.max_tokens,
-            sampler=settings.sampler(), seed=seed, stop=self.stop, context=self.context,
-            on_text=lambda row, piece: self.write(piece), ignore_eos=self.ignore_eos,
-            should_stop=self.stopping.is_set,
+        seed = random_seed() if settings.seed is None else settings.seed
+        # stays set if a second Ctrl-C breaks off the turn: the session then ends
+        self.stream = tvq.stream_generate(
+            self.loaded, text, max_tokens=settings.max_tokens, sampler=settings.sampler(),
+            seed=seed, stop=self.stop, context=self.context, ignore_eos=self.ignore_eos,
         )  # fmt: skip
+        for event in self.stream:
+            if isinstance(event, tvq.Generation):
+                result = event
+            else:
+                self.write(event.text)
+        stopped = self.stream.stopping
         self.context = result.context
-        self.generating = False
+        self.stream = None
         self.turns += 1
         sample = result.samples[0]
         if sample.finish_reason == "stop":
             # The model has read the stop string (and the rest of its last token): it is
             # part of the text, so it is shown too.
             self.write(self.tokenizer.decode(sample.ids)[len(sample.text) :])
-        if sample.finish_reason == "cancelled" or self.stopping.is_set():
+        if sample.finish_reason == "cancelled" or stopped:
             self.note(f"(stopped after {len(sample.ids)} tokens)")
         elif sample.finish_reason == "eos" and self.terminal:
             self.note("(end of document)")
@@ -330,14 +335,13 @@ def run_chat(*, prompt: str | None, file: Path | None, model: Path | None, max_t
     """The session of `tvq chat` and `tvq generate --interactive`: checks, model, loop."""
     import tvq
     from tvq.runtime.context import require_tokenizer
+    from tvq.text.settings import SettingError
 
-    if max_tokens < 0:
-        raise fail(f"--max-tokens must be >= 0, got {max_tokens}", 2)
     settings = Settings(max_tokens, temperature, top_p, top_k, min_p, seed)
     try:
         settings.check()
-    except tvq.TvqError as e:
-        raise fail(str(e), 2) from None
+    except SettingError as e:
+        raise setting_error(e) from None
     check_output_file(save_state, "--save-state")
     start = start_text(prompt, file)
     base = tvq.load(model)

@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 
+from tvq.text.settings import TERMINAL
 from tvqcli.app import DtypeOption, ModelOption, app, finite, handle_errors
 from tvqcli.chat import run_chat
 
@@ -24,17 +25,19 @@ def chat(
     model: ModelOption = None,
     max_tokens: Annotated[
         int, typer.Option("--max-tokens", "-n", help="Tokens to generate per turn.")
-    ] = 200,
+    ] = TERMINAL.max_tokens,
     temperature: Annotated[
         float, typer.Option("--temperature", "-t", help="0 = greedy.", callback=finite)
-    ] = 0.8,
+    ] = TERMINAL.sampler.temperature,
     top_p: Annotated[
         float, typer.Option(help="Nucleus sampling mass, in (0, 1].", callback=finite)
-    ] = 0.95,
-    top_k: Annotated[int, typer.Option(help="Sample among the k likeliest (0 = off).")] = 0,
+    ] = TERMINAL.sampler.top_p,
+    top_k: Annotated[
+        int, typer.Option(help="Sample among the k likeliest (0 = off).")
+    ] = TERMINAL.sampler.top_k,
     min_p: Annotated[
         float, typer.Option(help="Drop tokens below min-p × the top one.", callback=finite)
-    ] = 0.0,
+    ] = TERMINAL.sampler.min_p,
     seed: Annotated[
         int | None,
         typer.Option(

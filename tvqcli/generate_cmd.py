@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import secrets
 import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
+from tvq.text.settings import TERMINAL
 from tvqcli.app import (
     DevicesOption,
     DtypeOption,
@@ -20,6 +20,7 @@ from tvqcli.app import (
     finite,
     handle_errors,
     run_settings,
+    setting_error,
     stderr,
 )
 
@@ -61,17 +62,19 @@ def generate(
     model: ModelOption = None,
     max_tokens: Annotated[
         int, typer.Option("--max-tokens", "-n", help="Tokens to generate.")
-    ] = 200,
+    ] = TERMINAL.max_tokens,
     temperature: Annotated[
         float, typer.Option("--temperature", "-t", help="0 = greedy.", callback=finite)
-    ] = 0.8,
+    ] = TERMINAL.sampler.temperature,
     top_p: Annotated[
         float, typer.Option(help="Nucleus sampling mass, in (0, 1].", callback=finite)
-    ] = 0.95,
-    top_k: Annotated[int, typer.Option(help="Sample among the k likeliest (0 = off).")] = 0,
+    ] = TERMINAL.sampler.top_p,
+    top_k: Annotated[
+        int, typer.Option(help="Sample among the k likeliest (0 = off).")
+    ] = TERMINAL.sampler.top_k,
     min_p: Annotated[
         float, typer.Option(help="Drop tokens below min-p × the top one.", callback=finite)
-    ] = 0.0,
+    ] = TERMINAL.sampler.min_p,
     seed: Annotated[int | None, typer.Option(help="Random seed.", show_default="random")] = None,
     stop: Annotated[
         list[str] | None, typer.Option(help="Stop before this text (repeatable).")
@@ -87,7 +90,7 @@ def generate(
         typer.Option(
             help="Subtract × times sampled from a token's log-prob (OpenAI's).", callback=finite
         ),
-    ] = 0.0,
+    ] = TERMINAL.sampler.frequency_penalty,
     repeat_penalty: Annotated[
         float,
         typer.Option(
@@ -95,10 +98,10 @@ def generate(
             "(llama.cpp's; 1 = off).",
             callback=finite,
         ),
-    ] = 1.0,
+    ] = TERMINAL.sampler.repetition_penalty,
     repeat_last_n: Annotated[
         int, typer.Option(help="Tokens --repeat-penalty looks back over (prompt included).")
-    ] = 64,
+    ] = TERMINAL.sampler.repeat_last_n,
     logit_bias: Annotated[
         list[str] | None,
         typer.Option(help="ID=BIAS: add BIAS to token ID's log-prob (repeatable; -100 bans)."),
@@ -141,12 +144,7 @@ def generate(
 
     Several samples (--num-samples) are split over the devices."""
     if interactive:
-        refused = [name for name, used in (
-            ("--num-samples", num_samples != 1), ("--json", json_output), ("--logprobs", logprobs),
-            ("--no-stream", not stream),
-        ) if used]  # fmt: skip
-        if refused:
-            raise fail(f"{refused[0]} does not go with --interactive (one text, streamed)", 2)
+        _refuse_with_interactive(num_samples, json_output, logprobs, stream)
         from tvqcli.chat import run_chat  # the session of `tvq chat`
 
         run_chat(prompt=prompt, file=file, model=model, max_tokens=max_tokens,
@@ -155,58 +153,88 @@ def generate(
                  save_state=save_state, dtype=dtype)  # fmt: skip
         return
     import tvq
-    from tvq.decoding import generate as run_generate
-    from tvq.runtime.context import require_tokenizer
-    from tvq.runtime.statefile import load_state as read_state
-    from tvq.runtime.statefile import save_state as write_state
-    from tvq.text.sampling import Sampler
-    from tvq.text.tokenizer import top_entries
+    from tvq.text.settings import SettingError, check_all, random_seed
 
-    if max_tokens < 0:
-        raise fail(f"--max-tokens must be >= 0, got {max_tokens}", 2)
-    if num_samples < 1:
-        raise fail(f"--num-samples must be >= 1, got {num_samples}", 2)
     if logprobs and not json_output:
         raise fail("--logprobs needs --json (they are written into each sample's object)", 2)
     if save_state is not None and num_samples != 1:
         raise fail("--save-state needs --num-samples 1 (one text, one state)", 2)
+    seed = random_seed() if seed is None else seed
     try:
-        sampler = Sampler(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                          presence_penalty=presence_penalty,
-                          frequency_penalty=frequency_penalty,
-                          repetition_penalty=repeat_penalty, repeat_last_n=repeat_last_n,
-                          logit_bias=parse_logit_bias(logit_bias or []))  # fmt: skip
-    except tvq.TvqError as e:
-        raise fail(str(e), 2) from None
+        check_all(max_tokens=max_tokens, num_samples=num_samples, seed=seed, logprobs=logprobs)
+        sampler = tvq.Sampler(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                              presence_penalty=presence_penalty,
+                              frequency_penalty=frequency_penalty,
+                              repetition_penalty=repeat_penalty, repeat_last_n=repeat_last_n,
+                              logit_bias=parse_logit_bias(logit_bias or []))  # fmt: skip
+    except SettingError as e:
+        raise setting_error(e) from None
     check_output_file(save_state, "--save-state")
     text = read_prompt(prompt, file)
     base = tvq.load(model)  # state files belong to its parameters, whatever the dtype
-    tokenizer = require_tokenizer(base)
-    if any(not 0 <= token < base.config.n_vocab for token, _ in sampler.logit_bias):
-        raise fail(f"--logit-bias token ids must be in [0, {base.config.n_vocab})", 2)
-    if logprobs > base.config.n_vocab:
-        raise fail(f"--logprobs must be at most the vocabulary size {base.config.n_vocab}, "
-                   f"got {logprobs}", 2)  # fmt: skip
-    context = read_state(load_state, base) if load_state is not None else None
-    loaded = run_settings(base, dtype=dtype)
-    seed = secrets.randbits(31) if seed is None else seed
-    out = sys.stdout
+    _check_for_model(base, sampler, logprobs)
+    context = tvq.load_state(load_state, base) if load_state is not None else None
     live = stream and num_samples == 1 and not json_output
     if echo and not json_output:
-        out.write(text)
-        out.flush()
-
-    def on_text(row: int, piece: str) -> None:
-        out.write(piece)
-        out.flush()
-
-    result = run_generate(
-        loaded, tokenizer.encode(text), max_tokens=max_tokens, sampler=sampler,
+        _write(text)
+    result = _run(tvq.stream_generate(
+        run_settings(base, dtype=dtype), text, max_tokens=max_tokens, sampler=sampler,
         seed=seed, num_samples=num_samples, stop=stop or [], context=context,
-        on_text=on_text if live else None, ignore_eos=ignore_eos, devices=devices,
-        logprobs=logprobs,
-    )  # fmt: skip
-    timings = {
+        ignore_eos=ignore_eos, devices=devices, logprobs=logprobs,
+    ), live)  # fmt: skip
+    _print_samples(result, base.tokenizer, json_output, live, echo, logprobs)
+    if save_state is not None:
+        tvq.save_state(save_state, base, result.context)
+    if verbose:
+        _report(result)
+
+
+def _refuse_with_interactive(num_samples: int, json_output: bool, logprobs: int,
+                             stream: bool) -> None:  # fmt: skip
+    refused = [name for name, used in (
+        ("--num-samples", num_samples != 1), ("--json", json_output), ("--logprobs", logprobs),
+        ("--no-stream", not stream),
+    ) if used]  # fmt: skip
+    if refused:
+        raise fail(f"{refused[0]} does not go with --interactive (one text, streamed)", 2)
+
+
+def _check_for_model(model, sampler, logprobs: int) -> None:
+    """The settings that depend on the model: usage errors."""
+    from tvq.runtime.context import require_tokenizer
+    from tvq.text.settings import SettingError
+
+    require_tokenizer(model)
+    try:
+        sampler.check_vocabulary(model.config.n_vocab)
+    except SettingError as e:
+        raise setting_error(e) from None
+    if logprobs > model.config.n_vocab:
+        raise fail(f"--logprobs must be at most the vocabulary size {model.config.n_vocab}, "
+                   f"got {logprobs}", 2)  # fmt: skip
+
+
+def _write(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def _run(stream, live: bool):
+    """The stream to its end, each piece written as it comes when live → the
+    Generation."""
+    import tvq
+
+    with stream:
+        for event in stream:
+            if isinstance(event, tvq.Generation):
+                return event
+            if live and event.text:
+                _write(event.text)
+    raise AssertionError("a generation stream ends with its Generation")
+
+
+def _timings(result) -> dict:
+    return {
         "prompt_tokens": result.prompt_tokens,
         "prompt_seconds": round(result.prompt_seconds, 4),
         "prompt_tokens_per_second": round(
@@ -216,11 +244,20 @@ def generate(
         "generate_seconds": round(result.generate_seconds, 4),
         "tokens_per_second": round(result.generated_tokens / result.generate_seconds, 1),
     }
+
+
+def _print_samples(result, tokenizer, json_output: bool, live: bool, echo: bool,
+                   logprobs: int) -> None:  # fmt: skip
+    """The samples not streamed already: as JSON objects, or text apart."""
+    from tvq.text.tokenizer import top_entries
+
+    out = sys.stdout
+    timings = _timings(result)
     for i, sample in enumerate(result.samples):
         if json_output:
             record = {"text": sample.text, "tokens": sample.ids,
                       "logprobs": [round(x, 6) for x in sample.log_probs],
-                      "finish_reason": sample.finish_reason, "seed": seed, "sample": i,
+                      "finish_reason": sample.finish_reason, "seed": result.seed, "sample": i,
                       "timings": timings}  # fmt: skip
             if logprobs:
                 record["top_logprobs"] = [
@@ -232,16 +269,17 @@ def generate(
     if not json_output and (result.samples[-1].text or echo) and out.isatty():
         out.write("\n")
     out.flush()
-    if save_state is not None:
-        write_state(save_state, base, result.context)
-    if verbose:
-        stderr.print(
-            f"seed {seed} · prompt {result.prompt_tokens} tokens, "
-            f"{timings['prompt_tokens_per_second']:.0f} tok/s · generated "
-            f"{result.generated_tokens} tokens, {timings['tokens_per_second']:.0f} tok/s"
-            f" · {result.devices} device{'s' if result.devices > 1 else ''}",
-            highlight=False,
-        )
+
+
+def _report(result) -> None:
+    timings = _timings(result)
+    stderr.print(
+        f"seed {result.seed} · prompt {result.prompt_tokens} tokens, "
+        f"{timings['prompt_tokens_per_second']:.0f} tok/s · generated "
+        f"{result.generated_tokens} tokens, {timings['tokens_per_second']:.0f} tok/s"
+        f" · {result.devices} device{'s' if result.devices > 1 else ''}",
+        highlight=False,
+    )
 
 
 def parse_logit_bias(items: list[str]) -> tuple[tuple[int, float], ...]:

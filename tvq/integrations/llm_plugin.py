@@ -49,23 +49,22 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import queue
-import secrets
-import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import llm
 from llm.parts import TextPart
 from pydantic import Field, field_validator
 
 import tvq  # its names load on first use: `llm models` does not import JAX
+from tvq.text.settings import RANGES, TERMINAL, random_seed
 
 MODEL_ID = "tvq-builtin"
 SEPARATOR = "\n"  # between a response and the next turn's prompt
 KEEP_CONVERSATIONS = 16  # states kept in memory (each a fixed size), least recent dropped
-DEFAULTS = {"temperature": 0.8, "top_p": 0.95, "top_k": 0, "min_p": 0.0, "max_tokens": 200}
+SAMPLER_OPTIONS = ("temperature", "top_p", "top_k", "min_p")  # the Sampler's, as options
 
 
 @llm.hookimpl
@@ -73,48 +72,64 @@ def register_models(register: Callable) -> None:
     register(_shared_model())
 
 
-class TvqOptions(llm.Options):
-    temperature: float | None = Field(
-        None, ge=0, allow_inf_nan=False, description="0 = greedy (default 0.8)"
-    )
-    top_p: float | None = Field(
-        None, gt=0, le=1, allow_inf_nan=False, description="Nucleus mass, in (0, 1] (0.95)"
-    )
-    top_k: int | None = Field(None, ge=0, description="Sample among the k likeliest (0 = off)")
-    min_p: float | None = Field(
-        None, ge=0, lt=1, allow_inf_nan=False, description="Drop tokens below min_p × the top one"
-    )
-    max_tokens: int | None = Field(None, ge=0, description="Tokens to generate (200)")
-    seed: int | None = Field(None, ge=0, lt=2**31, description="Random seed (random)")
-    stop: list[str] | None = Field(
-        None, description='Stop before this text: one string, or a JSON list ["\\n\\n", "END"]'
-    )
-    model: str | None = Field(None, description="A tvq model directory (default: built-in)")
+def _bounded(name: str, description: str) -> Any:
+    """An option whose bounds are the setting's range (tvq.text.settings.RANGES), so llm
+    checks it as tvq generate and tvq serve do; the default is tvq generate's."""
+    limits = RANGES[name]
+    extra = {"allow_inf_nan": False} if limits.kind is float else {}
+    return Field(None, description=description, **limits.pydantic(), **extra)
 
-    @field_validator("stop", mode="before")
-    @classmethod
-    def _one_or_list(cls, value: object) -> object:
-        """One string is one stop string, unless it is a JSON list (`-o stop` gives text)."""
-        if isinstance(value, str):
-            try:
-                parsed = json.loads(value)
-            except json.JSONDecodeError:
-                parsed = None
-            value = parsed if isinstance(parsed, list) else [value]
-        if value is None:
-            return None
-        if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
-            raise ValueError("stop must be a string or a list of strings")
-        if not all(value):
-            raise ValueError("a stop string must not be empty")
-        return value
 
-    @field_validator("model")
-    @classmethod
-    def _directory(cls, value: str | None) -> str | None:
-        if value is not None and not Path(value).expanduser().is_dir():
-            raise ValueError(f"{value!r} is not a directory (a tvq model directory)")
-        return value
+def make_options() -> type[llm.Options]:
+    """The options class, its bounds read from the ranges as they are now."""
+    terminal = TERMINAL.sampler
+
+    class TvqOptions(llm.Options):
+        temperature: float | None = _bounded(
+            "temperature", f"0 = greedy (default {terminal.temperature})"
+        )
+        top_p: float | None = _bounded("top_p", f"Nucleus mass, in (0, 1] ({terminal.top_p})")
+        top_k: int | None = _bounded("top_k", "Sample among the k likeliest (0 = off)")
+        min_p: float | None = _bounded("min_p", "Drop tokens below min_p × the top one")
+        max_tokens: int | None = _bounded(
+            "max_tokens", f"Tokens to generate ({TERMINAL.max_tokens})"
+        )
+        seed: int | None = _bounded("seed", "Random seed (random)")
+        stop: list[str] | None = Field(
+            None, description='Stop before this text: one string, or a JSON list ["\\n\\n", "END"]'
+        )
+        model: str | None = Field(None, description="A tvq model directory (default: built-in)")
+
+        @field_validator("stop", mode="before")
+        @classmethod
+        def _one_or_list(cls, value: object) -> object:
+            """One string is one stop string, unless it is a JSON list (`-o stop` gives
+            text)."""
+            if isinstance(value, str):
+                try:
+                    parsed = json.loads(value)
+                except json.JSONDecodeError:
+                    parsed = None
+                value = parsed if isinstance(parsed, list) else [value]
+            if value is None:
+                return None
+            if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
+                raise ValueError("stop must be a string or a list of strings")
+            if not all(value):
+                raise ValueError("a stop string must not be empty")
+            return value
+
+        @field_validator("model")
+        @classmethod
+        def _directory(cls, value: str | None) -> str | None:
+            if value is not None and not Path(value).expanduser().is_dir():
+                raise ValueError(f"{value!r} is not a directory (a tvq model directory)")
+            return value
+
+    return TvqOptions
+
+
+TvqOptions = make_options()
 
 
 @dataclasses.dataclass
@@ -147,28 +162,29 @@ class TvqModel(llm.Model):
         key = None if options.model is None else str(Path(options.model).expanduser().resolve())
         kept = self._conversations.pop(conversation.id, None) if conversation else None
         resume = kept is not None and kept.model_key == key and kept.text == history
-        seed = secrets.randbits(31) if options.seed is None else options.seed
+        seed = random_seed() if options.seed is None else options.seed
         fed = text[len(history) :] if resume else text  # resumed: "\n" + the new prompt
-        value = {name: default if (given := getattr(options, name)) is None else given
-                 for name, default in DEFAULTS.items()}  # fmt: skip
+        given = {name: getattr(options, name) for name in SAMPLER_OPTIONS}
+        sampler = dataclasses.replace(
+            TERMINAL.sampler, **{k: v for k, v in given.items() if v is not None}
+        )
+        max_tokens = TERMINAL.max_tokens if options.max_tokens is None else options.max_tokens
         try:
-            model = self._load(key)
-            sampler = tvq.Sampler(temperature=value["temperature"], top_p=value["top_p"],
-                                  top_k=value["top_k"], min_p=value["min_p"])  # fmt: skip
-
-            def run(**streaming) -> tvq.Generation:
-                return tvq.generate(
-                    model, fed, max_tokens=value["max_tokens"], sampler=sampler, seed=seed,
-                    stop=options.stop or [], context=kept.context if resume else None,
-                    **streaming,
-                )  # fmt: skip
-
-            if stream:
-                generation = yield from _streamed(run)
-            else:
-                generation = run()
-                if generation.samples[0].text:
-                    yield generation.samples[0].text
+            events = tvq.stream_generate(
+                self._load(key), fed, max_tokens=max_tokens, sampler=sampler, seed=seed,
+                stop=options.stop or [], context=kept.context if resume else None,
+            )  # fmt: skip
+            with events:  # closed early (Ctrl-C, a reader that stops): cancelled there
+                generation, pieces = None, []
+                for event in events:
+                    if isinstance(event, tvq.Generation):
+                        generation = event
+                    elif stream:
+                        yield event.text
+                    else:
+                        pieces.append(event.text)
+                if not stream and "".join(pieces):
+                    yield "".join(pieces)
         except tvq.TvqError as e:
             raise llm.ModelError(str(e)) from None
         sample = generation.samples[0]
@@ -208,37 +224,6 @@ def document(messages: list[llm.Message]) -> tuple[str, str]:
         elif message.role == "assistant":
             text += body
     return before, text
-
-
-def _streamed(run: Callable[..., tvq.Generation]) -> Iterator[str]:
-    """Runs `run(on_text=..., should_stop=...)` (tvq.generate) in a worker thread and
-    yields its text as it is sampled; returns the Generation. Closing the generator early
-    (Ctrl-C, a consumer that stops reading) ends the worker within one decoding chunk."""
-    events: queue.SimpleQueue = queue.SimpleQueue()
-    closed = threading.Event()
-
-    def work() -> None:
-        try:
-            generation = run(on_text=lambda row, text: events.put(("text", text)),
-                             should_stop=closed.is_set)  # fmt: skip
-            events.put(("done", generation))
-        except BaseException as e:  # handed to the consuming thread, raised there
-            events.put(("error", e))
-
-    worker = threading.Thread(target=work, name="tvq-generate", daemon=True)
-    worker.start()
-    try:
-        while True:
-            kind, value = events.get()
-            if kind == "text":
-                yield value
-            elif kind == "error":
-                raise value
-            else:
-                return value
-    finally:
-        closed.set()
-        worker.join()
 
 
 def _enable_compilation_cache() -> None:

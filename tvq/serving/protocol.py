@@ -22,8 +22,7 @@ import numpy as np
 
 from tvq.errors import TvqError, is_int
 from tvq.serving.sessions import SESSION_ID
-from tvq.text.ranges import RANGES, Range, SettingError, random_seed
-from tvq.text.sampling import Sampler
+from tvq.text.settings import RANGES, Range, Sampler, SettingError, random_seed
 from tvq.text.tokenizer import token_text
 
 
@@ -102,7 +101,7 @@ class CompletionRequest:
     ignore_eos: bool = False  # an extension (llama.cpp's, vLLM's): sample past end-of-document
 
 
-# The body's fields that set tvq.text.ranges's settings, where their names differ.
+# The body's fields that set tvq.text.settings's settings, where their names differ.
 FIELD_OF_SETTING = {"num_samples": "n", "logit_bias_id": "logit_bias"}
 SAMPLER_FIELDS = tuple(f.name for f in dataclasses.fields(Sampler) if f.name != "logit_bias")
 
@@ -156,7 +155,7 @@ def _field(body: dict, name: str, kinds, default, check=None, what: str = ""):
 def parse_completion(body: Any, tokenizer, n_vocab: int, settings: ServerSettings
                      ) -> CompletionRequest:  # fmt: skip
     """Checks a completions body field by field → CompletionRequest, or ApiError 400
-    naming the field. Each setting's range is tvq.text.ranges's (tightened by the
+    naming the field. Each setting's range is tvq.text.settings's (tightened by the
     server's limits); the sampler's are checked by the Sampler itself."""
     if not isinstance(body, dict):
         raise ApiError(400, "the body must be a JSON object")

@@ -29,7 +29,8 @@ from tvq.runtime.decode_loop import CHUNK, device_row_keys, run_chunk, seed_key
 from tvq.runtime.forward import on_device
 from tvq.runtime.model import Model
 from tvq.text.rows import Sample, TextRows
-from tvq.text.sampling import REPEAT_WINDOW, Penalties, Sampler, SamplerRows
+from tvq.text.sampling import Penalties, SamplerRows
+from tvq.text.settings import REPEAT_WINDOW, Sampler
 
 
 @dataclasses.dataclass(eq=False)  # an entry is itself: compared by identity

@@ -1,124 +1,66 @@
 """Sampling rules: logit bias, presence, frequency and repetition penalties, then
 temperature, top-k, min-p and top-p (nucleus), applied to log-probs.
 
-A `Sampler` is a small frozen dataclass, a request's settings; it knows nothing about
-the model. The compiled decoding loop takes them as values, not as its program's shape:
-`SamplerRows` holds each row's settings as arrays, so one compiled program serves every
-setting and rows with different settings share a batch (docs/DESIGN.md section 7). The
-penalties' counts (`Penalties`: each token's count among the sampled ones, and the last
-REPEAT_WINDOW tokens) live in the loop's carry.
+A `Sampler` (tvq/text/settings.py) is a small frozen dataclass, a request's settings;
+it knows nothing about the model. The rules for one sampler (`filter_logits`, `sample`,
+`pick`) are the reference that each row's rules are tested against. The compiled
+decoding loop takes settings as values, not as its program's shape: `SamplerRows` holds
+each row's settings as arrays, so one compiled program serves every setting and rows
+with different settings share a batch (docs/DESIGN.md section 7). The penalties' counts
+(`Penalties`: each token's count among the sampled ones, and the last REPEAT_WINDOW
+tokens) live in the loop's carry.
 """
 
 from __future__ import annotations
-
-import dataclasses
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tvq.text.ranges import REPEAT_WINDOW, SettingError, check
+from tvq.text.settings import REPEAT_WINDOW, Sampler
 
 
-@dataclasses.dataclass(frozen=True)
-class Sampler:
-    """A request's sampling settings: the defaults are the library's and OpenAI's
-    (plain sampling from the model); each field's range is tvq.text.ranges's."""
-
-    temperature: float = 1.0  # 0 = greedy
-    top_k: int = 0  # 0 = off
-    top_p: float = 1.0  # 1 = off
-    min_p: float = 0.0  # 0 = off
-    # OpenAI's: log-prob − frequency × count − presence × (count > 0), count = how often
-    # the token was sampled before in this text (0 = off)
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    # llama.cpp's --repeat-penalty over the last repeat_last_n tokens of the request
-    # (prompt and sampled): their log-probs (≤ 0) × the penalty (1 = off)
-    repetition_penalty: float = 1.0
-    repeat_last_n: int = 64
-    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its log-prob)
-
-    def __post_init__(self) -> None:
-        """Each field within its range (tvq.text.ranges), or SettingError."""
-        for field in dataclasses.fields(self):
-            if field.name != "logit_bias":
-                check(field.name, getattr(self, field.name))
-        for pair in self.logit_bias:
-            if not isinstance(pair, tuple | list) or len(pair) != 2:
-                raise SettingError("logit_bias", "(token id, bias) pairs", pair)
-            check("logit_bias_id", pair[0])
-            check("logit_bias", pair[1])
-
-    def check_vocabulary(self, n_vocab: int) -> Sampler:
-        """The sampler, if every logit-bias id is a token of a vocabulary of n_vocab, else
-        SettingError."""
-        for token, _ in self.logit_bias:
-            if token >= n_vocab:
-                raise SettingError("logit_bias_id", f"a token id below {n_vocab}", token)
-        return self
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
-
-    @property
-    def penalizing(self) -> bool:
-        """Whether a penalty or a bias changes any log-prob."""
-        repeats = self.repetition_penalty != 1 and self.repeat_last_n > 0
-        return bool(self.presence_penalty or self.frequency_penalty or repeats
-                    or any(bias for _, bias in self.logit_bias))  # fmt: skip
-
-    def filter(self, log_probs: jax.Array) -> jax.Array:
-        """Log-probs [B, N] → logits [B, N] of the distribution to sample from."""
-        logits = log_probs / self.temperature
-        if self.top_k:
-            k = min(self.top_k, logits.shape[-1])
-            kth = jax.lax.top_k(logits, k)[0][..., -1:]
-            logits = jnp.where(logits < kth, -jnp.inf, logits)
-        if self.min_p > 0:
-            probs = jax.nn.softmax(logits, axis=-1)
-            floor = self.min_p * jnp.max(probs, axis=-1, keepdims=True)
-            logits = jnp.where(probs < floor, -jnp.inf, logits)
-        if self.top_p < 1:
-            probs = jax.nn.softmax(logits, axis=-1)
-            logits = jnp.where(probs < top_p_cutoff(probs, self.top_p), -jnp.inf, logits)
-        return logits
-
-    def sample(self, key: jax.Array, log_probs: jax.Array) -> jax.Array:
-        """One token id per row, int32 [B]: the first token whose cumulative probability
-        reaches u·total, u uniform in (0, 1] (one random number per row, all from key)."""
-        return self._pick(1.0 - jax.random.uniform(key, (log_probs.shape[0], 1)), log_probs)
-
-    def pick(self, u: jax.Array, log_probs: jax.Array) -> jax.Array:
-        """One token id per row [B] as sample does, with each row's random number u [B]
-        in (0, 1] given: row_uniforms(keys) draws one per row's own key, so a row's token
-        does not depend on the other rows (drawn ahead for a chunk of decoding steps)."""
-        return self._pick(u[:, None], log_probs)
-
-    def _pick(self, u: jax.Array, log_probs: jax.Array) -> jax.Array:
-        if self.greedy:
-            return jnp.argmax(log_probs, axis=-1).astype(jnp.int32)
-        probs = jax.nn.softmax(self.filter(log_probs), axis=-1)
-        # The barrier keeps XLA from fusing the softmax into the prefix sum, where it
-        # recomputes exp over and over (measured: 0.1-0.3 ms a token at batch 1).
-        cumulative = jnp.cumsum(jax.lax.optimization_barrier(probs), axis=-1)
-        index = jnp.sum(cumulative < u * cumulative[:, -1:], axis=-1)
-        return jnp.minimum(index, probs.shape[-1] - 1).astype(jnp.int32)
+def filter_logits(sampler: Sampler, log_probs: jax.Array) -> jax.Array:
+    """The reference rules (Sampler.filter), one sampler for every row: log-probs
+    [B, N] → logits [B, N] of the distribution to sample from."""
+    logits = log_probs / sampler.temperature
+    if sampler.top_k:
+        k = min(sampler.top_k, logits.shape[-1])
+        kth = jax.lax.top_k(logits, k)[0][..., -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if sampler.min_p > 0:
+        probs = jax.nn.softmax(logits, axis=-1)
+        floor = sampler.min_p * jnp.max(probs, axis=-1, keepdims=True)
+        logits = jnp.where(probs < floor, -jnp.inf, logits)
+    if sampler.top_p < 1:
+        probs = jax.nn.softmax(logits, axis=-1)
+        logits = jnp.where(probs < top_p_cutoff(probs, sampler.top_p), -jnp.inf, logits)
+    return logits
 
 
-@dataclasses.dataclass(frozen=True)
-class Defaults:
-    """What a person at a terminal gets unless they say otherwise."""
-
-    sampler: Sampler
-    max_tokens: int
+def sample(sampler: Sampler, key: jax.Array, log_probs: jax.Array) -> jax.Array:
+    """One token id per row, int32 [B]: the first token whose cumulative probability
+    reaches u·total, u uniform in (0, 1] (one random number per row, all from key)."""
+    return _pick(sampler, 1.0 - jax.random.uniform(key, (log_probs.shape[0], 1)), log_probs)
 
 
-# `tvq generate`, `tvq chat` and the llm plugin: a little cooler than the model and
-# without its unlikeliest tail (llama.cpp and mlx-lm's front ends do the same).
-TERMINAL = Defaults(Sampler(temperature=0.8, top_p=0.95), max_tokens=200)
+def pick(sampler: Sampler, u: jax.Array, log_probs: jax.Array) -> jax.Array:
+    """One token id per row [B] as sample does, with each row's random number u [B]
+    in (0, 1] given: row_uniforms(keys) draws one per row's own key, so a row's token
+    does not depend on the other rows (drawn ahead for a chunk of decoding steps)."""
+    return _pick(sampler, u[:, None], log_probs)
+
+
+def _pick(sampler: Sampler, u: jax.Array, log_probs: jax.Array) -> jax.Array:
+    if sampler.greedy:
+        return jnp.argmax(log_probs, axis=-1).astype(jnp.int32)
+    probs = jax.nn.softmax(filter_logits(sampler, log_probs), axis=-1)
+    # The barrier keeps XLA from fusing the softmax into the prefix sum, where it
+    # recomputes exp over and over (measured: 0.1-0.3 ms a token at batch 1).
+    cumulative = jnp.cumsum(jax.lax.optimization_barrier(probs), axis=-1)
+    index = jnp.sum(cumulative < u * cumulative[:, -1:], axis=-1)
+    return jnp.minimum(index, probs.shape[-1] - 1).astype(jnp.int32)
 
 
 @flax.struct.dataclass

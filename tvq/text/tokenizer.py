@@ -27,6 +27,10 @@ from tvq.errors import TokenizerError
 
 __all__ = ["TokenizerError"]  # re-exported for convenience
 
+# A sentencepiece model's name wherever tvq keeps one beside what it tokenizes: a model
+# directory, a prepared dataset, a training run.
+TOKENIZER_FILE = "tokenizer.model"
+
 
 class Tokenizer(Protocol):
     kind: str

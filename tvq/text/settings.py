@@ -1,6 +1,9 @@
-"""Every generation setting's range and message, stated once (docs/DESIGN.md section 7).
+"""Generation settings, each default, range and message stated once (docs/DESIGN.md
+section 7): the `Sampler`, a request's sampling settings, and the ranges of every
+numeric setting (`RANGES`), with what a person at a terminal gets by default
+(`TERMINAL`). No JAX here: a CLI's options read it before JAX starts.
 
-The sampler (`tvq.text.sampling.Sampler`) checks its fields here, `tvq.generate` its
+The Sampler checks its fields here, `tvq.generate` its
 own (max_tokens, num_samples, seed, logprobs), and every front end reads the same
 table: `tvq generate` and `tvq chat` turn a `SettingError` into a usage error naming
 the option, `tvq serve` into a 400 naming the field (tightened by its own limits with
@@ -119,6 +122,94 @@ def check(name: str, value: Any) -> Any:
     return RANGES[name].check(name, value)
 
 
+def check_all(**settings: Any) -> None:
+    """Each named setting within its range (SettingError for the first that is not)."""
+    for name, value in settings.items():
+        check(name, value)
+
+
 def random_seed() -> int:
     """A seed for a run that names none (31 bits: any front end can show and take it)."""
     return secrets.randbits(31)
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampler:
+    """A request's sampling settings: the defaults are the library's and OpenAI's
+    (plain sampling from the model); each field's range is RANGES's."""
+
+    temperature: float = 1.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    min_p: float = 0.0  # 0 = off
+    # OpenAI's: log-prob − frequency × count − presence × (count > 0), count = how often
+    # the token was sampled before in this text (0 = off)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    # llama.cpp's --repeat-penalty over the last repeat_last_n tokens of the request
+    # (prompt and sampled): their log-probs (≤ 0) × the penalty (1 = off)
+    repetition_penalty: float = 1.0
+    repeat_last_n: int = 64
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its log-prob)
+
+    def __post_init__(self) -> None:
+        """Each field within its range (RANGES), or SettingError."""
+        for field in dataclasses.fields(self):
+            if field.name != "logit_bias":
+                check(field.name, getattr(self, field.name))
+        for pair in self.logit_bias:
+            if not isinstance(pair, tuple | list) or len(pair) != 2:
+                raise SettingError("logit_bias", "(token id, bias) pairs", pair)
+            check("logit_bias_id", pair[0])
+            check("logit_bias", pair[1])
+
+    def check_vocabulary(self, n_vocab: int) -> Sampler:
+        """The sampler, if every logit-bias id is a token of a vocabulary of n_vocab, else
+        SettingError."""
+        for token, _ in self.logit_bias:
+            if token >= n_vocab:
+                raise SettingError("logit_bias_id", f"a token id below {n_vocab}", token)
+        return self
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def filter(self, log_probs):
+        """Log-probs [B, N] → logits [B, N] of the distribution to sample from (the
+        reference rules, tvq.text.sampling)."""
+        from tvq.text.sampling import filter_logits
+
+        return filter_logits(self, log_probs)
+
+    def sample(self, key, log_probs):
+        """One token id per row [B], all rows' random numbers from key."""
+        from tvq.text.sampling import sample
+
+        return sample(self, key, log_probs)
+
+    def pick(self, u, log_probs):
+        """One token id per row [B], with each row's random number u [B] in (0, 1]."""
+        from tvq.text.sampling import pick
+
+        return pick(self, u, log_probs)
+
+    @property
+    def penalizing(self) -> bool:
+        """Whether a penalty or a bias changes any log-prob."""
+        repeats = self.repetition_penalty != 1 and self.repeat_last_n > 0
+        return bool(self.presence_penalty or self.frequency_penalty or repeats
+                    or any(bias for _, bias in self.logit_bias))  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True)
+class Defaults:
+    """What a person at a terminal gets unless they say otherwise."""
+
+    sampler: Sampler
+    max_tokens: int
+
+
+# `tvq generate`, `tvq chat` and the llm plugin: a little cooler than the model and
+# without its unlikeliest tail (llama.cpp and mlx-lm's front ends do the same).
+TERMINAL = Defaults(Sampler(temperature=0.8, top_p=0.95), max_tokens=200)
