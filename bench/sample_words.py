@@ -21,9 +21,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine  # noqa: E402
 
 import tvq  # noqa: E402
+from tvq.corpus.sources import find_files  # noqa: E402
 from tvq.decoding import generate  # noqa: E402
 from tvq.text.sampling import Sampler  # noqa: E402
-from tvq.train.data import find_files  # noqa: E402
 
 WORD = re.compile(r"[A-Za-z]+(?:['-][A-Za-z]+)*")
 PROMPTS = ["To be, or not", "ROMEO.\n", "Enter the King and Queen.\n\nKING.\n",

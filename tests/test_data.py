@@ -16,11 +16,11 @@ import pytest
 import sentencepiece as spm
 from typer.testing import CliRunner
 
+from tvq.corpus import build, prepare, shards, workers
+from tvq.corpus.reader import TokenShards, TokenStream
+from tvq.corpus.sources import Segment, SegmentReader, find_sources, text_chunks
 from tvq.errors import CorpusError
 from tvq.text.tokenizer import ByteTokenizer, SentencePieceTokenizer, train_sentencepiece
-from tvq.train import prepare, shards, workers
-from tvq.train.data import TokenShards, TokenStream, find_sources
-from tvq.train.sources import Segment, SegmentReader, text_chunks
 from tvqcli.main import app
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -211,13 +211,13 @@ def test_the_tokenizer_trains_on_a_bounded_sample(tmp_path, monkeypatch):
     """Under the bound, all training text (as a run from text trains on); above it, a
     sample within the bound drawn from every file."""
     seen = []
-    real = prepare.train_sentencepiece
+    real = build.train_sentencepiece
 
     def spy(files, model_path, vocab_size, **kw):
         seen.append(Path(files[0]).read_text())
         return real(files, model_path, vocab_size, **kw)
 
-    monkeypatch.setattr(prepare, "train_sentencepiece", spy)
+    monkeypatch.setattr(build, "train_sentencepiece", spy)
     folder = tmp_path / "texts"
     folder.mkdir()
     parts = [(DATA / "macbeth_head.txt").read_text(), (DATA / "hamlet_head.txt").read_text()]
@@ -225,8 +225,8 @@ def test_the_tokenizer_trains_on_a_bounded_sample(tmp_path, monkeypatch):
         (folder / f"{i}.txt").write_text(part * 4)
     prepare.prepare(prepare.request([folder], vocab_size=400, val_fraction=0))
     assert seen[-1] == "\n".join(p * 4 for p in parts)
-    monkeypatch.setattr(prepare, "SAMPLE_BYTES", 20000)
-    monkeypatch.setattr(prepare, "SAMPLE_MIN_TAKE", 100)
+    monkeypatch.setattr(build, "SAMPLE_BYTES", 20000)
+    monkeypatch.setattr(build, "SAMPLE_MIN_TAKE", 100)
     data = prepare.prepare(prepare.request([folder], vocab_size=400, val_fraction=0))
     assert 10000 < len(seen[-1].encode()) <= 20000
     assert parts[0][:500] in seen[-1] and parts[1][:500] in seen[-1]
@@ -300,7 +300,7 @@ def test_bad_input_is_one_line(tmp_path):
 
 KILL_AT_PUBLISH = """
 import os, signal, sys
-from tvq.train import prepare, shards
+from tvq.corpus import prepare, shards
 from tvqcli.main import main
 
 def killed(*args, **kwargs):  # everything is written but the dataset is not published yet
@@ -419,3 +419,24 @@ def test_prepared_shards_hash_as_recorded(tmp_path):
     prepare.prepare(req, out=tmp_path / "bytes", workers=1, unit_bytes=300)
     assert prepared_digest(tmp_path / "spm", tmp_path / "corpus") == GOLDEN_SENTENCEPIECE
     assert prepared_digest(tmp_path / "bytes", tmp_path / "corpus") == GOLDEN_BYTES
+
+
+def test_one_cache_folder_holds_compiled_programs_and_datasets(tmp_path, monkeypatch):
+    """$TVQ_CACHE_DIR, else $XDG_CACHE_HOME/tvq: JAX's compiled programs, the warm-start
+    files and the prepared datasets of tvq train TEXT side by side in it, either way."""
+    import jax
+
+    from tvq.files import warm
+
+    seen = {}
+    monkeypatch.setattr(jax.config, "update", lambda name, value: seen.__setitem__(name, value))
+    monkeypatch.setattr(warm, "enable", lambda folder: seen.__setitem__("warm", folder))
+    for variable, folder in [("TVQ_CACHE_DIR", tmp_path / "own"),
+                             ("XDG_CACHE_HOME", tmp_path / "xdg")]:  # fmt: skip
+        monkeypatch.delenv("TVQ_CACHE_DIR")
+        monkeypatch.setenv(variable, str(folder))
+        root = folder if variable == "TVQ_CACHE_DIR" else folder / "tvq"
+        warm.enable_caches()
+        assert Path(seen["jax_compilation_cache_dir"]) == root / "jax"
+        assert seen["warm"] == root / "warm"
+        assert prepare.data_cache_dir() == root / "data"

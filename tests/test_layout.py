@@ -18,7 +18,7 @@ RANK = {
     "tvq.text": 2, "tvq.distributed": 2,
     "tvq.nn": 3,
     "tvq.files": 4,
-    "tvq.runtime": 5,
+    "tvq.runtime": 5, "tvq.corpus": 5,  # the corpus: text to token shards, read by training
     "tvq.decoding": 6, "tvq.scoring": 6, "tvq.train": 6,
     "tvq.serving": 7,  # serves generation and scoring
     "tvq.integrations": 8,

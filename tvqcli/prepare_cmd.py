@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from tvq.train.settings import DEFAULT_VAL_FRACTION, DEFAULT_VOCAB_SIZE
+from tvq.corpus import DEFAULT_VAL_FRACTION, DEFAULT_VOCAB_SIZE
 from tvqcli.app import (
     BytesOption,
     SkipBadLinesOption,
@@ -53,9 +53,9 @@ def prepare(
     """Tokenize text once into memory-mapped token shards for `tvq train DATA`.
 
     Run again on the same inputs, it finds the dataset up to date and does nothing."""
+    from tvq.corpus import prepare as preparing
+    from tvq.corpus.shards import INFO_FILE, TRAIN, VAL
     from tvq.text.tokenizer import ByteTokenizer, SentencePieceTokenizer
-    from tvq.train import prepare as preparing
-    from tvq.train.shards import INFO_FILE
 
     check_output_dir(out, "--out")
     if tokenizer is not None and use_bytes:
@@ -69,7 +69,7 @@ def prepare(
                             skip_bad_lines=skip_bad_lines)  # fmt: skip
     with PrepareProgress() as report:
         data = preparing.prepare(req, out=out, workers=workers, on_event=report)
-    train, held = data.info["splits"]["train"], data.info["splits"]["val"]
+    train, held = data.info["splits"][TRAIN], data.info["splits"][VAL]
     stderr.print(
         f"{out}: {train['documents']} training documents ({train['tokens']} tokens), "
         f"{held['documents']} held out ({held['tokens']} tokens); "

@@ -11,8 +11,8 @@ from typing import Annotated
 import typer
 
 from tvq.config import ModelConfig as Arch
+from tvq.corpus import DEFAULT_VAL_FRACTION, DEFAULT_VOCAB_SIZE
 from tvq.distributed.cluster import active as cluster_active
-from tvq.train.settings import DEFAULT_VAL_FRACTION, DEFAULT_VOCAB_SIZE
 from tvq.train.settings import TrainSettings as Run
 from tvqcli.app import (
     CLUSTER_OPTIONS,
@@ -154,8 +154,8 @@ def train(
     tvq prepare. Data parallel over every device (--devices to use fewer); with
     --coordinator (or --distributed auto) over several processes or hosts,
     each running this command."""
+    from tvq.corpus import is_prepared
     from tvq.train import train_from_files
-    from tvq.train.shards import is_prepared
 
     check_output_dir(out, "--out")
     if any(p.is_dir() and is_prepared(p) for p in texts):

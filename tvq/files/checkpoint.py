@@ -22,13 +22,12 @@ from tvq.config import ModelConfig
 from tvq.errors import CheckpointError, ConfigError, TokenizerError
 from tvq.files import warm
 from tvq.nn.params import check_params
-from tvq.text.tokenizer import check_vocab, load_tokenizer
+from tvq.text.tokenizer import TOKENIZER_FILE, check_vocab, load_tokenizer
 
 FORMAT = "tvq-model"
 VERSION = 1
 CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
-TOKENIZER_FILE = "tokenizer.model"
 # What else may share a model directory: a training run's files.
 ALLOWED_EXTRAS = {"train"}
 

@@ -37,6 +37,7 @@ import jax
 import jaxlib
 import numpy as np
 
+from tvq.files import cache
 from tvq.files.atomic import write_atomically
 
 PARAMS_LIMIT = 512 * 2**20  # bytes: larger models are read through orbax every time
@@ -54,14 +55,14 @@ def enable(folder: str | os.PathLike | None) -> None:
 
 
 def enable_caches() -> None:
-    """JAX's persistent compilation cache in a per-user directory (`$TVQ_CACHE_DIR`, else
-    `$XDG_CACHE_HOME/tvq/jax`, else ~/.cache/tvq/jax), and this module's warm-start files
-    beside it (traced programs, parameters): later processes start fast. What every front
-    end calls first (the CLI, the llm plugin); the library alone writes nothing. A cache
-    that cannot be made or written is skipped (it only costs speed). JAX writes its
-    entries atomically, so processes that share a cache may start at the same time."""
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    cache_dir = Path(os.environ.get("TVQ_CACHE_DIR") or Path(base) / "tvq" / "jax")
+    """JAX's persistent compilation cache in the per-user cache folder's `jax/` (the rule
+    of tvq/files/cache.py: under `$TVQ_CACHE_DIR`, else `$XDG_CACHE_HOME/tvq`, else
+    ~/.cache/tvq), and this module's warm-start files beside it in `warm/` (traced
+    programs, parameters): later processes start fast. What every front end calls first
+    (the CLI, the llm plugin); the library alone writes nothing. A cache that cannot be
+    made or written is skipped (it only costs speed). JAX writes its entries atomically,
+    so processes that share a cache may start at the same time."""
+    cache_dir = cache.cache_dir("jax")
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
     except OSError:
@@ -71,7 +72,7 @@ def enable_caches() -> None:
     jax.config.update("jax_compilation_cache_dir", str(cache_dir))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    enable(cache_dir / "warm")
+    enable(cache.cache_dir("warm"))
 
 
 def _write(path: Path, data: bytes) -> None:

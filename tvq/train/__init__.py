@@ -1,5 +1,6 @@
-"""Training (docs/DESIGN.md section 11): settings, data, the step, the resumable loop, and
-`train_from_files`, from text files to a model directory.
+"""Training (docs/DESIGN.md section 11): settings, the step, the resumable loop, and
+`train_from_files` (run.py), from text files to a model directory; the data comes from
+tvq.corpus.
 
 Names load on first use (PEP 562): `tvq.train.settings` alone does not import JAX.
 """
@@ -11,7 +12,7 @@ from typing import TYPE_CHECKING
 from tvq import lazy_exports
 
 _EXPORTS = {
-    "train_from_files": "tvq.train.files",
+    "train_from_files": "tvq.train.run",
     "Progress": "tvq.train.loop",
     "RunState": "tvq.train.loop",
     "evaluate": "tvq.train.loop",
@@ -27,8 +28,8 @@ __all__ = [
 ]  # fmt: skip
 
 if TYPE_CHECKING:
-    from tvq.train.files import train_from_files
     from tvq.train.loop import Progress, RunState, evaluate, run_training
+    from tvq.train.run import train_from_files
     from tvq.train.settings import TrainSettings
     from tvq.train.step import StepMetrics, make_optimizer, make_train_step
 

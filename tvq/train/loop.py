@@ -8,7 +8,7 @@ which the data position follows; a run stopped by Ctrl-C or a kill resumes from 
 
 Over 300 lines because resuming touches every part of the loop (the log, the data
 position, the checkpoints, evaluation, the cluster's watchdog); the step itself is
-tvq/train/step.py and the data tvq/train/data.py.
+tvq/train/step.py and the data tvq/corpus/reader.py.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tvq.config import ModelConfig
+from tvq.corpus.reader import TokenShards, TokenStream
 from tvq.distributed import cluster
 from tvq.distributed.devices import (
     data_mesh,
@@ -45,7 +46,6 @@ from tvq.nn.state import ModelState, initial_state, stack_state
 from tvq.runtime.context import score_ids
 from tvq.runtime.forward import check_algorithm
 from tvq.runtime.model import Model, init_params
-from tvq.train.data import TokenShards, TokenStream
 from tvq.train.settings import TrainSettings
 from tvq.train.step import compiled_step, learning_rate, step_memory
 

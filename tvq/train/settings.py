@@ -1,7 +1,8 @@
 """Training settings: tvq's one source of training defaults (`tvq train` shows them).
 
 Everything about a run that is not architecture (docs/DESIGN.md section 11); the
-architecture's defaults are ModelConfig's.
+architecture's defaults are ModelConfig's, the corpus's (vocabulary, held-out fraction)
+tvq.corpus's.
 """
 
 from __future__ import annotations
@@ -10,9 +11,6 @@ import dataclasses
 import math
 
 from tvq.errors import TrainingError, is_int
-
-DEFAULT_VOCAB_SIZE = 4096  # pieces of a tokenizer trained for the run
-DEFAULT_VAL_FRACTION = 0.05  # documents held out when no --val file is named
 
 
 @dataclasses.dataclass(frozen=True)

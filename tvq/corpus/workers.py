@@ -1,5 +1,5 @@
-"""What each worker process of a preparation does with its unit of work (a run of
-consecutive segments of the input files), and the pool that runs the units
+"""The tokenizing workers: what each worker process of a preparation does with its unit of
+work (a run of consecutive segments of the input files), and the pool that runs the units
 (docs/DESIGN.md section 11).
 
 Two passes: `scan_unit` counts a unit's documents (and finds bad JSONL lines before any
@@ -22,23 +22,22 @@ from pathlib import Path
 
 import numpy as np
 
-from tvq.errors import CorpusError
-from tvq.text.tokenizer import ByteTokenizer, SentencePieceTokenizer
-from tvq.train.data import Source
-from tvq.train.shards import ShardWriter, shard_name
-from tvq.train.sources import (
+from tvq.corpus.shards import SPLITS, TRAIN, VAL, UnitWriter
+from tvq.corpus.sources import (
     BadLine,
     Segment,
     SegmentReader,
+    Source,
+    changed,
     document_text,
     has_text,
     reading,
     text_chunks,
 )
+from tvq.text.tokenizer import ByteTokenizer, SentencePieceTokenizer
 
 PIECE_CHARS = 1 << 18  # text gathered before looking for a cut point
 REPORT_BYTES = 1 << 20  # progress is published after this many bytes read
-RECORDS_FLUSH = 1 << 16  # document-index rows kept before they are written out
 
 
 @dataclass
@@ -263,97 +262,87 @@ class Encoder:
             yield self(pending), len(pending.encode("utf-8"))
 
 
-class _Split:
-    """One split's shard and document-index rows of a unit."""
-
-    def __init__(self, folder: Path, split: str, unit: int, dtype: np.dtype) -> None:
-        self.shard = ShardWriter(folder / shard_name(split, unit), dtype)
-        self.records_path = folder / f".{split}-{unit:05d}.docs"
-        self.records_file = open(self.records_path, "wb")  # noqa: SIM115
-        self.rows: list[tuple[int, int, int, int, int]] = []
-        self.count = 0
-
-    def record(self, source: int, line: int, tokens: int, size: int, continued: bool) -> None:
-        """A document (or, continued, the rest of the previous unit's last document)."""
-        self.rows.append((source, line, tokens, size, int(continued)))
-        self.count += 1
-        if len(self.rows) >= RECORDS_FLUSH:
-            self.flush()
-
-    def flush(self) -> None:
-        if self.rows:
-            self.records_file.write(np.asarray(self.rows, np.int64).tobytes())
-            self.rows = []
-
-    def close(self) -> None:
-        self.flush()
-        self.records_file.close()
-        self.shard.close()
-
-
 def tokenize_unit(unit: Unit) -> TokenizeResult:
+    """The unit's documents through the tokenizer into its own shard and index rows per
+    split; a training document is followed by the end-of-document id."""
     tokenizer = _tokenizer(unit.tokenizer)
     dtype = np.dtype(unit.dtype)
-    encode = Encoder(tokenizer, dtype)
-    eos = np.asarray([tokenizer.eos_id], dtype)
-    splits = {name: _Split(unit.folder, name, unit.index, dtype) for name in ("train", "val")}
-    progress, bad_lines = _Progress(), 0
-
-    def split_of(doc: int) -> _Split:
-        if not 0 <= doc - unit.first_doc < len(unit.held_out):
-            raise CorpusError(f"{source.path} changed while being prepared; run again")
-        return splits["val" if unit.held_out[doc - unit.first_doc] else "train"]
-
+    writers = {name: UnitWriter(unit.folder, name, unit.index, dtype) for name in SPLITS}
+    work = _Tokenizing(unit, Encoder(tokenizer, dtype), np.asarray([tokenizer.eos_id], dtype),
+                       writers)  # fmt: skip
     try:
         for seg in unit.segments:
             source = unit.sources[seg.source]
             with reading(source), SegmentReader(source, seg) as reader:
                 if source.kind == "text":
-                    if not seg.documents:  # whitespace alone
-                        continue
-                    split = split_of(seg.first_doc)
-                    tokens = size = 0
-                    progress.start()
-                    for ids, n_bytes in encode.pieces(text_chunks(reader)):
-                        split.shard.write(ids)
-                        tokens, size = tokens + len(ids), size + n_bytes
-                        progress.at(reader.consumed)
-                    progress.at(reader.consumed)
-                    if seg.ends and split is splits["train"]:
-                        split.shard.write(eos)
-                    split.record(seg.source, 0, tokens, size, seg.continues)
-                    continue
-                doc = seg.first_doc
-                progress.start()
-                for number, line in enumerate(reader.lines(), seg.first_line):
-                    progress.at(reader.consumed)
-                    try:
-                        text = document_text(line, unit.text_field)
-                    except BadLine:
-                        if not unit.skip_bad_lines:
-                            raise CorpusError(f"{source.path} changed while being prepared "
-                                              f"(line {number}); run again") from None  # fmt: skip
-                        bad_lines += 1
-                        continue
-                    if text is None or not text.strip():
-                        continue
-                    split = split_of(doc)
-                    ids = encode(text)
-                    split.shard.write(ids)
-                    if split is splits["train"]:
-                        split.shard.write(eos)
-                    split.record(seg.source, number, len(ids), len(text.encode("utf-8")), False)
-                    doc += 1
-                progress.at(reader.consumed)
-                if doc != seg.first_doc + seg.documents:
-                    raise CorpusError(f"{source.path} changed while being prepared; run again")
+                    work.text(seg, source, reader)
+                else:
+                    work.jsonl(seg, source, reader)
     finally:
-        for split in splits.values():
-            split.close()
-    progress.flush()
+        for writer in writers.values():
+            writer.close()
+    work.progress.flush()
     return TokenizeResult(
         unit.index,
-        tokens={name: s.shard.tokens for name, s in splits.items()},
-        records={name: s.count for name, s in splits.items()},
-        bad_lines=bad_lines,
+        tokens={name: w.shard.tokens for name, w in writers.items()},
+        records={name: w.count for name, w in writers.items()},
+        bad_lines=work.bad_lines,
     )
+
+
+class _Tokenizing:
+    """One unit's tokenizing: a text file's segment, or a JSONL segment's documents."""
+
+    def __init__(self, unit: Unit, encode: Encoder, eos: np.ndarray, writers) -> None:
+        self.unit, self.encode, self.eos, self.writers = unit, encode, eos, writers
+        self.progress, self.bad_lines = _Progress(), 0
+
+    def split(self, source: Source, doc: int) -> UnitWriter:
+        """The writer of the split that document `doc` (an ordinal) goes to."""
+        unit = self.unit
+        if not 0 <= doc - unit.first_doc < len(unit.held_out):
+            raise changed(source.path)
+        return self.writers[VAL if unit.held_out[doc - unit.first_doc] else TRAIN]
+
+    def text(self, seg: Segment, source: Source, reader: SegmentReader) -> None:
+        """A text file's segment: its piece of the file's one document (none for
+        whitespace alone), the end-of-document id after the piece that ends it."""
+        if not seg.documents:
+            return
+        split = self.split(source, seg.first_doc)
+        tokens = size = 0
+        self.progress.start()
+        for ids, n_bytes in self.encode.pieces(text_chunks(reader)):
+            split.shard.write(ids)
+            tokens, size = tokens + len(ids), size + n_bytes
+            self.progress.at(reader.consumed)
+        self.progress.at(reader.consumed)
+        if seg.ends and split is self.writers[TRAIN]:
+            split.shard.write(self.eos)
+        split.record(seg.source, 0, tokens, size, seg.continues)
+
+    def jsonl(self, seg: Segment, source: Source, reader: SegmentReader) -> None:
+        """A JSONL segment: one document per line, as the scan counted them."""
+        doc = seg.first_doc
+        self.progress.start()
+        for number, line in enumerate(reader.lines(), seg.first_line):
+            self.progress.at(reader.consumed)
+            try:
+                text = document_text(line, self.unit.text_field)
+            except BadLine:
+                if not self.unit.skip_bad_lines:
+                    raise changed(source.path, number) from None
+                self.bad_lines += 1
+                continue
+            if text is None or not text.strip():
+                continue
+            split = self.split(source, doc)
+            ids = self.encode(text)
+            split.shard.write(ids)
+            if split is self.writers[TRAIN]:
+                split.shard.write(self.eos)
+            split.record(seg.source, number, len(ids), len(text.encode("utf-8")), False)
+            doc += 1
+        self.progress.at(reader.consumed)
+        if doc != seg.first_doc + seg.documents:
+            raise changed(source.path)

@@ -1,5 +1,5 @@
-"""A prepared dataset on disk (docs/DESIGN.md section 10): token shards that every run
-memory-maps, in one folder.
+"""A prepared dataset on disk, written and read here alone (docs/DESIGN.md section 11):
+token shards that every run memory-maps, in one folder.
 
     dataset.json        format, version, cache key, inputs (path, kind, size, mtime),
                         tokenizer (kind, fingerprint, vocabulary), dtype, held-out
@@ -15,9 +15,11 @@ memory-maps, in one folder.
                         (without the end-of-document id), bytes (UTF-8)]
     COMPLETE            the cache key again, written last
 
-A folder is written as a temporary sibling and renamed into place once COMPLETE is in
-it; a folder without COMPLETE (or whose COMPLETE does not match dataset.json) is never
-read as a dataset.
+While it is written, each unit of work writes its own shards and its rows of the document
+index ([source, line, tokens, bytes, continued] in `.SPLIT-NNNNN.docs`), which
+`merge_index` joins into the index of each split. A folder is written as a temporary
+sibling and renamed into place once COMPLETE is in it; a folder without COMPLETE (or
+whose COMPLETE does not match dataset.json) is never read as a dataset.
 """
 
 from __future__ import annotations
@@ -33,16 +35,17 @@ from typing import Any
 
 import numpy as np
 
+from tvq.corpus.reader import TokenShards
 from tvq.errors import CorpusError
-from tvq.text.tokenizer import ByteTokenizer, SentencePieceTokenizer
-from tvq.train.data import TokenShards
+from tvq.text.tokenizer import TOKENIZER_FILE, ByteTokenizer, SentencePieceTokenizer
 
 FORMAT, VERSION = "tvq-prepared", 1
 INFO_FILE, COMPLETE_FILE = "dataset.json", "COMPLETE"
-TOKENIZER_FILE = "tokenizer.model"  # as in a model directory (workers do not import files/)
-SPLITS = ("train", "val")
+SPLITS = TRAIN, VAL = ("train", "val")
 INDEX_COLUMNS = ("source", "line", "start", "tokens", "bytes")
+UNIT_COLUMNS = ("source", "line", "tokens", "bytes", "continued")  # a unit's index rows
 PARTIAL = ".partial-"  # in the name of a folder being written
+RECORDS_FLUSH = 1 << 16  # a unit's index rows kept before they are written out
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -55,6 +58,11 @@ def shard_name(split: str, unit: int) -> str:
 
 def index_name(split: str) -> str:
     return f"{split}.docs.bin"
+
+
+def unit_index_name(split: str, unit: int) -> str:
+    """A unit's rows of the index while the dataset is written (merge_index removes it)."""
+    return f".{split}-{unit:05d}.docs"
 
 
 def is_prepared(folder: Path) -> bool:
@@ -123,7 +131,7 @@ class PreparedData:
             tokenizer = ByteTokenizer()
         dtype = np.dtype(info["dtype"])
         train, val = (_stream(folder, info["splits"][s], dtype) for s in SPLITS)
-        index = _index(folder, info["splits"]["val"])
+        index = _index(folder, info["splits"][VAL])
         return cls(folder, info, tokenizer, train, HeldOutDocuments(val, index), reused)
 
     def held_out_names(self, limit: int = 100) -> list[str]:
@@ -150,8 +158,11 @@ def _stream(folder: Path, split: dict, dtype: np.dtype) -> TokenShards:
 def _index(folder: Path, split: dict) -> np.ndarray:
     if not split["documents"]:
         return np.zeros([0, len(INDEX_COLUMNS)], np.int64)
-    return np.memmap(folder / index_name("val"), np.int64, mode="r",
+    return np.memmap(folder / index_name(VAL), np.int64, mode="r",
                      shape=(split["documents"], len(INDEX_COLUMNS)))  # fmt: skip
+
+
+# -- writing ------------------------------------------------------------------------------
 
 
 class ShardWriter:
@@ -170,6 +181,83 @@ class ShardWriter:
         self.file.flush()
         os.fsync(self.file.fileno())
         self.file.close()
+
+
+class UnitWriter:
+    """One split's shard and index rows (UNIT_COLUMNS) of one unit of work."""
+
+    def __init__(self, folder: Path, split: str, unit: int, dtype: np.dtype) -> None:
+        self.shard = ShardWriter(folder / shard_name(split, unit), dtype)
+        self.records_file = open(folder / unit_index_name(split, unit), "wb")  # noqa: SIM115
+        self.rows: list[tuple[int, int, int, int, int]] = []
+        self.count = 0
+
+    def record(self, source: int, line: int, tokens: int, size: int, continued: bool) -> None:
+        """A document (or, continued, the rest of the previous unit's last document)."""
+        self.rows.append((source, line, tokens, size, int(continued)))
+        self.count += 1
+        if len(self.rows) >= RECORDS_FLUSH:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.rows:
+            self.records_file.write(np.asarray(self.rows, np.int64).tobytes())
+            self.rows = []
+
+    def close(self) -> None:
+        self.flush()
+        self.records_file.close()
+        self.shard.close()
+
+
+def merge_index(folder: Path, split: str, units: list[int], eos: bool) -> dict[str, int]:
+    """Writes <split>.docs.bin from the units' rows (a document cut between units becomes
+    one row) → {documents, bytes, stream (tokens in the split's stream)}."""
+    out = open(folder / index_name(split), "wb", buffering=1 << 20)  # noqa: SIM115
+    pending: np.ndarray | None = None
+    start = documents = total_bytes = 0
+
+    def write(rows: np.ndarray) -> None:
+        nonlocal start, documents, total_bytes
+        lengths = rows[:, 2] + (1 if eos else 0)
+        starts = start + np.concatenate([[0], np.cumsum(lengths)[:-1]])
+        table = np.stack([rows[:, 0], rows[:, 1], starts, rows[:, 2], rows[:, 3]], axis=1)
+        out.write(table.astype(np.int64).tobytes())
+        start += int(lengths.sum())
+        documents += len(rows)
+        total_bytes += int(rows[:, 3].sum())
+
+    try:
+        for unit in units:
+            path = folder / unit_index_name(split, unit)
+            rows = np.fromfile(path, np.int64).reshape(-1, len(UNIT_COLUMNS))
+            path.unlink()
+            if not len(rows):
+                continue
+            if pending is not None:
+                rows = np.concatenate([pending[None], rows])
+            elif rows[0, 4]:
+                raise CorpusError("a document continues from nowhere; run again")
+            heads = np.flatnonzero(rows[:, 4] == 0)
+            merged = rows[heads].copy()
+            merged[:, 2] = np.add.reduceat(rows[:, 2], heads)
+            merged[:, 3] = np.add.reduceat(rows[:, 3], heads)
+            merged[:, 4] = 0
+            if len(merged) > 1:
+                write(merged[:-1])
+            pending = merged[-1]
+        if pending is not None:
+            write(pending[None])
+        out.flush()
+        os.fsync(out.fileno())
+    finally:
+        out.close()
+    if not documents:
+        (folder / index_name(split)).unlink()
+    return {"documents": documents, "bytes": total_bytes, "stream": start}
+
+
+# -- publishing ---------------------------------------------------------------------------
 
 
 def partial_folder(final: Path) -> Path:

@@ -1,6 +1,6 @@
-"""From text files (or a prepared dataset) to a trained model directory: the work behind
-`tvq train`. The text is prepared once into token shards (tvq/train/prepare.py) that
-this run and every later one, resumed or new, memory-map."""
+"""The top of training: from text files (or a prepared dataset) to a trained model
+directory, the work behind `tvq train`. The text is prepared once into token shards
+(tvq/corpus/) that this run and every later one, resumed or new, memory-map."""
 
 from __future__ import annotations
 
@@ -11,15 +11,15 @@ from pathlib import Path
 from typing import Any
 
 from tvq.config import DTYPES, ModelConfig
+from tvq.corpus import DEFAULT_VAL_FRACTION, DEFAULT_VOCAB_SIZE, prepare
+from tvq.corpus.shards import INFO_FILE, TRAIN, VAL, PreparedData, is_prepared
 from tvq.distributed import cluster
 from tvq.errors import CorpusError, TokenizerError, TrainingError, TvqError, is_int
-from tvq.files.checkpoint import TOKENIZER_FILE, is_model_dir
+from tvq.files.checkpoint import is_model_dir
 from tvq.runtime.model import Model, load
-from tvq.text.tokenizer import ByteTokenizer, SentencePieceTokenizer
-from tvq.train import prepare
+from tvq.text.tokenizer import TOKENIZER_FILE, ByteTokenizer, SentencePieceTokenizer
 from tvq.train.loop import TRAIN_DIR, run_training
-from tvq.train.settings import DEFAULT_VAL_FRACTION, DEFAULT_VOCAB_SIZE, TrainSettings
-from tvq.train.shards import INFO_FILE, PreparedData, is_prepared
+from tvq.train.settings import TrainSettings
 
 DATA_DIR = "data"  # in <out>/train: the prepared dataset of a cluster's run (shared)
 HELD_OUT_NAMES = 100  # held-out documents named in the metadata at most
@@ -72,8 +72,9 @@ def train_from_files(
     architecture's, or the fine-tuned model's); on_memory: as run_training's.
 
     Text is prepared into the cache folder (`cache_dir`, by default
-    prepare.data_cache_dir()) or found there; in a cluster, process 0 prepares it into
-    <out>/train/data, which every process sees, and the others memory-map it."""
+    tvq.corpus.prepare.data_cache_dir()) or found there; in a cluster, process 0
+    prepares it into <out>/train/data, which every process sees, and the others
+    memory-map it."""
     out = Path(out)
     check_out_dir(out)
     settings_obj = TrainSettings(**(settings or {}))
@@ -92,19 +93,40 @@ def train_from_files(
                         held_out or [], val_fraction, settings_obj.seed, text_field,
                         skip_bad_lines, workers, cache_dir, on_prepare)  # fmt: skip
 
-    shared = out / TRAIN_DIR / DATA_DIR
-    if cluster.active():  # process 0 prepares; the others memory-map what it wrote
-        if cluster.is_main():
-            data = get_data(shared)
-            tokenizer = _run_tokenizer(out, data)
-        cluster.barrier("data")
-        if not cluster.is_main():
-            data = PreparedData.open(given or shared)
-            tokenizer = _run_tokenizer(out, data, write=False)
-    else:
-        data = get_data(None)
-        tokenizer = _run_tokenizer(out, data)
+    data, tokenizer = _open_data(out, given, get_data)
+    config = _config(base, from_dir, data, tokenizer, architecture, dtype)
+    metadata = _metadata(data, tokenizer, texts, corpus_name, command)
+    if base is not None:
+        metadata["fine_tuned_from"] = str(from_dir)
+    return run_training(
+        out=out, config=config, settings=settings_obj, train_tokens=data.train,
+        val_documents=data.held_out, tokenizer=tokenizer, metadata=metadata, init_from=base,
+        on_progress=on_progress, devices=devices, shard_params=shard_params, algorithm=algorithm,
+        on_memory=on_memory,
+    )  # fmt: skip
 
+
+def _open_data(out: Path, given: Path | None, get_data: Callable) -> tuple[PreparedData, Any]:
+    """The prepared data and the run's tokenizer; in a cluster, process 0 prepares it into
+    <out>/train/data and the others memory-map what it wrote."""
+    if not cluster.active():
+        data = get_data(None)
+        return data, _run_tokenizer(out, data)
+    shared = out / TRAIN_DIR / DATA_DIR
+    if cluster.is_main():
+        data = get_data(shared)
+        tokenizer = _run_tokenizer(out, data)
+    cluster.barrier("data")
+    if not cluster.is_main():
+        data = PreparedData.open(given or shared)
+        tokenizer = _run_tokenizer(out, data, write=False)
+    return data, tokenizer
+
+
+def _config(base: Model | None, from_dir, data: PreparedData, tokenizer, architecture,
+            dtype: str | None) -> ModelConfig:  # fmt: skip
+    """The fine-tuned model's architecture (its tokenizer must be the data's), else a new
+    one for the tokenizer's vocabulary; in the compute dtype asked for."""
     if base is not None:
         base_tokenizer = base.tokenizer or ByteTokenizer()
         if base_tokenizer.fingerprint != tokenizer.fingerprint:
@@ -121,15 +143,7 @@ def train_from_files(
         if dtype not in DTYPES:
             raise TrainingError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
         config = dataclasses.replace(config, dtype=dtype)
-    metadata = _metadata(data, tokenizer, texts, corpus_name, command)
-    if base is not None:
-        metadata["fine_tuned_from"] = str(from_dir)
-    return run_training(
-        out=out, config=config, settings=settings_obj, train_tokens=data.train,
-        val_documents=data.held_out, tokenizer=tokenizer, metadata=metadata, init_from=base,
-        on_progress=on_progress, devices=devices, shard_params=shard_params, algorithm=algorithm,
-        on_memory=on_memory,
-    )  # fmt: skip
+    return config
 
 
 def _prepared_input(texts: Sequence[Path]) -> Path | None:
@@ -156,22 +170,17 @@ def _prepare(texts, out, folder, tokenizer_path, use_bytes, vocab_size, base, he
         tokenizer = SentencePieceTokenizer(tokenizer_path)
     else:
         tokenizer = None  # trained on the text, unless this run already has one
-    options = dict(vocab_size=vocab_size, held_out=held_out, val_fraction=val_fraction,
-                   seed=seed, text_field=text_field, skip_bad_lines=skip_bad_lines)  # fmt: skip
+    req = prepare.request(texts, tokenizer=tokenizer, vocab_size=vocab_size, held_out=held_out,
+                          val_fraction=val_fraction, seed=seed, text_field=text_field,
+                          skip_bad_lines=skip_bad_lines)  # fmt: skip
     run_copy = out / TRAIN_DIR / TOKENIZER_FILE
     if tokenizer is None and run_copy.is_file():
         # A resumed run keeps the tokenizer it started with: the dataset made with it
         # when it is still there, else the text tokenized again with that tokenizer.
         mine = SentencePieceTokenizer(run_copy)
-        req = prepare.request(texts, tokenizer=None, **options)
-        target = folder or Path(cache_dir or prepare.data_cache_dir()) / req.key()
-        found = prepare.find(req, target)
-        if found is not None and found.tokenizer.fingerprint == mine.fingerprint:
-            if on_event is not None:
-                on_event(prepare.PrepareEvent("found", finished=True, detail=str(found.folder)))
-            return found
-        tokenizer = mine
-    req = prepare.request(texts, tokenizer=tokenizer, **options)
+        found = prepare.find(req, prepare.target(req, folder, cache_dir))
+        if found is None or found.tokenizer.fingerprint != mine.fingerprint:
+            req = dataclasses.replace(req, tokenizer=mine)
     return prepare.prepare(req, out=folder, cache_dir=cache_dir, workers=workers,
                            on_event=on_event)  # fmt: skip
 
@@ -196,7 +205,7 @@ def _run_tokenizer(out: Path, data: PreparedData, write: bool = True):
 
 
 def _metadata(data: PreparedData, tokenizer, texts, corpus_name: str, command: str) -> dict:
-    train, val = data.info["splits"]["train"], data.info["splits"]["val"]
+    train, val = data.info["splits"][TRAIN], data.info["splits"][VAL]
     metadata = dict(
         corpus=corpus_name or ", ".join(sorted({str(Path(t)) for t in texts})),
         train_documents=train["documents"],

@@ -1,6 +1,6 @@
-"""Training data as the loop sees it (docs/DESIGN.md section 11): the input files and their
-kinds, which documents are held out, and `TokenStream`, the windows of each update cut
-from one token stream kept in shards.
+"""The reader the training loop uses (docs/DESIGN.md section 11): `TokenShards`, one token
+stream kept in several arrays (a prepared dataset's memory-mapped shards, tvq/corpus/shards.py),
+and `TokenStream`, the windows of each update cut from it.
 
 Reading the shards is index arithmetic on memory maps (numpy), not a data loader such as
 Grain. A window is a pure function of the step: B contiguous rows of the stream, each
@@ -17,105 +17,11 @@ dependency (with its own native packages) for none of that.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
-from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
-from tvq.errors import CorpusError, TrainingError
-
-TEXT_SUFFIXES = {".txt", ".md", ".text", ""}  # one file, one document
-JSONL_SUFFIXES = {".jsonl"}  # one document per line: a JSON object with a text field
-KINDS_HELP = "text (.txt, .md, .text, no suffix) or JSONL (.jsonl), either also as .gz"
-
-
-@dataclass(frozen=True)
-class Source:
-    """One input file: its kind, whether it is gzip-compressed, and what the cache key
-    reads of it (path, size, modification time)."""
-
-    path: Path
-    kind: str  # "text" | "jsonl"
-    compressed: bool
-    size: int
-    mtime_ns: int
-
-    def key(self) -> dict:
-        return {"path": str(self.path.resolve()), "kind": self.kind, "gzip": self.compressed,
-                "size": self.size, "mtime_ns": self.mtime_ns}  # fmt: skip
-
-
-def source_kind(path: Path) -> tuple[str, bool] | None:
-    """("text" | "jsonl", gzip-compressed) from the file name; None for anything else."""
-    name = path.name.lower()
-    compressed = name.endswith(".gz")
-    suffix = Path(name[: -len(".gz")] if compressed else name).suffix
-    if suffix in JSONL_SUFFIXES:
-        return "jsonl", compressed
-    if suffix in TEXT_SUFFIXES:
-        return "text", compressed
-    return None
-
-
-def find_sources(paths: Sequence[str | os.PathLike]) -> list[Source]:
-    """Files as given (each must be of a known kind), and the files of known kinds inside
-    directories (sorted; hidden files skipped)."""
-    sources: list[Source] = []
-    for raw in paths:
-        path = Path(raw)
-        if not path.exists():
-            raise CorpusError(f"{path} does not exist")
-        if path.is_dir():
-            found = sorted(
-                p for p in path.rglob("*")
-                if p.is_file() and not p.name.startswith(".") and source_kind(p) is not None
-            )  # fmt: skip
-            if not found:
-                raise CorpusError(f"no text files ({KINDS_HELP}) found in {path}")
-            sources.extend(map(_source, found))
-        elif source_kind(path) is None:
-            raise CorpusError(f"{path}: unknown kind of file; tvq reads {KINDS_HELP}")
-        else:
-            sources.append(_source(path))
-    return sources
-
-
-def find_files(paths: Sequence[str | os.PathLike]) -> list[Path]:
-    """The paths of find_sources."""
-    return [s.path for s in find_sources(paths)]
-
-
-def _source(path: Path) -> Source:
-    kind, compressed = source_kind(path)
-    try:
-        stat = path.stat()
-    except OSError as e:
-        raise CorpusError(f"{path} cannot be read: {e.strerror}") from None
-    return Source(path, kind, compressed, stat.st_size, stat.st_mtime_ns)
-
-
-def held_out_mask(
-    n_documents: int, val_fraction: float, seed: int, named: np.ndarray | None = None
-) -> np.ndarray:
-    """Which documents are held out → bool [n_documents]: those `named` (a mask, when
-    --val names files), else a fraction of the documents chosen by seed (at least one
-    when the fraction is positive and there are several)."""
-    if named is not None:
-        mask = np.asarray(named, bool)
-    else:
-        if not 0 <= val_fraction < 1:
-            raise CorpusError(f"--val-fraction must be in [0, 1), got {val_fraction}")
-        n_val = round(n_documents * val_fraction)
-        if val_fraction > 0 and n_val == 0 and n_documents > 1:
-            n_val = 1
-        order = np.random.default_rng(seed).permutation(n_documents)
-        mask = np.zeros(n_documents, bool)
-        mask[order[:n_val]] = True
-    if n_documents and mask.all():
-        raise CorpusError("no training text left after holding out validation documents")
-    return mask
+from tvq.errors import TrainingError
 
 
 class TokenShards:

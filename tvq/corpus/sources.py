@@ -1,12 +1,15 @@
-"""Reading training documents out of input files, streaming (docs/DESIGN.md section 11).
+"""The inputs of a corpus and the documents in them, streaming (docs/DESIGN.md section 11):
+which files are inputs and of what kind, reading their documents, and which documents are
+held out.
 
-A text file is one document, its bytes decoded as UTF-8 (invalid bytes become U+FFFD); a
-file of whitespace alone is no document. A JSONL file holds one document per line: a JSON
-object whose text field (`text` unless named otherwise) is a string; a blank line is
-skipped; any other line is a bad line, named by file and line number. Either may be
-gzip-compressed (.gz). Files are read in pieces of READ_SIZE bytes, and a plain file may
-be read in segments (byte ranges that start after a newline), so that several processes
-share one large file; a gzip file is read from its start.
+A text file (.txt, .md, .text, no suffix) is one document, its bytes decoded as UTF-8
+(invalid bytes become U+FFFD); a file of whitespace alone is no document. A JSONL file
+(.jsonl) holds one document per line: a JSON object whose text field (`text` unless named
+otherwise) is a string; a blank line is skipped; any other line is a bad line, named by
+file and line number. Either may be gzip-compressed (.gz). Files are read in pieces of
+READ_SIZE bytes, and a plain file may be read in segments (byte ranges that start after a
+newline), so that several processes share one large file; a gzip file is read from its
+start.
 """
 
 from __future__ import annotations
@@ -15,18 +18,137 @@ import codecs
 import contextlib
 import gzip
 import json
+import os
 import re
 import struct
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import BinaryIO
 
-from tvq.errors import CorpusError
-from tvq.train.data import Source
+import numpy as np
 
+from tvq.errors import CorpusError
+
+TEXT_SUFFIXES = {".txt", ".md", ".text", ""}  # one file, one document
+JSONL_SUFFIXES = {".jsonl"}  # one document per line: a JSON object with a text field
+KINDS_HELP = "text (.txt, .md, .text, no suffix) or JSONL (.jsonl), either also as .gz"
 READ_SIZE = 1 << 20
 _SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+# -- the inputs ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Source:
+    """One input file: its kind, whether it is gzip-compressed, and what the cache key
+    reads of it (path, size, modification time)."""
+
+    path: Path
+    kind: str  # "text" | "jsonl"
+    compressed: bool
+    size: int
+    mtime_ns: int
+
+    def key(self) -> dict:
+        return {"path": str(self.path.resolve()), "kind": self.kind, "gzip": self.compressed,
+                "size": self.size, "mtime_ns": self.mtime_ns}  # fmt: skip
+
+
+def unchanged(key: dict) -> bool:
+    """Whether the file of a `Source.key()` still has the size and time it records."""
+    try:
+        stat = Path(key["path"]).stat()
+    except (OSError, KeyError, TypeError):
+        return False
+    return stat.st_size == key.get("size") and stat.st_mtime_ns == key.get("mtime_ns")
+
+
+def changed(path: Path, line: int | None = None) -> CorpusError:
+    """The error of an input that changed under a preparation (seen by its line count, a
+    line that no longer parses, or its size and time)."""
+    where = f" (line {line})" if line is not None else ""
+    return CorpusError(f"{path} changed while being prepared{where}; run again")
+
+
+def source_kind(path: Path) -> tuple[str, bool] | None:
+    """("text" | "jsonl", gzip-compressed) from the file name; None for anything else."""
+    name = path.name.lower()
+    compressed = name.endswith(".gz")
+    suffix = Path(name[: -len(".gz")] if compressed else name).suffix
+    if suffix in JSONL_SUFFIXES:
+        return "jsonl", compressed
+    if suffix in TEXT_SUFFIXES:
+        return "text", compressed
+    return None
+
+
+def find_sources(paths: Sequence[str | os.PathLike]) -> list[Source]:
+    """Files as given (each must be of a known kind), and the files of known kinds inside
+    directories (sorted; hidden files skipped)."""
+    sources: list[Source] = []
+    for raw in paths:
+        path = Path(raw)
+        if not path.exists():
+            raise CorpusError(f"{path} does not exist")
+        if path.is_dir():
+            found = sorted(
+                p for p in path.rglob("*")
+                if p.is_file() and not p.name.startswith(".") and source_kind(p) is not None
+            )  # fmt: skip
+            if not found:
+                raise CorpusError(f"no text files ({KINDS_HELP}) found in {path}")
+            sources.extend(map(_source, found))
+        elif source_kind(path) is None:
+            raise CorpusError(f"{path}: unknown kind of file; tvq reads {KINDS_HELP}")
+        else:
+            sources.append(_source(path))
+    return sources
+
+
+def find_files(paths: Sequence[str | os.PathLike]) -> list[Path]:
+    """The paths of find_sources."""
+    return [s.path for s in find_sources(paths)]
+
+
+def _source(path: Path) -> Source:
+    kind, compressed = source_kind(path)
+    try:
+        stat = path.stat()
+    except OSError as e:
+        raise CorpusError(f"{path} cannot be read: {e.strerror}") from None
+    return Source(path, kind, compressed, stat.st_size, stat.st_mtime_ns)
+
+
+def check_val_fraction(val_fraction: float) -> None:
+    """The held-out fraction's range, checked when a preparation is asked for."""
+    if not 0 <= val_fraction < 1:
+        raise CorpusError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+
+
+def held_out_mask(
+    n_documents: int, val_fraction: float, seed: int, named: np.ndarray | None = None
+) -> np.ndarray:
+    """Which documents are held out → bool [n_documents]: those `named` (a mask, when
+    --val names files), else a fraction of the documents (check_val_fraction's range)
+    chosen by seed (at least one when the fraction is positive and there are several)."""
+    if named is not None:
+        mask = np.asarray(named, bool)
+    else:
+        n_val = round(n_documents * val_fraction)
+        if val_fraction > 0 and n_val == 0 and n_documents > 1:
+            n_val = 1
+        order = np.random.default_rng(seed).permutation(n_documents)
+        mask = np.zeros(n_documents, bool)
+        mask[order[:n_val]] = True
+    if n_documents and mask.all():
+        raise CorpusError("no training text left after holding out validation documents")
+    return mask
+
+
+# -- reading documents --------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
