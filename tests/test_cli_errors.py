@@ -299,3 +299,47 @@ def test_a_run_that_cannot_start_leaves_nothing_in_the_way(tmp_path):
     result = invoke(*args, "--batch-size", 2)
     assert result.exit_code == 0, result.output
     assert tvq.load(out).metadata["steps"] == 1
+
+
+HUGE = 10**20  # beyond any integer array: once an OverflowError ("internal error")
+
+
+@pytest.mark.parametrize(("args", "option"), [
+    (("--top-k", HUGE), "--top-k"), (("--seed", HUGE), "--seed"), (("-n", HUGE), "--max-tokens"),
+    (("--num-samples", HUGE), "--num-samples"), (("--json", "--logprobs", HUGE), "--logprobs"),
+    (("--repeat-last-n", HUGE), "--repeat-last-n"), (("--logit-bias", f"{HUGE}=1"), "--logit-bias"),
+    (("--logit-bias", "5=1e300"), "--logit-bias"), (("--logit-bias", "300=1"), "--logit-bias"),
+    (("--seed", -1), "--seed"), (("--repeat-penalty", 11), "--repeat-penalty"),
+])  # fmt: skip
+def test_every_numeric_setting_is_checked_before_any_array(models, args, option):
+    """Each numeric setting is checked once, in its range (tvq.text.settings), before any
+    array is made: a usage error naming the option, never an internal error."""
+    result = invoke("generate", "x", "-m", models / "model", *args)
+    assert "Traceback" not in result.output and "internal error" not in result.output
+    assert result.exit_code == 2, result.output
+    assert f"{option} must be" in " ".join(result.stderr.split()), result.stderr
+
+
+def test_one_range_reaches_every_front_end(models, monkeypatch):
+    """A range is stated once (tvq.text.settings.RANGES): changing it changes the CLI's
+    usage error, the server's 400 and the llm plugin's option check alike."""
+    from pydantic import ValidationError
+
+    from tvq.integrations import llm_plugin
+    from tvq.serving.protocol import ApiError, ServerSettings, parse_completion
+    from tvq.text import settings
+
+    monkeypatch.setitem(settings.RANGES, "top_p", settings.Range(float, 0, 0.5, open_low=True))
+    result = invoke("generate", "x", "-m", models / "model", "--top-p", "0.7")
+    assert result.exit_code == 2 and "--top-p must be in (0, 0.5], got 0.7" in result.stderr
+    tokenizer = ByteTokenizer()
+    with pytest.raises(ApiError) as caught:
+        parse_completion({"prompt": "x", "top_p": 0.7}, tokenizer, 259, ServerSettings())
+    assert caught.value.status == 400 and caught.value.param == "top_p"
+    assert caught.value.message == "'top_p' must be in (0, 0.5], got 0.7"
+    options = llm_plugin.make_options()
+    with pytest.raises(ValidationError, match="less than or equal to 0.5"):
+        options(top_p=0.7)
+    assert options(top_p=0.4).top_p == 0.4
+    assert parse_completion({"prompt": "x", "top_p": 0.4}, tokenizer, 259,
+                            ServerSettings()).sampler.top_p == 0.4  # fmt: skip

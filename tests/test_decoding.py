@@ -287,3 +287,71 @@ def test_a_batch_of_requests_gives_each_request_its_own_samples(byte_model):
             assert [t[0][0] for t in got.top_logprobs] == [t[0][0] for t in want.top_logprobs]
     assert batched[2][0].finish_reason in ("stop", "eos", "length")
     assert batched[3][0].ids == [] and batched[4][0].ids
+
+
+def test_the_stream_yields_pieces_that_join_to_the_generation(byte_model):
+    """stream_generate yields Pieces of final text, each with its tokens and log-probs,
+    then the Generation: per sample the pieces join to its text, ids, log-probs and top
+    log-probs, and generate() (a loop over the stream) gives the same samples."""
+    from tvq.decoding import stream_generate
+
+    options = dict(max_tokens=25, sampler=Sampler(temperature=1.0), seed=3, num_samples=2,
+                   stop=["e "], logprobs=2)  # fmt: skip
+    events = list(stream_generate(byte_model, "To be", **options))
+    *pieces, end = events
+    assert isinstance(end, tvq.Generation) and all(isinstance(p, tvq.Piece) for p in pieces)
+    for row, sample in enumerate(end.samples):
+        mine = [p for p in pieces if p.sample == row]
+        assert "".join(p.text for p in mine) == sample.text
+        assert [i for p in mine for i in p.ids] == sample.ids
+        assert [p.start for p in mine] == list(np.cumsum([0] + [len(p.ids) for p in mine[:-1]]))
+        assert [x for p in mine for x in p.log_probs] == sample.log_probs
+        assert [t for p in mine for t in p.top_logprobs] == sample.top_logprobs
+    alone = generate(byte_model, "To be", **options)
+    assert [s.ids for s in alone.samples] == [s.ids for s in end.samples]
+
+
+def test_closing_the_stream_cancels_it(byte_model, monkeypatch):
+    """Closing the iterator is cancelling: no chunk of the loop runs after it."""
+    import tvq.decoding
+
+    calls = []
+    run_chunk = tvq.decoding.run_chunk
+    monkeypatch.setattr(tvq.decoding, "run_chunk", lambda *a, **k: calls.append(1) or
+                        run_chunk(*a, **k))  # fmt: skip
+    stream = tvq.stream_generate(byte_model, "To be", max_tokens=500, seed=1, ignore_eos=True)
+    first = next(stream)
+    assert isinstance(first, tvq.Piece) and len(calls) == 1  # the first chunk is one token
+    stream.close()
+    with pytest.raises(StopIteration):
+        next(stream)
+    assert len(calls) == 1
+    with tvq.stream_generate(byte_model, "To be", max_tokens=500, seed=1) as stream:
+        for _ in zip(range(3), stream, strict=False):
+            pass
+    assert len(calls) < 10  # 3 pieces, not 500 tokens
+
+
+def test_stop_ends_the_stream_with_the_exact_state(byte_model):
+    """stop() (Ctrl-C in tvq chat) ends every row at the next chunk as "cancelled", and the
+    stream still ends with the Generation, whose context is the state after the prompt
+    and exactly the tokens sampled."""
+    prompt = byte_model.tokenizer.encode("To be")
+    stream = tvq.stream_generate(byte_model, prompt, max_tokens=200, seed=4, ignore_eos=True)
+    pieces = 0
+    for event in stream:
+        if isinstance(event, tvq.Piece):
+            pieces += 1
+            if pieces == 5:
+                stream.stop()
+        else:
+            result = event
+    sample = result.samples[0]
+    assert sample.finish_reason == "cancelled" and 5 <= len(sample.ids) < 200
+    full = generate(byte_model, prompt, max_tokens=200, seed=4, ignore_eos=True).samples[0]
+    assert sample.ids == full.ids[: len(sample.ids)]
+    ids = prompt + sample.ids
+    assert result.context.tokens == len(ids)
+    inputs = [byte_model.tokenizer.eos_id, *ids[:-1]]
+    _, want = byte_model.log_probs(np.asarray([inputs]))
+    assert_states_close(result.context.state, want)

@@ -431,6 +431,18 @@ def test_penalties_and_logit_bias_over_http(server):
         assert status == 400 and answer["error"]["param"] == field, (field, value, answer)
 
 
+def test_every_numeric_field_is_checked_before_any_array(server):
+    """Numbers beyond any integer array (once a 500: OverflowError) are 400s naming the
+    field, checked with the ranges every front end shares (tvq.text.settings)."""
+    huge = 10**20
+    for field, value in [("top_k", huge), ("seed", huge), ("n", huge), ("max_tokens", huge),
+                         ("logprobs", huge), ("repeat_last_n", huge), ("seed", -1),
+                         ("logit_bias", {str(huge): 1}), ("logit_bias", {"5": 1e300}),
+                         ("temperature", 1e400), ("top_p", True)]:  # fmt: skip
+        status, answer = server.request("POST", "/v1/completions", {"prompt": "x", field: value})
+        assert status == 400 and answer["error"]["param"] == field, (field, value, answer)
+
+
 @pytest.mark.parametrize("extra", [{}, {"echo": True, "stop": ["e"]}])
 def test_streamed_logprobs_come_with_their_chunks_and_join_to_the_whole(server, extra):
     client = server.client()
