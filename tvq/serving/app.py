@@ -20,7 +20,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from tvq.serving.engine import ChoiceEnd, ChoiceText, Engine, Failed, Finished, Job
+from tvq.serving.engine import Engine
+from tvq.serving.jobs import ChoiceEnd, ChoiceText, Failed, Finished, Job
 from tvq.serving.protocol import (
     BASE_MODEL_ONLY,
     SSE_DONE,
@@ -48,111 +49,124 @@ from tvq.serving.sessions import SESSION_ID
 def build_app(engine: Engine) -> Starlette:
     """The Starlette application: /health, /v1/models, /v1/completions,
     DELETE /v1/sessions/{id}, and vLLM's /tokenizer_info, /tokenize and /detokenize."""
-    settings = engine.settings
-    created = int(time.time())
-
-    def error(e: ApiError) -> JSONResponse:
-        return JSONResponse(e.body(), status_code=e.status)
-
-    def checked(handler, open_to_all: bool = False):
-        """handler behind the API key (unless open_to_all) and the error boundary."""
-
-        async def wrapped(request: Request) -> Response:
-            try:
-                if settings.api_key is not None and not open_to_all:
-                    given = request.headers.get("authorization", "").encode()
-                    if not secrets.compare_digest(given, f"Bearer {settings.api_key}".encode()):
-                        raise ApiError(401, "a valid API key is needed: Authorization: "
-                                       "Bearer KEY", kind="authentication_error")  # fmt: skip
-                return await handler(request)
-            except ApiError as e:
-                return error(e)
-            except Exception as e:  # noqa: BLE001  (never a traceback to the client)
-                return error(internal_error(e))
-
-        return wrapped
-
-    async def health(request: Request) -> Response:
-        return JSONResponse({"status": "ok"} | engine.stats)
-
-    async def models(request: Request) -> Response:
-        return JSONResponse(models_json(settings.model_name, created))
-
-    async def delete_session(request: Request) -> Response:
-        name = request.path_params["name"]
-        if not SESSION_ID.fullmatch(name):
-            raise ApiError(400, "a session id is a name of letters, digits, '_', '-' and '.'",
-                           "session")  # fmt: skip
-        if not engine.sessions.delete(name):
-            raise ApiError(404, f"no session {name}", "session", "not_found_error")
-        return JSONResponse(session_deleted_json(name))
-
-    async def completions(request: Request) -> Response:
-        body = await read_json(request, settings.max_body_bytes)
-        # tokenizing a long prompt takes a while: never on the event loop
-        r = await asyncio.to_thread(parse_completion, body, engine.tokenizer,
-                                    engine.model.config.n_vocab, settings)  # fmt: skip
-        loop = asyncio.get_running_loop()
-        job = Job(r, loop, asyncio.Queue())
-        engine.submit(job)
-        head = completion_head(settings.model_name, r.session)
-        if r.stream:
-            return StreamingResponse(_stream(job, head, r), media_type="text/event-stream")
-        try:
-            texts = [""] * (len(r.prompts) * r.n)
-            choices: list[dict | None] = [None] * len(texts)
-            while True:
-                match await job.events.get():
-                    case ChoiceText(choice, text):
-                        texts[choice] += text
-                    case ChoiceEnd(choice, end):
-                        choices[choice] = end
-                    case Failed(error):
-                        raise error
-                    case Finished(usage):
-                        break
-        finally:
-            job.cancelled.set()  # a no-op once done; frees the worker if the client left
-        answer = completion_response(head, texts, choices, usage)
-        data = await asyncio.to_thread(
-            json.dumps, answer, ensure_ascii=False, allow_nan=False, separators=(",", ":")
-        )  # JSONResponse's, off the loop
-        return Response(data, media_type="application/json")
-
-    async def tokenizer_info(request: Request) -> Response:
-        return JSONResponse(tokenizer_info_json(engine.tokenizer, engine.model.config.n_vocab))
-
-    async def tokenize(request: Request) -> Response:
-        body = await read_json(request, settings.max_body_bytes)
-        answer = await asyncio.to_thread(parse_tokenize, body, engine.tokenizer, settings)
-        return JSONResponse(answer)
-
-    async def detokenize(request: Request) -> Response:
-        body = await read_json(request, settings.max_body_bytes)
-        n_vocab = engine.model.config.n_vocab
-        answer = await asyncio.to_thread(parse_detokenize, body, engine.tokenizer, n_vocab)
-        return JSONResponse(answer)
-
-    async def not_found(request: Request, exc: HTTPException) -> Response:
-        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        message = exc.detail or "not found"
-        if exc.status_code == 404 and request.url.path.startswith("/v1/"):
-            # chat, embeddings, ...: what clients try first; say what there is instead
-            message = f"{request.url.path} is not served: {BASE_MODEL_ONLY}"
-        return error(ApiError(exc.status_code, message, kind=kind))
-
     routes = [
         # open to health probes, as llama-server's is: it tells nothing but "up"
-        Route("/health", checked(health, open_to_all=True), methods=["GET"]),
-        Route("/v1/models", checked(models), methods=["GET"]),
-        Route("/v1/completions", checked(completions), methods=["POST"]),
-        Route("/v1/sessions/{name:path}", checked(delete_session), methods=["DELETE"]),
+        Route("/health", _checked(_health, open_to_all=True), methods=["GET"]),
+        Route("/v1/models", _checked(_models), methods=["GET"]),
+        Route("/v1/completions", _checked(_completions), methods=["POST"]),
+        Route("/v1/sessions/{name:path}", _checked(_delete_session), methods=["DELETE"]),
         # vLLM's tokenizer endpoints, which lm-evaluation-harness finds on its own
-        Route("/tokenizer_info", checked(tokenizer_info), methods=["GET"]),
-        Route("/tokenize", checked(tokenize), methods=["POST"]),
-        Route("/detokenize", checked(detokenize), methods=["POST"]),
+        Route("/tokenizer_info", _checked(_tokenizer_info), methods=["GET"]),
+        Route("/tokenize", _checked(_tokenize), methods=["POST"]),
+        Route("/detokenize", _checked(_detokenize), methods=["POST"]),
     ]
-    return Starlette(routes=routes, exception_handlers={HTTPException: not_found})
+    app = Starlette(routes=routes, exception_handlers={HTTPException: _not_found})
+    app.state.engine, app.state.created = engine, int(time.time())
+    return app
+
+
+def _error(e: ApiError) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status)
+
+
+def _checked(handler, open_to_all: bool = False):
+    """handler(request, engine) behind the API key (unless open_to_all) and the error
+    boundary."""
+
+    async def wrapped(request: Request) -> Response:
+        engine: Engine = request.app.state.engine
+        key = engine.settings.api_key
+        try:
+            if key is not None and not open_to_all:
+                given = request.headers.get("authorization", "").encode()
+                if not secrets.compare_digest(given, f"Bearer {key}".encode()):
+                    raise ApiError(401, "a valid API key is needed: Authorization: Bearer KEY",
+                                   kind="authentication_error")  # fmt: skip
+            return await handler(request, engine)
+        except ApiError as e:
+            return _error(e)
+        except Exception as e:  # noqa: BLE001  (never a traceback to the client)
+            return _error(internal_error(e))
+
+    return wrapped
+
+
+async def _health(request: Request, engine: Engine) -> Response:
+    return JSONResponse({"status": "ok"} | engine.stats)
+
+
+async def _models(request: Request, engine: Engine) -> Response:
+    return JSONResponse(models_json(engine.settings.model_name, request.app.state.created))
+
+
+async def _delete_session(request: Request, engine: Engine) -> Response:
+    name = request.path_params["name"]
+    if not SESSION_ID.fullmatch(name):
+        raise ApiError(400, "a session id is a name of letters, digits, '_', '-' and '.'",
+                       "session")  # fmt: skip
+    if not engine.sessions.delete(name):
+        raise ApiError(404, f"no session {name}", "session", "not_found_error")
+    return JSONResponse(session_deleted_json(name))
+
+
+async def _completions(request: Request, engine: Engine) -> Response:
+    """A completion: parsed off the event loop (tokenizing a long prompt takes a while),
+    handed to the engine, answered as server-sent events or whole."""
+    settings = engine.settings
+    body = await read_json(request, settings.max_body_bytes)
+    r = await asyncio.to_thread(parse_completion, body, engine.tokenizer,
+                                engine.model.config.n_vocab, settings)  # fmt: skip
+    job = Job(r, asyncio.get_running_loop(), asyncio.Queue())
+    engine.submit(job)
+    head = completion_head(settings.model_name, r.session)
+    if r.stream:
+        return StreamingResponse(_stream(job, head, r), media_type="text/event-stream")
+    try:
+        texts = [""] * (len(r.prompts) * r.n)
+        choices: list[dict | None] = [None] * len(texts)
+        while True:
+            match await job.events.get():
+                case ChoiceText(choice, text):
+                    texts[choice] += text
+                case ChoiceEnd(choice, end):
+                    choices[choice] = end
+                case Failed(error):
+                    raise error
+                case Finished(usage):
+                    break
+    finally:
+        job.cancelled.set()  # a no-op once done; frees the worker if the client left
+    answer = completion_response(head, texts, choices, usage)
+    data = await asyncio.to_thread(
+        json.dumps, answer, ensure_ascii=False, allow_nan=False, separators=(",", ":")
+    )  # JSONResponse's, off the loop
+    return Response(data, media_type="application/json")
+
+
+async def _tokenizer_info(request: Request, engine: Engine) -> Response:
+    return JSONResponse(tokenizer_info_json(engine.tokenizer, engine.model.config.n_vocab))
+
+
+async def _tokenize(request: Request, engine: Engine) -> Response:
+    body = await read_json(request, engine.settings.max_body_bytes)
+    answer = await asyncio.to_thread(parse_tokenize, body, engine.tokenizer, engine.settings)
+    return JSONResponse(answer)
+
+
+async def _detokenize(request: Request, engine: Engine) -> Response:
+    body = await read_json(request, engine.settings.max_body_bytes)
+    n_vocab = engine.model.config.n_vocab
+    answer = await asyncio.to_thread(parse_detokenize, body, engine.tokenizer, n_vocab)
+    return JSONResponse(answer)
+
+
+async def _not_found(request: Request, exc: HTTPException) -> Response:
+    kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+    message = exc.detail or "not found"
+    if exc.status_code == 404 and request.url.path.startswith("/v1/"):
+        # chat, embeddings, ...: what clients try first; say what there is instead
+        message = f"{request.url.path} is not served: {BASE_MODEL_ONLY}"
+    return _error(ApiError(exc.status_code, message, kind=kind))
 
 
 async def read_json(request: Request, limit: int) -> Any:

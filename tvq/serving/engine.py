@@ -7,15 +7,14 @@ advances every running row. Text goes back to the event loop as it is sampled, w
 tokens' log-probs. Requests with a session start from, and leave behind, its state
 (tvq.serving.sessions), one at a time per session.
 
-Each job's answer goes back as typed events (`ChoiceText`, `ChoiceEnd`, `Finished`,
-`Failed`). Over 300 lines because admission, long prompts, sessions and the requests
+The jobs, their queue and the typed events of their answers are tvq/serving/jobs.py.
+Over 300 lines because admission, long prompts, sessions and the requests
 that run alone all share the worker's state (the running batch, the prompts being read,
 the busy sessions); the batch itself is tvq/serving/running.py.
 """
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import dataclasses
 import threading
@@ -27,6 +26,7 @@ from tvq.decoding import BatchItem, Generation, Piece, Sample, generate, stream_
 from tvq.errors import StateError
 from tvq.runtime.context import Context, chunk_len, require_tokenizer, score_ids
 from tvq.runtime.model import Model
+from tvq.serving.jobs import ChoiceEnd, ChoiceText, Failed, Finished, Job, JobQueue
 from tvq.serving.protocol import (
     MAX_LOGPROBS,
     ApiError,
@@ -42,116 +42,6 @@ from tvq.serving.protocol import (
 from tvq.serving.running import RunningBatch
 from tvq.serving.sessions import Sessions
 from tvq.text.rows import TextRows
-
-
-@dataclasses.dataclass(frozen=True)
-class ChoiceText:
-    """A piece of a choice's text, with its tokens' log-probs when asked for."""
-
-    choice: int
-    text: str
-    logprobs: dict | None = None
-
-
-@dataclasses.dataclass(frozen=True)
-class ChoiceEnd:
-    """A choice ended: its finish_reason and its whole logprobs (choice_end's dict)."""
-
-    choice: int
-    end: dict
-
-
-@dataclasses.dataclass(frozen=True)
-class Finished:
-    """Every choice ended: the request's usage."""
-
-    usage: dict
-
-
-@dataclasses.dataclass(frozen=True)
-class Failed:
-    """The request failed: its answer."""
-
-    error: ApiError
-
-
-JobEvent = ChoiceText | ChoiceEnd | Finished | Failed
-
-
-@dataclasses.dataclass
-class Job:
-    """One request on its way through the worker; its events go back to the event loop,
-    each a JobEvent, Finished or Failed last."""
-
-    request: CompletionRequest
-    loop: asyncio.AbstractEventLoop
-    events: asyncio.Queue
-    cancelled: threading.Event = dataclasses.field(default_factory=threading.Event)
-
-    def send(self, event: JobEvent) -> None:
-        self.loop.call_soon_threadsafe(self.events.put_nowait, event)
-
-    def batch_key(self) -> tuple | None:
-        """Requests with equal keys share a batch; None: this one runs alone (it
-        continues a session, has several prompts, or a prompt long enough to be read in
-        chunks). Sampler settings, penalties, log-probs and ignore_eos are values of the
-        one compiled loop: any mix shares."""
-        r = self.request
-        if len(r.prompts) != 1 or self.long_prompt:
-            return None
-        return (r.session,)
-
-    # set by the engine: the prompt is longer than one prefill chunk (Engine.prefill_chunk)
-    long_prompt: bool = False
-    out: _Choices | None = None  # where its running rows' pieces go
-
-
-class JobQueue:
-    """Jobs waiting for the model, oldest first, at most `limit`. take() returns the
-    oldest job with the waiting jobs that can share its batch."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit, self.jobs, self.closed = limit, collections.deque(), False
-        self.ready = threading.Condition()
-
-    def put(self, job: Job) -> None:
-        with self.ready:
-            if len(self.jobs) >= self.limit:
-                raise ApiError(429, f"the server is busy: {self.limit} requests are waiting; "
-                               "try again shortly", kind="rate_limit_error")  # fmt: skip
-            self.jobs.append(job)
-            self.ready.notify()
-
-    def close(self) -> None:
-        with self.ready:
-            self.closed = True
-            self.ready.notify()
-
-    def take(self, max_rows: int, wait: bool = True) -> list[Job] | None:
-        """The oldest job and, when it can be batched, every waiting job with the same
-        batch key, up to max_rows rows in all; None once closed. Without wait: [] when
-        nothing is waiting."""
-        with self.ready:
-            while wait and not self.jobs and not self.closed:
-                self.ready.wait()
-            if self.closed:
-                return None
-            if not self.jobs:
-                return []
-            first = self.jobs.popleft()
-            key = first.batch_key()
-            if key is None:
-                return [first]
-            batch, rows, kept = [first], first.request.n, collections.deque()
-            while self.jobs:
-                job = self.jobs.popleft()
-                if job.batch_key() == key and rows + job.request.n <= max_rows:
-                    batch.append(job)
-                    rows += job.request.n
-                else:
-                    kept.append(job)
-            self.jobs = kept
-            return batch
 
 
 class Engine:
@@ -203,7 +93,7 @@ class Engine:
 
     def _work(self) -> None:
         """The scheduler. Each round: takes the waiting requests (without waiting while
-        anything runs) that fit the free rows; a request of one prompt and no session
+        anything runs) that fit the free rows; a request of one prompt (a session's too)
         joins the running batch (continuous batching: tvq.serving.running), a long prompt
         is read a chunk per round, any other request runs alone; then one call of the
         compiled loop advances every running row."""
@@ -226,7 +116,7 @@ class Engine:
                 if job.long_prompt:  # read a chunk at a time, between the others
                     self.prefilling.append(_Prefill(job, None, started=False))
                 elif job.batch_key() is None:
-                    self._run_jobs([job])
+                    self._run_alone(job)
                 else:
                     self._guarded([job], lambda job=job: self._admit(job, None))
             waiting = held
@@ -303,11 +193,11 @@ class Engine:
         self.prefilling.popleft()
         self._guarded([job], lambda: self._admit(job, prefill))
 
-    def _run_jobs(self, batch: list[Job], prefill: _Prefill | None = None) -> None:
-        """Runs one request alone (prefill: its prompt read so far)."""
-        self.stats["requests"] += len(batch)
+    def _run_alone(self, job: Job) -> None:
+        """Runs a request of several prompts alone."""
+        self.stats["requests"] += 1
         self.stats["runs"] += 1
-        self._guarded(batch, lambda: self._run(batch[0], prefill))
+        self._guarded([job], lambda: self._run(job))
 
     def _admit(self, job: Job, prefill: _Prefill | None) -> None:
         """A request of one prompt joins the running batch: the rest of its prompt is
@@ -355,9 +245,8 @@ class Engine:
 
         self.running.admit(request, context, ids[whole:], rows, done, job)
 
-    def _run(self, job: Job, prefill: _Prefill | None = None) -> None:
-        """A request that runs alone (a session, several prompts, or a long prompt whose
-        first prefill.read tokens are read into prefill.context), prompt by prompt."""
+    def _run(self, job: Job) -> None:
+        """A request of several prompts, prompt by prompt, each a stream_generate."""
         r = job.request
         prompt_tokens, completion_tokens, held = 0, 0, {}
         for p, (ids, text) in enumerate(zip(r.prompts, r.prompt_texts, strict=True)):
@@ -366,11 +255,8 @@ class Engine:
             start = self._session(r.session) if r.session is not None and not fresh else None
             echoed = self._prompt_logprobs(ids, start, r, fresh) \
                 if r.echo and r.logprobs is not None else None  # fmt: skip
-            read = 0
-            if prefill is not None:  # its prompt's first tokens are read already
-                start, read = prefill.context, prefill.read
             out = _Choices(job, self.tokenizer, p * r.n, text, echoed)
-            result = self._generate(job, ids[read:], start, out)
+            result = self._generate(job, ids, start, out)
             if result is None:  # the client went away
                 return
             prompt_tokens += len(ids) + fresh
