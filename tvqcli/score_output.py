@@ -7,7 +7,6 @@ that `tvq --help` stays fast."""
 from __future__ import annotations
 
 import csv
-import functools
 import io
 import json
 import math
@@ -24,17 +23,6 @@ PARTIAL_TITLE = "partial results (interrupted)"
 
 
 # -- the results ----------------------------------------------------------------------------
-
-
-def total_row(scores) -> dict:
-    from tvq.scoring.stats import FileScore
-
-    return FileScore.total(scores).row()
-
-
-def result_rows(scores) -> list[dict]:
-    """A row per file, then the total, each with its curve when it was measured."""
-    return [s.row() for s in scores] + [total_row(scores)]
 
 
 def print_results(rows: list[dict], fmt: str, partial: bool, by_position: bool) -> None:
@@ -133,11 +121,8 @@ class PerTokenWriter:
         except OSError as e:
             raise fail(f"{path} cannot be written: {e.strerror}") from None
 
-    def on_tokens(self, name: str):
-        """score_stream's on_tokens(ids, log_probs, offset, top) for the file `name`."""
-        return functools.partial(self.write, name)
-
     def write(self, name: str, ids, log_probs, offset: int, top) -> None:
+        """score_files' on_tokens: the tokens of the file `name` from byte `offset`."""
         from tvq.text.tokenizer import token_text, top_entries
 
         lines = []
@@ -176,11 +161,9 @@ SHOW_EVERY_S = 0.25  # the running bits per byte, refreshed at most this often
 class ProgressLine:
     """On stderr, only when it is a terminal: bytes done, the running bits per byte of
     everything scored so far (all files together) with its ± (1.96 standard errors)
-    and an ETA."""
+    and an ETA; `update` is score_files' on_progress."""
 
-    def __init__(self, total_bytes: int) -> None:
-        self.current = None
-        self.finished: list = []  # scores of the files done
+    def __init__(self) -> None:
         self.bar, self.shown_at = None, float("-inf")
         if stderr.is_terminal:
             from rich.progress import (
@@ -196,32 +179,19 @@ class ProgressLine:
                 TimeRemainingColumn(), console=stderr, transient=True,
             )  # fmt: skip
             self.bar.start()
-            self.task = self.bar.add_task("score", total=total_bytes or None, bpb="-")
+            self.task = self.bar.add_task("score", total=None, bpb="-")
 
-    def update(self, result) -> None:
-        """The current file's score so far (sequential scoring)."""
-        self.current = result
-        self._show(sum(s.bytes for s in self.finished) + result.bytes,
-                   lambda: self.finished + [result])  # fmt: skip
-
-    def set_done(self, done_bytes: int, begun) -> None:
-        """Bytes read, and begun() → (index, score) of every text so far (batched)."""
-        self._show(done_bytes, lambda: [score for _, score in begun()])
-
-    def finish_file(self, result) -> None:
-        self.finished.append(result)
-        self.current = None
-
-    def _show(self, done_bytes: int, scores) -> None:
-        """scores() is asked only on a terminal, at most every SHOW_EVERY_S seconds:
-        pooling every file's score costs time in the number of files."""
+    def update(self, progress) -> None:
+        """A tvq.scoring.job.Progress. Its scores() are asked only every SHOW_EVERY_S
+        seconds: pooling every file's score costs time in the number of files."""
         if self.bar is None:
             return
         now = time.monotonic()
         if now - self.shown_at >= SHOW_EVERY_S:
             self.shown_at = now
-            self.bar.update(self.task, bpb=running_bpb(scores()))
-        self.bar.update(self.task, completed=done_bytes)
+            self.bar.update(self.task, bpb=running_bpb(progress.scores()))
+        self.bar.update(self.task, completed=progress.bytes_done,
+                        total=progress.bytes_total or None)  # fmt: skip
 
     def close(self) -> None:
         if self.bar is not None:

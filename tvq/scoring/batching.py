@@ -91,6 +91,10 @@ class _Row:
         except StopIteration:
             self.exhausted = True
             return
+        except OSError as e:  # a failed read names its text
+            if e.filename is None:
+                e.filename = self.score.file
+            raise
         self.pending.extend(ids)
         self.score.bytes += n_bytes
         self.score.invalid_utf8 |= invalid

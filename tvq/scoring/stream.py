@@ -5,7 +5,8 @@ results and a baseline model compared in the same pass.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -71,99 +72,14 @@ def score_stream(
     baseline: a second model (same tokenizer) scored in the same pass, each token
     compared (tvq.scoring.compare); FileScore.comparison_row.
     """
-    tokenizer = require_tokenizer(model)
-    block_len = model.block_len if block_len is None else check_block_len(block_len)
     window, stride = check_protocol(window, stride)
-    if window is not None and context is not None:
-        raise InputError("a window starts from a fresh state: it cannot continue a state")
-    result = FileScore(name, protocol=protocol_name(window, stride), window=window,
-                       stride=stride, by_position=[] if by_position else None)  # fmt: skip
-    if baseline is not None:
-        check_baseline(model, baseline)
-        result.kl_counts = []
-        result.baseline_by_position = [] if by_position else None
-    if context is not None and baseline is not None:
-        raise InputError("a comparison with a baseline starts both models from the start")
-    context = context or Context.start(model, 1)
-    base_context = Context.start(baseline, 1) if baseline is not None else None
-    chunk = chunk_len(block_len)
-    pending: list[int] = []
-    raw_bytes, offset = 0, 0
-    position, history = 0, []  # tokens read so far; the last N − S of them
-
-    def through_windows(ids: list[int]) -> None:
-        """Scores ids in the pieces the protocol cuts, fresh at each window's start."""
-        nonlocal context, base_context, position, history
-        step = stride or window
-        while ids:
-            if position < window:  # the first window continues the start context
-                take = ids[: window - position]
-            else:
-                into = (position - window) % step
-                if into == 0:  # a new window: its context, unscored, from a fresh state
-                    context = Context.start(model, 1)
-                    if window > step:
-                        _, context = score_ids(model, history, context, block_len=block_len)
-                    if baseline is not None:
-                        base_context = Context.start(baseline, 1)
-                        if window > step:
-                            _, base_context = score_ids(baseline, history, base_context,
-                                                        block_len=block_len)  # fmt: skip
-                take = ids[: step - into]
-            flush(take)
-            position += len(take)
-            seen = history + take
-            history = seen[max(0, len(seen) - (window - step)) :]
-            ids = ids[len(take) :]
-
-    def flush(ids: list[int]) -> None:
-        nonlocal context, base_context, offset
-        if baseline is None:
-            scored, context = score_ids(model, ids, context, keep_log_probs=True,
-                                        block_len=block_len, top_k=top_logprobs)  # fmt: skip
-        else:
-            parts, state, base_state = compare_ids(
-                model, baseline, ids, context.last_token, context.state, base_context.state,
-                piece_sizes(len(ids), block_len), block_len, top_logprobs,
-            )  # fmt: skip
-            last, after = np.asarray(ids[-1:], np.int32), len(ids)
-            context = Context(state=state, last_token=last, tokens=context.tokens + after)
-            base_context = Context(state=base_state, last_token=last.copy(),
-                                   tokens=base_context.tokens + after)  # fmt: skip
-            nll = parts["nll"].astype(np.float64)
-            scored = ScoreResult(float(nll.sum()), len(ids), -parts["nll"][None, :],
-                                 parts["top_log_probs"][None], parts["top_ids"][None])  # fmt: skip
-            result.add_comparison(parts)
-        result.add_nll(-scored.log_probs[0])
-        start = offset
-        lengths = [len(tokenizer.token_bytes(i)) for i in ids]
-        offset += sum(lengths)
-        result.add_positions(result.tokens, -scored.log_probs[0], lengths,
-                             None if baseline is None else parts["baseline_nll"])  # fmt: skip
-        # Totals first, all together, and reported before the per-token results: an
-        # interrupt inside on_tokens (writing a per-token file) then leaves partial
-        # totals that the caller has seen and that agree with each other.
-        result.tokens += scored.tokens
-        result.nll_sum += scored.nll_sum
-        result.bytes = offset
-        if on_piece is not None:
-            on_piece(result)
-        if on_tokens is not None:
-            top = None if not top_logprobs else (scored.top_log_probs[0], scored.top_ids[0])
-            on_tokens(ids, scored.log_probs[0], start, top)
-
-    for ids, n_bytes, invalid in encode_stream(tokenizer, WordCounter(stream, result)):
-        raw_bytes += n_bytes
-        result.invalid_utf8 |= invalid
-        pending.extend(ids)
-        ready = len(pending) // chunk * chunk
-        if ready:
-            (flush if window is None else through_windows)(pending[:ready])
-            pending = pending[ready:]
-    if pending:
-        (flush if window is None else through_windows)(pending)
-    result.bytes = raw_bytes
-    return result, context
+    text = _Pass(model, name, block_len=block_len, context=context, window=window,
+                 stride=stride, by_position=by_position, baseline=baseline,
+                 top_logprobs=top_logprobs, on_piece=on_piece, on_tokens=on_tokens)  # fmt: skip
+    for ids in text.chunks(stream):
+        text.score(ids)
+    text.result.bytes = text.bytes_read  # every byte, tokens or not
+    return text.result, text.context
 
 
 def check_protocol(window: Any, stride: Any) -> tuple[int | None, int | None]:
@@ -183,3 +99,127 @@ def protocol_name(window: int | None, stride: int | None) -> str:
     if window is None:
         return "full"
     return "window" if stride is None else "stride"
+
+
+class _Pass:
+    """One text's pass: the model's context (and the baseline's), the protocol's windows
+    and the totals so far (`result`)."""
+
+    def __init__(self, model: Model, name: str, *, block_len: int | None,
+                 context: Context | None, window: int | None, stride: int | None,
+                 by_position: bool, baseline: Model | None, top_logprobs: int,
+                 on_piece: Callable | None, on_tokens: Callable | None) -> None:  # fmt: skip
+        self.model, self.baseline = model, baseline
+        self.tokenizer = require_tokenizer(model)
+        self.block_len = model.block_len if block_len is None else check_block_len(block_len)
+        if window is not None and context is not None:
+            raise InputError("a window starts from a fresh state: it cannot continue a state")
+        if baseline is not None:
+            check_baseline(model, baseline)
+            if context is not None:
+                raise InputError("a comparison with a baseline starts both models from the "
+                                 "start")  # fmt: skip
+        self.window, self.step = window, stride or window
+        self.top_logprobs, self.on_piece, self.on_tokens = top_logprobs, on_piece, on_tokens
+        self.result = FileScore(name, protocol=protocol_name(window, stride), window=window,
+                                stride=stride, by_position=[] if by_position else None)  # fmt: skip
+        if baseline is not None:
+            self.result.kl_counts = []
+            self.result.baseline_by_position = [] if by_position else None
+        self.context = context or Context.start(model, 1)
+        self.base_context = Context.start(baseline, 1) if baseline is not None else None
+        self.bytes_read, self.offset = 0, 0  # bytes read; bytes of the tokens scored
+        self.position, self.history = 0, []  # tokens read so far; the last N − S of them
+
+    def chunks(self, stream: BinaryIO) -> Iterator[list[int]]:
+        """The text's ids in whole chunks as they are read, then the remainder."""
+        chunk, pending = chunk_len(self.block_len), []
+        for ids, n_bytes, invalid in encode_stream(self.tokenizer,
+                                                   WordCounter(stream, self.result)):  # fmt: skip
+            self.bytes_read += n_bytes
+            self.result.invalid_utf8 |= invalid
+            pending.extend(ids)
+            ready = len(pending) // chunk * chunk
+            if ready:
+                yield pending[:ready]
+                pending = pending[ready:]
+        if pending:
+            yield pending
+
+    def score(self, ids: list[int]) -> None:
+        """Scores ids as the protocol says: on, or in windows, each fresh at its start."""
+        if self.window is None:
+            self._flush(ids)
+            return
+        window, step = self.window, self.step
+        while ids:
+            if self.position < window:  # the first window continues the start context
+                take = ids[: window - self.position]
+            else:
+                into = (self.position - window) % step
+                if into == 0:  # a new window: its context, unscored, from a fresh state
+                    self._restart()
+                take = ids[: step - into]
+            self._flush(take)
+            self.position += len(take)
+            seen = self.history + take
+            self.history = seen[max(0, len(seen) - (window - step)) :]
+            ids = ids[len(take) :]
+
+    def _restart(self) -> None:
+        """Fresh states (the baseline's too) that have read the window's N − S tokens."""
+        self.context = self._fresh(self.model)
+        if self.baseline is not None:
+            self.base_context = self._fresh(self.baseline)
+
+    def _fresh(self, model: Model) -> Context:
+        context = Context.start(model, 1)
+        if self.window > self.step:
+            _, context = score_ids(model, self.history, context, block_len=self.block_len)
+        return context
+
+    def _flush(self, ids: list[int]) -> None:
+        """Scores ids continuing the context, folds them into the totals, then reports."""
+        if self.baseline is None:
+            scored, self.context = score_ids(self.model, ids, self.context, keep_log_probs=True,
+                                             block_len=self.block_len,
+                                             top_k=self.top_logprobs)  # fmt: skip
+            baseline_nll = None
+        else:
+            scored, baseline_nll = self._compare(ids)
+        nll = -scored.log_probs[0]
+        self.result.add_nll(nll)
+        start = self.offset
+        lengths = [len(self.tokenizer.token_bytes(i)) for i in ids]
+        self.offset += sum(lengths)
+        self.result.add_positions(self.result.tokens, nll, lengths, baseline_nll)
+        # Totals first, all together, and reported before the per-token results: an
+        # interrupt inside on_tokens (writing a per-token file) then leaves partial
+        # totals that the caller has seen and that agree with each other.
+        self.result.tokens += scored.tokens
+        self.result.nll_sum += scored.nll_sum
+        self.result.bytes = self.offset
+        if self.on_piece is not None:
+            self.on_piece(self.result)
+        if self.on_tokens is not None:
+            top = (scored.top_log_probs[0], scored.top_ids[0]) if self.top_logprobs else None
+            self.on_tokens(ids, scored.log_probs[0], start, top)
+
+    def _compare(self, ids: list[int]) -> tuple[ScoreResult, np.ndarray]:
+        """Both models on ids, each continuing its context (tvq.scoring.compare) → the
+        model's scores and the baseline's NLLs; the comparison is folded into result."""
+        context, base_context = self.context, self.base_context
+        parts, state, base_state = compare_ids(
+            self.model, self.baseline, ids, context.last_token, context.state,
+            base_context.state, piece_sizes(len(ids), self.block_len), self.block_len,
+            self.top_logprobs,
+        )  # fmt: skip
+        last, after = np.asarray(ids[-1:], np.int32), len(ids)
+        self.context = Context(state=state, last_token=last, tokens=context.tokens + after)
+        self.base_context = Context(state=base_state, last_token=last.copy(),
+                                    tokens=base_context.tokens + after)  # fmt: skip
+        nll_sum = float(parts["nll"].astype(np.float64).sum())
+        scored = ScoreResult(nll_sum, len(ids), -parts["nll"][None, :],
+                             parts["top_log_probs"][None], parts["top_ids"][None])  # fmt: skip
+        self.result.add_comparison(parts)
+        return scored, parts["baseline_nll"]
