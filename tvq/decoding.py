@@ -15,7 +15,7 @@ The primitive is a generator, as mlx-lm's `stream_generate`: `stream_generate` y
 `Piece` of text (with its tokens and log-probs) as soon as it is final, then the
 `Generation` (each sample's finish_reason, the usage and timings); `generate` is a loop
 over it. Closing the stream cancels it; `GenerationStream.stop` ends it early and still
-gives the Generation. (Over 300 lines: one text and a batch of texts share the chunk loop
+gives the Generation. (Over 400 lines: one text and a batch of texts share the chunk loop
 and its replay up to a stop string.)
 """
 

@@ -50,9 +50,9 @@ class Settings:
 
     def sampler(self):
         """The Sampler of these settings; SettingError for a value out of range."""
-        from tvq.text.settings import Sampler
+        import tvq
 
-        return Sampler(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
+        return tvq.Sampler(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
                        min_p=self.min_p)  # fmt: skip
 
     def check(self) -> None:
@@ -335,12 +335,11 @@ def run_chat(*, prompt: str | None, file: Path | None, model: Path | None, max_t
     """The session of `tvq chat` and `tvq generate --interactive`: checks, model, loop."""
     import tvq
     from tvq.runtime.context import require_tokenizer
-    from tvq.text.settings import SettingError
 
     settings = Settings(max_tokens, temperature, top_p, top_k, min_p, seed)
     try:
         settings.check()
-    except SettingError as e:
+    except tvq.SettingError as e:
         raise setting_error(e) from None
     check_output_file(save_state, "--save-state")
     start = start_text(prompt, file)

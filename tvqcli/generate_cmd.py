@@ -153,7 +153,7 @@ def generate(
                  save_state=save_state, dtype=dtype)  # fmt: skip
         return
     import tvq
-    from tvq.text.settings import SettingError, check_all, random_seed
+    from tvq.text.settings import check_all, random_seed
 
     if logprobs and not json_output:
         raise fail("--logprobs needs --json (they are written into each sample's object)", 2)
@@ -167,7 +167,7 @@ def generate(
                               frequency_penalty=frequency_penalty,
                               repetition_penalty=repeat_penalty, repeat_last_n=repeat_last_n,
                               logit_bias=parse_logit_bias(logit_bias or []))  # fmt: skip
-    except SettingError as e:
+    except tvq.SettingError as e:
         raise setting_error(e) from None
     check_output_file(save_state, "--save-state")
     text = read_prompt(prompt, file)
@@ -201,13 +201,13 @@ def _refuse_with_interactive(num_samples: int, json_output: bool, logprobs: int,
 
 def _check_for_model(model, sampler, logprobs: int) -> None:
     """The settings that depend on the model: usage errors."""
+    import tvq
     from tvq.runtime.context import require_tokenizer
-    from tvq.text.settings import SettingError
 
     require_tokenizer(model)
     try:
         sampler.check_vocabulary(model.config.n_vocab)
-    except SettingError as e:
+    except tvq.SettingError as e:
         raise setting_error(e) from None
     if logprobs > model.config.n_vocab:
         raise fail(f"--logprobs must be at most the vocabulary size {model.config.n_vocab}, "

@@ -5,7 +5,7 @@ server's options and limits (`ServerSettings`), request parsing and checks
 and OpenAI's token text ("bytes:\\xNN" for a token that is not whole UTF-8).
 
 Nothing here runs the model or touches HTTP; the engine and the app build on it. Over
-300 lines because it is the whole wire format, both directions, which change together
+400 lines because it is the whole wire format, both directions, which change together
 (a field added to requests is answered in responses and chunks).
 """
 
