@@ -120,7 +120,6 @@ def generate(
         typer.Option(
             help="With --json: per generated token, its log-prob and the K most likely "
             "tokens (top_logprobs), the model's own before sampling.",
-            min=0,
         ),
     ] = 0,
     verbose: Annotated[

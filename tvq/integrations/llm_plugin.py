@@ -14,9 +14,10 @@ An option, not one registered id per directory, because llm registers its models
 it reads any argument, while options are validated, logged and kept per prompt by llm
 itself; `llm models options set tvq-builtin model DIR` makes DIR the default.
 
-Options (llm checks them before anything runs; the defaults are `tvq generate`'s):
-temperature (0.8; 0 is greedy), top_p (0.95), top_k (0, off), min_p (0, off),
-max_tokens (200), seed (random; the one used is in the logged response JSON, so
+Options (llm checks them before anything runs, within the ranges `tvq generate` and
+`tvq serve` check, tvq.text.settings.RANGES; the defaults are `tvq generate`'s,
+tvq.text.settings.TERMINAL): temperature (0 is greedy), top_p, top_k (0, off), min_p
+(0, off), max_tokens, seed (random; the one used is in the logged response JSON, so
 `llm logs --json` tells how to repeat a turn), stop (one string, or a JSON list of
 strings such as '["\\n\\n", "EXIT"]': generation stops before the first one; the JSON
 form is how to write a newline), model (a tvq model directory). Text streams as it is
