@@ -42,6 +42,7 @@ def child(args: argparse.Namespace) -> dict:
 
     import tvq
     from tvq.runtime.model import init_params
+    from tvq.train.checkpoints import to_run_layout
     from tvq.train.settings import TrainSettings
     from tvq.train.step import make_optimizer, make_train_step
 
@@ -78,8 +79,8 @@ def child(args: argparse.Namespace) -> dict:
     step = make_train_step(config, settings, optimizer, "serial")
     data = np.random.default_rng(1).integers(0, config.n_vocab, (args.batch, args.update_len + 1))
     inputs, targets = jnp.asarray(data[:, :-1]), jnp.asarray(data[:, 1:])
-    opt_state = optimizer.init(params)
-    state = model.initial_state(args.batch)
+    params, state = to_run_layout((params, model.initial_state(args.batch)), config)
+    opt_state = optimizer.init(params)  # the step's layout: stacked where the network scans
     # The step donates its inputs: each call takes its own copies, made beforehand.
     first, second = [
         jax.block_until_ready(jax.tree_util.tree_map(jnp.copy, (params, opt_state, state)))

@@ -263,6 +263,7 @@ def section_decode(out, args) -> None:
 
 def section_train(out, args) -> None:
     from tvq.train import TrainSettings, make_optimizer, make_train_step
+    from tvq.train.checkpoints import to_run_layout
 
     bf16_peak, _ = peak(jnp.bfloat16)
     settings = TrainSettings(batch_size=BATCH, update_len=1024, block_len=BLOCK)
@@ -274,10 +275,12 @@ def section_train(out, args) -> None:
         args.layers or (4, PAPER.n_layer), ("parallel", "serial")
     ):
         config = dataclasses.replace(PAPER, n_layer=layers)
-        params = random_params(config, 0)
+        # the step's layout: stacked where the network scans
+        params, state = to_run_layout((random_params(config, 0), initial_state(config, BATCH)),
+                                      config)  # fmt: skip
         step = make_train_step(config, settings, optimizer, algorithm)
         carry = {"params": params, "opt": optimizer.init(params)}
-        state = jax.device_put(initial_state(config, BATCH))
+        state = jax.device_put(state)
         try:
             stage(f"train {layers} layers {algorithm}: compiling")
             compiled = step.lower(carry["params"], carry["opt"], state, inputs, targets).compile()

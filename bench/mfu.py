@@ -29,6 +29,7 @@ from common import machine, median_time  # noqa: E402
 import tvq  # noqa: E402
 from tvq.nn.state import initial_state  # noqa: E402
 from tvq.train import TrainSettings, make_optimizer, make_train_step  # noqa: E402
+from tvq.train.checkpoints import to_run_layout  # noqa: E402
 
 
 def flops_per_token(cfg: tvq.ModelConfig, block_len: int) -> float:
@@ -74,12 +75,14 @@ def main() -> None:
     batch, length = settings.batch_size, settings.update_len
     data = np.random.default_rng(1).integers(3, cfg.n_vocab, (batch, length + 1))
     inputs, targets = jnp.asarray(data[:, :-1]), jnp.asarray(data[:, 1:])
-    carry = {"params": jax.tree_util.tree_map(jnp.copy, model.params)}
+    # the step's layout (stacked where the network scans), on copies: the step donates them
+    carry = {"params": to_run_layout(jax.tree_util.tree_map(jnp.copy, model.params), cfg)}
     carry["opt"] = make_optimizer(settings).init(carry["params"])
 
     def train_once():
         params, opt, _, metrics = step(carry["params"], carry["opt"],
-                                       initial_state(cfg, batch), inputs, targets)  # fmt: skip
+                                       to_run_layout(initial_state(cfg, batch), cfg), inputs,
+                                       targets)  # fmt: skip
         jax.block_until_ready(metrics)
         carry["params"], carry["opt"] = params, opt
 

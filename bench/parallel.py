@@ -30,6 +30,7 @@ import tvq  # noqa: E402
 from tvq.nn.state import initial_state  # noqa: E402
 from tvq.runtime.context import score_ids  # noqa: E402
 from tvq.train import TrainSettings, make_optimizer, make_train_step  # noqa: E402
+from tvq.train.checkpoints import to_run_layout  # noqa: E402
 
 FORMS = ("serial", "parallel")
 
@@ -69,11 +70,13 @@ def main() -> None:
     optimizer = make_optimizer(settings)
     for form in FORMS:
         step = make_train_step(base.config, settings, optimizer, form)
-        carry = {"params": jax.tree_util.tree_map(jnp.copy, base.params)}
+        # the step's layout (stacked where the network scans), on copies: the step donates them
+        carry = {"params": to_run_layout(jax.tree_util.tree_map(jnp.copy, base.params),
+                                         base.config)}  # fmt: skip
         carry["opt"] = optimizer.init(carry["params"])
 
         def once(step=step, carry=carry):
-            state = initial_state(base.config, batch)
+            state = to_run_layout(initial_state(base.config, batch), base.config)
             params, opt, _, metrics = step(carry["params"], carry["opt"], state, inputs, targets)
             jax.block_until_ready(metrics)
             carry["params"], carry["opt"] = params, opt

@@ -36,6 +36,7 @@ from tvq.nn.transformer import Transformer, network  # noqa: E402
 from tvq.runtime.decode_loop import feed_ids  # noqa: E402
 from tvq.runtime.forward import forward_program  # noqa: E402
 from tvq.runtime.model import _init_params, init_params  # noqa: E402
+from tvq.train.checkpoints import to_file_layout, to_run_layout  # noqa: E402
 from tvq.train.settings import TrainSettings  # noqa: E402
 from tvq.train.step import (  # noqa: E402
     dropout_key,
@@ -137,12 +138,15 @@ def reference_values(model: tvq.Model, name: str, steps: bool = True) -> dict[st
 
 def run_steps(model: tvq.Model, settings: TrainSettings, steps: int, algorithm="serial"):
     """`steps` updates from the model's parameters on fixed windows of 4 rows →
-    (parameters, attention state, each step's metrics)."""
+    (parameters, attention state, each step's metrics). The step runs on the run's
+    layout (stacked where the network scans): converted to it and back, as a training
+    run's checkpoints are."""
     config = model.config
     optimizer = make_optimizer(settings)
     step = make_train_step(config, settings, optimizer, algorithm)
     params = jax.tree_util.tree_map(jnp.copy, model.params)  # the step donates them
-    opt_state, state = optimizer.init(params), model.initial_state(4)
+    params, state = to_run_layout((params, model.initial_state(4)), config)
+    opt_state = optimizer.init(params)
     windows = random_tokens(config, 4, steps * 12 + 1, seed=5)
     metrics = []
     for n in range(steps):
@@ -151,6 +155,7 @@ def run_steps(model: tvq.Model, settings: TrainSettings, steps: int, algorithm="
             params, opt_state, state, window[:, :-1], window[:, 1:], jnp.asarray(n)
         )
         metrics.append(m)
+    params, state = to_file_layout((params, state))
     return params, state, metrics
 
 
@@ -410,6 +415,7 @@ def programs(n_layer: int) -> dict[str, str]:
     settings = TrainSettings(batch_size=2, update_len=16, block_len=4)
     optimizer = make_optimizer(settings)
     step = make_train_step(config, settings, optimizer)
+    run_params, run_state = to_run_layout((params, state), config)  # the step's layout
     rings = model_to_ring(state)
 
     @jax.jit
@@ -428,7 +434,9 @@ def programs(n_layer: int) -> dict[str, str]:
             config, params, tokens, state, 4, tokens, algorithm="parallel"
         ).as_text(),  # fmt: skip
         "decode": decode.lower(params, rings, tokens).as_text(),
-        "train": step.lower(params, optimizer.init(params), state, tokens, tokens).as_text(),
+        "train": step.lower(
+            run_params, optimizer.init(run_params), run_state, tokens, tokens
+        ).as_text(),
     }
 
 

@@ -6,21 +6,24 @@ unchanged: `transformer_layers_{i}` holds a layer's two VQ-attention sublayers,
 `scanned_attn1` and `scanned_attn2`, and each sublayer's codebook lives under
 `quantizer`. It is the tree of every file (model directories, reference checkpoints,
 training checkpoints), of `Model.params` and of the public calls. The layout check
-(tvq/nn/params.py), the codebook EMA of training and the benchmarks walk it through
-`sublayer_paths` and `sublayer_params`, so nothing else spells these names.
+(tvq/nn/params.py) and the benchmarks walk it through `sublayer_paths` and
+`sublayer_params`, and training reaches the codebooks through `is_codebook` and
+`map_codebooks` (either form), so nothing else spells these names.
 
 The network runs its 2·n_layer sublayers as one scan (tvq/nn/transformer.py), so inside
 a compiled call the sublayers' parameters are stacked: the scanned tree has the same
 non-layer entries and, under STACK, one sublayer's tree whose every leaf carries a
 leading axis of the 2·n_layer sublayers in the network's order (layer 0's scanned_attn1,
 its scanned_attn2, layer 1's, …). `stack_params` and `unstack_params` convert, exactly
-(the values are only moved).
+(the values are only moved); `stack_within` and `unstack_within` convert every parameter
+tree inside a larger tree (an optimiser state holds several), which a training run
+does where its checkpoints are written and read (tvq/train/checkpoints.py).
 """
 
 from __future__ import annotations
 
 import operator
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -41,6 +44,7 @@ UNROLLED_MAX = 8
 LAYERS = "transformer_layers"  # flax's name for item i of a list attribute: LAYERS_{i}
 SUBLAYERS = ("scanned_attn1", "scanned_attn2")  # the two sublayers of a layer, in order
 QUANTIZER = "quantizer"  # a sublayer's codebook: c_sum [H, S, K], c_count [H, S]
+CODEBOOK = ("c_sum", "c_count")  # the codebook's entries under QUANTIZER, in that order
 STACK = "sublayers"  # the scanned tree's stacked sublayers: leaves [2·n_layer, ...]
 
 
@@ -104,6 +108,7 @@ def _take(x: jax.Array, index: jax.Array) -> jax.Array:
 
 
 def is_stacked(params: Any) -> bool:
+    """Whether a parameter tree is the scanned one."""
     return STACK in params
 
 
@@ -125,4 +130,59 @@ def unstack_params(params: Any) -> Any:
     paths = sublayer_paths(n_layers(params))
     for (layer, sub), tree in zip(paths, unstack_tree(params[STACK]), strict=True):
         out.setdefault(layer, {})[sub] = tree
+    return out
+
+
+def stack_within(tree: Any) -> Any:
+    """Every reference parameter tree inside `tree` stacked, the rest as it is: the tree
+    itself, or the several an optimiser state holds (Adam's moments, masks)."""
+    return jax.tree_util.tree_map(
+        lambda x: stack_params(x) if _is_params(x) else x, tree, is_leaf=_is_params
+    )
+
+
+def unstack_within(tree: Any) -> Any:
+    """Every scanned parameter tree inside `tree` unstacked (the inverse of stack_within)."""
+    return jax.tree_util.tree_map(
+        lambda x: unstack_params(x) if _is_params(x) else x, tree, is_leaf=_is_params
+    )
+
+
+def _is_params(x: Any) -> bool:
+    """Whether x is a parameter tree of either form (a dict holding the sublayers)."""
+    return isinstance(x, dict) and (STACK in x or layer_name(0) in x)
+
+
+def is_codebook(path: tuple) -> bool:
+    """Whether a leaf's key path (jax.tree_util) is a codebook's, in either form."""
+    return any(getattr(key, "key", None) in CODEBOOK for key in path)
+
+
+def parameter_ndim(path: tuple, leaf: Any) -> int:
+    """The rank of the parameter a leaf holds: a scanned tree's stacked leaf has the
+    sublayers' axis more than the matrix or vector it is."""
+    return leaf.ndim - (getattr(path[0], "key", None) == STACK)
+
+
+def map_codebooks(fn: Callable[..., tuple[Any, Any]], params: Any, per_sublayer: Any) -> Any:
+    """params with every codebook replaced: (c_sum, c_count) ← fn(c_sum, c_count, values),
+    where per_sublayer holds values [2·n_layer, ...] for the sublayers in the network's
+    order. A scanned tree's stacked codebooks take one call with them all; a reference
+    tree's take a call per sublayer, with its slice. Only the dicts on the way to a
+    codebook are copied."""
+    sum_key, count_key = CODEBOOK
+
+    def update(quantizer: dict, values: Any) -> dict:
+        total, count = fn(quantizer[sum_key], quantizer[count_key], values)
+        return {**quantizer, sum_key: total, count_key: count}
+
+    if is_stacked(params):
+        stacked = params[STACK]
+        return {**params, STACK: {**stacked, QUANTIZER: update(stacked[QUANTIZER], per_sublayer)}}
+    out = dict(params)
+    paths = sublayer_paths(n_layers(params))
+    for (layer, sub), values in zip(paths, unstack_tree(per_sublayer), strict=True):
+        sublayer = params[layer][sub]
+        quantizer = update(sublayer[QUANTIZER], values)
+        out[layer] = {**out[layer], sub: {**sublayer, QUANTIZER: quantizer}}
     return out

@@ -6,9 +6,10 @@ window, so the model learns to use context far beyond a window. Everything a run
 to continue lives in orbax checkpoints under <out>/train/checkpoints (a RunState), from
 which the data position follows; a run stopped by Ctrl-C or a kill resumes from there.
 
-Over 300 lines because resuming touches every part of the loop (the log, the data
-position, the checkpoints, evaluation, the cluster's watchdog); the step itself is
-tvq/train/step.py and the data tvq/corpus/reader.py.
+`run_training` is a recipe of stages (`_Training`'s methods): the run's folder, its
+state restored or fresh, the step's memory, the loop of updates, the model. The step
+itself is tvq/train/step.py, run.json and the checkpoints tvq/train/checkpoints.py (where
+the run's layout and the files' meet), the data tvq/corpus/reader.py.
 """
 
 from __future__ import annotations
@@ -22,10 +23,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
 from tvq.config import ModelConfig
 from tvq.corpus.reader import TokenShards, TokenStream
@@ -41,29 +42,22 @@ from tvq.distributed.devices import (
 from tvq.errors import Interrupted, TrainingError
 from tvq.files import warm
 from tvq.files.atomic import write_atomically
-from tvq.nn.layout import unstack_params
-from tvq.nn.state import ModelState, initial_state, stack_state
+from tvq.nn.state import initial_state
 from tvq.runtime.context import score_ids
 from tvq.runtime.forward import check_algorithm
 from tvq.runtime.model import Model, init_params
+from tvq.train.checkpoints import (
+    TRAIN_DIR,  # noqa: F401 (tvq/train/run.py imports it from here)
+    Checkpoints,
+    RunState,
+    open_run_dir,
+    to_file_layout,
+    to_run_layout,
+)
 from tvq.train.settings import TrainSettings
-from tvq.train.step import compiled_step, learning_rate, step_memory
+from tvq.train.step import StepMetrics, compiled_step, learning_rate, rows_axis, step_memory
 
-TRAIN_DIR = "train"
-# Settings that change memory, never the numbers: a run may resume with others.
-MEMORY_SETTINGS = ("grad_accum", "remat")
 METRICS_FILE = "metrics.jsonl"
-
-
-@flax.struct.dataclass
-class RunState:
-    """Everything a checkpoint holds."""
-
-    params: Any
-    opt_state: Any
-    attn_state: ModelState  # carried from window to window, per batch row
-    step: jax.Array  # [] int32: updates done
-    tokens_seen: jax.Array  # [] float32
 
 
 def evaluate(model: Model, documents: Sequence[tuple[Sequence[int], int]]) -> dict[str, float]:
@@ -104,16 +98,19 @@ class MetricsLog:
         if path is None:  # a process other than 0 in a cluster: nothing to write
             return
         kept = []
-        if path.exists():
-            for line in path.read_text(errors="replace").splitlines():
-                try:
-                    step = json.loads(line).get("step")
-                except (json.JSONDecodeError, AttributeError):
-                    continue
-                if isinstance(step, int) and step <= resume_step:
-                    kept.append(line + "\n")
-        write_atomically(path, lambda f: f.write("".join(kept).encode()))
-        self.file = path.open("a", encoding="utf-8")
+        try:
+            if path.exists():
+                for line in path.read_text(errors="replace").splitlines():
+                    try:
+                        step = json.loads(line).get("step")
+                    except (json.JSONDecodeError, AttributeError):
+                        continue
+                    if isinstance(step, int) and step <= resume_step:
+                        kept.append(line + "\n")
+            write_atomically(path, lambda f: f.write("".join(kept).encode()))
+            self.file = path.open("a", encoding="utf-8")
+        except OSError as e:
+            raise TrainingError(f"{path} cannot be written: {e.strerror}") from None
 
     def write(self, **record: Any) -> None:
         if self.file is not None:
@@ -123,13 +120,6 @@ class MetricsLog:
     def close(self) -> None:
         if self.file is not None:
             self.file.close()
-
-
-def checkpoint_manager(folder: Path):
-    import orbax.checkpoint as ocp
-
-    options = ocp.CheckpointManagerOptions(max_to_keep=2, create=True)
-    return ocp.CheckpointManager(folder.absolute(), options=options)
 
 
 def run_training(
@@ -163,9 +153,11 @@ def run_training(
     memory-mapped shards of a prepared dataset, of which each process reads only its
     rows); val_documents: (token ids, UTF-8 bytes) of each held-out document.
     on_memory, if given, receives the compiled step's memory before the first step
-    (tvq.train.step.step_memory: None where the backend gives no analysis)."""
-    import orbax.checkpoint as ocp
+    (tvq.train.step.step_memory: None where the backend gives no analysis).
 
+    The stages: the run's folder (run.json checked or written), its state (the latest
+    checkpoint's, else fresh) in the run's layout, the step's memory, the updates, and
+    the model with its held-out figures."""
     mesh = data_mesh(devices)
     if settings.batch_size % mesh.size:
         raise TrainingError(
@@ -174,192 +166,184 @@ def run_training(
         )
     if settings.grad_accum > 1:
         settings.check_devices(mesh.size)
-
     # The data must fit the settings before anything is written: a run that cannot start
     # leaves no run.json behind to refuse the corrected command.
     stream = TokenStream(train_tokens, settings.batch_size, settings.update_len, settings.seed)
-    train_dir = out / TRAIN_DIR
-    try:
-        train_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise TrainingError(f"{train_dir} cannot be created: {e.strerror}") from None
-    run_file = train_dir / "run.json"
-    run_doc = {
-        "config": config.to_dict(),
-        "settings": dataclasses.asdict(settings),
-        "tokenizer": tokenizer.fingerprint,
-        "data_tokens": int(len(train_tokens)),
-    }
-    if run_file.exists():  # every process checks; process 0 writes it after the barrier
-        try:
-            previous = json.loads(run_file.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-            raise TrainingError(f"{run_file} is corrupt; use another --out") from None
-        if not isinstance(previous, dict):
-            raise TrainingError(f"{run_file} is corrupt; use another --out")
-        if isinstance(previous.get("settings"), dict):  # settings added since, at defaults
-            previous["settings"] = dataclasses.asdict(TrainSettings()) | previous["settings"]
-        if isinstance(previous.get("settings"), dict):  # memory knobs may change on resume
-            previous["settings"] = previous["settings"] | {
-                name: run_doc["settings"][name] for name in MEMORY_SETTINGS
-            }
-        if previous != run_doc:
-            changed = sorted(
-                k for k in run_doc if previous.get(k) != run_doc[k]
-            )  # config, settings, tokenizer or data
-            raise TrainingError(
-                f"{out} holds a run with other {', '.join(changed)}; "
-                "use another --out or the same settings to resume"
-            )
-    cluster.barrier("run-checked")
-    if not run_file.exists() and cluster.is_main():
-        text = json.dumps(run_doc, indent=2, sort_keys=True).encode()
-        write_atomically(run_file, lambda f: f.write(text))
-
+    train_dir = open_run_dir(out, config, settings, tokenizer, len(train_tokens))
     optimizer, train_step = compiled_step(config, settings, check_algorithm(algorithm))
-    params = init_from.params if init_from is not None else init_params(config, settings.seed)
-    place = functools.partial(split_largest_axis if shard_params else replicated, mesh)
-
-    def fresh_state() -> Any:  # an epoch's first attention state, in the step's form
-        state = initial_state(config, settings.batch_size)
-        return split_rows(mesh, stack_state(state) if train_step.scan else state,
-                          train_step.rows_axis)  # fmt: skip
-
-    def as_files(run: RunState) -> RunState:  # the forms checkpoints hold (the reference tree)
-        params, opt_state, attn_state = train_step.outward(run.params, run.opt_state,
-                                                           run.attn_state)  # fmt: skip
-        return run.replace(params=params, opt_state=opt_state, attn_state=attn_state)
-
-    def as_program(run: RunState) -> RunState:  # the forms the step runs on and donates
-        params, opt_state, attn_state = train_step.inward(run.params, run.opt_state,
-                                                          run.attn_state)  # fmt: skip
-        attn_state = split_rows(mesh, attn_state, train_step.rows_axis)
-        return run.replace(params=place(params), opt_state=place(opt_state), attn_state=attn_state)
-
-    run = RunState(
-        params=place(params),  # new arrays: the step donates its inputs
-        opt_state=place(optimizer.init(params)),
-        attn_state=split_rows(mesh, initial_state(config, settings.batch_size)),
-        step=replicated(mesh, jnp.zeros([], jnp.int32)),
-        tokens_seen=replicated(mesh, jnp.zeros([], jnp.float32)),
-    )
-    manager = checkpoint_manager(train_dir / "checkpoints")
-    latest = manager.latest_step()
-    if latest is not None:
-        abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, run)
+    job = _Training(config, settings, mesh, shard_params, stream, train_step, val_documents)
+    checkpoints = Checkpoints(train_dir)
+    try:
+        resumed = checkpoints.latest() is not None
+        run = job.in_run_layout(checkpoints.restore(job.fresh(optimizer, init_from)))
+        if on_memory is not None:  # the compiled step's memory (tvq train -v)
+            on_memory(job.step_memory(run))
+        cluster.set_context(f"checkpoints in {checkpoints.folder} are intact: run the same "
+                            "command again to resume")  # fmt: skip
+        log = MetricsLog(train_dir / METRICS_FILE if cluster.is_main() else None,
+                         int(_value(run.step)))  # fmt: skip
         try:
-            run = manager.restore(latest, args=ocp.args.StandardRestore(abstract))
-        except Exception as e:  # orbax raises many kinds; all mean "unreadable"
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise TrainingError(
-                f"checkpoint {latest} in {train_dir / 'checkpoints'} cannot be restored "
-                f"({first}); remove it to resume from an earlier one"
-            ) from None
-    run = as_program(run)
-    if on_memory is not None:  # the compiled step's memory (tvq train -v)
-        shape = (settings.batch_size, settings.update_len)
-        tokens = rows_from(mesh, shape, lambda rows: np.zeros((len(range(*rows.indices(
-            shape[0]))), shape[1]), np.int32))  # fmt: skip
-        on_memory(step_memory(train_step, run.params, run.opt_state, run.attn_state, tokens,
-                              tokens, run.step))  # fmt: skip
-    step = int(_value(run.step))
-    cluster.set_context(f"checkpoints in {train_dir / 'checkpoints'} are intact: run the same "
-                        "command again to resume")  # fmt: skip
-    resumed_from = step if latest is not None else None
-    tokens_per_step = settings.batch_size * settings.update_len
-    # one dispatch per step, not a dozen eager ops (a closure over the settings: not stored)
-    lr_at = warm.Entry(learning_rate(settings), store=False)
-    try:
-        log = MetricsLog(train_dir / METRICS_FILE if cluster.is_main() else None, step)
-    except OSError as e:
-        manager.close()
-        raise TrainingError(f"{train_dir / METRICS_FILE} cannot be written: {e.strerror}") from None
-
-    def save(at_step: int) -> None:
-        if manager.latest_step() == at_step:  # e.g. Ctrl-C just after a scheduled save
-            return
-        manager.save(at_step, args=ocp.args.StandardSave(as_files(run)), force=True)
-        manager.wait_until_finished()
-
-    def host_params() -> Any:  # the reference tree, whole, as numpy on every process
-        params = to_host(mesh, run.params)
-        return jax.tree_util.tree_map(np.asarray, unstack_params(params))
-
-    last_eval: dict[str, float] | None = None
-    started, done_here = time.perf_counter(), 0
-    try:
-        while step < settings.steps:
-            window = functools.partial(stream.window, step)
-            shape = (settings.batch_size, settings.update_len)
-            inputs = rows_from(mesh, shape, lambda rows, w=window: w(rows)[:, :-1])
-            targets = rows_from(mesh, shape, lambda rows, w=window: w(rows)[:, 1:])
-            if stream.starts_epoch(step):
-                run = run.replace(attn_state=fresh_state())
-            params, opt_state, attn_state, metrics = train_step(
-                run.params, run.opt_state, run.attn_state, inputs, targets, run.step
-            )
-            step += 1
-            if shard_params:  # keep the layout (a no-op when jit kept it)
-                params, opt_state = place(params), place(opt_state)
-            run = RunState(params=params, opt_state=opt_state, attn_state=attn_state,
-                           step=replicated(mesh, jnp.asarray(step, jnp.int32)),
-                           tokens_seen=run.tokens_seen + tokens_per_step)  # fmt: skip
-            done_here += 1
-            loss, tokens_seen = float(_value(metrics.loss)), int(_value(run.tokens_seen))
-            speed = done_here * tokens_per_step / max(time.perf_counter() - started, 1e-9)
-            log.write(step=step, loss=loss, lr=float(lr_at(step - 1)), tokens=tokens_seen,
-                      tokens_per_second=round(speed, 1))  # fmt: skip
-            eval_now = step % settings.eval_every == 0 or step == settings.steps
-            if eval_now and val_documents:
-                model = Model(config, host_params(), block_len=settings.block_len)
-                last_eval = evaluate(model, val_documents)
-                log.write(step=step, val_loss=last_eval["loss"],
-                          val_bits_per_byte=last_eval["bits_per_byte"])  # fmt: skip
-            if step % settings.save_every == 0 or step == settings.steps:
-                save(step)
-            if on_progress is not None:
-                on_progress(Progress(
-                    step=step, steps=settings.steps, loss=loss,
-                    tokens_per_second=speed, tokens_seen=tokens_seen,
-                    eval=last_eval if eval_now else None, resumed_from=resumed_from,
-                ))  # fmt: skip
-                resumed_from = None
-    except KeyboardInterrupt:
-        if cluster.active():  # the peers are in the next step: no collective save now
-            raise Interrupted(
-                f"interrupted at step {step}; the last checkpoint is step "
-                f"{manager.latest_step() or 0}: run the same command again to resume"
-            ) from None
-        save(step)
-        raise Interrupted(
-            f"interrupted at step {step}; saved: run the same command again to resume"
-        ) from None
+            run, last_eval = job.loop(run, checkpoints, log, on_progress, resumed)
+        finally:
+            log.close()
     finally:
-        manager.close()
-        log.close()
+        checkpoints.close()
+    return job.save_model(out, run, last_eval, metadata, tokenizer)
 
-    params = host_params()
-    if last_eval is None and val_documents:
-        last_eval = evaluate(Model(config, params), val_documents)
-    metadata = dict(metadata)
-    metadata.update(
-        steps=step,
-        tokens_seen=int(run.tokens_seen),
-        train_settings=dataclasses.asdict(settings),
-    )
-    if last_eval is not None:
-        metadata.update(
-            heldout_loss=round(last_eval["loss"], 5),
-            heldout_bits_per_byte=round(last_eval["bits_per_byte"], 5),
-            heldout_tokens=last_eval["tokens"],
-            heldout_bytes=last_eval["bytes"],
+
+@dataclasses.dataclass(frozen=True)
+class _Training:
+    """What the stages of run_training share. The RunState they pass on is in the run's
+    layout (tvq/train/checkpoints.py) and on the mesh, where the step donates it."""
+
+    config: ModelConfig
+    settings: TrainSettings
+    mesh: Mesh
+    shard_params: bool
+    stream: TokenStream
+    train_step: Callable
+    val_documents: Sequence[tuple[Sequence[int], int]]
+
+    def fresh(self, optimizer, init_from: Model | None) -> RunState:
+        """A new run's state in the files' layout, on the mesh: init_from's parameters or
+        new ones; also what a checkpoint is restored into."""
+        config, settings = self.config, self.settings
+        params = init_from.params if init_from is not None else init_params(config, settings.seed)
+        return RunState(
+            params=self.place(params),  # new arrays: the step donates its inputs
+            opt_state=self.place(optimizer.init(params)),
+            attn_state=split_rows(self.mesh, initial_state(config, settings.batch_size)),
+            step=replicated(self.mesh, jnp.zeros([], jnp.int32)),
+            tokens_seen=replicated(self.mesh, jnp.zeros([], jnp.float32)),
         )
-    model = Model(config, params, block_len=settings.block_len, metadata=metadata,
-                  tokenizer=tokenizer)  # fmt: skip
-    if cluster.is_main():
-        model.save(out)
-    cluster.barrier("model-saved")
-    return model
+
+    def in_run_layout(self, run: RunState) -> RunState:
+        """A RunState in the files' layout → in the run's, on the mesh."""
+        run = to_run_layout(run, self.config)
+        state = run.attn_state
+        return run.replace(params=self.place(run.params), opt_state=self.place(run.opt_state),
+                           attn_state=split_rows(self.mesh, state, rows_axis(state)))  # fmt: skip
+
+    def place(self, tree: Any) -> Any:
+        """Parameters or optimiser state on the mesh: replicated, or split (shard_params)."""
+        return (split_largest_axis if self.shard_params else replicated)(self.mesh, tree)
+
+    def step_memory(self, run: RunState) -> dict[str, int] | None:
+        """The compiled step's memory for this run (tvq.train.step.step_memory)."""
+        shape = (self.settings.batch_size, self.settings.update_len)
+        tokens = rows_from(self.mesh, shape, lambda rows: np.zeros(
+            (len(range(*rows.indices(shape[0]))), shape[1]), np.int32))  # fmt: skip
+        return step_memory(self.train_step, run.params, run.opt_state, run.attn_state, tokens,
+                           tokens, run.step)  # fmt: skip
+
+    def loop(
+        self, run: RunState, checkpoints: Checkpoints, log: MetricsLog,
+        on_progress: Callable[[Progress], None] | None, resumed: bool,
+    ) -> tuple[RunState, dict[str, float] | None]:  # fmt: skip
+        """The updates from run's step to the last: each logged and reported, the held-out
+        documents scored every eval_every steps and at the end, a checkpoint every
+        save_every steps and at the end. → (the last state, the last evaluation). Ctrl-C
+        saves where the run stands and raises Interrupted."""
+        settings = self.settings
+        step = int(_value(run.step))
+        resumed_from = step if resumed else None
+        tokens_per_step = settings.batch_size * settings.update_len
+        # one dispatch per step, not a dozen eager ops (a closure over the settings: not stored)
+        lr_at = warm.Entry(learning_rate(settings), store=False)
+        last_eval, started, done_here = None, time.perf_counter(), 0
+        try:
+            while step < settings.steps:
+                run, metrics = self.update(run, step)
+                step, done_here = step + 1, done_here + 1
+                loss, tokens_seen = float(_value(metrics.loss)), int(_value(run.tokens_seen))
+                speed = done_here * tokens_per_step / max(time.perf_counter() - started, 1e-9)
+                log.write(step=step, loss=loss, lr=float(lr_at(step - 1)), tokens=tokens_seen,
+                          tokens_per_second=round(speed, 1))  # fmt: skip
+                eval_now = step % settings.eval_every == 0 or step == settings.steps
+                if eval_now and self.val_documents:
+                    last_eval = self.held_out(run)
+                    log.write(step=step, val_loss=last_eval["loss"],
+                              val_bits_per_byte=last_eval["bits_per_byte"])  # fmt: skip
+                if step % settings.save_every == 0 or step == settings.steps:
+                    checkpoints.save(step, run)
+                if on_progress is not None:
+                    on_progress(Progress(
+                        step=step, steps=settings.steps, loss=loss,
+                        tokens_per_second=speed, tokens_seen=tokens_seen,
+                        eval=last_eval if eval_now else None, resumed_from=resumed_from,
+                    ))  # fmt: skip
+                    resumed_from = None
+        except KeyboardInterrupt:
+            raise _interrupted(step, run, checkpoints) from None
+        return run, last_eval
+
+    def update(self, run: RunState, step: int) -> tuple[RunState, StepMetrics]:
+        """Update number `step` (from 0) on its window of the stream; an epoch starts
+        from a fresh attention state."""
+        settings = self.settings
+        window = functools.partial(self.stream.window, step)
+        shape = (settings.batch_size, settings.update_len)
+        inputs = rows_from(self.mesh, shape, lambda rows: window(rows)[:, :-1])
+        targets = rows_from(self.mesh, shape, lambda rows: window(rows)[:, 1:])
+        if self.stream.starts_epoch(step):
+            fresh = to_run_layout(initial_state(self.config, settings.batch_size), self.config)
+            run = run.replace(attn_state=split_rows(self.mesh, fresh, rows_axis(fresh)))
+        params, opt_state, attn_state, metrics = self.train_step(
+            run.params, run.opt_state, run.attn_state, inputs, targets, run.step
+        )
+        if self.shard_params:  # keep the sharding (a no-op when jit kept it)
+            params, opt_state = self.place(params), self.place(opt_state)
+        run = RunState(params=params, opt_state=opt_state, attn_state=attn_state,
+                       step=replicated(self.mesh, jnp.asarray(step + 1, jnp.int32)),
+                       tokens_seen=run.tokens_seen + shape[0] * shape[1])  # fmt: skip
+        return run, metrics
+
+    def host_params(self, run: RunState) -> Any:
+        """The reference tree, whole, as numpy on every process."""
+        params = to_file_layout(to_host(self.mesh, run.params))
+        return jax.tree_util.tree_map(np.asarray, params)
+
+    def held_out(self, run: RunState) -> dict[str, float]:
+        """The held-out documents scored with the run's parameters (evaluate)."""
+        model = Model(self.config, self.host_params(run), block_len=self.settings.block_len)
+        return evaluate(model, self.val_documents)
+
+    def save_model(
+        self, out: Path, run: RunState, last_eval: dict[str, float] | None,
+        metadata: dict[str, Any], tokenizer: Any,
+    ) -> Model:  # fmt: skip
+        """The trained model, with the run and its held-out figures in its metadata,
+        written to `out` by process 0."""
+        params = self.host_params(run)
+        if last_eval is None and self.val_documents:
+            last_eval = evaluate(Model(self.config, params), self.val_documents)
+        metadata = dict(metadata, steps=int(_value(run.step)), tokens_seen=int(run.tokens_seen),
+                        train_settings=dataclasses.asdict(self.settings))  # fmt: skip
+        if last_eval is not None:
+            metadata.update(
+                heldout_loss=round(last_eval["loss"], 5),
+                heldout_bits_per_byte=round(last_eval["bits_per_byte"], 5),
+                heldout_tokens=last_eval["tokens"],
+                heldout_bytes=last_eval["bytes"],
+            )
+        model = Model(self.config, params, block_len=self.settings.block_len, metadata=metadata,
+                      tokenizer=tokenizer)  # fmt: skip
+        if cluster.is_main():
+            model.save(out)
+        cluster.barrier("model-saved")
+        return model
+
+
+def _interrupted(step: int, run: RunState, checkpoints: Checkpoints) -> Interrupted:
+    """Ctrl-C at `step`: the run saved there, except in a cluster, whose peers are in the
+    next step (no collective save now: the last checkpoint stands)."""
+    if cluster.active():
+        return Interrupted(
+            f"interrupted at step {step}; the last checkpoint is step "
+            f"{checkpoints.latest() or 0}: run the same command again to resume"
+        )
+    checkpoints.save(step, run)
+    return Interrupted(f"interrupted at step {step}; saved: run the same command again to resume")
 
 
 def _value(x: jax.Array) -> np.ndarray:

@@ -16,15 +16,11 @@ import optax
 from tvq.config import ModelConfig
 from tvq.files import warm
 from tvq.nn.layout import (
-    LAYERS,
-    QUANTIZER,
-    STACK,
+    is_codebook,
     is_stacked,
+    map_codebooks,
+    parameter_ndim,
     scanned,
-    stack_params,
-    stack_trees,
-    sublayer_params,
-    unstack_params,
     unstack_tree,
 )
 from tvq.nn.state import AttentionState, ModelState, stack_state, unstack_state
@@ -39,10 +35,6 @@ class StepMetrics:
     loss: jax.Array  # [] mean next-token NLL, nats
     commit: jax.Array  # [] mean commitment ‖k − sg(C_z)‖² per token
     grad_norm: jax.Array  # [] global norm of the gradient, before clipping
-
-
-def is_codebook(path: tuple) -> bool:
-    return any(getattr(p, "key", None) in ("c_sum", "c_count") for p in path)
 
 
 def learning_rate(settings: TrainSettings) -> optax.Schedule:
@@ -63,13 +55,9 @@ def make_optimizer(settings: TrainSettings) -> optax.GradientTransformation:
     schedule; weight decay on matrices only; the codebooks are left to the EMA."""
     schedule = learning_rate(settings)
 
-    def decay_mask(params):  # decoupled weight decay on matrices only (either tree form:
-        # a stacked sublayer parameter has one axis more than the matrix or vector it is)
-        def is_matrix(path, x):
-            stacked = getattr(path[0], "key", None) == STACK
-            return x.ndim - stacked > 1
-
-        return jax.tree_util.tree_map_with_path(is_matrix, params)
+    def decay_mask(params):  # decoupled weight decay on matrices only (either tree form)
+        return jax.tree_util.tree_map_with_path(lambda path, x: parameter_ndim(path, x) > 1,
+                                                params)  # fmt: skip
 
     main = optax.chain(
         optax.clip_by_global_norm(settings.grad_clip),
@@ -146,8 +134,7 @@ def train_forward(
     stack = public and net.scanned  # a scan carries the state stacked
     carried = stack_state(state) if stack else state
     n_sub = 2 * config.n_layer
-    zeros = SublayerStats.zeros(config.n_head, config.n_code, config.d_k)
-    zeros = jax.tree_util.tree_map(lambda x: jnp.zeros((n_sub, *x.shape), x.dtype), zeros)
+    zeros = _stats_zeros(config)
     dropping = settings is not None and settings.dropout
     if dropping and key is None:
         raise ValueError("dropout needs a key")
@@ -184,36 +171,21 @@ def train_forward(
         step, carry, (inputs, targets), block_len, algorithm, chunk_len
     )
     if public:
-        stats = stats if stacked_stats else unstack_stats(stats)
+        stats = stats if stacked_stats else unstack_tree(stats)
         return (nll, stats), unstack_state(carried) if stack else carried
     return (nll, stats), carried
 
 
-def unstack_stats(stats: SublayerStats) -> tuple[SublayerStats, ...]:
-    """Stacked statistics [2·n_layer, ...] → one SublayerStats per sublayer."""
-    return unstack_tree(stats)
-
-
-def apply_ema(params: Any, stats: SublayerStats | tuple[SublayerStats, ...], gamma: float) -> Any:
+def apply_ema(params: Any, stats: SublayerStats, gamma: float) -> Any:
     """c_sum ← γ·c_sum + (1 − γ)·Σ k assigned; c_count ← γ·c_count + (1 − γ)·count, per
-    sublayer in the network's order. params in either form (tvq/nn/layout.py), stats
-    stacked [2·n_layer, ...] or one per sublayer; the scanned tree takes one update of
-    the stacked codebooks."""
-    params = jax.tree_util.tree_map(lambda x: x, params)  # shallow copy of every dict
-    if is_stacked(params):
-        if not isinstance(stats, SublayerStats):
-            stats = stack_trees(stats)
-        quantizer = params[STACK][QUANTIZER]
-        quantizer["c_sum"] = gamma * quantizer["c_sum"] + (1 - gamma) * stats.code_sum
-        quantizer["c_count"] = gamma * quantizer["c_count"] + (1 - gamma) * stats.code_count
-        return params
-    if isinstance(stats, SublayerStats):
-        stats = unstack_stats(stats)
-    quantizers = [sublayer[QUANTIZER] for sublayer in sublayer_params(params)]
-    for quantizer, stat in zip(quantizers, stats, strict=True):
-        quantizer["c_sum"] = gamma * quantizer["c_sum"] + (1 - gamma) * stat.code_sum
-        quantizer["c_count"] = gamma * quantizer["c_count"] + (1 - gamma) * stat.code_count
-    return params
+    sublayer, from statistics stacked [2·n_layer, ...] in the network's order; params
+    in either form (tvq.nn.layout.map_codebooks)."""
+
+    def ema(total, count, stat: SublayerStats):
+        return (gamma * total + (1 - gamma) * stat.code_sum,
+                gamma * count + (1 - gamma) * stat.code_count)  # fmt: skip
+
+    return map_codebooks(ema, params, stats)
 
 
 @functools.lru_cache(maxsize=8)
@@ -242,25 +214,28 @@ def whole_batch(x: jax.Array, axis: int = 0) -> jax.Array:
     return x.reshape(*shape[:axis], shape[axis] * n, *shape[axis + 2 :])
 
 
+def rows_axis(state: ModelState | AttentionState) -> int:
+    """The batch rows' axis of an attention state's arrays: 1 when stacked by sublayer."""
+    return 0 if isinstance(state, ModelState) else 1
+
+
 def make_train_step(
     config: ModelConfig, settings: TrainSettings, optimizer, algorithm: str = "serial"
-) -> TrainStep:
+) -> warm.Entry:
     """The compiled step: (params, opt_state, attention state, inputs [B, U], targets
     [B, U], step) → (params, opt_state, attention state after the window, StepMetrics).
     step (the update's number, from 0) is needed only when the settings ask for dropout:
     its draws come from dropout_key(seed, step), so a resumed run draws the same.
 
-    Parameters, optimiser state and attention state come and go in the form given: the
-    reference tree (its optimiser state) and a ModelState, as the training loop keeps
-    them, or stacked (tvq/nn/layout.py, tvq/nn/state.py). A scanned network (docs/DESIGN.md
-    section 5) runs, differentiates and updates them stacked and the program returns them
-    stacked, the public forms restored outside it (TrainStep); an unrolled one keeps
-    the reference tree throughout, each sublayer reading its own arrays. With
-    grad_accum N the B rows run as N micro-batches of B / N rows (a scan inside the
-    step: rows k, k + N, …), whose gradients, losses and codebook statistics are
-    summed: one batch's update, float rounding aside, with 1/N of the activations in
-    memory."""
-    accum = settings.grad_accum
+    The step sees one layout, the run's (docs/DESIGN.md section 11): where the network
+    scans its sublayers (tvq.nn.layout.scanned), the scanned tree, its optimiser state
+    and a stacked AttentionState; else the reference tree, its optimiser state and a
+    ModelState. Files hold the reference layout; tvq/train/checkpoints.py converts where
+    they are written and read. The first three arguments are donated: the outputs take
+    their place. With grad_accum N the B rows run as N micro-batches of B / N rows (a
+    scan inside the step: rows k, k + N, …), whose gradients, losses and codebook
+    statistics are summed: one batch's update, float rounding aside, with 1/N of the
+    activations in memory."""
     scan = scanned(2 * config.n_layer)
 
     def loss_fn(params, inputs, targets, state, key, rows, count):
@@ -275,127 +250,58 @@ def make_train_step(
     gradient = jax.grad(loss_fn, has_aux=True)
 
     def train_step(params, opt_state, state, inputs, targets, step=None):
+        _check_layout(scan, params, state)
         key = dropout_key(settings.seed, step) if settings.dropout else None
-        if scan:  # the scan reads the stacked tree; unrolled, each sublayer its own dicts
-            params, opt_state = stack_params(params), stack_in(opt_state)
-        carried = stack_state(state) if isinstance(state, ModelState) and scan else state
-        count = inputs.size
-        if accum == 1:
-            grads, (nll, commit, stats, new_state) = gradient(
-                params, inputs, targets, carried, key, None, count
+        if settings.grad_accum == 1:
+            grads, (nll, commit, stats, state) = gradient(
+                params, inputs, targets, state, key, None, inputs.size
             )
         else:
-            rows = micro_batches(jnp.arange(inputs.shape[0]), accum)
-            axis = 0 if isinstance(carried, ModelState) else 1  # the rows' axis
-            pieces = (micro_batches(inputs, accum), micro_batches(targets, accum),
-                      jax.tree_util.tree_map(lambda x: micro_batches(x, accum, axis), carried),
-                      rows)  # fmt: skip
-
-            def micro(total, piece):
-                tokens, piece_targets, piece_state, piece_rows = piece
-                grads, (nll, commit, stats, new_state) = gradient(
-                    params, tokens, piece_targets, piece_state, key, piece_rows, count
-                )
-                total = jax.tree_util.tree_map(jnp.add, total, (grads, nll, commit, stats))
-                return total, new_state
-
-            scalar = jnp.zeros([], jnp.float32)
-            zero = (jax.tree_util.tree_map(jnp.zeros_like, params), scalar, scalar,
-                    _stats_zeros(config))  # fmt: skip
-            (grads, nll, commit, stats), new_state = jax.lax.scan(micro, zero, pieces)
-            new_state = jax.tree_util.tree_map(lambda x: whole_batch(x, axis), new_state)
+            grads, (nll, commit, stats, state) = _accumulated(
+                gradient, settings.grad_accum, _stats_zeros(config), params, inputs, targets,
+                state, key,
+            )  # fmt: skip
         updates, opt_state = optimizer.update(grads, opt_state, params)
-        params = optax.apply_updates(params, updates)
-        params = apply_ema(params, stats, settings.c_gamma)
-        metrics = StepMetrics(loss=nll / count, commit=commit / count,
+        params = apply_ema(optax.apply_updates(params, updates), stats, settings.c_gamma)
+        metrics = StepMetrics(loss=nll / inputs.size, commit=commit / inputs.size,
                               grad_norm=optax.tree.norm(grads))  # fmt: skip
-        return params, opt_state, jax.lax.stop_gradient(new_state), metrics
+        return params, opt_state, jax.lax.stop_gradient(state), metrics
 
     # A closure over the settings and optimizer, run across processes: not kept on disk.
-    # Inputs are donated only where they can hold the outputs: in the stacked forms.
-    return TrainStep(
-        warm.Entry(train_step, store=False),
-        warm.Entry(train_step, donate_argnums=(0, 1, 2), store=False),
-        scan,
-    )
+    return warm.Entry(train_step, donate_argnums=(0, 1, 2), store=False)
 
 
-def stack_in(tree: Any) -> Any:
-    """Every reference parameter tree inside `tree` (an optimiser state holds several)
-    stacked; the rest as it is."""
-    return jax.tree_util.tree_map(
-        lambda x: stack_params(x) if _is_reference(x) else x, tree, is_leaf=_is_reference
-    )
+def _accumulated(gradient, accum, zero_stats, params, inputs, targets, state, key):
+    """gradient's (grads, (nll, commit, stats, new state)) for the whole batch, run as
+    `accum` micro-batches under a scan: the first four summed, the states rejoined."""
+    axis = rows_axis(state)
+    pieces = (micro_batches(inputs, accum), micro_batches(targets, accum),
+              jax.tree_util.tree_map(lambda x: micro_batches(x, accum, axis), state),
+              micro_batches(jnp.arange(inputs.shape[0]), accum))  # fmt: skip
 
-
-def unstack_in(tree: Any) -> Any:
-    """Every scanned parameter tree inside `tree` unstacked (the inverse of stack_in)."""
-    return jax.tree_util.tree_map(
-        lambda x: unstack_params(x) if _is_scanned(x) else x, tree, is_leaf=_is_scanned
-    )
-
-
-def _is_reference(x: Any) -> bool:
-    return isinstance(x, dict) and f"{LAYERS}_0" in x
-
-
-def _is_scanned(x: Any) -> bool:
-    return isinstance(x, dict) and STACK in x
-
-
-class TrainStep:
-    """The compiled step as the training loop calls it: parameters, optimiser state and
-    attention state come back in the form they came in. The program itself returns them
-    stacked (`program`); a reference tree and a ModelState are restored from that
-    outside it (tvq.nn.layout.unstack_tree: small programs that do not grow with depth),
-    so its size, and its compile time, do not depend on depth either. A loop that keeps
-    the stacked forms (tvq.nn.layout.stack_params, stack_in, tvq.nn.state.stack_state)
-    skips the conversions and has its inputs donated (`donating`)."""
-
-    def __init__(self, program: warm.Entry, donating: warm.Entry, scan: bool) -> None:
-        self.program, self.donating, self.scan = program, donating, scan
-
-    def _program(self, params, state) -> warm.Entry:
-        """The donating program where the outputs come in the inputs' forms: stacked for
-        a scanned network, the reference tree and a ModelState for an unrolled one."""
-        stacked = is_stacked(params) and not isinstance(state, ModelState)
-        public = not is_stacked(params) and isinstance(state, ModelState)
-        return self.donating if (stacked if self.scan else public) else self.program
-
-    def __call__(self, params, opt_state, state, inputs, targets, step=None):
-        out_params, out_opt, out_state, metrics = self._program(params, state)(
-            params, opt_state, state, inputs, targets, step
+    def micro(total, piece):
+        tokens, piece_targets, piece_state, rows = piece
+        grads, (nll, commit, stats, new_state) = gradient(
+            params, tokens, piece_targets, piece_state, key, rows, inputs.size
         )
-        if not is_stacked(params):
-            out_params, out_opt = unstack_params(out_params), unstack_in(out_opt)
-        if isinstance(state, ModelState) and not isinstance(out_state, ModelState):
-            out_state = unstack_state(out_state)
-        return out_params, out_opt, out_state, metrics
+        total = jax.tree_util.tree_map(jnp.add, total, (grads, nll, commit, stats))
+        return total, new_state
 
-    def inward(self, params: Any, opt_state: Any, state: ModelState) -> tuple[Any, Any, Any]:
-        """Parameters, optimiser state and attention state in the forms the program
-        runs on, converts nothing for and donates: stacked where the network scans
-        (what the training loop keeps between steps), else as they are."""
-        if not self.scan:
-            return params, opt_state, state
-        return stack_params(params), stack_in(opt_state), stack_state(state)
+    scalar = jnp.zeros([], jnp.float32)
+    zero = (jax.tree_util.tree_map(jnp.zeros_like, params), scalar, scalar, zero_stats)
+    (grads, nll, commit, stats), new_state = jax.lax.scan(micro, zero, pieces)
+    new_state = jax.tree_util.tree_map(lambda x: whole_batch(x, axis), new_state)
+    return grads, (nll, commit, stats, new_state)
 
-    def outward(self, params: Any, opt_state: Any, state: Any) -> tuple[Any, Any, ModelState]:
-        """The inverse of inward: the reference tree, its optimiser state and a ModelState,
-        the forms of checkpoints and model directories."""
-        if isinstance(state, AttentionState):
-            state = unstack_state(state)
-        return unstack_params(params), unstack_in(opt_state), state
 
-    @property
-    def rows_axis(self) -> int:
-        """The batch rows' axis of the attention state in the program's form (inward)."""
-        return 1 if self.scan else 0
-
-    def lower(self, params, opt_state, state, inputs, targets, step=None) -> Any:
-        """The program a call with these arguments runs, lowered (jax's AOT API)."""
-        program = self._program(params, state)
-        return program.lower(params, opt_state, state, inputs, targets, step)
+def _check_layout(scan: bool, params: Any, state: Any) -> None:
+    """ValueError (when the step is traced) unless params and state are in the run's
+    layout."""
+    if is_stacked(params) != scan or isinstance(state, ModelState) == scan:
+        form = ("the scanned tree and a stacked AttentionState" if scan
+                else "the reference tree and a ModelState")  # fmt: skip
+        raise ValueError(f"this network's step runs on {form}: the run's layout "
+                         "(tvq.train.checkpoints.to_run_layout)")  # fmt: skip
 
 
 def _stats_zeros(config: ModelConfig) -> SublayerStats:
