@@ -114,6 +114,27 @@ def test_a_stop_part_way_yields_the_scores_so_far_then_raises(setup):
     assert got[2].tokens == got[0].tokens + got[1].tokens
 
 
+class Broken(io.BytesIO):
+    """A stream whose second read fails."""
+
+    def read(self, size=-1):
+        if self.tell():
+            raise OSError(5, "Input/output error")
+        return super().read(300)
+
+
+def test_a_failed_read_while_scoring_together_keeps_every_score_begun(setup):
+    model_dir, paths = setup
+    model = tvq.load(model_dir)
+    got = []
+    with pytest.raises(OSError, match="Input/output error") as stopped:
+        for score, _ in score_files(model, [paths[2], ("broken", Broken(b"x" * 1000))]):
+            got.append(score)
+    assert stopped.value.filename == "broken"
+    assert [s.file for s in got] == [str(paths[2]), "broken", "TOTAL"]
+    assert got[2].tokens == got[0].tokens + got[1].tokens and got[1].tokens <= 300
+
+
 def test_arguments_are_checked_before_any_work(setup, tmp_path):
     model_dir, paths = setup
     model = tvq.load(model_dir)

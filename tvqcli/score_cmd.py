@@ -220,12 +220,12 @@ def score(
 
 def _options(**settings):
     """The library's ScoreOptions; a value it refuses is a usage error (exit 2)."""
-    from tvq.errors import InputError
+    import tvq
     from tvq.scoring.job import ScoreOptions
 
     try:
         return ScoreOptions(**settings)
-    except InputError as e:
+    except tvq.InputError as e:
         raise fail(str(e), 2) from None
 
 
@@ -253,12 +253,12 @@ def _check_outputs(per_token: Path | None, plot: Path | None, save_state: Path |
     check_output_file(per_token, "--per-token")
     check_output_file(plot, "--plot")
     if plot is not None:
-        from tvq.errors import TvqError
+        import tvq
         from tvq.scoring.plot import check_plot
 
         try:
             check_plot(plot)
-        except TvqError as e:
+        except tvq.TvqError as e:
             raise fail(f"--plot: {e}", 2) from None
     check_output_file(save_state, "--save-state")
 

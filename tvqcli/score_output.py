@@ -201,9 +201,9 @@ class ProgressLine:
 def running_bpb(scores: list) -> str:
     """Bits per byte of the scores together, "2.1234 ± 0.0123" (± 1.96 standard errors
     of the mean token NLL, in bits per byte), "-" before any byte."""
-    from tvq.scoring.stats import FileScore
+    import tvq
 
-    total = FileScore.total(scores)
+    total = tvq.FileScore.total(scores)
     if not total.bytes or not total.tokens:
         return "-"
     row = total.row()
