@@ -1,3 +1,3 @@
-"""Scoring files (docs/DESIGN.md section 8): the stream and its protocols, the
-statistics of a scored text, many texts at once, comparison with a baseline, the
-long-context curve."""
+"""Scoring files (docs/DESIGN.md section 8): the job behind `tvq score` (`job.score_files`),
+the stream and its protocols, the statistics of a scored text, many texts at once,
+comparison with a baseline, the long-context curve."""
