@@ -3,11 +3,10 @@ their total out, whoever asks (the CLI, a notebook, a script).
 
 `score_files` decides how. Several files are scored together (continuous batching over
 the devices, tvq/scoring/batching.py) and, in a cluster, shared out among the processes
-(tvq/distributed), unless something needs them one after another: per-token results,
-a window protocol, a baseline, or one text spread over the devices (tvq/scoring/
-stream.py). The numbers are the same either way, to float rounding. It never prints:
-progress goes to a callback, and a run stopped part-way yields what it has before it
-raises.
+(tvq/distributed), unless something needs them one after another (`score_stream`):
+per-token results, a window protocol, a baseline, or one text spread over the devices.
+The numbers are the same either way, to float rounding. It never prints: progress goes
+to a callback, and a run stopped part-way yields what it has before it raises.
 """
 
 from __future__ import annotations
