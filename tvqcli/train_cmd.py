@@ -6,7 +6,7 @@ import os
 import shlex
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -48,27 +48,56 @@ RUN_FIELDS = ("steps", "batch_size", "update_len", "block_len", "lr", "warmup", 
               "eval_every", "save_every", "grad_accum", "remat")  # fmt: skip
 
 
+# tvq train's own options too long to declare on one line of its signature.
+TextsArgument = Annotated[
+    list[Path],
+    typer.Argument(help="Text or JSONL files (.gz too) or directories of them, or one "
+                   "dataset made by tvq prepare."),
+]  # fmt: skip
+VocabSizeOption = Annotated[int, typer.Option(help="Vocabulary of a new tokenizer.")]
+NLayerOption = Annotated[int, typer.Option(help="Layers (two attention sublayers each).")]
+AggCacheOption = Annotated[bool, typer.Option(help="Aggregate cache of older tokens.")]
+FromOption = Annotated[
+    Path | None, typer.Option("--from", help="Fine-tune this model (architecture and tokenizer).")
+]
+DropLayerOption = Annotated[
+    float, typer.Option(help="Layer drop: a whole sublayer, per sequence and step.",
+                        callback=finite),
+]  # fmt: skip
+GradAccumOption = Annotated[
+    int, typer.Option(help="Run each batch as N micro-batches (less memory, same update).")
+]
+RematOption = Annotated[
+    bool, typer.Option("--remat", help="Recompute each layer in the backward pass "
+                       "(gradient checkpointing: less memory, same gradients)."),
+]  # fmt: skip
+VerboseOption = Annotated[
+    bool, typer.Option("--verbose", "-v", help="Print the compiled step's memory.")
+]
+ShardParamsOption = Annotated[
+    bool, typer.Option(help="Split parameters and optimizer state over the devices (FSDP).")
+]
+EScaleOption = Annotated[
+    float | None,
+    typer.Option(help="Output logit scale.", show_default="d_model^-1/2", callback=finite),
+]
+
+
+def _number(help: str) -> Any:
+    """A float option that must be finite."""
+    return typer.Option(help=help, callback=finite)
+
+
 @app.command()
 @handle_errors
 def train(
     ctx: typer.Context,
-    texts: Annotated[
-        list[Path],
-        typer.Argument(
-            help="Text or JSONL files (.gz too) or directories of them, or one "
-            "dataset made by tvq prepare."
-        ),
-    ],  # fmt: skip
+    texts: TextsArgument,
     out: Annotated[Path, typer.Option("--out", "-o", help="Model directory to write.")],
     tokenizer: TokenizerFileOption = None,
     use_bytes: BytesOption = False,
-    vocab_size: Annotated[
-        int, typer.Option(help="Vocabulary of a new tokenizer.")
-    ] = DEFAULT_VOCAB_SIZE,
-    from_dir: Annotated[
-        Path | None,
-        typer.Option("--from", help="Fine-tune this model (architecture and tokenizer)."),
-    ] = None,
+    vocab_size: VocabSizeOption = DEFAULT_VOCAB_SIZE,
+    from_dir: FromOption = None,
     val: ValOption = None,
     val_fraction: ValFractionOption = DEFAULT_VAL_FRACTION,
     d_model: Annotated[int, typer.Option(help="Model width.")] = Arch.d_model,
@@ -76,70 +105,34 @@ def train(
     d_v: Annotated[int, typer.Option(help="Value width per head.")] = Arch.d_v,
     n_head: Annotated[int, typer.Option(help="Heads.")] = Arch.n_head,
     n_code: Annotated[int, typer.Option(help="Codewords per head.")] = Arch.n_code,
-    n_layer: Annotated[
-        int, typer.Option(help="Layers (two attention sublayers each).")
-    ] = Arch.n_layer,
+    n_layer: NLayerOption = Arch.n_layer,
     mem_len: Annotated[int, typer.Option(help="Window memory M.")] = Arch.mem_len,
-    agg_cache: Annotated[
-        bool, typer.Option(help="Aggregate cache of older tokens.")
-    ] = Arch.agg_cache,
-    e_scale: Annotated[
-        float | None,
-        typer.Option(help="Output logit scale.", show_default="d_model^-1/2", callback=finite),
-    ] = None,
+    agg_cache: AggCacheOption = Arch.agg_cache,
+    e_scale: EScaleOption = None,
     steps: Annotated[int, typer.Option(help="Optimizer steps.")] = Run.steps,
     batch_size: Annotated[int, typer.Option(help="Sequences per step (global).")] = Run.batch_size,
     update_len: Annotated[int, typer.Option(help="Tokens per sequence per step.")] = Run.update_len,
     block_len: Annotated[int, typer.Option(help="Block length L.")] = Run.block_len,
-    lr: Annotated[float, typer.Option(help="Peak learning rate.", callback=finite)] = Run.lr,
+    lr: Annotated[float, _number("Peak learning rate.")] = Run.lr,
     warmup: Annotated[int, typer.Option(help="Linear warm-up steps.")] = Run.warmup,
-    weight_decay: Annotated[
-        float, typer.Option(help="Decoupled weight decay.", callback=finite)
-    ] = Run.weight_decay,
-    grad_clip: Annotated[
-        float, typer.Option(help="Gradient clipping norm.", callback=finite)
-    ] = Run.grad_clip,
-    c_beta: Annotated[
-        float, typer.Option(help="Commitment loss weight.", callback=finite)
-    ] = Run.c_beta,
-    c_gamma: Annotated[
-        float, typer.Option(help="Codebook EMA rate.", callback=finite)
-    ] = Run.c_gamma,
-    p_dropemb: Annotated[
-        float, typer.Option(help="Dropout of the token embeddings.", callback=finite)
-    ] = Run.p_dropemb,
-    p_dropres: Annotated[
-        float, typer.Option(help="Dropout of each sublayer's residual.", callback=finite)
-    ] = Run.p_dropres,
-    p_droplyr: Annotated[
-        float,
-        typer.Option(help="Layer drop: a whole sublayer, per sequence and step.", callback=finite),
-    ] = Run.p_droplyr,
+    weight_decay: Annotated[float, _number("Decoupled weight decay.")] = Run.weight_decay,
+    grad_clip: Annotated[float, _number("Gradient clipping norm.")] = Run.grad_clip,
+    c_beta: Annotated[float, _number("Commitment loss weight.")] = Run.c_beta,
+    c_gamma: Annotated[float, _number("Codebook EMA rate.")] = Run.c_gamma,
+    p_dropemb: Annotated[float, _number("Dropout of the token embeddings.")] = Run.p_dropemb,
+    p_dropres: Annotated[float, _number("Dropout of each sublayer's residual.")] = Run.p_dropres,
+    p_droplyr: DropLayerOption = Run.p_droplyr,
     seed: Annotated[int, typer.Option(help="Random seed.")] = Run.seed,
     eval_every: Annotated[int, typer.Option(help="Steps between evaluations.")] = Run.eval_every,
     save_every: Annotated[int, typer.Option(help="Steps between checkpoints.")] = Run.save_every,
-    grad_accum: Annotated[
-        int, typer.Option(help="Run each batch as N micro-batches (less memory, same update).")
-    ] = Run.grad_accum,
-    remat: Annotated[
-        bool,
-        typer.Option(
-            "--remat",
-            help="Recompute each layer in the backward pass "
-            "(gradient checkpointing: less memory, same gradients).",
-        ),
-    ] = Run.remat,
-    verbose: Annotated[
-        bool, typer.Option("--verbose", "-v", help="Print the compiled step's memory.")
-    ] = False,
+    grad_accum: GradAccumOption = Run.grad_accum,
+    remat: RematOption = Run.remat,
+    verbose: VerboseOption = False,
     name: Annotated[str, typer.Option(help="Corpus name for the metadata.")] = "",
     text_field: TextFieldOption = "text",
     skip_bad_lines: SkipBadLinesOption = False,
     devices: DevicesOption = None,
-    shard_params: Annotated[
-        bool,
-        typer.Option(help="Split parameters and optimizer state over the devices (FSDP)."),
-    ] = False,
+    shard_params: ShardParamsOption = False,
     algorithm: AlgorithmOption = None,
     dtype: DtypeOption = None,
     coordinator: CoordinatorOption = None,
@@ -154,44 +147,55 @@ def train(
     tvq prepare. Data parallel over every device (--devices to use fewer); with
     --coordinator (or --distributed auto) over several processes or hosts,
     each running this command."""
-    from tvq.corpus import is_prepared
+    from tvq.distributed import cluster
     from tvq.train import train_from_files
 
     check_output_dir(out, "--out")
-    if any(p.is_dir() and is_prepared(p) for p in texts):
-        fixed = [f"--{n.replace('_', '-')}" for n in DATA_FIXED if _given(ctx, n)]
-        if fixed:
-            raise fail(f"{fixed[0].replace('--use-bytes', '--bytes')} does not go with a "
-                       "prepared dataset: its tokenizer and held-out documents were chosen by "
-                       "tvq prepare", 2)  # fmt: skip
+    _check_prepared_options(ctx, texts)
     join_cluster(coordinator, num_processes, process_id, distributed)
     if cluster_active():  # Gloo announces its connections on stdout; train prints none
         os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
-    command = full_command(ctx)
-    values = ctx.params
-    from tvq.distributed import cluster
-    from tvq.distributed.devices import data_mesh, describe
-
-    seen, used = describe(), data_mesh(devices).size
-    processes = f" in {seen['processes']} processes" if seen["processes"] > 1 else ""
-    where = f"training on {used} {seen['backend']} device{'s' if used > 1 else ''}{processes}"
-
-    quiet = not cluster.is_main()
-    with PrepareProgress(quiet) as on_prepare, _progress(quiet, where) as report:
+    values, quiet = ctx.params, not cluster.is_main()  # process 0 reports for the cluster
+    with PrepareProgress(quiet) as on_prepare, _progress(quiet, _where(devices)) as report:
         model = train_from_files(
             texts=texts, out=out, tokenizer_path=tokenizer, use_bytes=use_bytes,
             vocab_size=vocab_size, from_dir=from_dir, held_out=val or [],
             val_fraction=val_fraction,
             architecture={name: values[name] for name in ARCH_FIELDS},
             settings={name: values[name] for name in RUN_FIELDS},
-            corpus_name=name, command=command, on_progress=report, devices=devices,
+            corpus_name=name, command=full_command(ctx), on_progress=report, devices=devices,
             shard_params=shard_params, algorithm=algorithm and algorithm.value,
             dtype=dtype and dtype.value, text_field=text_field, skip_bad_lines=skip_bad_lines,
             on_prepare=on_prepare, on_memory=_print_memory if verbose and not quiet else None,
         )  # fmt: skip
-    if not cluster.is_main():  # process 0 reports for the cluster
-        return
-    meta = model.metadata
+    if not quiet:
+        _print_saved(out, model.metadata)
+
+
+def _check_prepared_options(ctx: typer.Context, texts: list[Path]) -> None:
+    """A usage error for an option that a prepared dataset among texts has fixed."""
+    from tvq.corpus import is_prepared
+
+    if any(p.is_dir() and is_prepared(p) for p in texts):
+        fixed = [f"--{n.replace('_', '-')}" for n in DATA_FIXED if _given(ctx, n)]
+        if fixed:
+            raise fail(f"{fixed[0].replace('--use-bytes', '--bytes')} does not go with a "
+                       "prepared dataset: its tokenizer and held-out documents were chosen by "
+                       "tvq prepare", 2)  # fmt: skip
+
+
+def _where(devices: int | None) -> str:
+    """The line that says what the run trains on, printed once it has started."""
+    from tvq.distributed.devices import data_mesh, describe
+
+    seen, used = describe(), data_mesh(devices).size
+    processes = f" in {seen['processes']} processes" if seen["processes"] > 1 else ""
+    return f"training on {used} {seen['backend']} device{'s' if used > 1 else ''}{processes}"
+
+
+def _print_saved(out: Path, meta: dict) -> None:
+    """The run's last line on stderr: where the model is, after how many steps, and its
+    held-out figures."""
     line = f"saved {out} after {meta.get('steps')} steps"
     if "heldout_bits_per_byte" in meta:
         line += (
