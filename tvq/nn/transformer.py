@@ -12,8 +12,9 @@ scanned tree, tvq/nn/layout.py) and one `lax.scan` runs them in order, so a comp
 program holds one copy of the sublayer whatever the depth (MaxText's `scan_layers`).
 Their states, rings, tables, training statistics and dropout masks travel stacked the
 same way. The public per-sublayer forms (ModelState, the reference tree) are stacked at
-the entry points and unstacked outside the compiled programs (tvq/runtime/forward.py,
-tvq/train/step.py). A network of at most layout.UNROLLED_MAX sublayers (the built-in
+the entry points and unstacked outside the compiled programs (tvq/runtime/forward.py); a
+training run keeps them stacked and converts at its checkpoints
+(tvq/train/checkpoints.py). A network of at most layout.UNROLLED_MAX sublayers (the built-in
 model) runs them one after another instead, each reading its own arrays: the same
 numbers, and no per-step copies of slices (layout.py says why that matters on a CPU).
 """
