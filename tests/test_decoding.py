@@ -14,7 +14,7 @@ from tvq.nn.ring import empty_rings, model_from_ring, model_to_ring
 from tvq.nn.transformer import Transformer, network
 from tvq.runtime.context import score_ids
 from tvq.runtime.decode_loop import row_keys
-from tvq.text.sampling import Sampler, row_uniforms
+from tvq.text.sampling import Sampler, pick, row_uniforms
 from tvq.text.tokenizer import ByteTokenizer
 
 ATOL = 1e-5
@@ -188,7 +188,7 @@ def test_each_token_is_drawn_with_its_own_key(byte_model):
     log_probs, _ = byte_model.log_probs(texts)
     for row, (key, sample) in enumerate(zip(row_keys(7, 2), result.samples, strict=True)):
         keys = jax.vmap(jax.random.fold_in, (None, 0))(key, jnp.arange(40))
-        want = sampler.pick(row_uniforms(keys), log_probs[row, len(rows) - 1 :])
+        want = pick(sampler, row_uniforms(keys), log_probs[row, len(rows) - 1 :])
         assert sample.ids == np.asarray(want).tolist()
 
 

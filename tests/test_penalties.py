@@ -10,7 +10,15 @@ import pytest
 import tvq
 from tests.conftest import count_compilations, tiny_config
 from tvq.decoding import BatchItem, generate, generate_batch
-from tvq.text.sampling import REPEAT_WINDOW, Penalties, Sampler, SamplerRows, penalized, pick_rows
+from tvq.text.sampling import (
+    REPEAT_WINDOW,
+    Penalties,
+    Sampler,
+    SamplerRows,
+    penalized,
+    pick_rows,
+)
+from tvq.text.sampling import pick as pick_one
 
 SETTINGS = [
     Sampler(),
@@ -33,7 +41,7 @@ def model():
 
 
 def test_each_row_samples_by_its_own_settings():
-    """pick_rows with a different sampler per row equals each row's Sampler.pick."""
+    """pick_rows with a different sampler per row equals each row's own rules (sampling.pick)."""
     rng = np.random.default_rng(0)
     n = 300
     log_probs = jax.nn.log_softmax(jnp.asarray(rng.normal(size=(len(SETTINGS), n)) * 3), axis=-1)
@@ -43,7 +51,7 @@ def test_each_row_samples_by_its_own_settings():
         u = jnp.asarray(1.0 - rng.uniform(size=len(SETTINGS)), jnp.float32)
         got = np.asarray(pick(rows, u, log_probs))
         for row, sampler in enumerate(SETTINGS):
-            want = sampler.pick(u[row : row + 1], log_probs[row : row + 1])
+            want = pick_one(sampler, u[row : row + 1], log_probs[row : row + 1])
             assert got[row] == int(want[0]), (row, sampler)
 
 

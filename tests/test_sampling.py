@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 
 import tvq
-from tvq.text.sampling import Sampler
+from tvq.text.sampling import Sampler, filter_logits, sample
 
 PROBS = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
 
 
 def kept(sampler: Sampler) -> list[int]:
-    return np.isfinite(np.asarray(sampler.filter(PROBS)[0])).astype(int).tolist()
+    return np.isfinite(np.asarray(filter_logits(sampler, PROBS)[0])).astype(int).tolist()
 
 
 @pytest.mark.parametrize(
@@ -36,7 +36,7 @@ def test_top_p_matches_sorting():
     rng = np.random.default_rng(0)
     log_probs = jax.nn.log_softmax(jnp.asarray(rng.normal(0, 3, (6, 500)), jnp.float32))
     for temperature, top_p in [(1.0, 0.9), (0.6, 0.5), (1.7, 0.95), (0.3, 0.99)]:
-        got = np.isfinite(np.asarray(Sampler(temperature, top_p=top_p).filter(log_probs)))
+        got = np.isfinite(np.asarray(filter_logits(Sampler(temperature, top_p=top_p), log_probs)))
         probs = np.asarray(jax.nn.softmax(log_probs / temperature, axis=-1), np.float64)
         for row, p in enumerate(probs):
             ordered = np.sort(p)[::-1]
@@ -46,8 +46,8 @@ def test_top_p_matches_sorting():
 
 
 def test_greedy_and_temperature():
-    assert int(Sampler(temperature=0).sample(jax.random.PRNGKey(0), PROBS)[0]) == 0
-    draws = jax.vmap(lambda k: Sampler(temperature=1.0).sample(k, PROBS)[0])(
+    assert int(sample(Sampler(temperature=0), jax.random.PRNGKey(0), PROBS)[0]) == 0
+    draws = jax.vmap(lambda k: sample(Sampler(temperature=1.0), k, PROBS)[0])(
         jax.random.split(jax.random.PRNGKey(1), 4000)
     )
     freq = np.bincount(np.asarray(draws), minlength=4) / 4000

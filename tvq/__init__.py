@@ -32,6 +32,7 @@ _MODULES = {
     "tvq.text.settings": ("Sampler", "SettingError"),
     # scoring (section 8) and the context both carry, saved and loaded (section 10)
     "tvq.runtime.context": ("Context", "score_ids"),
+    "tvq.scoring.job": ("score_files", "ScoreOptions", "ScoreProgress"),
     "tvq.scoring.stream": ("score_stream",),
     "tvq.scoring.stats": ("FileScore",),
     "tvq.runtime.statefile": ("save_state", "load_state"),

@@ -182,7 +182,7 @@ class ProgressLine:
             self.task = self.bar.add_task("score", total=None, bpb="-")
 
     def update(self, progress) -> None:
-        """A tvq.scoring.job.Progress. Its scores() are asked only every SHOW_EVERY_S
+        """A tvq.scoring.job.ScoreProgress. Its scores() are asked only every SHOW_EVERY_S
         seconds: pooling every file's score costs time in the number of files."""
         if self.bar is None:
             return

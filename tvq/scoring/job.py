@@ -68,7 +68,7 @@ class ScoreOptions:
 
 
 @dataclasses.dataclass(frozen=True)
-class Progress:
+class ScoreProgress:
     """How far a run is: `bytes_done` of `bytes_total` (0: unknown, e.g. a pipe), and
     `scores()`, the scores of the files finished or begun (pooling them costs time in
     the number of files: ask only when it is shown)."""
@@ -86,7 +86,7 @@ def score_files(
     baseline: Model | None = None,
     start: Context | None = None,
     on_tokens: Callable[[str, list[int], Any, int, Any], None] | None = None,
-    on_progress: Callable[[Progress], None] | None = None,
+    on_progress: Callable[[ScoreProgress], None] | None = None,
 ) -> Iterator[Scored]:
     """Scores texts → an iterator of (FileScore, context): each text's score in the input
     order with the state after it (None when the texts were scored together), then
@@ -95,7 +95,7 @@ def score_files(
 
     baseline: a second model (same tokenizer) compared token by token in the same pass.
     on_tokens(name, ids, log_probs, byte_offset, top): per-token results (see
-    score_stream). on_progress(Progress) after each scored piece or step.
+    score_stream). on_progress(ScoreProgress) after each scored piece or step.
 
     Arguments are checked here, before any work; inputs are opened (InputError for a
     path that cannot be read) when the iteration starts, and closed when it ends or is
@@ -224,12 +224,12 @@ def _close(streams: list[BinaryIO]) -> None:
 class _Reporter:
     """Calls on_progress, when there is one, with bytes_total filled in."""
 
-    def __init__(self, on_progress: Callable[[Progress], None] | None) -> None:
+    def __init__(self, on_progress: Callable[[ScoreProgress], None] | None) -> None:
         self.on_progress, self.total = on_progress, 0
 
     def __call__(self, done: int, scores: Callable[[], list[FileScore]]) -> None:
         if self.on_progress is not None:
-            self.on_progress(Progress(done, self.total, scores))
+            self.on_progress(ScoreProgress(done, self.total, scores))
 
 
 def _run(inputs: list, scoring: Callable, report: _Reporter) -> Iterator[Scored]:

@@ -175,25 +175,6 @@ class Sampler:
     def greedy(self) -> bool:
         return self.temperature == 0
 
-    def filter(self, log_probs):
-        """Log-probs [B, N] → logits [B, N] of the distribution to sample from (the
-        reference rules, tvq.text.sampling)."""
-        from tvq.text.sampling import filter_logits
-
-        return filter_logits(self, log_probs)
-
-    def sample(self, key, log_probs):
-        """One token id per row [B], all rows' random numbers from key."""
-        from tvq.text.sampling import sample
-
-        return sample(self, key, log_probs)
-
-    def pick(self, u, log_probs):
-        """One token id per row [B], with each row's random number u [B] in (0, 1]."""
-        from tvq.text.sampling import pick
-
-        return pick(self, u, log_probs)
-
     @property
     def penalizing(self) -> bool:
         """Whether a penalty or a bias changes any log-prob."""
