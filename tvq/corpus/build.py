@@ -7,7 +7,7 @@ then publishes (docs/DESIGN.md section 11). Each phase is reported through `on_e
 2. held-out documents: named files, or a seeded fraction of all documents
    (`sources.held_out_mask`).
 3. tokenizer: given, bytes, or sentencepiece trained on a bounded sample of the training
-   documents (`Sample`: all of them, joined by newlines, up to SAMPLE_BYTES; beyond, the
+   documents (`TokenizerText`: all of them, joined by newlines, up to SAMPLE_BYTES; beyond, the
    heads of documents spread evenly over the corpus), so its cost does not grow with the
    corpus.
 4. tokenize: every unit on a worker process, each writing its own shards and index rows.
@@ -210,7 +210,7 @@ class Build:
         sample = self.folder / ".tokenizer-sample.txt"
         try:
             with open(sample, "w", encoding="utf-8") as out:
-                size = Sample(self.sources, self.req.text_field, out).write(
+                size = TokenizerText(self.sources, self.req.text_field, out).write(
                     segments, self.chars, self.doc_lines, mask, SAMPLE_BYTES
                 )
             trained = train_sentencepiece([sample], self.folder / "tokenizer.tmp.model",
@@ -303,7 +303,7 @@ class Build:
         }  # fmt: skip
 
 
-class Sample:
+class TokenizerText:
     """The training documents' text that sentencepiece trains on, written to `out`. Up to
     `limit` bytes (as estimated from the scan): every training document, joined by
     newlines (the text a run from text trains on). Beyond: from each text file a head
