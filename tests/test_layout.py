@@ -112,3 +112,27 @@ def test_the_library_never_imports_the_command_line():
                 [a.name for a in node.names] if isinstance(node, ast.Import) else []  # fmt: skip
             offenders += [f"{module_name(path)} -> {n}" for n in names if n.startswith("tvqcli")]
     assert offenders == []
+
+
+MODULE_LINES = 400  # a module longer than this says why at its top ("Over N lines ...")
+FUNCTION_LINES = 80  # a function body longer than this says why in its docstring
+
+
+def test_modules_and_functions_are_short_or_say_why():
+    """Rooms a newcomer can read: no module over MODULE_LINES lines and no function body
+    (its statements, not a command's option declarations) over FUNCTION_LINES without
+    its reason at the top, the module's docstring or the function's."""
+    long = []
+    for path in sorted([*PACKAGE.rglob("*.py"), *(ROOT / "tvqcli").rglob("*.py")]):
+        tree = ast.parse(path.read_text())
+        where = path.relative_to(ROOT)
+        if path.read_text().count("\n") > MODULE_LINES and "lines" not in (
+            ast.get_docstring(tree) or ""
+        ):
+            long.append(f"{where}: {path.read_text().count(chr(10))} lines")
+        for node in ast.walk(tree):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                body = node.end_lineno - node.body[0].lineno + 1
+                if body > FUNCTION_LINES and "lines" not in (ast.get_docstring(node) or ""):
+                    long.append(f"{where}:{node.lineno} {node.name}: {body} lines")
+    assert long == []
