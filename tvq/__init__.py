@@ -31,7 +31,7 @@ _MODULES = {
     "tvq.text.rows": ("Piece", "Sample"),
     "tvq.text.settings": ("Sampler", "SettingError"),
     # scoring (section 8) and the context both carry, saved and loaded (section 10)
-    "tvq.runtime.context": ("Context", "score_ids"),
+    "tvq.runtime.context": ("Context", "score_ids", "require_tokenizer"),
     "tvq.scoring.job": ("score_files", "ScoreOptions", "ScoreProgress"),
     "tvq.scoring.stream": ("score_stream",),
     "tvq.scoring.stats": ("FileScore",),

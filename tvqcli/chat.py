@@ -334,7 +334,7 @@ def run_chat(*, prompt: str | None, file: Path | None, model: Path | None, max_t
              save_state: Path | None, dtype: Dtype | None) -> None:  # fmt: skip
     """The session of `tvq chat` and `tvq generate --interactive`: checks, model, loop."""
     import tvq
-    from tvq.runtime.context import require_tokenizer
+    from tvq import require_tokenizer
 
     settings = Settings(max_tokens, temperature, top_p, top_k, min_p, seed)
     try:

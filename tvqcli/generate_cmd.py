@@ -201,7 +201,7 @@ def _refuse_with_interactive(num_samples: int, json_output: bool, logprobs: int,
 def _check_for_model(model, sampler, logprobs: int) -> None:
     """The settings that depend on the model: usage errors."""
     import tvq
-    from tvq.runtime.context import require_tokenizer
+    from tvq import require_tokenizer
 
     require_tokenizer(model)
     try:

@@ -221,7 +221,7 @@ def score(
 def _options(**settings):
     """The library's ScoreOptions; a value it refuses is a usage error (exit 2)."""
     import tvq
-    from tvq.scoring.job import ScoreOptions
+    from tvq import ScoreOptions
 
     try:
         return ScoreOptions(**settings)
@@ -290,7 +290,7 @@ def _load_models(model, *, load_state, top_logprobs, algorithm, dtype, no_agg_ca
                  comparing, baseline, baseline_no_agg_cache) -> _Models:  # fmt: skip
     """The model, the start state and the baseline."""
     import tvq
-    from tvq.runtime.context import require_tokenizer
+    from tvq import require_tokenizer
 
     base = tvq.load(model)
     require_tokenizer(base)  # before the state file, which names its tokenizer
@@ -337,7 +337,7 @@ def _score(models: _Models, files: list[str], options, writer) -> _Outcome:
     """tvq.scoring.job.score_files with a progress line on stderr. Ctrl-C, a failed read
     or a failed --per-token write stops it with the results so far, marked partial.
     Closes --per-token. No scores on processes other than 0."""
-    from tvq.scoring.job import score_files
+    from tvq import score_files
 
     inputs = [("<stdin>", sys.stdin.buffer) if name == "-" else name for name in files]
     progress = ProgressLine()

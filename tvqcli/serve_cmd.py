@@ -68,10 +68,8 @@ def serve(
     import uvicorn
 
     import tvq
-    from tvq.runtime.context import require_tokenizer
-    from tvq.serving.app import build_app
-    from tvq.serving.engine import Engine
-    from tvq.serving.protocol import ServerSettings
+    from tvq import require_tokenizer
+    from tvq.serving import Engine, ServerSettings, build_app
 
     if session_dir is not None:
         check_output_dir(session_dir, "--session-dir")
