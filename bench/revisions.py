@@ -59,6 +59,10 @@ def score():
 rates = {"decode": decode, "score": score}
 if args["train"]:
     from tvq.train import TrainSettings, make_optimizer, make_train_step
+    try:  # the step's one layout (stacked where the network scans)
+        from tvq.train.checkpoints import to_run_layout
+    except ImportError:  # revisions whose step took the files' layout too
+        to_run_layout = lambda tree, config: tree
     settings = TrainSettings()
     rows, length = settings.batch_size, settings.update_len
     data = np.random.default_rng(1).integers(3, model.config.n_vocab, (rows, length + 1))
@@ -66,11 +70,12 @@ if args["train"]:
     optimizer = make_optimizer(settings)
     step = make_train_step(model.config, settings, optimizer, model.algorithm)
     params = jax.tree_util.tree_map(jnp.copy, model.params)  # the step may donate them
+    params = to_run_layout(params, model.config)
     carry = [params, optimizer.init(params)]
     def train():
         start = time.perf_counter()
-        params, opt, _, metrics = step(*carry, model.initial_state(rows), inputs,
-                                       targets)
+        state = to_run_layout(model.initial_state(rows), model.config)
+        params, opt, _, metrics = step(*carry, state, inputs, targets)
         jax.block_until_ready(metrics)
         carry[:] = params, opt
         return rows * length / (time.perf_counter() - start)

@@ -31,7 +31,7 @@ from tvq.errors import TrainingError  # noqa: E402
 from tvq.nn import layout  # noqa: E402
 from tvq.nn.params import flatten, param_layout, param_shapes  # noqa: E402
 from tvq.nn.ring import model_from_ring, model_to_ring  # noqa: E402
-from tvq.nn.state import stack_state, unstack_state  # noqa: E402
+from tvq.nn.state import initial_state, stack_state, unstack_state  # noqa: E402
 from tvq.nn.transformer import Transformer, network  # noqa: E402
 from tvq.runtime.decode_loop import feed_ids  # noqa: E402
 from tvq.runtime.forward import forward_program  # noqa: E402
@@ -394,6 +394,26 @@ def test_step_memory_reports_the_compiled_step():
     assert sizes["temporaries"] > 0
     assert sizes["total"] == (sizes["arguments"] + sizes["outputs"] + sizes["temporaries"]
                               - sizes["aliased"])  # fmt: skip
+
+
+def test_the_step_runs_on_the_runs_layout_alone():
+    """A scanned network's step takes the scanned tree and a stacked state, an unrolled
+    one's the reference tree and a ModelState; the other layout is refused when traced,
+    not converted."""
+    settings = TrainSettings(batch_size=2, update_len=8, block_len=4)
+    tokens = jnp.zeros((2, 8), jnp.int32)
+    for n_layer in (2, 5):
+        config = tiny_config(n_layer=n_layer)
+        optimizer = make_optimizer(settings)
+        step = make_train_step(config, settings, optimizer)
+        params, state = init_params(config), initial_state(config, 2)  # the files' layout
+        run_params, run_state = to_run_layout((params, state), config)
+        assert layout.is_stacked(run_params) == layout.scanned(2 * n_layer)
+        if not layout.scanned(2 * n_layer):  # the wrong layout: the stacked one
+            params, state = layout.stack_params(params), stack_state(state)
+        with pytest.raises(ValueError, match="the run's layout"):
+            step.lower(params, optimizer.init(params), state, tokens, tokens)
+        step.lower(run_params, optimizer.init(run_params), run_state, tokens, tokens)
 
 
 def sublayer_copies(text: str) -> int:

@@ -1,6 +1,9 @@
 """One optimisation step (docs/DESIGN.md section 11): next-token loss + commitment over a
 window of tokens, folded over blocks with the attention state carried; AdamW on the
 parameters and an exact EMA on the codebooks.
+
+The step sees one layout, the run's (make_train_step); the files' layout is
+tvq/train/checkpoints.py's business.
 """
 
 from __future__ import annotations
@@ -258,9 +261,8 @@ def make_train_step(
             )
         else:
             grads, (nll, commit, stats, state) = _accumulated(
-                gradient, settings.grad_accum, _stats_zeros(config), params, inputs, targets,
-                state, key,
-            )  # fmt: skip
+                config, gradient, settings.grad_accum, params, inputs, targets, state, key
+            )
         updates, opt_state = optimizer.update(grads, opt_state, params)
         params = apply_ema(optax.apply_updates(params, updates), stats, settings.c_gamma)
         metrics = StepMetrics(loss=nll / inputs.size, commit=commit / inputs.size,
@@ -271,24 +273,26 @@ def make_train_step(
     return warm.Entry(train_step, donate_argnums=(0, 1, 2), store=False)
 
 
-def _accumulated(gradient, accum, zero_stats, params, inputs, targets, state, key):
+def _accumulated(config, gradient, accum, params, inputs, targets, state, key):
     """gradient's (grads, (nll, commit, stats, new state)) for the whole batch, run as
     `accum` micro-batches under a scan: the first four summed, the states rejoined."""
+    rows = micro_batches(jnp.arange(inputs.shape[0]), accum)
     axis = rows_axis(state)
     pieces = (micro_batches(inputs, accum), micro_batches(targets, accum),
               jax.tree_util.tree_map(lambda x: micro_batches(x, accum, axis), state),
-              micro_batches(jnp.arange(inputs.shape[0]), accum))  # fmt: skip
+              rows)  # fmt: skip
 
     def micro(total, piece):
-        tokens, piece_targets, piece_state, rows = piece
+        tokens, piece_targets, piece_state, piece_rows = piece
         grads, (nll, commit, stats, new_state) = gradient(
-            params, tokens, piece_targets, piece_state, key, rows, inputs.size
+            params, tokens, piece_targets, piece_state, key, piece_rows, inputs.size
         )
         total = jax.tree_util.tree_map(jnp.add, total, (grads, nll, commit, stats))
         return total, new_state
 
     scalar = jnp.zeros([], jnp.float32)
-    zero = (jax.tree_util.tree_map(jnp.zeros_like, params), scalar, scalar, zero_stats)
+    zero = (jax.tree_util.tree_map(jnp.zeros_like, params), scalar, scalar,
+            _stats_zeros(config))  # fmt: skip
     (grads, nll, commit, stats), new_state = jax.lax.scan(micro, zero, pieces)
     new_state = jax.tree_util.tree_map(lambda x: whole_batch(x, axis), new_state)
     return grads, (nll, commit, stats, new_state)
