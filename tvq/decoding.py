@@ -35,7 +35,7 @@ import numpy as np
 from tvq.distributed.devices import mesh_for_rows, replicated
 from tvq.errors import InputError
 from tvq.nn.ring import empty_rings
-from tvq.runtime.context import Context, eos_id, require_tokenizer, score_ids
+from tvq.runtime.context import Context, chunk_len, eos_id, require_tokenizer, score_ids
 from tvq.runtime.decode_loop import (
     CHUNK,
     feed,
@@ -47,6 +47,7 @@ from tvq.runtime.decode_loop import (
 )
 from tvq.runtime.forward import on_device
 from tvq.runtime.model import Model, check_top_k
+from tvq.runtime.state_cache import StateCache
 from tvq.text.rows import Piece, Sample, TextRows
 from tvq.text.sampling import Penalties, SamplerRows
 from tvq.text.settings import Sampler, check_all
@@ -65,6 +66,7 @@ class Generation:
     seed: int
     resume: Callable[[], Context] = dataclasses.field(repr=False, compare=False)
     devices: int = 1  # the rows were split over this many devices
+    cached_tokens: int = 0  # prompt tokens not read again: a state cache held them
 
     @functools.cached_property
     def context(self) -> Context:
@@ -137,6 +139,7 @@ def stream_generate(
     logprobs: int = 0,
     devices: int | None = None,
     alternatives: int | None = None,
+    cache: StateCache | None = None,
 ) -> GenerationStream:
     """Samples `num_samples` continuations of context + prompt (token ids, or text for
     the model's tokenizer) as one batch, yielding each Piece of final text as it is
@@ -147,7 +150,10 @@ def stream_generate(
     tokens with their log-probs (Sample.top_logprobs), found inside the compiled loop;
     alternatives (≥ logprobs; default logprobs) is how many the loop finds: a server
     passes its one bound, so every request runs the same program. Every setting is
-    checked before anything runs (SettingError)."""
+    checked before anything runs (SettingError). With a cache (and no context: the
+    prompt starts a document), the prompt is read from its longest cached prefix, and
+    the context after it (and, when the cache keeps completions, after the first
+    sample) is kept there (read_prompt)."""
     sampler = sampler or Sampler()
     tokenizer = require_tokenizer(model)
     check_generation(model, max_tokens, seed, num_samples, logprobs)
@@ -159,19 +165,17 @@ def stream_generate(
 
     def run(stream: GenerationStream) -> Generator[Event, None, None]:
         started = time.perf_counter()
-        start = context or Context.start(model, 1)
         # Whole blocks of the prompt go through the blockwise forward; what is left (less
         # than a block) through the decoding loop, which is compiled anyway: an odd
         # prompt length then costs no compilation of its own.
-        whole = len(prompt_ids) - len(prompt_ids) % model.block_len if max_tokens else \
-            len(prompt_ids)  # fmt: skip
-        after = score_ids(model, prompt_ids[:whole], start)[1] if whole else start
+        after, cached, whole = read_prompt(model, prompt_ids, context, cache,
+                                           everything=not max_tokens)  # fmt: skip
         if not max_tokens:
             yield Generation(
                 samples=[Sample(done=True) for _ in range(num_samples)],
                 prompt_tokens=len(prompt_ids), prompt_seconds=time.perf_counter() - started,
                 generated_tokens=0, generate_seconds=1e-9, seed=seed,
-                resume=lambda: _repeat_context(after, num_samples),
+                resume=lambda: _repeat_context(after, num_samples), cached_tokens=cached,
             )  # fmt: skip
             return
         fresh = context is None and not whole
@@ -195,12 +199,16 @@ def stream_generate(
             state = ring_to_state(model.config, model.params, on_device(rings))
             return Context(state=state, last_token=np.asarray(token), tokens=tokens_before + count)
 
-        yield Generation(
+        generation = Generation(
             samples=rows.samples, prompt_tokens=len(prompt_ids),
             prompt_seconds=first - started, generated_tokens=count * num_samples,
             generate_seconds=max(finished_at - first, 1e-9), seed=seed, resume=resume,
-            devices=mesh.size if mesh is not None else 1,
+            devices=mesh.size if mesh is not None else 1, cached_tokens=cached,
         )  # fmt: skip
+        if cache is not None and context is None and num_samples == 1 and cache.completions:
+            # a chat client sends the model's answer back with its next turn
+            cache.put(model, [*prompt_ids.tolist(), *rows.samples[0].ids], generation.context)
+        yield generation
 
     return GenerationStream(run)
 
@@ -329,6 +337,33 @@ class _BatchRows:
         rings = jax.tree_util.tree_map(lambda *a: jnp.concatenate(a, axis=0),
                                        *[p[0] for p in self.parts])  # fmt: skip
         return rings, jnp.concatenate([p[1] for p in self.parts])
+
+
+def read_prompt(model: Model, ids: np.ndarray, context: Context | None,
+                cache: StateCache | None, everything: bool = False
+                ) -> tuple[Context, int, int]:  # fmt: skip
+    """Reads the prompt's whole blocks (everything: all of it) after `context` (None: the
+    start of a document) → (the context after them, the tokens a cache held, the tokens
+    read in all). With a cache and no context, reading starts from the longest cached
+    prefix, one chunk of score_ids at a time (the pieces one call would cut: the same
+    numbers), and the context at the end (and after each chunk, if the cache keeps
+    those) is kept in the cache."""
+    cached, start = 0, context
+    if cache is not None and context is None:
+        cached, start = cache.longest(model, ids)
+    else:
+        cache = None
+    start = start or Context.start(model, 1)
+    rest = len(ids) - cached
+    end = len(ids) if everything else cached + rest - rest % model.block_len
+    read, after = cached, start
+    while read < end:
+        step = min(end - read, chunk_len(model.block_len)) if cache is not None else end - read
+        after = score_ids(model, ids[read : read + step], after)[1]
+        read += step
+        if cache is not None and (cache.every_chunk or read == end):
+            cache.put(model, ids[:read], after)
+    return after, cached, end
 
 
 def prefill_rings(model: Model, context: Context, rest: np.ndarray, fresh: bool,

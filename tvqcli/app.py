@@ -124,6 +124,26 @@ def setting_error(error) -> typer.Exit:
     return fail(error.message(option), 2)
 
 
+def state_cache(enabled: bool = True):
+    """The command line's state cache (docs/DESIGN.md section 10): state files under the
+    tvq cache folder's states/, bounded by DEFAULT_DISK_BYTES, so a second run on the
+    same prompt reads only what is new; None with --no-cache."""
+    if not enabled:
+        return None
+    from tvq.files.cache import cache_dir
+    from tvq.runtime.state_cache import StateCache
+
+    return StateCache(memory_bytes=0, folder=cache_dir("states"), completions=False,
+                      every_chunk=False)  # fmt: skip
+
+
+NoCacheOption = Annotated[
+    bool,
+    typer.Option("--no-cache", help="Neither read nor keep the prompt's state in the "
+                 "state cache (`tvq cache info`)."),
+]  # fmt: skip
+
+
 def join_cluster(coordinator, num_processes, process_id, distributed) -> None:
     """Joins the cluster the options describe (nothing when none is given)."""
     from tvq.distributed.cluster import ClusterSpec, join

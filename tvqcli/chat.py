@@ -22,7 +22,15 @@ import sys
 import threading
 from pathlib import Path
 
-from tvqcli.app import Dtype, check_output_file, fail, run_settings, setting_error, stderr
+from tvqcli.app import (
+    Dtype,
+    check_output_file,
+    fail,
+    run_settings,
+    setting_error,
+    state_cache,
+    stderr,
+)
 
 HELP = """\
 Type a line and press Enter: it is appended to the text (with its newline) and the model
@@ -101,7 +109,7 @@ class Session:
     the terminal around them."""
 
     def __init__(self, base, loaded, settings: Settings, stop: list[str], ignore_eos: bool,
-                 verbose: bool, context=None):  # fmt: skip
+                 verbose: bool, context=None, cache=None):  # fmt: skip
         self.base = base  # state files belong to its parameters, whatever the dtype
         self.loaded = loaded  # the model that runs (the --dtype of the command line)
         self.tokenizer = base.tokenizer
@@ -110,6 +118,7 @@ class Session:
         self.ignore_eos = ignore_eos
         self.verbose = verbose
         self.context = context  # None: the start of a document
+        self.cache = cache  # where a turn from the start of a document looks first
         self.terminal = sys.stdin.isatty()
         # The terminal shows what is typed; elsewhere stdout carries it, so that stdout
         # is always the whole text.
@@ -180,6 +189,7 @@ class Session:
         self.stream = tvq.stream_generate(
             self.loaded, text, max_tokens=settings.max_tokens, sampler=settings.sampler(),
             seed=seed, stop=self.stop, context=self.context, ignore_eos=self.ignore_eos,
+            cache=self.cache,
         )  # fmt: skip
         for event in self.stream:
             if isinstance(event, tvq.Generation):
@@ -201,7 +211,9 @@ class Session:
             self.note("(end of document)")
         if self.verbose:
             rate = result.generated_tokens / result.generate_seconds
-            self.note(f"turn {self.turns}: fed {result.prompt_tokens} tokens, generated "
+            cached = f" ({result.cached_tokens} from the state cache)" if result.cached_tokens \
+                else ""  # fmt: skip
+            self.note(f"turn {self.turns}: fed {result.prompt_tokens} tokens{cached}, generated "
                       f"{result.generated_tokens} ({rate:.0f} tok/s, first after "
                       f"{result.prompt_seconds:.3f} s) · {self.context.tokens} tokens in the "
                       f"state · seed {seed}")  # fmt: skip
@@ -331,7 +343,8 @@ def start_text(prompt: str | None, file: Path | None) -> str:
 def run_chat(*, prompt: str | None, file: Path | None, model: Path | None, max_tokens: int,
              temperature: float, top_p: float, top_k: int, min_p: float, seed: int | None,
              stop: list[str] | None, ignore_eos: bool, verbose: bool, load_state: Path | None,
-             save_state: Path | None, dtype: Dtype | None) -> None:  # fmt: skip
+             save_state: Path | None, dtype: Dtype | None, no_cache: bool = False
+             ) -> None:  # fmt: skip
     """The session of `tvq chat` and `tvq generate --interactive`: checks, model, loop."""
     import tvq
     from tvq import require_tokenizer
@@ -347,7 +360,7 @@ def run_chat(*, prompt: str | None, file: Path | None, model: Path | None, max_t
     require_tokenizer(base)
     context = tvq.load_state(load_state, base) if load_state is not None else None
     session = Session(base, run_settings(base, dtype=dtype), settings, list(stop or []),
-                      ignore_eos, verbose, context)  # fmt: skip
+                      ignore_eos, verbose, context, state_cache(not no_cache))  # fmt: skip
     session.run(start)
     if save_state is not None:
         tvq.save_state(save_state, base, session.context or tvq.Context.start(base))

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from tvq.text.settings import TERMINAL
-from tvqcli.app import DtypeOption, ModelOption, app, finite, handle_errors
+from tvqcli.app import DtypeOption, ModelOption, NoCacheOption, app, finite, handle_errors
 from tvqcli.chat import run_chat
 
 
@@ -61,6 +61,7 @@ def chat(
         Path | None, typer.Option(help="Save the state when the session ends.")
     ] = None,
     dtype: DtypeOption = None,
+    no_cache: NoCacheOption = False,
 ) -> None:
     """Continue a text turn by turn: each line typed is appended and the model continues.
 
@@ -69,4 +70,4 @@ def chat(
     run_chat(prompt=prompt, file=file, model=model, max_tokens=max_tokens,
              temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed,
              stop=stop, ignore_eos=ignore_eos, verbose=verbose, load_state=load_state,
-             save_state=save_state, dtype=dtype)  # fmt: skip
+             save_state=save_state, dtype=dtype, no_cache=no_cache)  # fmt: skip

@@ -14,6 +14,7 @@ from tvqcli.app import (
     DevicesOption,
     DtypeOption,
     ModelOption,
+    NoCacheOption,
     app,
     check_output_file,
     fail,
@@ -21,6 +22,7 @@ from tvqcli.app import (
     handle_errors,
     run_settings,
     setting_error,
+    state_cache,
     stderr,
 )
 
@@ -129,6 +131,7 @@ def generate(
     save_state: Annotated[Path | None, typer.Option(help="Save the state after the text.")] = None,
     devices: DevicesOption = None,
     dtype: DtypeOption = None,
+    no_cache: NoCacheOption = False,
     interactive: Annotated[
         bool,
         typer.Option(
@@ -149,7 +152,7 @@ def generate(
         run_chat(prompt=prompt, file=file, model=model, max_tokens=max_tokens,
                  temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed,
                  stop=stop, ignore_eos=ignore_eos, verbose=verbose, load_state=load_state,
-                 save_state=save_state, dtype=dtype)  # fmt: skip
+                 save_state=save_state, dtype=dtype, no_cache=no_cache)  # fmt: skip
         return
     import tvq
     from tvq.text.settings import check_all, random_seed
@@ -180,6 +183,7 @@ def generate(
         run_settings(base, dtype=dtype), text, max_tokens=max_tokens, sampler=sampler,
         seed=seed, num_samples=num_samples, stop=stop or [], context=context,
         ignore_eos=ignore_eos, devices=devices, logprobs=logprobs,
+        cache=state_cache(not no_cache),
     ), live)  # fmt: skip
     _print_samples(result, base.tokenizer, json_output, live, echo, logprobs)
     if save_state is not None:
@@ -235,6 +239,7 @@ def _run(stream, live: bool):
 def _timings(result) -> dict:
     return {
         "prompt_tokens": result.prompt_tokens,
+        "cached_tokens": result.cached_tokens,
         "prompt_seconds": round(result.prompt_seconds, 4),
         "prompt_tokens_per_second": round(
             result.prompt_tokens / max(result.prompt_seconds, 1e-9), 1
@@ -273,7 +278,8 @@ def _print_samples(result, tokenizer, json_output: bool, live: bool, echo: bool,
 def _report(result) -> None:
     timings = _timings(result)
     stderr.print(
-        f"seed {result.seed} · prompt {result.prompt_tokens} tokens, "
+        f"seed {result.seed} · prompt {result.prompt_tokens} tokens "
+        f"({result.cached_tokens} from the state cache), "
         f"{timings['prompt_tokens_per_second']:.0f} tok/s · generated "
         f"{result.generated_tokens} tokens, {timings['tokens_per_second']:.0f} tok/s"
         f" · {result.devices} device{'s' if result.devices > 1 else ''}",
