@@ -34,8 +34,10 @@ per llm conversation id, the `tvq.Context` after the last turn (in memory, for t
 recent KEEP_CONVERSATIONS conversations, as `tvq serve` keeps sessions: docs/DESIGN.md
 section 13) and a turn feeds only its new tokens ("\n" + its prompt); by block-length
 invariance (section 6) it samples what one generation over the whole document's tokens
-would. A conversation not in memory (`llm -c` in a new process) is rebuilt by feeding
-the whole document once, tokenized as one text. The earlier responses may then split
+would. A conversation not in memory (`llm -c` in a new process) is rebuilt from the whole
+document, tokenized as one text, read from the longest prefix of its tokens that the
+state cache holds (`tvq cache info`: the folder `tvq generate` keeps, where the plugin
+also keeps the state after each response), so only what is new is fed. The earlier responses may then split
 into other tokens than those that were sampled (sentencepiece; or bytes that were not
 UTF-8 and were logged as U+FFFD), so a rebuilt continuation can differ from the one the
 first process would have given. A turn that ended on a stop string keeps its state too:
@@ -150,6 +152,7 @@ class TvqModel(llm.Model):
     def __init__(self) -> None:
         self._models: dict[str | None, tvq.Model] = {}
         self._conversations: OrderedDict[str, _Conversation] = OrderedDict()
+        self._cache = None  # made on first use: `llm models` imports no JAX
 
     def execute(
         self,
@@ -174,6 +177,7 @@ class TvqModel(llm.Model):
             events = tvq.stream_generate(
                 self._load(key), fed, max_tokens=max_tokens, sampler=sampler, seed=seed,
                 stop=options.stop or [], context=kept.context if resume else None,
+                cache=self._state_cache(),
             )  # fmt: skip
             with events:  # closed early (Ctrl-C, a reader that stops): cancelled there
                 generation, pieces = None, []
@@ -196,6 +200,17 @@ class TvqModel(llm.Model):
             state = _Conversation(key, text + sample.text, generation.context)
             response.response_json["document_tokens"] = state.context.tokens
             self._remember(conversation.id, state)
+
+    def _state_cache(self):
+        """The state cache of `tvq generate` (its folder under the tvq cache folder), also
+        keeping the context after each response: a conversation continued in a new
+        process (`llm -c`) reads from there what it shares with the last turn."""
+        if self._cache is None:
+            from tvq.files.cache import cache_dir
+            from tvq.runtime.state_cache import StateCache
+
+            self._cache = StateCache(folder=cache_dir("states"), every_chunk=False)
+        return self._cache
 
     def _load(self, key: str | None) -> tvq.Model:
         """The model of a resolved directory (None: the built-in one), loaded once."""
