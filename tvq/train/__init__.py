@@ -7,14 +7,12 @@ Names load on first use (PEP 562): `tvq.train.settings` alone does not import JA
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from tvq import lazy_exports
 
 _EXPORTS = {
     "train_from_files": "tvq.train.run",
     "Progress": "tvq.train.loop",
-    "RunState": "tvq.train.loop",
+    "RunState": "tvq.train.checkpoints",
     "evaluate": "tvq.train.loop",
     "run_training": "tvq.train.loop",
     "TrainSettings": "tvq.train.settings",
@@ -22,16 +20,5 @@ _EXPORTS = {
     "make_optimizer": "tvq.train.step",
     "make_train_step": "tvq.train.step",
 }
-__all__ = [
-    "Progress", "RunState", "StepMetrics", "TrainSettings", "evaluate", "make_optimizer",
-    "make_train_step", "run_training", "train_from_files",
-]  # fmt: skip
-
-if TYPE_CHECKING:
-    from tvq.train.loop import Progress, RunState, evaluate, run_training
-    from tvq.train.run import train_from_files
-    from tvq.train.settings import TrainSettings
-    from tvq.train.step import StepMetrics, make_optimizer, make_train_step
-
-
+__all__ = sorted(_EXPORTS)
 __getattr__ = lazy_exports(__name__, _EXPORTS)
