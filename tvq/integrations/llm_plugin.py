@@ -34,18 +34,18 @@ per llm conversation id, the `tvq.Context` after the last turn (in memory, for t
 recent KEEP_CONVERSATIONS conversations, as `tvq serve` keeps sessions: docs/DESIGN.md
 section 13) and a turn feeds only its new tokens ("\n" + its prompt); by block-length
 invariance (section 6) it samples what one generation over the whole document's tokens
-would. A conversation not in memory (`llm -c` in a new process) is rebuilt from the whole
-document, tokenized as one text, read from the longest prefix of its tokens that the
-state cache holds (`tvq cache info`: the folder `tvq generate` keeps, where the plugin
-also keeps the state after each response), so only what is new is fed. The earlier responses may then split
-into other tokens than those that were sampled (sentencepiece; or bytes that were not
-UTF-8 and were logged as U+FFFD), so a rebuilt continuation can differ from the one the
-first process would have given. A turn that ended on a stop string keeps its state too:
-the model has read the stop string (as in `tvq chat`), though llm logs the response
-without it, so an in-memory conversation goes on from what the model really read, and
-a rebuilt one from what llm logged. History comes from `prompt.messages`, the whole
-chain llm (0.36) hands a model; system, user and assistant text parts are used.
-"""
+would. A conversation not in memory (`llm -c` in a new process) is rebuilt from the
+whole document, tokenized as one text, read from the longest prefix of its tokens that
+the state cache holds (`tvq cache info`: the folder `tvq generate` keeps, where the
+plugin also keeps the state after each response), so only what is new is fed. The
+earlier responses may then split into other tokens than those that were sampled
+(sentencepiece; or bytes that were not UTF-8 and were logged as U+FFFD), so a rebuilt
+continuation can differ from the one the first process would have given. A turn that
+ended on a stop string keeps its state too: the model has read the stop string (as in
+`tvq chat`), though llm logs the response without it, so an in-memory conversation goes
+on from what the model really read, and a rebuilt one from what llm logged. History
+comes from `prompt.messages`, the whole chain llm (0.36) hands a model; system, user and
+assistant text parts are used. """
 
 from __future__ import annotations
 
