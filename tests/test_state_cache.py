@@ -145,3 +145,19 @@ def test_the_second_generate_reads_only_what_is_new(model_dir, tmp_path, monkeyp
     assert shown["entries"] == 1 and 0 < shown["bytes"] <= shown["limit"]
     assert runner.invoke(app, ["cache", "clear"]).exit_code == 0
     assert json.loads(runner.invoke(app, ["cache", "info", "--json"]).stdout)["entries"] == 0
+
+
+def test_prompt_scores_from_a_cached_prefix_are_the_whole_prompts(model):
+    """echo with logprobs: the scores of a prompt whose prefix was scored before are read
+    from there (only the rest is fed) and equal scoring the whole prompt."""
+    from tvq.runtime.state_cache import score_prompt
+
+    ids = np.asarray(model.tokenizer.encode(TEXT), np.int32)
+    cache = StateCache()
+    _, _, none = score_prompt(model, ids[:150], cache, 5)
+    scores, context, reused = score_prompt(model, ids, cache, 3)
+    whole, after = score_ids(model, ids, top_k=3)
+    assert none == 0 and reused == 150 and context.tokens == len(ids)
+    np.testing.assert_allclose(scores.log_probs, whole.log_probs[0], atol=1e-5)
+    np.testing.assert_array_equal(scores.top_ids, whole.top_ids[0])
+    assert cache.longest_scored(model, ids, 6)[0] == 0  # it holds 5 alternatives at most

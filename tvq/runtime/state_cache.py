@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from tvq.errors import StateError
-from tvq.runtime.context import Context
+from tvq.runtime.context import Context, score_ids
 from tvq.runtime.model import Model
 from tvq.runtime.statefile import load_state, save_state
 
@@ -67,6 +67,31 @@ def prefix_digests(key: str, ids: np.ndarray, lengths: Sequence[int]) -> dict[in
     return digests
 
 
+@dataclasses.dataclass(frozen=True)
+class PromptScores:
+    """The log-prob of each token of a prefix given the ones before it [T], and the k
+    most likely tokens at each position: log-probs and ids [T, k] (what `echo` with
+    `logprobs` answers; tvq.runtime.context.score_ids's numbers)."""
+
+    log_probs: np.ndarray
+    top_log_probs: np.ndarray
+    top_ids: np.ndarray
+
+    @property
+    def k(self) -> int:
+        return self.top_ids.shape[1]
+
+    @property
+    def nbytes(self) -> int:
+        return self.log_probs.nbytes + self.top_log_probs.nbytes + self.top_ids.nbytes
+
+    def joined(self, more: PromptScores) -> PromptScores:
+        k = min(self.k, more.k)
+        return PromptScores(np.concatenate([self.log_probs, more.log_probs]),
+                            np.concatenate([self.top_log_probs[:, :k], more.top_log_probs[:, :k]]),
+                            np.concatenate([self.top_ids[:, :k], more.top_ids[:, :k]]))  # fmt: skip
+
+
 @dataclasses.dataclass
 class CacheStats:
     hits: int = 0
@@ -88,8 +113,9 @@ class StateCache:
         self.memory_bytes, self.disk_bytes = memory_bytes, disk_bytes
         self.completions, self.every_chunk = completions, every_chunk
         self.folder = Path(folder) if folder is not None else None
-        # (numbers key, length, digest) → (context, its bytes), least recently used first
-        self.entries: collections.OrderedDict[tuple[str, int, str], tuple[Context, int]] = (
+        # (numbers key, length, digest) → (context, its bytes, the prefix's scores or
+        # None), least recently used first
+        self.entries: collections.OrderedDict[tuple, tuple[Context, int, PromptScores | None]] = (
             collections.OrderedDict()
         )
         self.entry_bytes = 0
@@ -101,34 +127,47 @@ class StateCache:
     def longest(self, model: Model, ids: Sequence[int] | np.ndarray) -> tuple[int, Context | None]:
         """The longest cached prefix of ids → (its length, the context after it), or
         (0, None)."""
+        n, context, _ = self.longest_scored(model, ids, None)
+        return n, context
+
+    def longest_scored(self, model: Model, ids: Sequence[int] | np.ndarray, top_k: int | None
+                       ) -> tuple[int, Context | None, PromptScores | None]:  # fmt: skip
+        """longest, among the entries that hold the prefix's scores with at least top_k
+        alternatives (None: any entry) → (length, context, scores)."""
         ids = np.asarray(ids, np.int32)
         key = numbers_key(model)
         with self.lock:
-            lengths = self._lengths(key, len(ids))
+            lengths = self._lengths(key, len(ids), top_k)
             digests = prefix_digests(key, ids, lengths)
             for n in sorted(lengths, reverse=True):
-                context = self._get(model, (key, n, digests[n]))
-                if context is not None:
+                held = self._get(model, (key, n, digests[n]))
+                if held is not None and (top_k is None or held[2] is not None):
                     self.stats.hits += 1
                     self.stats.cached_tokens += n
-                    return n, context
+                    return n, held[0], held[2]
             self.stats.misses += 1
-            return 0, None
+            return 0, None, None
 
-    def _lengths(self, key: str, limit: int) -> set[int]:
-        """The cached prefix lengths (1 … limit) under key, in either tier."""
-        lengths = {n for k, n, _ in self.entries if k == key and 0 < n <= limit}
+    def _lengths(self, key: str, limit: int, top_k: int | None = None) -> set[int]:
+        """The cached prefix lengths (1 … limit) under key, in either tier (top_k: only
+        entries in memory whose scores have as many alternatives)."""
+        lengths = {n for (k, n, _), (_, _, scores) in self.entries.items()
+                   if k == key and 0 < n <= limit
+                   and (top_k is None or scores is not None and scores.k >= top_k)}  # fmt: skip
+        if top_k is not None:
+            return lengths
         for name in self._files(key):
             n = int(name.split("-")[1])
             if 0 < n <= limit:
                 lengths.add(n)
         return lengths
 
-    def _get(self, model: Model, entry: tuple[str, int, str]) -> Context | None:
+    def _get(self, model: Model, entry: tuple[str, int, str]) -> tuple | None:
+        """(context, bytes, scores) of an entry, from memory or the folder; None."""
         held = self.entries.get(entry)
         if held is not None:
             self.entries.move_to_end(entry)
-            return held[0]
+            return held
         path = self._path(entry)
         if path is None or not path.exists():
             return None
@@ -144,19 +183,21 @@ class StateCache:
             return None
         os.utime(path)  # recently used
         self._remember(entry, context, model)
-        return context
+        return context, 0, None
 
     # -- writing ----------------------------------------------------------------------
 
-    def put(self, model: Model, ids: Sequence[int] | np.ndarray, context: Context) -> None:
-        """Keeps `context`, the state after reading ids from the start of a document."""
+    def put(self, model: Model, ids: Sequence[int] | np.ndarray, context: Context,
+            scores: PromptScores | None = None) -> None:  # fmt: skip
+        """Keeps `context`, the state after reading ids from the start of a document (and
+        in memory, the ids' scores when given)."""
         ids = np.asarray(ids, np.int32)
         if context.state.batch_size != 1 or context.tokens != len(ids) or not len(ids):
             return
         key = numbers_key(model)
         entry = (key, len(ids), prefix_digests(key, ids, [len(ids)])[len(ids)])
         with self.lock:
-            self._remember(entry, context, model)
+            self._remember(entry, context, model, scores)
             path = self._path(entry)
             if path is not None and self.disk_bytes > 0 and not path.exists():
                 self.folder.mkdir(parents=True, exist_ok=True)
@@ -167,16 +208,19 @@ class StateCache:
                     return
                 self._trim_folder()
 
-    def _remember(self, entry, context: Context, model: Model) -> None:
+    def _remember(self, entry, context: Context, model: Model,
+                  scores: PromptScores | None = None) -> None:  # fmt: skip
         if self.memory_bytes <= 0:
             return
-        size = model.state_bytes_per_sequence
-        if entry not in self.entries:
-            self.entry_bytes += size
-        self.entries[entry] = (context, size)
+        held = self.entries.get(entry)
+        if held is not None and scores is None:
+            scores = held[2]  # the same prefix: its scores stay
+        size = model.state_bytes_per_sequence + (scores.nbytes if scores is not None else 0)
+        self.entry_bytes += size - (held[1] if held is not None else 0)
+        self.entries[entry] = (context, size, scores)
         self.entries.move_to_end(entry)
         while self.entries and self.entry_bytes > self.memory_bytes:
-            _, (_, dropped) = self.entries.popitem(last=False)
+            _, (_, dropped, _) = self.entries.popitem(last=False)
             self.entry_bytes -= dropped
 
     def _trim_folder(self) -> None:
@@ -229,3 +273,20 @@ class StateCache:
             for path in files:
                 path.unlink(missing_ok=True)
             return len(files)
+
+
+def score_prompt(model: Model, ids: Sequence[int] | np.ndarray, cache: StateCache | None,
+                 top_k: int) -> tuple[PromptScores, Context, int]:  # fmt: skip
+    """Every token's log-prob and top_k alternatives for a prompt read from the start of
+    a document (`echo` with `logprobs`) → (its scores, the context after it, the tokens
+    whose scores the cache held). Read from the longest prefix whose scores the cache
+    holds, and kept there with its scores."""
+    ids = np.asarray(ids, np.int32)
+    n, start, held = cache.longest_scored(model, ids, top_k) if cache else (0, None, None)
+    result, after = score_ids(model, ids[n:], start, top_k=top_k)
+    scores = PromptScores(result.log_probs[0], result.top_log_probs[0], result.top_ids[0])
+    if held is not None:
+        scores = held.joined(scores)
+    if cache is not None:
+        cache.put(model, ids, after, scores)
+    return scores, after, n
