@@ -269,14 +269,14 @@ def test_restart_keeps_sessions_and_a_full_queue_answers_429(model_dir, tmp_path
                      extra_body={"session": "kept"})  # fmt: skip
     assert server.stop() == 0
     assert any("stopped" in line for line in server.lines)
-    again = Server(model_dir, "--session-dir", tmp_path, "--queue-size", 1)
+    again = Server(model_dir, "--session-dir", tmp_path, "--queue-size", 1, "--batch-rows", 1)
     try:
         later = complete(again.client(), " and ", max_tokens=5, seed=2,
                          extra_body={"session": "kept"})  # fmt: skip
         whole = complete(again.client(), "Polonius: " + first.choices[0].text + " and ",
                          max_tokens=5, seed=2)  # fmt: skip
         assert later.choices[0].text == whole.choices[0].text
-        # one request running, one waiting: a third is refused with 429
+        # one request running (the one row), one waiting: a third is refused with 429
         clients = [again.client(), again.client()]  # kept: a dropped client disconnects
         streams = []
         for busy in clients:  # each many seconds of work, until its client goes away
@@ -498,7 +498,7 @@ def test_requests_join_and_leave_the_running_batch(model_dir):
     from tvq.text.rows import TextRows
 
     model = tvq.load(model_dir)
-    batch = RunningBatch(model, alternatives=3)
+    batch = RunningBatch(model, alternatives=3, max_rows=4)
     cases = [
         ("Hamlet: ", 12, 3, 1, tvq.Sampler(temperature=0.8), 0),
         ("Ophelia, in thy orisons", 20, 4, 2, tvq.Sampler(top_k=5, presence_penalty=1.0), 3),

@@ -50,7 +50,7 @@ from tvq.runtime.model import Model, check_top_k
 from tvq.runtime.state_cache import StateCache
 from tvq.text.rows import Piece, Sample, TextRows
 from tvq.text.sampling import Penalties, SamplerRows
-from tvq.text.settings import Sampler, check_all
+from tvq.text.settings import Sampler, check_all, check_stops
 
 
 @dataclasses.dataclass
@@ -118,11 +118,12 @@ class GenerationStream(Iterator[Event]):
 
 
 def check_generation(model: Model, max_tokens: int, seed: int, num_samples: int,
-                     logprobs: int) -> None:  # fmt: skip
+                     logprobs: int, stop: Sequence[str] = ()) -> None:  # fmt: skip
     """A generation's own settings within their ranges (tvq.text.settings), before any
     array is made; SettingError names the first one that is not."""
     check_all(max_tokens=max_tokens, seed=seed, num_samples=num_samples, logprobs=logprobs)
     check_top_k(logprobs, model.config.n_vocab, "logprobs")
+    check_stops(stop)
 
 
 def stream_generate(
@@ -156,7 +157,7 @@ def stream_generate(
     sample) is kept there (read_prompt)."""
     sampler = sampler or Sampler()
     tokenizer = require_tokenizer(model)
-    check_generation(model, max_tokens, seed, num_samples, logprobs)
+    check_generation(model, max_tokens, seed, num_samples, logprobs, stop)
     if context is not None and context.state.batch_size != 1:
         raise InputError("generation continues a single context (batch size 1)")
     ids = tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
@@ -256,7 +257,7 @@ def stream_batch(
     tokenizer = require_tokenizer(model)
     top_k = max([logprobs, alternatives or 0] + [r.logprobs or 0 for r in items])
     for r in items:
-        check_generation(model, r.max_tokens, r.seed, r.num_samples, r.logprobs or 0)
+        check_generation(model, r.max_tokens, r.seed, r.num_samples, r.logprobs or 0, r.stop)
     owners = [(i, j) for i, r in enumerate(items) for j in range(r.num_samples)]
     size = 1 << max(0, len(owners) - 1).bit_length()  # rows, padded to a power of two
 

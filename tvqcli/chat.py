@@ -348,10 +348,12 @@ def run_chat(*, prompt: str | None, file: Path | None, model: Path | None, max_t
     """The session of `tvq chat` and `tvq generate --interactive`: checks, model, loop."""
     import tvq
     from tvq import require_tokenizer
+    from tvq.text.settings import check_stops
 
     settings = Settings(max_tokens, temperature, top_p, top_k, min_p, seed)
     try:
         settings.check()
+        check_stops(stop or [])
     except tvq.SettingError as e:
         raise setting_error(e) from None
     check_output_file(save_state, "--save-state")

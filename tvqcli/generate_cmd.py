@@ -155,7 +155,7 @@ def generate(
                  save_state=save_state, dtype=dtype, no_cache=no_cache)  # fmt: skip
         return
     import tvq
-    from tvq.text.settings import check_all, random_seed
+    from tvq.text.settings import check_all, check_stops, random_seed
 
     if logprobs and not json_output:
         raise fail("--logprobs needs --json (they are written into each sample's object)", 2)
@@ -164,6 +164,7 @@ def generate(
     seed = random_seed() if seed is None else seed
     try:
         check_all(max_tokens=max_tokens, num_samples=num_samples, seed=seed, logprobs=logprobs)
+        check_stops(stop or [])
         sampler = tvq.Sampler(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                               presence_penalty=presence_penalty,
                               frequency_penalty=frequency_penalty,
@@ -183,6 +184,7 @@ def generate(
         run_settings(base, dtype=dtype), text, max_tokens=max_tokens, sampler=sampler,
         seed=seed, num_samples=num_samples, stop=stop or [], context=context,
         ignore_eos=ignore_eos, devices=devices, logprobs=logprobs,
+        alternatives=_alternatives(logprobs, base.config.n_vocab),
         cache=state_cache(not no_cache),
     ), live)  # fmt: skip
     _print_samples(result, base.tokenizer, json_output, live, echo, logprobs)
@@ -190,6 +192,14 @@ def generate(
         tvq.save_state(save_state, base, result.context)
     if verbose:
         _report(result)
+
+
+def _alternatives(logprobs: int, n_vocab: int) -> int:
+    """How many alternatives the loop finds per token: as many for any --logprobs up to
+    LOGPROB_ALTERNATIVES, so a new value compiles nothing (none without --logprobs)."""
+    from tvq.text.settings import LOGPROB_ALTERNATIVES
+
+    return max(logprobs, min(LOGPROB_ALTERNATIVES, n_vocab)) if logprobs else 0
 
 
 def _refuse_with_interactive(num_samples: int, json_output: bool, logprobs: int,

@@ -104,7 +104,7 @@ async def _delete_session(request: Request, engine: Engine) -> Response:
     if not SESSION_ID.fullmatch(name):
         raise ApiError(400, "a session id is a name of letters, digits, '_', '-' and '.'",
                        "session")  # fmt: skip
-    if not engine.sessions.delete(name):
+    if not await asyncio.to_thread(engine.sessions.delete, name):  # it may wait for a save
         raise ApiError(404, f"no session {name}", "session", "not_found_error")
     return JSONResponse(session_deleted_json(name))
 
@@ -121,6 +121,7 @@ async def _completions(request: Request, engine: Engine) -> Response:
     head = completion_head(settings.model_name, r.session)
     if r.stream:
         return StreamingResponse(_stream(job, head, r), media_type="text/event-stream")
+    watching = asyncio.create_task(_cancel_on_disconnect(request, job))
     try:
         texts = [""] * (len(r.prompts) * r.n)
         choices: list[dict | None] = [None] * len(texts)
@@ -135,12 +136,22 @@ async def _completions(request: Request, engine: Engine) -> Response:
                 case Finished(usage):
                     break
     finally:
-        job.cancelled.set()  # a no-op once done; frees the worker if the client left
+        watching.cancel()
+        job.cancelled.set()  # a no-op once done
     answer = completion_response(head, texts, choices, usage)
     data = await asyncio.to_thread(
         json.dumps, answer, ensure_ascii=False, allow_nan=False, separators=(",", ":")
     )  # JSONResponse's, off the loop
     return Response(data, media_type="application/json")
+
+
+async def _cancel_on_disconnect(request: Request, job: Job) -> None:
+    """Cancels a whole (not streamed) answer's job when its client goes away, and ends
+    the wait for it: the body is read, so what comes next is the disconnect."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    job.cancelled.set()
+    job.events.put_nowait(Failed(ApiError(499, "the client went away")))
 
 
 async def _tokenizer_info(request: Request, engine: Engine) -> Response:

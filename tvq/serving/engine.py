@@ -1,16 +1,19 @@
 """The scheduler of `tvq serve` (docs/DESIGN.md section 13): the model runs on one worker
-thread that takes jobs from a bounded queue, first come first served (a full queue
-answers 429), in rounds: waiting requests of one prompt join the running batch
-(continuous batching, tvq.serving.running), a long prompt is read a chunk per round,
-a request of several prompts runs alone, and each round one call of the compiled loop
-advances every running row. Text goes back to the event loop as it is sampled, with its
-tokens' log-probs. Requests with a session start from, and leave behind, its state
-(tvq.serving.sessions), one at a time per session.
+thread, in rounds. Each round the requests that can start leave the bounded queue
+(tvq.serving.jobs: first come first served, 429 when full), each holding its rows (its
+n) until it ends, so --batch-rows bounds the started requests and --queue-size the
+others; a request's prompts join the running batch one after another (continuous
+batching, tvq.serving.running), a long prompt read a chunk per round; then one call of
+the compiled loop advances every running row. Text goes back to the event loop as it
+is sampled, with its tokens' log-probs. Requests with a session start from, and leave
+behind, its state (tvq.serving.sessions), one at a time per session. A request's own
+failure (its session's state not saved) is answered to it alone; a failed call of the
+loop, to every request in it.
 
 The jobs, their queue and the typed events of their answers are tvq/serving/jobs.py.
-Over 300 lines because admission, long prompts, sessions and the requests
-that run alone all share the worker's state (the running batch, the prompts being read,
-the busy sessions); the batch itself is tvq/serving/running.py.
+Over 300 lines because starting, reading, joining and ending requests all share the
+worker's state (the running batch, the prompts being read, the rows held); the batch
+itself is tvq/serving/running.py.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import time
 
 import numpy as np
 
-from tvq.decoding import BatchItem, Generation, Piece, Sample, generate, stream_generate
+from tvq.decoding import BatchItem, Piece, Sample
 from tvq.errors import StateError
 from tvq.runtime.context import Context, chunk_len, require_tokenizer, score_ids
 from tvq.runtime.model import Model
@@ -45,8 +48,8 @@ from tvq.text.rows import TextRows
 
 
 class Engine:
-    """The model behind the server: one worker thread takes the oldest waiting request
-    and every waiting request that can share its batch, and runs them together."""
+    """The model behind the server: one worker thread starts the waiting requests whose
+    rows are free, oldest first, and runs them together."""
 
     def __init__(self, model: Model, settings: ServerSettings, base: Model | None = None
                  ) -> None:  # fmt: skip
@@ -61,30 +64,25 @@ class Engine:
         # chunks, so a long prompt never stalls the requests that arrive behind it. One
         # chunk of score_ids: the pieces generate() would cut, so the numbers are the same.
         self.prefill_chunk = chunk_len(model.block_len)
+        self.started: list[_Answer] = []  # oldest first; each holds its rows until it ends
+        self.joining: collections.deque[_Answer] = collections.deque()  # next prompt, next round
         self.prefilling: collections.deque[_Prefill] = collections.deque()
-        self.running = RunningBatch(model, self.alternatives)
-        self.busy: set[str] = set()  # sessions with a request running (one at a time each)
+        self.running = RunningBatch(model, self.alternatives, settings.max_batch_rows)
         self.decode_credit = 0.0  # seconds the running rows may decode before the next chunk
         self.sessions = Sessions(base or model, settings.max_sessions, settings.session_dir)
         self.jobs = JobQueue(settings.queue_size)
-        # served requests, the model's runs (batches and lone requests), the largest batch
-        self.stats = {"requests": 0, "runs": 0, "largest_batch": 0}
+        self.stats = {"requests": 0, "largest_batch": 0}  # requests started, most at once
         self.worker = threading.Thread(target=self._work, name="tvq-model", daemon=True)
         self.worker.start()
 
     def warm_up(self, rows: tuple[int, ...] = (1, 2, 4)) -> None:
-        """Compiles, before serving, the one sampling loop every request runs, at these
-        row counts (the running batch is padded to a power of two; a larger one compiles
-        once, when first needed, and is kept in the compilation cache)."""
-        for n in rows:
-            if n <= self.settings.max_batch_rows:
-                generate(self.model, [], max_tokens=1, num_samples=n,
-                         alternatives=self.alternatives)  # fmt: skip
-                self.running.warm_up(n)
+        """Compiles, before serving, what every request runs besides its prompt: the
+        sampling loop, the batch's resizes and a row's writing, at these slot counts
+        (at most --batch-rows; a larger one compiles once, when first needed, and is kept
+        in the compilation cache)."""
+        self.running.warm_up(sorted({min(n, self.settings.max_batch_rows) for n in rows}))
 
     def submit(self, job: Job) -> None:
-        r = job.request
-        job.long_prompt = len(r.prompts) == 1 and len(r.prompts[0]) > self.prefill_chunk
         self.jobs.put(job)
 
     def close(self) -> None:
@@ -92,93 +90,111 @@ class Engine:
         self.worker.join()
 
     def _work(self) -> None:
-        """The scheduler. Each round: takes the waiting requests (without waiting while
-        anything runs) that fit the free rows; a request of one prompt (a session's too)
-        joins the running batch (continuous batching: tvq.serving.running), a long prompt
-        is read a chunk per round, any other request runs alone; then one call of the
-        compiled loop advances every running row."""
-        waiting: collections.deque[Job] = collections.deque()
+        """The scheduler. Each round: the requests that can start leave the queue (the
+        worker waits for one while nothing runs); each request's next prompt joins the
+        running batch, or is read a chunk per round if it is long; then one call of the
+        compiled loop advances every running row, or a chunk of a long prompt is read."""
         while True:
-            idle = not self.prefilling and not self.running.rows and not waiting
-            free = self.settings.max_batch_rows - self.running.rows
-            batch = self.jobs.take(max(free, 1), wait=idle) if free > 0 else []
-            if batch is None and idle:
+            idle = not self.started
+            free = self.settings.max_batch_rows - sum(a.job.request.n for a in self.started)
+            taken = self.jobs.take(free, self.sessions.busy(), wait=idle)
+            if taken is None and idle:
                 return
-            waiting.extend(job for job in batch or [] if not job.cancelled.is_set())
-            held: collections.deque[Job] = collections.deque()
-            while waiting:  # oldest first; one that must wait does not hold back the rest
-                job = waiting.popleft()
-                if not self._fits(job) or job.request.session in self.busy:
-                    held.append(job)
-                    continue
-                if job.request.session is not None:
-                    self.busy.add(job.request.session)
-                if job.long_prompt:  # read a chunk at a time, between the others
-                    self.prefilling.append(_Prefill(job, None, started=False))
-                elif job.batch_key() is None:
-                    self._run_alone(job)
-                else:
-                    self._guarded([job], lambda job=job: self._admit(job, None))
-            waiting = held
-            # Decoding and reading long prompts share the time: after a prompt chunk
-            # that took d seconds the running rows decode for d seconds before the next
-            # chunk, so a short request that arrives meanwhile is done within about one
-            # chunk's time, and a long prompt still gets half the model.
-            if self.running.rows and (self.decode_credit > 0 or not self.prefilling):
-                started = time.perf_counter()
-                self._guarded([e.job for e in self.running.entries], self._step)
-                self.decode_credit -= time.perf_counter() - started
-                self.stats["largest_batch"] = max(self.stats["largest_batch"],
-                                                  len(self.running.entries))  # fmt: skip
-            elif self.prefilling:
-                started = time.perf_counter()
-                self._read_chunk()
-                self.decode_credit = time.perf_counter() - started
+            for job in taken or []:
+                self._start(job)
+            while self.joining:
+                self._join(self.joining.popleft())
+            self._advance()
+
+    def _advance(self) -> None:
+        """Decoding and reading long prompts share the time: after a prompt chunk that
+        took d seconds the running rows decode for d seconds before the next chunk, so a
+        short request that arrives meanwhile is done within about one chunk's time, and a
+        long prompt still gets half the model."""
+        if self.running.rows and (self.decode_credit > 0 or not self.prefilling):
+            started = time.perf_counter()
+            self._guarded([e.owner for e in self.running.entries], self._step)
+            self.decode_credit -= time.perf_counter() - started
+            self.stats["largest_batch"] = max(self.stats["largest_batch"],
+                                              len(self.running.entries))  # fmt: skip
+        elif self.prefilling:
+            started = time.perf_counter()
+            self._read_chunk()
+            self.decode_credit = time.perf_counter() - started
+
+    def _start(self, job: Job) -> None:
+        """A request leaves the queue: it holds its rows (and its session) from now on."""
+        answer = _Answer(job)
+        self.started.append(answer)
+        self.stats["requests"] += 1
+        if job.request.session is not None:
+            self.sessions.claim(job.request.session)
+        self.joining.append(answer)
+
+    def _end(self, answer: _Answer, event: Finished | Failed | None = None) -> None:
+        """A request ends (with its last event; none when its client left): its rows and
+        its session are free."""
+        if answer not in self.started:  # ended already
+            return
+        self.started.remove(answer)
+        if answer.job.request.session is not None:
+            self.sessions.release(answer.job.request.session)
+        if event is not None:
+            answer.job.send(event)
+
+    def _join(self, answer: _Answer) -> None:
+        """The request's next prompt joins the running batch, or is read a chunk per
+        round first if it is long."""
+        if answer.job.cancelled.is_set():
+            self._end(answer)
+        elif len(answer.job.request.prompts[answer.prompt]) > self.prefill_chunk:
+            self.prefilling.append(_Prefill(answer, None, started=False))
+        else:
+            self._guarded([answer], lambda: self._admit(answer, None))
 
     def _step(self) -> None:
         """One call of the running batch; each entry's new pieces go to its client."""
         for entry in self.running.entries:
-            if entry.job.cancelled.is_set():
+            if entry.owner.job.cancelled.is_set():
                 self.running.cancel(entry)
         self.running.step()
         for entry in self.running.entries:
-            entry.job.out.send(entry.rows.drain())
+            entry.owner.out.send(entry.rows.drain())
 
-    def _fits(self, job: Job) -> bool:
-        """Whether a request's rows fit beside the running ones (any fits an empty batch)."""
-        rows = self.running.rows
-        return not rows or rows + job.request.n <= self.settings.max_batch_rows
-
-    def _guarded(self, jobs: list[Job], work) -> None:
-        """work(); an error is answered to the jobs, never raised."""
+    def _guarded(self, answers: list[_Answer], work) -> None:
+        """work(); an error is answered to these requests (and, if the running batch
+        holds one of them, to every request in it: it starts anew), never raised."""
         try:
             work()
         except Exception as e:  # noqa: BLE001  (answered, never raised)
             error = api_error(e)
-            for job in jobs:
-                job.send(Failed(error))
-                self.busy.discard(job.request.session)
-            if self.running.entries and any(e.job in jobs for e in self.running.entries):
-                for entry in self.running.entries:  # the batch failed: answer all of it
-                    entry.job.send(Failed(error))
-                    self.busy.discard(entry.job.request.session)
-                self.running = RunningBatch(self.model, self.alternatives)  # start clean
+            for answer in answers:
+                self._end(answer, Failed(error))
+            if any(entry.owner not in self.started for entry in self.running.entries):
+                for entry in self.running.entries:
+                    self._end(entry.owner, Failed(error))
+                self.running = RunningBatch(self.model, self.alternatives,
+                                            self.settings.max_batch_rows)  # fmt: skip
 
-    def _start_context(self, job: Job) -> Context | None:
-        r = job.request
-        return self._session(r.session) if r.session is not None and not r.fresh[0] else None
+    def _start_context(self, answer: _Answer) -> Context | None:
+        """Where the request's prompt starts: its session's context, unless there is none
+        or the prompt starts a document; None: the start of a document."""
+        r = answer.job.request
+        fresh = r.fresh[answer.prompt]
+        return self._session(r.session) if r.session is not None and not fresh else None
 
     def _read_chunk(self) -> None:
-        """One prefill chunk of the oldest long prompt; its request runs once it is read."""
+        """One prefill chunk of the oldest long prompt; it joins the batch once it is read."""
         prefill = self.prefilling[0]
-        job, ids = prefill.job, prefill.job.request.prompts[0]
-        if job.cancelled.is_set():
+        answer = prefill.answer
+        ids = answer.job.request.prompts[answer.prompt]
+        if answer.job.cancelled.is_set():
             self.prefilling.popleft()
-            self.busy.discard(job.request.session)
+            self._end(answer)
             return
         try:
             if not prefill.started:  # its session's context, read when its turn came
-                prefill.context, prefill.started = self._start_context(job), True
+                prefill.context, prefill.started = self._start_context(answer), True
             whole = len(ids) - len(ids) % self.model.block_len  # what generate scores first
             if whole - prefill.read > self.prefill_chunk:
                 piece = ids[prefill.read : prefill.read + self.prefill_chunk]
@@ -187,33 +203,22 @@ class Engine:
                 return
         except Exception as e:  # noqa: BLE001  (answered, never raised)
             self.prefilling.popleft()
-            self.busy.discard(job.request.session)
-            job.send(Failed(api_error(e)))
+            self._end(answer, Failed(api_error(e)))
             return
         self.prefilling.popleft()
-        self._guarded([job], lambda: self._admit(job, prefill))
+        self._guarded([answer], lambda: self._admit(answer, prefill))
 
-    def _run_alone(self, job: Job) -> None:
-        """Runs a request of several prompts alone."""
-        self.stats["requests"] += 1
-        self.stats["runs"] += 1
-        self._guarded([job], lambda: self._run(job))
-
-    def _admit(self, job: Job, prefill: _Prefill | None) -> None:
-        """A request of one prompt joins the running batch: the rest of its prompt is
-        read (whole blocks as generate() reads them) from its session's context or the
-        start of a document, its rows are added; a session's context after the request
-        is stored when it ends (the state after every token it sampled)."""
-        self.stats["requests"] += 1
-        r = job.request
-        ids = id_array(r.prompts[0])
-        start = self._start_context(job) if prefill is None else None
+    def _admit(self, answer: _Answer, prefill: _Prefill | None) -> None:
+        """The request's prompt joins the running batch: the rest of it is read (whole
+        blocks as generate() reads them) from its session's context or the start of a
+        document, its rows are added; _prompt_done follows when they end."""
+        r, p = answer.job.request, answer.prompt
+        ids = id_array(r.prompts[p])
+        start = self._start_context(answer) if prefill is None or r.echo else None
         context, read = (prefill.context, prefill.read) if prefill is not None else (start, 0)
-        if prefill is not None and r.echo:
-            start = self._start_context(job)
-        echoed = self._prompt_logprobs(r.prompts[0], start, r, r.fresh[0]) \
+        echoed = self._prompt_logprobs(r.prompts[p], start, r, r.fresh[p]) \
             if r.echo and r.logprobs is not None else None  # fmt: skip
-        job.out = _Choices(job, self.tokenizer, 0, r.prompt_texts[0], echoed)
+        answer.out = _Choices(answer.job, self.tokenizer, p * r.n, r.prompt_texts[p], echoed)
         whole = len(ids) - len(ids) % self.model.block_len
         if whole > read:
             _, context = score_ids(self.model, ids[read:whole], context)
@@ -221,7 +226,6 @@ class Engine:
                             r.ignore_eos)  # fmt: skip
         rows = TextRows(self.tokenizer, [r.stop] * r.n, [r.ignore_eos] * r.n,
                         [r.logprobs or 0] * r.n)  # fmt: skip
-
         after_prompt = None
         if r.session is not None:  # where the sampled tokens continue from, for the session
             after_prompt = context or Context.start(self.model, 1)
@@ -229,64 +233,50 @@ class Engine:
                 _, after_prompt = score_ids(self.model, ids[whole:], after_prompt)
 
         def done(samples: list[Sample]) -> None:
-            job.out.send(rows.drain())
-            held = {}
+            self._prompt_done(answer, rows, len(ids), echoed, after_prompt)
+
+        self.running.admit(request, context, ids[whole:], rows, done, answer)
+
+    def _prompt_done(self, answer: _Answer, rows: TextRows, prompt_tokens: int, echoed,
+                     after_prompt: Context | None) -> None:  # fmt: skip
+        """A prompt's rows all ended: its last pieces go out, a session keeps the state
+        after every token sampled, the choices end, and the request's next prompt joins
+        at the next round, or it ends. An error here (a session's state not saved: a
+        full disk) ends this request alone."""
+        job, p, samples = answer.job, answer.prompt, rows.samples
+        r = job.request
+        if job.cancelled.is_set():
+            self._end(answer)
+            return
+        try:
+            answer.out.send(rows.drain())
             if r.session is not None:
-                self.busy.discard(r.session)
-                if not job.cancelled.is_set():
-                    _, after = score_ids(self.model, samples[0].ids, after_prompt)
-                    self.sessions.put(r.session, after)
-                    held = {"session_tokens": int(after.tokens)}  # an extension
+                _, after = score_ids(self.model, samples[0].ids, after_prompt)
+                if self._store(r.session, after):
+                    answer.held = {"session_tokens": int(after.tokens)}  # an extension
             for row, sample in enumerate(samples):
-                job.send(ChoiceEnd(row, choice_end(self.tokenizer, r, sample, echoed,
-                                                   r.prompt_texts[0])))  # fmt: skip
-            completion = sum(len(s.ids) for s in samples)
-            job.send(Finished(usage_json(len(ids) + r.fresh[0], completion) | held))
-
-        self.running.admit(request, context, ids[whole:], rows, done, job)
-
-    def _run(self, job: Job) -> None:
-        """A request of several prompts, prompt by prompt, each a stream_generate."""
-        r = job.request
-        prompt_tokens, completion_tokens, held = 0, 0, {}
-        for p, (ids, text) in enumerate(zip(r.prompts, r.prompt_texts, strict=True)):
-            # a leading end-of-document marker starts a document, a session's too
-            fresh = r.fresh[p]
-            start = self._session(r.session) if r.session is not None and not fresh else None
-            echoed = self._prompt_logprobs(ids, start, r, fresh) \
-                if r.echo and r.logprobs is not None else None  # fmt: skip
-            out = _Choices(job, self.tokenizer, p * r.n, text, echoed)
-            result = self._generate(job, ids, start, out)
-            if result is None:  # the client went away
-                return
-            prompt_tokens += len(ids) + fresh
-            completion_tokens += sum(len(s.ids) for s in result.samples)
-            if r.session is not None:
-                self.sessions.put(r.session, result.context)
-                held = {"session_tokens": int(result.context.tokens)}  # an extension
-            for row, sample in enumerate(result.samples):
                 job.send(ChoiceEnd(p * r.n + row, choice_end(self.tokenizer, r, sample, echoed,
-                                                             text)))  # fmt: skip
-        job.send(Finished(usage_json(prompt_tokens, completion_tokens) | held))
+                                                             r.prompt_texts[p])))  # fmt: skip
+        except Exception as e:  # noqa: BLE001  (answered, never raised)
+            self._end(answer, Failed(api_error(e)))
+            return
+        answer.prompt_tokens += prompt_tokens + r.fresh[p]
+        answer.completion_tokens += sum(len(s.ids) for s in samples)
+        answer.prompt += 1
+        if answer.prompt < len(r.prompts):
+            self.joining.append(answer)
+        else:
+            usage = usage_json(answer.prompt_tokens, answer.completion_tokens)
+            self._end(answer, Finished(usage | answer.held))
 
-    def _generate(self, job: Job, ids, start: Context | None, out: _Choices
-                  ) -> Generation | None:  # fmt: skip
-        """One prompt of a request run alone, its pieces streamed to the client; None
-        when the client went away (the stream is closed there: nothing more runs)."""
-        r = job.request
-        with stream_generate(
-            self.model, ids, max_tokens=r.max_tokens, sampler=r.sampler, seed=r.seed,
-            num_samples=r.n, stop=r.stop, context=start, logprobs=r.logprobs or 0,
-            ignore_eos=r.ignore_eos, alternatives=self.alternatives,
-        ) as stream:  # fmt: skip
-            for event in stream:
-                if job.cancelled.is_set():
-                    return None
-                if isinstance(event, Piece):
-                    out.send([event])
-                else:
-                    return event
-        return None
+    def _store(self, name: str, context: Context) -> bool:
+        """Stores a session's context after its request (False: it was deleted while
+        the request ran); a state file that cannot be written is a 500 naming it."""
+        try:
+            return self.sessions.put(name, context)
+        except OSError as e:
+            raise ApiError(500, f"session {name}: its state could not be saved: "
+                           f"{e.strerror or e}", "session", "server_error") from None  # fmt: skip
 
     def _session(self, name: str) -> Context | None:
         """The session's context (None: a new session); 409 if its state file is bad."""
@@ -336,12 +326,27 @@ class _Choices:
             self.job.send(ChoiceText(self.first + piece.sample, piece.text, part))
 
 
-@dataclasses.dataclass
-class _Prefill:
-    """A long prompt being read a chunk at a time: its job, the context after its first
-    `read` tokens (None: nothing read yet, from the start or the session's context)."""
+@dataclasses.dataclass(eq=False)  # a request is itself: compared by identity
+class _Answer:
+    """A started request: its job, the prompt of it that runs (or is read, or joins
+    next), where that prompt's pieces go, and its usage so far. It holds its rows (its
+    n) from its start to its end."""
 
     job: Job
+    prompt: int = 0
+    out: _Choices | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    held: dict = dataclasses.field(default_factory=dict)  # session_tokens, an extension
+
+
+@dataclasses.dataclass
+class _Prefill:
+    """A long prompt being read a chunk at a time: its request, the context after its
+    first `read` tokens (None: nothing read yet, from the start or the session's
+    context)."""
+
+    answer: _Answer
     context: Context | None
     read: int = 0
     started: bool = True  # its start context is read (a session's, when its turn comes)

@@ -1,6 +1,6 @@
 """Requests on their way through `tvq serve` (docs/DESIGN.md section 13): a `Job` (a
-checked request, its client's event queue and its cancellation), the bounded queue the
-engine takes jobs from (`JobQueue`, first come first served, 429 when full), and the
+checked request, its client's event queue and its cancellation), the bounded queue of
+the jobs not started (`JobQueue`, first come first served, 429 when full), and the
 typed events of an answer, sent from the model's thread to the event loop: `ChoiceText`
 pieces, a `ChoiceEnd` per choice, then `Finished` (the usage) or `Failed`.
 """
@@ -11,7 +11,6 @@ import asyncio
 import collections
 import dataclasses
 import threading
-from typing import Any
 
 from tvq.serving.protocol import ApiError, CompletionRequest
 
@@ -53,7 +52,7 @@ JobEvent = ChoiceText | ChoiceEnd | Finished | Failed
 @dataclasses.dataclass
 class Job:
     """One request on its way through the worker; its events go back to the event loop,
-    each a JobEvent, Finished or Failed last."""
+    each a JobEvent, Finished or Failed last. Its client going away sets `cancelled`."""
 
     request: CompletionRequest
     loop: asyncio.AbstractEventLoop
@@ -63,25 +62,11 @@ class Job:
     def send(self, event: JobEvent) -> None:
         self.loop.call_soon_threadsafe(self.events.put_nowait, event)
 
-    def batch_key(self) -> tuple | None:
-        """Requests with equal keys are taken from the queue together; None: this one is
-        taken alone (it has several prompts, or a prompt long enough to be read in
-        chunks). A session's request joins the running batch as any other does.
-        Sampler settings, penalties, log-probs and ignore_eos are values of the one
-        compiled loop: any mix shares."""
-        r = self.request
-        if len(r.prompts) != 1 or self.long_prompt:
-            return None
-        return (r.session,)
-
-    # set by the engine: the prompt is longer than one prefill chunk (Engine.prefill_chunk)
-    long_prompt: bool = False
-    out: Any = None  # where its pieces go (the engine's _Choices)
-
 
 class JobQueue:
-    """Jobs waiting for the model, oldest first, at most `limit`. take() returns the
-    oldest job with the waiting jobs that can share its batch."""
+    """The jobs not started, oldest first, at most `limit` (429 beyond). The worker
+    takes a job only when it starts it (`take`), so every job that waits is here and
+    counted, whatever it waits for; a job whose client went away is dropped."""
 
     def __init__(self, limit: int) -> None:
         self.limit, self.jobs, self.closed = limit, collections.deque(), False
@@ -89,6 +74,8 @@ class JobQueue:
 
     def put(self, job: Job) -> None:
         with self.ready:
+            if len(self.jobs) >= self.limit:  # a job whose client left gives its place up
+                self.jobs = collections.deque(j for j in self.jobs if not j.cancelled.is_set())
             if len(self.jobs) >= self.limit:
                 raise ApiError(429, f"the server is busy: {self.limit} requests are waiting; "
                                "try again shortly", kind="rate_limit_error")  # fmt: skip
@@ -100,28 +87,31 @@ class JobQueue:
             self.closed = True
             self.ready.notify()
 
-    def take(self, max_rows: int, wait: bool = True) -> list[Job] | None:
-        """The oldest job and, when it can be batched, every waiting job with the same
-        batch key, up to max_rows rows in all; None once closed. Without wait: [] when
-        nothing is waiting."""
+    def take(self, free_rows: int, busy: set[str], wait: bool = True) -> list[Job] | None:
+        """The jobs that start now, oldest first, off the queue: a job whose session is
+        busy (a request of it runs) waits without holding back the others; any other
+        starts if its rows (its n) are free, and once one does not find them free no
+        younger job takes rows before it, so none is overtaken forever. None once
+        closed; with wait, waits for a job while there is none."""
         with self.ready:
             while wait and not self.jobs and not self.closed:
                 self.ready.wait()
             if self.closed:
                 return None
-            if not self.jobs:
-                return []
-            first = self.jobs.popleft()
-            key = first.batch_key()
-            if key is None:
-                return [first]
-            batch, rows, kept = [first], first.request.n, collections.deque()
-            while self.jobs:
-                job = self.jobs.popleft()
-                if job.batch_key() == key and rows + job.request.n <= max_rows:
-                    batch.append(job)
-                    rows += job.request.n
-                else:
+            taken, kept, busy = [], collections.deque(), set(busy)
+            for job in self.jobs:
+                session, rows = job.request.session, job.request.n
+                if job.cancelled.is_set():
+                    continue
+                if session in busy:  # waits for its session, holding back no one
                     kept.append(job)
+                elif rows > free_rows:  # waits for rows, and the younger ones behind it
+                    kept.append(job)
+                    free_rows = 0
+                else:
+                    taken.append(job)
+                    free_rows -= rows
+                    if session is not None:
+                        busy.add(session)
             self.jobs = kept
-            return batch
+            return taken

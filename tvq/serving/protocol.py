@@ -22,7 +22,15 @@ import numpy as np
 
 from tvq.errors import TvqError, is_int
 from tvq.serving.sessions import SESSION_ID
-from tvq.text.settings import RANGES, Range, Sampler, SettingError, random_seed
+from tvq.text.settings import (
+    LOGPROB_ALTERNATIVES,
+    RANGES,
+    Range,
+    Sampler,
+    SettingError,
+    check_stops,
+    random_seed,
+)
 from tvq.text.tokenizer import token_text
 
 
@@ -111,7 +119,7 @@ _KIND_NAMES = {int: "an integer", float: "a number", bool: "a boolean", str: "a 
 
 
 MAX_STOPS = 16
-MAX_LOGPROBS = 20  # OpenAI's bound; the compiled loop always finds this many alternatives
+MAX_LOGPROBS = LOGPROB_ALTERNATIVES  # OpenAI's bound: the loop always finds as many
 BASE_MODEL_ONLY = "tvq serves a base model: use /v1/completions"
 
 
@@ -168,7 +176,7 @@ def parse_completion(body: Any, tokenizer, n_vocab: int, settings: ServerSetting
                                 RANGES["max_tokens"].capped(limit, "(--max-tokens-limit)")),
             sampler=_sampler(body, n_vocab),
             stop=_stop(body.get("stop")),
-            n=_setting(body, "n", 1, RANGES["num_samples"].capped(settings.max_n, "(--max-n)")),
+            n=_setting(body, "n", 1, _n_range(settings)),
             seed=_setting(body, "seed", None, RANGES["seed"]),
             stream=_field(body, "stream", (bool,), False),
             include_usage=_field(_field(body, "stream_options", (dict,), {}), "include_usage",
@@ -195,6 +203,14 @@ def parse_completion(body: Any, tokenizer, n_vocab: int, settings: ServerSetting
     if request.session is not None and request.n != 1:
         raise ApiError(400, "a session continues one text: n must be 1", "n")
     return request
+
+
+def _n_range(settings: ServerSettings) -> Range:
+    """n's range: at most --max-n, and at most --batch-rows (a request's rows decode
+    together)."""
+    if settings.max_batch_rows < settings.max_n:
+        return RANGES["num_samples"].capped(settings.max_batch_rows, "(--batch-rows)")
+    return RANGES["num_samples"].capped(settings.max_n, "(--max-n)")
 
 
 def _setting(body: dict, field: str, default, limits: Range):
@@ -332,6 +348,7 @@ def _logit_bias(value) -> tuple[tuple[int, float], ...]:
 
 
 def _stop(value) -> list[str]:
+    """The stop strings, each within its length (SettingError)."""
     if value is None:
         return []
     if isinstance(value, str):
@@ -341,6 +358,7 @@ def _stop(value) -> list[str]:
             len(value) > MAX_STOPS:  # fmt: skip
         raise ApiError(400, f"'stop' must be a string or a list of at most {MAX_STOPS} strings",
                        "stop")  # fmt: skip
+    check_stops(value)
     return [s for s in value if s]
 
 

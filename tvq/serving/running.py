@@ -42,38 +42,42 @@ class Entry:
     request: BatchItem
     rows: TextRows
     on_done: Callable[[list[Sample]], None]
-    job: object = None  # whose request it is (the server's Job)
+    owner: object = None  # whose prompt it is (the engine's)
 
 
 class RunningBatch:
     """The rows of the requests running now, on the device: rings, last tokens, keys,
-    settings and penalties, in slots. The device arrays hold a power of two of slots
-    (few shapes compile) and keep that shape from call to call: a request's rows are
-    written into free slots (one compiled scatter), a finished request's slots are only
-    marked free (the loop leaves a row with no steps to take as it is), and the arrays
-    are resized (live rows gathered to the front) only when the rows outgrow them or
-    fill a quarter of them or less. So a call costs one run of the compiled loop, not a
-    gather and a padding of every array around it."""
+    settings and penalties, in slots. The device arrays hold a power of two of slots,
+    or max_rows (few shapes compile), and keep that shape from call to call: a request's
+    rows are written into free slots (one compiled scatter), a finished request's slots
+    are only marked free (the loop leaves a row with no steps to take as it is), and
+    the arrays are resized (one compiled gather of the live rows to the front, free
+    slots copied from one blank row) only when the rows outgrow them or fill a quarter
+    of them or less. So a call costs one run of the compiled loop, not a gather and a
+    padding of every array around it."""
 
-    def __init__(self, model: Model, alternatives: int) -> None:
-        self.model, self.alternatives = model, alternatives
+    def __init__(self, model: Model, alternatives: int, max_rows: int) -> None:
+        self.model, self.alternatives, self.max_rows = model, alternatives, max_rows
         self.entries: list[Entry] = []
         self.slots: list[tuple[Entry, int] | None] = []  # per slot: entry and sample index
         self.counts: list[int] = []  # per slot: tokens sampled so far
         self.chunks: list[int] = []  # per slot: the steps its next call may take (1, 2, 4…)
         self.device: dict | None = None  # the slots' arrays
         self._fresh: Context | None = None  # the start of a document, made once
-        self._blank: dict[int, dict] = {}  # free slots' arrays, per count, made once
+        self._blank: dict | None = None  # a free slot's arrays, made once
 
     @property
     def rows(self) -> int:
         return sum(slot is not None for slot in self.slots)
 
     def admit(self, r: BatchItem, context: Context | None, rest, rows: TextRows, on_done,
-              job: object = None) -> Entry:  # fmt: skip
+              owner: object = None) -> Entry:  # fmt: skip
         """Adds a request's rows: its prompt read up to `context` (None: nothing read),
-        `rest` (under a block) still to feed."""
+        `rest` (under a block) still to feed. The rows must fit: at most max_rows."""
         model = self.model
+        if self.rows + r.num_samples > self.max_rows:
+            raise ValueError(f"{r.num_samples} rows do not fit beside {self.rows} "
+                             f"(at most {self.max_rows})")  # fmt: skip
         fresh = context is None
         if fresh:
             self._fresh = self._fresh or Context.start(model, 1)
@@ -90,11 +94,11 @@ class RunningBatch:
             "penalties": Penalties.start(model.config.n_vocab, [prompt]),
             "eos": eos_ids_of(model.tokenizer, [bool(r.ignore_eos)]),
         }  # fmt: skip
-        entry = Entry(r, rows, on_done, job)
+        entry = Entry(r, rows, on_done, owner)
         self.entries.append(entry)
         free = [i for i, slot in enumerate(self.slots) if slot is None]
         if len(free) < n:
-            self._resize(1 << (self.rows + n - 1).bit_length())
+            self._resize(self._size(self.rows + n))
             free = [i for i, slot in enumerate(self.slots) if slot is None]
         slots = free[:n]
         new, key = on_device((new, seed_key(r.seed)))
@@ -125,14 +129,10 @@ class RunningBatch:
         steps = min([CHUNK] + [min(slot[0].request.max_tokens - count, chunk)
                                for slot, count, chunk, on in slots if on])  # fmt: skip
         limits = np.where(live, steps, 0).astype(np.int32)
-        counts = np.asarray(self.counts, np.int32)
-        no_forcing = np.zeros([CHUNK, len(self.slots)], np.int32)
-        d = self.device
-        rings, token, tokens, log_probs, sampled, top_values, top_ids, penalties = run_chunk(
-            self.model, d["rings"], d["token"], d["keys"], counts, limits, no_forcing, 0,
-            d["eos"], d["sampling"], d["penalties"], top_k=self.alternatives,
-        )  # fmt: skip
-        self.device = dict(d, rings=rings, token=token, penalties=penalties)
+        rings, token, tokens, log_probs, sampled, top_values, top_ids, penalties = self._run(
+            self.device, np.asarray(self.counts, np.int32), limits
+        )
+        self.device = dict(self.device, rings=rings, token=token, penalties=penalties)
         tokens, log_probs = np.asarray(tokens), np.asarray(log_probs)
         top_values, top_ids = np.asarray(top_values), np.asarray(top_ids)
         where = {id(entry): [] for entry in self.entries}  # each entry's slots, in row order
@@ -152,6 +152,13 @@ class RunningBatch:
                 if self.counts[i] >= entry.request.max_tokens:
                     entry.rows.finish_at(j)
 
+    def _run(self, d: dict, counts: np.ndarray, limits: np.ndarray):
+        """One call of the compiled loop over the slots' arrays (run_chunk's outputs)."""
+        no_forcing = np.zeros([CHUNK, len(counts)], np.int32)
+        return run_chunk(self.model, d["rings"], d["token"], d["keys"], counts, limits,
+                         no_forcing, 0, d["eos"], d["sampling"], d["penalties"],
+                         top_k=self.alternatives)  # fmt: skip
+
     def _retire(self) -> None:
         """Requests whose rows all ended leave; their slots are freed."""
         done = [e for e in self.entries if all(s.done for s in e.rows.samples)]
@@ -161,67 +168,77 @@ class RunningBatch:
                       for slot in self.slots]  # fmt: skip
         self.entries = [e for e in self.entries if e not in done]
         if self.rows <= len(self.slots) // 4:  # mostly empty: fewer slots, a faster call
-            self._resize(1 << max(0, self.rows - 1).bit_length() if self.rows else 0)
+            self._resize(self._size(self.rows))
         for entry in done:
             entry.rows.finish_all()
             entry.on_done(entry.rows.samples)
+
+    def _size(self, rows: int) -> int:
+        """The slots that hold `rows`: a power of two, or max_rows; 0 for none."""
+        return min(1 << (rows - 1).bit_length(), self.max_rows) if rows else 0
 
     def _resize(self, size: int) -> None:
         """`size` slots (0: none): the live rows first, in slot order, then free slots
         of an empty text (their arrays are valid; the loop never advances them)."""
         keep = [i for i, slot in enumerate(self.slots) if slot is not None]
-        live = _take_rows(self.device, keep) if keep else None
         pad = size - len(keep)
+        if size:  # free slots: the blank row, after the old slots
+            index = np.asarray(keep + [len(self.slots)] * pad, np.int32)
+            self.device = _gather_rows(self.device, self._blank_row(), index)
+        else:
+            self.device = None
         self.slots = [self.slots[i] for i in keep] + [None] * pad
         self.counts = [self.counts[i] for i in keep] + [0] * pad
         self.chunks = [self.chunks[i] for i in keep] + [1] * pad
-        if size == 0:
-            self.device = None
-            return
-        if not pad:
-            self.device = live
-            return
-        extra = self._blank.get(pad) or self._blank.setdefault(pad, self._blank_rows(pad))
-        self.device = extra if live is None else jax.tree_util.tree_map(
-            lambda a, b: jnp.concatenate([jnp.asarray(a), jnp.asarray(b)]), live, extra
-        )  # fmt: skip
 
-    def warm_up(self, size: int) -> None:
-        """Compiles, before serving, what a request joining a batch of `size` slots runs
-        besides the loop: writing its row into a slot."""
-        blank = self._blank_rows(size)
-        one = jax.tree_util.tree_map(lambda a: a[: a.shape[0] // size], blank)
-        key = on_device(seed_key(0))
-        jax.block_until_ready(_put_row(blank, one, np.int32(0), key, np.int32(0)))
+    def warm_up(self, sizes: list[int]) -> None:
+        """Compiles, before serving, what a batch of any of these slot counts runs: the
+        loop, writing a joining request's row into a slot, and the resizes between them
+        (up, and down to a quarter or less)."""
+        blank, key = self._blank_row(), on_device(seed_key(0))
+        arrays = {size: _gather_rows(None, blank, np.zeros(size, np.int32)) for size in sizes}
+        for size, device in arrays.items():
+            nothing = np.zeros(size, np.int32)  # no row takes a step
+            jax.block_until_ready(self._run(device, nothing, nothing))
+            jax.block_until_ready(_put_row(device, blank, np.int32(0), key, np.int32(0)))
+            for other in sizes:
+                if other > size or 4 * other <= size:
+                    index = np.zeros(other, np.int32)
+                    jax.block_until_ready(_gather_rows(device, blank, index))
 
-    def _blank_rows(self, pad: int) -> dict:
-        """The arrays of `pad` free slots: an empty text that never samples."""
-        config = self.model.config
-        blank = {
-            "rings": empty_rings(config, pad),
-            "token": jnp.full([pad], eos_id(self.model), jnp.int32),
-            "keys": device_row_keys(0, pad),
-            "sampling": SamplerRows.of([Sampler()] * pad, config.n_vocab),
-            "penalties": Penalties.start(config.n_vocab, [[]] * pad),
-            "eos": np.full([pad], -1, np.int32),
-        }  # fmt: skip
-        return on_device(blank)  # committed, as _put_row's outputs: one compiled form
+    def _blank_row(self) -> dict:
+        """The arrays of a free slot: an empty text that never samples (made once)."""
+        if self._blank is None:
+            config = self.model.config
+            self._blank = on_device({  # committed, as _put_row's outputs: one compiled form
+                "rings": empty_rings(config, 1),
+                "token": jnp.full([1], eos_id(self.model), jnp.int32),
+                "keys": device_row_keys(0, 1),
+                "sampling": SamplerRows.of([Sampler()], config.n_vocab),
+                "penalties": Penalties.start(config.n_vocab, [[]]),
+                "eos": np.full([1], -1, np.int32),
+            })  # fmt: skip
+        return self._blank
 
 
-def _row_index(a: jax.Array, batch: int, rows: np.ndarray) -> np.ndarray:
+def _row_index(a: jax.Array, batch: int, rows: jax.Array) -> jax.Array:
     """The entries of an array's first axis that hold these rows. Every array holds its
     rows row-major on its first axis, some several entries a row (a ring's heads: G =
     B·H), so row r is entries r·k … r·k + k − 1, k = the axis's length / the batch's."""
     k = a.shape[0] // batch
-    return (rows[:, None] * k + np.arange(k)).ravel().astype(np.int32)
+    return (rows[:, None] * k + jnp.arange(k)).ravel().astype(jnp.int32)
 
 
-def _take_rows(device: dict, rows: list[int]) -> dict:
-    """These rows of the device arrays."""
-    batch = device["token"].shape[0]
-    index = np.asarray(rows, np.int32)
+@jax.jit
+def _gather_rows(device: dict | None, blank: dict, index: jax.Array) -> dict:
+    """Rows `index` of the device arrays (None: no rows) followed by the blank row (the
+    index one past their rows); one program per pair of slot counts."""
+    source = blank if device is None else jax.tree_util.tree_map(
+        lambda a, b: jnp.concatenate([a, b.astype(a.dtype)]), device, blank
+    )  # fmt: skip
+    batch = source["token"].shape[0]
     return jax.tree_util.tree_map(
-        lambda a: jnp.take(jnp.asarray(a), _row_index(a, batch, index), axis=0), device
+        lambda a: jnp.take(a, _row_index(a, batch, index), axis=0), source
     )
 
 

@@ -34,12 +34,15 @@ def remove_stale_files(folder: Path) -> None:
 
 class Sessions:
     """Contexts by session id: the most recent `limit` in memory, and all of them as
-    state files in `folder` when there is one (they survive a restart)."""
+    state files in `folder` when there is one (they survive a restart). A session whose
+    request runs is claimed (`claim`) until that request stores its context (`put`) or
+    ends without (`release`); one deleted meanwhile stays deleted."""
 
     def __init__(self, model: Model, limit: int, folder: Path | None) -> None:
         self.model, self.limit, self.folder = model, limit, folder
         self.memory: collections.OrderedDict[str, Context] = collections.OrderedDict()
-        self.lock = threading.Lock()
+        self.claimed: dict[str, bool] = {}  # per claimed session: not deleted since
+        self.lock = threading.Lock()  # held while a file is written or removed
         if folder is not None:
             remove_stale_files(folder)
 
@@ -57,19 +60,42 @@ class Sessions:
             return load_state(self._path(name), self.model)
         return None
 
-    def put(self, name: str, context: Context) -> None:
+    def claim(self, name: str) -> None:
         with self.lock:
+            self.claimed[name] = True
+
+    def release(self, name: str) -> None:
+        with self.lock:
+            self.claimed.pop(name, None)
+
+    def busy(self) -> set[str]:
+        """The claimed sessions."""
+        with self.lock:
+            return set(self.claimed)
+
+    def put(self, name: str, context: Context) -> bool:
+        """Stores the session's context (its file first: one that cannot be written
+        leaves the session as it was) and releases it; False, storing nothing, if it was
+        deleted while claimed."""
+        with self.lock:
+            if not self.claimed.pop(name, True):
+                return False
+            if self.folder is not None:
+                save_state(self._path(name), self.model, context)
             self.memory[name] = context
             self.memory.move_to_end(name)
             while len(self.memory) > self.limit:
                 self.memory.popitem(last=False)
-        if self.folder is not None:
-            save_state(self._path(name), self.model, context)
+        return True
 
     def delete(self, name: str) -> bool:
+        """Forgets the session; False if there was none (nothing stored, no request)."""
         with self.lock:
-            found = self.memory.pop(name, None) is not None
-        if self.folder is not None and self._path(name).is_file():
-            self._path(name).unlink()
-            found = True
+            found = name in self.claimed
+            if found:  # its request stores nothing when it ends
+                self.claimed[name] = False
+            found = self.memory.pop(name, None) is not None or found
+            if self.folder is not None and self._path(name).is_file():
+                self._path(name).unlink()
+                found = True
         return found

@@ -1,8 +1,9 @@
 """The host side of sampled text (docs/DESIGN.md section 7): each row's ids decoded as
 they arrive (never half a character), stop strings applied (text that may begin one is
-held back until it cannot), finished rows marked, and final text released as `Piece`s,
-each with the tokens that came with it, for the caller to take (`TextRows.released`).
-The compiled loop hands it one token per row at a time (tvq/decoding.py)."""
+held back until it cannot; each character is read once, `StopStrings`), finished rows
+marked, and final text released as `Piece`s, each with the tokens that came with it,
+for the caller to take (`TextRows.released`). The compiled loop hands it one token per
+row at a time (tvq/decoding.py)."""
 
 from __future__ import annotations
 
@@ -52,7 +53,8 @@ class TextRows:
         self.samples = [Sample() for _ in range(n)]
         self.decoders = [StreamDecoder(tokenizer) for _ in range(n)]
         self.pending = [""] * n  # decoded text not yet released (may begin a stop string)
-        self.stops = [[s for s in row if s] for row in stops]
+        tables: dict[tuple, tuple] = {}  # rows with the same stop strings share their tables
+        self.stops = [StopStrings([s for s in row if s], tables) for row in stops]
         self.eos_id = tokenizer.eos_id
         self.ignore_eos, self.logprobs = list(ignore_eos), list(logprobs)
         self.attached = [0] * n  # per row: tokens already released with a piece
@@ -84,22 +86,22 @@ class TextRows:
                 if not self.ignore_eos[row]:
                     self._finish(row, "eos")
                 continue  # an end of document has no text
-            self.pending[row] += self.decoders[row].push(token)
-            self._release(row)
+            new = self.decoders[row].push(token)
+            self.pending[row] += new
+            self._release(row, new)
         return all(s.done for s in self.samples)
 
-    def _release(self, row: int) -> None:
-        text = self.pending[row]
-        for stop in self.stops[row]:
-            at = text.find(stop)
-            if at >= 0:
-                self.pending[row] = text[:at]
-                self._finish(row, "stop", flush=False)
-                return
-        hold = max((k for s in self.stops[row] for k in range(1, len(s)) if text.endswith(s[:k])),
-                   default=0)  # fmt: skip
-        self._out(row, text[: len(text) - hold])
-        self.pending[row] = text[len(text) - hold :]
+    def _release(self, row: int, new: str) -> None:
+        """Releases the row's pending text, `new` at its end, up to what may begin a
+        stop string; or ends the row before the stop string `new` completes."""
+        text, stops = self.pending[row], self.stops[row]
+        end = stops.read(new)
+        if end is not None:  # the stop string began `end` characters before the text's end
+            self.pending[row] = text[: len(text) - end]
+            self._finish(row, "stop", flush=False)
+            return
+        self._out(row, text[: len(text) - stops.hold])
+        self.pending[row] = text[len(text) - stops.hold :]
 
     def _finish(self, row: int, reason: str, flush: bool = True) -> None:
         tail = self.pending[row] + (self.decoders[row].flush() if flush else "")
@@ -137,3 +139,54 @@ class TextRows:
             tops = sample.top_logprobs[start:end] if self.logprobs[row] else []
             self.released.append(Piece(row, text, start, sample.ids[start:end],
                                        sample.log_probs[start:end], tops))  # fmt: skip
+
+
+class StopStrings:
+    """A row's stop strings, matched as its text arrives a character at a time
+    (Knuth-Morris-Pratt): for each, the longest of its prefixes that the text ends with,
+    so every character is read a bounded number of times, however long the text held
+    back. The text ends before the first stop string to be completed (the longest, if
+    several end at one character)."""
+
+    def __init__(self, stops: list[str], tables: dict[tuple, tuple]) -> None:
+        key = tuple(stops)
+        if key not in tables:
+            tables[key] = tuple(_failure(stop) for stop in stops)
+        self.stops, self.failure = stops, tables[key]
+        self.matched = [0] * len(stops)  # per stop string: its prefix the text ends with
+
+    @property
+    def hold(self) -> int:
+        """How many characters at the text's end may begin a stop string."""
+        return max(self.matched, default=0)
+
+    def read(self, text: str) -> int | None:
+        """Reads more text; None, or, once a stop string is completed, how many
+        characters before the end of the text read so far it began."""
+        if not self.stops:
+            return None
+        for at, char in enumerate(text):
+            done = 0
+            for i, stop in enumerate(self.stops):
+                k = self.matched[i]
+                while k and stop[k] != char:
+                    k = self.failure[i][k - 1]
+                k += stop[k] == char
+                self.matched[i] = k
+                if k == len(stop):
+                    done = max(done, k)
+            if done:
+                return done + len(text) - 1 - at
+        return None
+
+
+def _failure(stop: str) -> list[int]:
+    """Knuth-Morris-Pratt's table: per prefix stop[:k + 1], its longest proper prefix that
+    is also its suffix."""
+    table, k = [0] * len(stop), 0
+    for i in range(1, len(stop)):
+        while k and stop[i] != stop[k]:
+            k = table[k - 1]
+        k += stop[i] == stop[k]
+        table[i] = k
+    return table

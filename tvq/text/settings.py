@@ -3,8 +3,8 @@ section 7): the `Sampler`, a request's sampling settings, and the ranges of ever
 numeric setting (`RANGES`), with what a person at a terminal gets by default
 (`TERMINAL`). No JAX here: a CLI's options read it before JAX starts.
 
-The Sampler checks its fields here, `tvq.generate` its
-own (max_tokens, num_samples, seed, logprobs), and every front end reads the same
+The Sampler checks its fields here, `tvq.generate` its own (max_tokens, num_samples,
+seed, logprobs, the stop strings' lengths), and every front end reads the same
 table: `tvq generate` and `tvq chat` turn a `SettingError` into a usage error naming
 the option, `tvq serve` into a 400 naming the field (tightened by its own limits with
 `Range.capped`), and the llm plugin declares its options' bounds from it. A value is
@@ -21,6 +21,9 @@ from typing import Any
 from tvq.errors import InputError, is_int
 
 INT32_MAX = 2**31 - 1  # what an int32 array of the compiled loop holds
+# A loop that keeps log-probs finds this many alternatives per token (or logprobs, if
+# more): any logprobs up to it runs one compiled program (tvq generate's, a server's).
+LOGPROB_ALTERNATIVES = 20
 REPEAT_WINDOW = 256  # the most recent tokens a repetition penalty can look back over
 
 
@@ -114,6 +117,8 @@ RANGES: dict[str, Range] = {
     "num_samples": Range(int, 1, 1 << 16),
     "seed": Range(int, 0, 2**63 - 1),
     "logprobs": Range(int, 0, INT32_MAX),  # and at most the model's vocabulary
+    # a stop string's length: the text that may begin one is held back, so it stays short
+    "stop": Range(int, 0, 256, note="characters"),
 }
 
 
@@ -126,6 +131,12 @@ def check_all(**settings: Any) -> None:
     """Each named setting within its range (SettingError for the first that is not)."""
     for name, value in settings.items():
         check(name, value)
+
+
+def check_stops(stops: Any) -> None:
+    """Each stop string within its length, RANGES["stop"] (SettingError naming it)."""
+    for stop in stops:
+        check("stop", len(stop))
 
 
 def random_seed() -> int:
