@@ -95,6 +95,10 @@ class TextRows:
         """Releases the row's pending text, `new` at its end, up to what may begin a
         stop string; or ends the row before the stop string `new` completes."""
         text, stops = self.pending[row], self.stops[row]
+        if not stops.stops:  # nothing to hold back
+            self._out(row, text)
+            self.pending[row] = ""
+            return
         end = stops.read(new)
         if end is not None:  # the stop string began `end` characters before the text's end
             self.pending[row] = text[: len(text) - end]
@@ -163,8 +167,6 @@ class StopStrings:
     def read(self, text: str) -> int | None:
         """Reads more text; None, or, once a stop string is completed, how many
         characters before the end of the text read so far it began."""
-        if not self.stops:
-            return None
         for at, char in enumerate(text):
             done = 0
             for i, stop in enumerate(self.stops):
