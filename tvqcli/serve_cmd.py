@@ -49,12 +49,34 @@ def serve(
         int, typer.Option(help="Largest request body (413 beyond).", min=1024)
     ] = 16 << 20,
     queue_size: Annotated[
-        int, typer.Option(help="Requests that may wait for the model (429 beyond).", min=1)
+        int, typer.Option(help="Requests not started that may wait (429 beyond).", min=1)
     ] = 64,
     batch_rows: Annotated[
         int,
-        typer.Option(help="Rows of concurrent requests decoded together in one batch.", min=1),
+        typer.Option(
+            help="Rows decoded together: held by the requests started (each its n, "
+            "its prompt's reading included), and the largest n.",
+            min=1,
+        ),
     ] = 64,
+    cache_bytes: Annotated[
+        int,
+        typer.Option(
+            help="Memory for the state cache: the state after each prompt and "
+            "completion, so no text is read twice (0: off).",
+            min=0,
+        ),
+    ] = 1 << 30,
+    cache_dir: Annotated[
+        Path | None,
+        typer.Option(
+            help="Also keep the state cache in this folder, up to "
+            "--cache-dir-bytes (survives a restart)."
+        ),
+    ] = None,
+    cache_dir_bytes: Annotated[
+        int, typer.Option(help="Bytes the --cache-dir folder may hold.", min=0)
+    ] = 2 << 30,
     dtype: DtypeOption = None,
 ) -> None:
     """Serve the model over HTTP with the OpenAI completions API.
@@ -73,6 +95,8 @@ def serve(
 
     if session_dir is not None:
         check_output_dir(session_dir, "--session-dir")
+    if cache_dir is not None:
+        check_output_dir(cache_dir, "--cache-dir")
     try:
         listener = socket.create_server((host, port))
     except OSError as e:
@@ -87,6 +111,7 @@ def serve(
         api_key=api_key, max_sessions=max_sessions, session_dir=session_dir,
         max_tokens_limit=max_tokens_limit, max_n=max_n, max_prompt_tokens=max_prompt_tokens,
         max_body_bytes=max_body_bytes, queue_size=queue_size, max_batch_rows=batch_rows,
+        cache_bytes=cache_bytes, cache_dir=cache_dir, cache_dir_bytes=cache_dir_bytes,
     )  # fmt: skip
     engine = Engine(loaded, settings, base)
     engine.warm_up()  # compiles the sampling loop before serving

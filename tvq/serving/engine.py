@@ -29,11 +29,11 @@ from tvq.decoding import BatchItem, Piece, Sample
 from tvq.errors import StateError
 from tvq.runtime.context import Context, chunk_len, require_tokenizer, score_ids
 from tvq.runtime.model import Model
+from tvq.runtime.state_cache import PromptScores, StateCache
 from tvq.serving.jobs import ChoiceEnd, ChoiceText, Failed, Finished, Job, JobQueue
 from tvq.serving.protocol import (
     MAX_LOGPROBS,
     ApiError,
-    CompletionRequest,
     ServerSettings,
     api_error,
     choice_end,
@@ -70,6 +70,9 @@ class Engine:
         self.running = RunningBatch(model, self.alternatives, settings.max_batch_rows)
         self.decode_credit = 0.0  # seconds the running rows may decode before the next chunk
         self.sessions = Sessions(base or model, settings.max_sessions, settings.session_dir)
+        # the state after each prompt and completion, so no text is read twice
+        self.cache = StateCache(settings.cache_bytes, settings.cache_dir,
+                                settings.cache_dir_bytes)  # fmt: skip
         self.jobs = JobQueue(settings.queue_size)
         self.stats = {"requests": 0, "largest_batch": 0}  # requests started, most at once
         self.worker = threading.Thread(target=self._work, name="tvq-model", daemon=True)
@@ -124,7 +127,7 @@ class Engine:
 
     def _start(self, job: Job) -> None:
         """A request leaves the queue: it holds its rows (and its session) from now on."""
-        answer = _Answer(job)
+        answer = _Answer(job, shared=_common_prefix(job.request.prompts))
         self.started.append(answer)
         self.stats["requests"] += 1
         if job.request.session is not None:
@@ -148,9 +151,9 @@ class Engine:
         if answer.job.cancelled.is_set():
             self._end(answer)
         elif len(answer.job.request.prompts[answer.prompt]) > self.prefill_chunk:
-            self.prefilling.append(_Prefill(answer, None, started=False))
+            self.prefilling.append(_Prefill(answer))
         else:
-            self._guarded([answer], lambda: self._admit(answer, None))
+            self._guarded([answer], lambda: self._admit(answer, _Prefill(answer)))
 
     def _step(self) -> None:
         """One call of the running batch; each entry's new pieces go to its client."""
@@ -176,12 +179,53 @@ class Engine:
                 self.running = RunningBatch(self.model, self.alternatives,
                                             self.settings.max_batch_rows)  # fmt: skip
 
-    def _start_context(self, answer: _Answer) -> Context | None:
-        """Where the request's prompt starts: its session's context, unless there is none
-        or the prompt starts a document; None: the start of a document."""
-        r = answer.job.request
-        fresh = r.fresh[answer.prompt]
-        return self._session(r.session) if r.session is not None and not fresh else None
+    def _begin(self, prefill: _Prefill) -> None:
+        """Where a prompt's reading starts: its session's context (unless there is none
+        or the prompt starts a document), else the longest prefix of its ids the state
+        cache holds (with its scores, for echo with logprobs), else the start of a
+        document."""
+        answer = prefill.answer
+        r, p = answer.job.request, answer.prompt
+        if r.session is not None and not r.fresh[p]:
+            prefill.context = self._session(r.session)
+        prefill.keep, prefill.started = prefill.context is None, True
+        echo = r.echo and r.logprobs is not None
+        if prefill.keep:
+            ids = r.prompts[p]
+            if echo:
+                n, context, scores = self.cache.longest_scored(self.model, ids, self.alternatives)
+                prefill.scores = scores
+            else:
+                n, context = self.cache.longest(self.model, ids)
+            prefill.context, prefill.read = context, n
+            answer.cached_tokens += n
+        if echo and prefill.scores is None:
+            empty = np.zeros([0, self.alternatives])
+            prefill.scores = PromptScores(np.zeros([0]), empty, empty.astype(np.int32))
+
+    def _read(self, prefill: _Prefill, end: int) -> None:
+        """Reads the prompt's ids up to `end` (their scores too, for echo with logprobs);
+        read from the start of a document, the state is kept in the cache after each
+        piece (with the scores where a piece ends at `end` or at the prompt's common
+        prefix with the request's other prompts, which read it from there)."""
+        answer = prefill.answer
+        ids = answer.job.request.prompts[answer.prompt]
+        stops = sorted({end, *([answer.shared] if prefill.read < answer.shared < end else [])})
+        for stop in stops:
+            if stop <= prefill.read:
+                continue
+            echo = prefill.scores is not None
+            result, prefill.context = score_ids(self.model, ids[prefill.read : stop],
+                                                prefill.context,
+                                                top_k=self.alternatives if echo else 0)  # fmt: skip
+            if echo:
+                prefill.scores = prefill.scores.joined(PromptScores(
+                    result.log_probs[0], result.top_log_probs[0], result.top_ids[0]))  # fmt: skip
+            prefill.read = stop
+            if prefill.keep:
+                final = stop == answer.shared or stop == len(ids)
+                self.cache.put(self.model, ids[:stop], prefill.context,
+                               prefill.scores if final else None)  # fmt: skip
 
     def _read_chunk(self) -> None:
         """One prefill chunk of the oldest long prompt; it joins the batch once it is read."""
@@ -194,12 +238,10 @@ class Engine:
             return
         try:
             if not prefill.started:  # its session's context, read when its turn came
-                prefill.context, prefill.started = self._start_context(answer), True
+                self._begin(prefill)
             whole = len(ids) - len(ids) % self.model.block_len  # what generate scores first
             if whole - prefill.read > self.prefill_chunk:
-                piece = ids[prefill.read : prefill.read + self.prefill_chunk]
-                _, prefill.context = score_ids(self.model, piece, prefill.context)
-                prefill.read += len(piece)
+                self._read(prefill, prefill.read + self.prefill_chunk)
                 return
         except Exception as e:  # noqa: BLE001  (answered, never raised)
             self.prefilling.popleft()
@@ -208,41 +250,48 @@ class Engine:
         self.prefilling.popleft()
         self._guarded([answer], lambda: self._admit(answer, prefill))
 
-    def _admit(self, answer: _Answer, prefill: _Prefill | None) -> None:
+    def _admit(self, answer: _Answer, prefill: _Prefill) -> None:
         """The request's prompt joins the running batch: the rest of it is read (whole
-        blocks as generate() reads them) from its session's context or the start of a
-        document, its rows are added; _prompt_done follows when they end."""
+        blocks as generate() reads them; all of it, with its scores, for echo with
+        logprobs) from where its reading stands, its rows are added; _prompt_done
+        follows when they end."""
         r, p = answer.job.request, answer.prompt
         ids = id_array(r.prompts[p])
-        start = self._start_context(answer) if prefill is None or r.echo else None
-        context, read = (prefill.context, prefill.read) if prefill is not None else (start, 0)
-        echoed = self._prompt_logprobs(r.prompts[p], start, r, r.fresh[p]) \
-            if r.echo and r.logprobs is not None else None  # fmt: skip
-        answer.out = _Choices(answer.job, self.tokenizer, p * r.n, r.prompt_texts[p], echoed)
+        if not prefill.started:
+            self._begin(prefill)
+        echoing = prefill.scores is not None
         whole = len(ids) - len(ids) % self.model.block_len
-        if whole > read:
-            _, context = score_ids(self.model, ids[read:whole], context)
+        self._read(prefill, len(ids) if echoing else max(whole, prefill.read))
+        echoed = None
+        if echoing:
+            k, scores = r.logprobs or 0, prefill.scores  # found self.alternatives deep
+            echoed = (r.prompts[p], scores.log_probs, scores.top_log_probs[:, :k],
+                      scores.top_ids[:, :k], r.fresh[p])  # fmt: skip
+        answer.out = _Choices(answer.job, self.tokenizer, p * r.n, r.prompt_texts[p], echoed)
+        context, tail = prefill.context, ids[prefill.read :]
         request = BatchItem(ids, r.max_tokens, r.seed, r.n, r.stop, r.sampler, r.logprobs or 0,
                             r.ignore_eos)  # fmt: skip
         rows = TextRows(self.tokenizer, [r.stop] * r.n, [r.ignore_eos] * r.n,
                         [r.logprobs or 0] * r.n)  # fmt: skip
-        after_prompt = None
-        if r.session is not None:  # where the sampled tokens continue from, for the session
+        after_prompt = None  # where the sampled tokens continue from: a session's state,
+        if r.session is not None or (prefill.keep and r.n == 1):  # or the cache's
             after_prompt = context or Context.start(self.model, 1)
-            if len(ids) > whole:
-                _, after_prompt = score_ids(self.model, ids[whole:], after_prompt)
+            if len(tail):
+                _, after_prompt = score_ids(self.model, tail, after_prompt)
 
         def done(samples: list[Sample]) -> None:
-            self._prompt_done(answer, rows, len(ids), echoed, after_prompt)
+            self._prompt_done(answer, rows, len(ids), echoed, after_prompt, prefill.keep)
 
-        self.running.admit(request, context, ids[whole:], rows, done, answer)
+        self.running.admit(request, context, tail, rows, done, answer)
 
     def _prompt_done(self, answer: _Answer, rows: TextRows, prompt_tokens: int, echoed,
-                     after_prompt: Context | None) -> None:  # fmt: skip
+                     after_prompt: Context | None, keep: bool) -> None:  # fmt: skip
         """A prompt's rows all ended: its last pieces go out, a session keeps the state
-        after every token sampled, the choices end, and the request's next prompt joins
-        at the next round, or it ends. An error here (a session's state not saved: a
-        full disk) ends this request alone."""
+        after every token sampled (so does the state cache, for a prompt read from the
+        start of a document: a chat client sends the answer back with its next turn),
+        the choices end, and the request's next prompt joins at the next round, or it
+        ends. An error here (a session's state not saved: a full disk) ends this request
+        alone."""
         job, p, samples = answer.job, answer.prompt, rows.samples
         r = job.request
         if job.cancelled.is_set():
@@ -250,9 +299,11 @@ class Engine:
             return
         try:
             answer.out.send(rows.drain())
-            if r.session is not None:
+            if after_prompt is not None and (r.session is not None or samples[0].ids):
                 _, after = score_ids(self.model, samples[0].ids, after_prompt)
-                if self._store(r.session, after):
+                if keep and r.n == 1:
+                    self.cache.put(self.model, [*r.prompts[p], *samples[0].ids], after)
+                if r.session is not None and self._store(r.session, after):
                     answer.held = {"session_tokens": int(after.tokens)}  # an extension
             for row, sample in enumerate(samples):
                 job.send(ChoiceEnd(p * r.n + row, choice_end(self.tokenizer, r, sample, echoed,
@@ -266,7 +317,8 @@ class Engine:
         if answer.prompt < len(r.prompts):
             self.joining.append(answer)
         else:
-            usage = usage_json(answer.prompt_tokens, answer.completion_tokens)
+            usage = usage_json(answer.prompt_tokens, answer.completion_tokens,
+                               answer.cached_tokens)  # fmt: skip
             self._end(answer, Finished(usage | answer.held))
 
     def _store(self, name: str, context: Context) -> bool:
@@ -284,17 +336,6 @@ class Engine:
             return self.sessions.get(name)
         except StateError as e:
             raise ApiError(409, f"session {name}: {e}", "session", "session_error") from None
-
-    def _prompt_logprobs(self, ids: list[int], start: Context | None, r: CompletionRequest,
-                         fresh: bool):  # fmt: skip
-        """The prompt's tokens with their log-probs and top log-probs (echo), and whether
-        a document-start marker came before them."""
-        if not ids:
-            return [], np.zeros([0]), np.zeros([0, 0]), np.zeros([0, 0], np.int32), fresh
-        k = r.logprobs or 0  # found self.alternatives deep, as in sampling: one program
-        scored, _ = score_ids(self.model, ids, start, keep_log_probs=True, top_k=self.alternatives)
-        tops = scored.top_log_probs[0, :, :k], scored.top_ids[0, :, :k]
-        return ids, scored.log_probs[0], *tops, fresh
 
 
 class _Choices:
@@ -337,16 +378,32 @@ class _Answer:
     out: _Choices | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens the state cache held
     held: dict = dataclasses.field(default_factory=dict)  # session_tokens, an extension
+    shared: int = 0  # its prompts' common prefix (several prompts: read once, then kept)
 
 
 @dataclasses.dataclass
 class _Prefill:
-    """A long prompt being read a chunk at a time: its request, the context after its
-    first `read` tokens (None: nothing read yet, from the start or the session's
-    context)."""
+    """A prompt being read (a long one a chunk at a time): its request, the context after
+    its first `read` tokens (None: the start of a document) and, for echo with
+    logprobs, their scores; keep: it is read from the start of a document, so the state
+    cache keeps what is read."""
 
     answer: _Answer
-    context: Context | None
+    context: Context | None = None
     read: int = 0
-    started: bool = True  # its start context is read (a session's, when its turn comes)
+    scores: PromptScores | None = None
+    keep: bool = False
+    started: bool = False  # where its reading starts is found (when its turn comes)
+
+
+def _common_prefix(prompts: list[list[int]]) -> int:
+    """How many first tokens all the prompts share (0 for one prompt): lm-evaluation-
+    harness sends one context with each of its continuations."""
+    if len(prompts) < 2:
+        return 0
+    first, n = prompts[0], min(len(p) for p in prompts)
+    for other in prompts[1:]:
+        n = next((i for i in range(n) if other[i] != first[i]), n)
+    return n

@@ -49,6 +49,9 @@ class ServerSettings:
     max_body_bytes: int = 16 << 20
     queue_size: int = 64  # requests waiting for the model
     max_batch_rows: int = 64  # rows of concurrent requests decoded together
+    cache_bytes: int = 1 << 30  # the state cache in memory (tvq.runtime.state_cache)
+    cache_dir: Path | None = None  # and its folder, if any
+    cache_dir_bytes: int = 2 << 30
 
 
 # -- errors -------------------------------------------------------------------------------
@@ -380,9 +383,12 @@ def completion_response(head: dict, texts: list[str], choices: list[dict], usage
     return head | {"choices": out, "usage": usage}
 
 
-def usage_json(prompt_tokens: int, completion_tokens: int) -> dict:
+def usage_json(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
+    """OpenAI's usage, with prompt_tokens_details.cached_tokens: the prompt tokens the
+    state cache held (not read again)."""
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}  # fmt: skip
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}  # fmt: skip
 
 
 def models_json(model_name: str, created: int) -> dict:
