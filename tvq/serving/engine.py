@@ -74,7 +74,8 @@ class Engine:
         self.cache = StateCache(settings.cache_bytes, settings.cache_dir,
                                 settings.cache_dir_bytes)  # fmt: skip
         self.jobs = JobQueue(settings.queue_size)
-        self.stats = {"requests": 0, "largest_batch": 0}  # requests started, most at once
+        # requests started, most at once, prompt tokens in all and those the cache held
+        self.stats = {"requests": 0, "largest_batch": 0, "prompt_tokens": 0, "cached_tokens": 0}
         self.worker = threading.Thread(target=self._work, name="tvq-model", daemon=True)
         self.worker.start()
 
@@ -199,6 +200,7 @@ class Engine:
                 n, context = self.cache.longest(self.model, ids)
             prefill.context, prefill.read = context, n
             answer.cached_tokens += n
+            self.stats["cached_tokens"] += n
         if echo and prefill.scores is None:
             empty = np.zeros([0, self.alternatives])
             prefill.scores = PromptScores(np.zeros([0]), empty, empty.astype(np.int32))
@@ -312,6 +314,7 @@ class Engine:
             self._end(answer, Failed(api_error(e)))
             return
         answer.prompt_tokens += prompt_tokens + r.fresh[p]
+        self.stats["prompt_tokens"] += prompt_tokens
         answer.completion_tokens += sum(len(s.ids) for s in samples)
         answer.prompt += 1
         if answer.prompt < len(r.prompts):
