@@ -416,3 +416,21 @@ def test_a_new_logprobs_compiles_nothing_in_tvq_generate(tmp_path):
         out = invoke(*first, "--logprobs", 5)
     assert dict(compiled) == {}
     assert '"top_logprobs"' in out.output
+
+
+def test_a_new_num_samples_compiles_nothing_in_tvq_generate(tmp_path):
+    """tvq generate pads its rows to a power of two (rows that never sample), so 3 samples
+    after 4 run the program 4 compiled; the 3 are the first 3 of the 4."""
+    import json
+
+    from tests.test_cli import invoke
+
+    model_dir = save_byte_model(tmp_path / "tiny", seed=11)
+    first = ("generate", "abcd", "-m", model_dir, "-n", 6, "--seed", 1, "--json", "--no-cache")
+    four = invoke(*first, "--num-samples", 4)
+    with count_compilations() as compiled:
+        three = invoke(*first, "--num-samples", 3)
+    assert dict(compiled) == {}
+    tokens = [[json.loads(line)["tokens"] for line in out.stdout.splitlines()]
+              for out in (four, three)]  # fmt: skip
+    assert len(tokens[1]) == 3 and tokens[1] == tokens[0][:3]

@@ -181,15 +181,18 @@ def stream_generate(
             return
         fresh = context is None and not whole
         rings, token = prefill_rings(model, after, prompt_ids[whole:], fresh, width)
-        if num_samples > 1:
-            rings, token = repeat_ring_rows(rings, n=num_samples), jnp.repeat(token, num_samples)
-        mesh = mesh_for_rows(num_samples, devices)
-        n = num_samples
-        rows = TextRows(tokenizer, [list(stop)] * n, [ignore_eos] * n, [logprobs] * n)
-        loop = _SampleLoop(model, rows, row_keys(seed, n), np.full(n, max_tokens),
-                           SamplerRows.of([sampler] * n, model.config.n_vocab),
-                           Penalties.start(model.config.n_vocab, [prompt_ids.tolist()] * n),
-                           width, eos_ids_of(tokenizer, [ignore_eos] * n), mesh,
+        # rows padded to a power of two that never sample: a new num_samples compiles
+        # nothing new (row i's key is fold_in(key(seed), i) whatever the padding)
+        n, size = num_samples, 1 << max(0, num_samples - 1).bit_length()
+        if size > 1:
+            rings, token = repeat_ring_rows(rings, n=size), jnp.repeat(token, size)
+        mesh = mesh_for_rows(size, devices)
+        rows = TextRows(tokenizer, [list(stop)] * size, [ignore_eos] * size, [logprobs] * size)
+        limits = np.where(np.arange(size) < n, max_tokens, 0)
+        loop = _SampleLoop(model, rows, row_keys(seed, size), limits,
+                           SamplerRows.of([sampler] * size, model.config.n_vocab),
+                           Penalties.start(model.config.n_vocab, [prompt_ids.tolist()] * size),
+                           width, eos_ids_of(tokenizer, [ignore_eos] * size), mesh,
                            keep_state=True)  # fmt: skip
         rings, token, count = yield from loop.run(rings, token, stream)
         finished_at = time.perf_counter()
@@ -198,10 +201,12 @@ def stream_generate(
 
         def resume() -> Context:
             state = ring_to_state(model.config, model.params, on_device(rings))
-            return Context(state=state, last_token=np.asarray(token), tokens=tokens_before + count)
+            state = jax.tree_util.tree_map(lambda a: a[: a.shape[0] // size * n], state)
+            return Context(state=state, last_token=np.asarray(token)[:n],
+                           tokens=tokens_before + count)  # fmt: skip
 
         generation = Generation(
-            samples=rows.samples, prompt_tokens=len(prompt_ids),
+            samples=rows.samples[:n], prompt_tokens=len(prompt_ids),
             prompt_seconds=first - started, generated_tokens=count * num_samples,
             generate_seconds=max(finished_at - first, 1e-9), seed=seed, resume=resume,
             devices=mesh.size if mesh is not None else 1, cached_tokens=cached,
