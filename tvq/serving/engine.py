@@ -46,6 +46,8 @@ from tvq.serving.running import RunningBatch
 from tvq.serving.sessions import Sessions
 from tvq.text.rows import TextRows
 
+ANCHOR = 32  # a scored prompt's state is also kept at its last multiple of this many tokens
+
 
 class Engine:
     """The model behind the server: one worker thread starts the waiting requests whose
@@ -117,10 +119,10 @@ class Engine:
         long prompt still gets half the model."""
         if self.running.rows and (self.decode_credit > 0 or not self.prefilling):
             started = time.perf_counter()
-            self._guarded([e.owner for e in self.running.entries], self._step)
-            self.decode_credit -= time.perf_counter() - started
             self.stats["largest_batch"] = max(self.stats["largest_batch"],
                                               len(self.running.entries))  # fmt: skip
+            self._guarded([e.owner for e in self.running.entries], self._step)
+            self.decode_credit -= time.perf_counter() - started
         elif self.prefilling:
             started = time.perf_counter()
             self._read_chunk()
@@ -208,11 +210,17 @@ class Engine:
     def _read(self, prefill: _Prefill, end: int) -> None:
         """Reads the prompt's ids up to `end` (their scores too, for echo with logprobs);
         read from the start of a document, the state is kept in the cache after each
-        piece (with the scores where a piece ends at `end` or at the prompt's common
-        prefix with the request's other prompts, which read it from there)."""
+        piece, with the scores where a piece ends at `end`, at the prompt's common prefix
+        with the request's other prompts (which read it from there), or, when a scored
+        prompt is read to its end, at its last multiple of ANCHOR tokens: a prompt that
+        differs only in its last few tokens (lm-evaluation-harness sends each
+        continuation of a context as a request of its own) reads from there."""
         answer = prefill.answer
         ids = answer.job.request.prompts[answer.prompt]
-        stops = sorted({end, *([answer.shared] if prefill.read < answer.shared < end else [])})
+        marks = {end, answer.shared}
+        if prefill.scores is not None and end == len(ids):
+            marks.add(end // ANCHOR * ANCHOR)
+        stops = sorted(m for m in marks if prefill.read < m <= end)
         for stop in stops:
             if stop <= prefill.read:
                 continue
@@ -225,7 +233,7 @@ class Engine:
                     result.log_probs[0], result.top_log_probs[0], result.top_ids[0]))  # fmt: skip
             prefill.read = stop
             if prefill.keep:
-                final = stop == answer.shared or stop == len(ids)
+                final = stop in marks
                 self.cache.put(self.model, ids[:stop], prefill.context,
                                prefill.scores if final else None)  # fmt: skip
 
