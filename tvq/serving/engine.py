@@ -47,6 +47,7 @@ from tvq.serving.sessions import Sessions
 from tvq.text.rows import TextRows
 
 ANCHOR = 32  # a scored prompt's state is also kept at its last multiple of this many tokens
+SCORED_KEPT = 64  # scored prompts whose ids a new one is compared with
 
 
 class Engine:
@@ -72,7 +73,9 @@ class Engine:
         self.running = RunningBatch(model, self.alternatives, settings.max_batch_rows)
         self.decode_credit = 0.0  # seconds the running rows may decode before the next chunk
         self.sessions = Sessions(base or model, settings.max_sessions, settings.session_dir)
-        # the state after each prompt and completion, so no text is read twice
+        # the state after each prompt and completion, so no text is read twice; the ids of
+        # the last scored prompts, whose common prefix with a new one is kept too
+        self.scored: collections.deque[np.ndarray] = collections.deque(maxlen=SCORED_KEPT)
         self.cache = StateCache(settings.cache_bytes, settings.cache_dir,
                                 settings.cache_dir_bytes)  # fmt: skip
         self.jobs = JobQueue(settings.queue_size)
@@ -198,6 +201,8 @@ class Engine:
             if echo:
                 n, context, scores = self.cache.longest_scored(self.model, ids, self.alternatives)
                 prefill.scores = scores
+                prefill.mark = max([_shared(ids, seen) for seen in self.scored], default=0)
+                self.scored.append(np.asarray(ids, np.int32))
             else:
                 n, context = self.cache.longest(self.model, ids)
             prefill.context, prefill.read = context, n
@@ -211,13 +216,14 @@ class Engine:
         """Reads the prompt's ids up to `end` (their scores too, for echo with logprobs);
         read from the start of a document, the state is kept in the cache after each
         piece, with the scores where a piece ends at `end`, at the prompt's common prefix
-        with the request's other prompts (which read it from there), or, when a scored
-        prompt is read to its end, at its last multiple of ANCHOR tokens: a prompt that
-        differs only in its last few tokens (lm-evaluation-harness sends each
-        continuation of a context as a request of its own) reads from there."""
+        with the request's other prompts (which read it from there), at its common prefix
+        with a scored prompt read before (`prefill.mark`: lm-evaluation-harness sends each
+        continuation of a context as a request of its own, so the next one reads from the
+        context's end), or, when a scored prompt is read to its end, at its last multiple
+        of ANCHOR tokens."""
         answer = prefill.answer
         ids = answer.job.request.prompts[answer.prompt]
-        marks = {end, answer.shared}
+        marks = {end, answer.shared, prefill.mark}
         if prefill.scores is not None and end == len(ids):
             marks.add(end // ANCHOR * ANCHOR)
         stops = sorted(m for m in marks if prefill.read < m <= end)
@@ -406,6 +412,7 @@ class _Prefill:
     read: int = 0
     scores: PromptScores | None = None
     keep: bool = False
+    mark: int = 0  # its common prefix with a scored prompt read before: kept too
     started: bool = False  # where its reading starts is found (when its turn comes)
 
 
@@ -418,3 +425,10 @@ def _common_prefix(prompts: list[list[int]]) -> int:
     for other in prompts[1:]:
         n = next((i for i in range(n) if other[i] != first[i]), n)
     return n
+
+
+def _shared(ids, seen: np.ndarray) -> int:
+    """How many first tokens ids shares with seen."""
+    n = min(len(ids), len(seen))
+    differ = np.flatnonzero(np.asarray(ids[:n], np.int32) != seen[:n])
+    return int(differ[0]) if len(differ) else n
