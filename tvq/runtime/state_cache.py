@@ -27,7 +27,7 @@ import json
 import os
 import threading
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -167,6 +167,9 @@ class StateCache:
         held = self.entries.get(entry)
         if held is not None:
             self.entries.move_to_end(entry)
+            if callable(held[0]):  # kept for later (put_later): made on its first hit
+                held = (held[0](), *held[1:])
+                self.entries[entry] = held
             return held
         path = self._path(entry)
         if path is None or not path.exists():
@@ -207,6 +210,20 @@ class StateCache:
                     warnings.warn(f"state cache: {e}", stacklevel=2)
                     return
                 self._trim_folder()
+
+    def put_later(self, model: Model, ids: Sequence[int] | np.ndarray,
+                  make: Callable[[], Context]) -> None:  # fmt: skip
+        """Keeps, in memory, the state after ids as `make()` gives it, made only if a
+        later prompt begins with them (the state after a completion: most are never
+        continued, so reading them again would cost every request for a few)."""
+        ids = np.asarray(ids, np.int32)
+        if not len(ids):
+            return
+        key = numbers_key(model)
+        entry = (key, len(ids), prefix_digests(key, ids, [len(ids)])[len(ids)])
+        with self.lock:
+            if entry not in self.entries:
+                self._remember(entry, make, model)
 
     def _remember(self, entry, context: Context, model: Model,
                   scores: PromptScores | None = None) -> None:  # fmt: skip

@@ -79,6 +79,7 @@ class Engine:
         self.cache = StateCache(settings.cache_bytes, settings.cache_dir,
                                 settings.cache_dir_bytes)  # fmt: skip
         self.jobs = JobQueue(settings.queue_size)
+        self.fresh = Context.start(model, 1)  # the start of a document, made once
         # requests started, most at once, prompt tokens in all and those the cache held
         self.stats = {"requests": 0, "largest_batch": 0, "prompt_tokens": 0, "cached_tokens": 0}
         self.worker = threading.Thread(target=self._work, name="tvq-model", daemon=True)
@@ -289,25 +290,27 @@ class Engine:
                             r.ignore_eos)  # fmt: skip
         rows = TextRows(self.tokenizer, [r.stop] * r.n, [r.ignore_eos] * r.n,
                         [r.logprobs or 0] * r.n)  # fmt: skip
-        after_prompt = None  # where the sampled tokens continue from: a session's state,
-        if r.session is not None or (prefill.keep and r.n == 1):  # or the cache's
-            after_prompt = context or Context.start(self.model, 1)
+        after_prompt = None  # where a session's sampled tokens continue from
+        if r.session is not None:
+            after_prompt = context or self.fresh
             if len(tail):
                 _, after_prompt = score_ids(self.model, tail, after_prompt)
 
         def done(samples: list[Sample]) -> None:
-            self._prompt_done(answer, rows, len(ids), echoed, after_prompt, prefill.keep)
+            if prefill.keep and r.n == 1 and samples[0].ids:  # made if a prompt continues it
+                start, rest = context or self.fresh, [*tail, *samples[0].ids]
+                self.cache.put_later(self.model, [*r.prompts[p], *samples[0].ids],
+                                     lambda: score_ids(self.model, rest, start)[1])  # fmt: skip
+            self._prompt_done(answer, rows, len(ids), echoed, after_prompt)
 
         self.running.admit(request, context, tail, rows, done, answer)
 
     def _prompt_done(self, answer: _Answer, rows: TextRows, prompt_tokens: int, echoed,
-                     after_prompt: Context | None, keep: bool) -> None:  # fmt: skip
+                     after_prompt: Context | None) -> None:  # fmt: skip
         """A prompt's rows all ended: its last pieces go out, a session keeps the state
-        after every token sampled (so does the state cache, for a prompt read from the
-        start of a document: a chat client sends the answer back with its next turn),
-        the choices end, and the request's next prompt joins at the next round, or it
-        ends. An error here (a session's state not saved: a full disk) ends this request
-        alone."""
+        after every token sampled, the choices end, and the request's next prompt joins
+        at the next round, or it ends. An error here (a session's state not saved: a full
+        disk) ends this request alone."""
         job, p, samples = answer.job, answer.prompt, rows.samples
         r = job.request
         if job.cancelled.is_set():
@@ -315,11 +318,9 @@ class Engine:
             return
         try:
             answer.out.send(rows.drain())
-            if after_prompt is not None and (r.session is not None or samples[0].ids):
+            if r.session is not None:
                 _, after = score_ids(self.model, samples[0].ids, after_prompt)
-                if keep and r.n == 1:
-                    self.cache.put(self.model, [*r.prompts[p], *samples[0].ids], after)
-                if r.session is not None and self._store(r.session, after):
+                if self._store(r.session, after):
                     answer.held = {"session_tokens": int(after.tokens)}  # an extension
             for row, sample in enumerate(samples):
                 job.send(ChoiceEnd(p * r.n + row, choice_end(self.tokenizer, r, sample, echoed,
