@@ -45,6 +45,9 @@ class Entry:
     owner: object = None  # whose prompt it is (the engine's)
 
 
+WARM_SLOTS = 16  # slot counts up to this have their small programs compiled at start-up
+
+
 class RunningBatch:
     """The rows of the requests running now, on the device: rings, last tokens, keys,
     settings and penalties, in slots. The device arrays hold a power of two of slots,
@@ -193,12 +196,13 @@ class RunningBatch:
 
     def warm_up(self, sizes: list[int]) -> None:
         """Compiles, before serving, the loop at these slot counts, and for every slot
-        count a batch can have (the powers of two up to max_rows, and max_rows) writing a
-        joining request's row into a slot and the resizes between them (up, and down to
-        a quarter or less): small programs, which would otherwise compile while requests
-        wait (a run of 16 clients took half the time or twice, by which resizes it met)."""
+        count up to WARM_SLOTS (the powers of two, and max_rows if less) writing a joining
+        request's row into a slot and the resizes between them (up, and down to a
+        quarter or less): small programs, which would otherwise compile while requests
+        wait (a run of 16 clients took half the time or twice, by which resizes it met).
+        Larger batches compile theirs once, when first met, into the compilation cache."""
         blank, key = self._blank_row(), on_device(seed_key(0))
-        every = sorted({self._size(n) for n in range(1, self.max_rows + 1)})
+        every = sorted({self._size(n) for n in range(1, min(self.max_rows, WARM_SLOTS) + 1)})
         arrays = {size: _gather_rows(None, blank, np.zeros(size, np.int32)) for size in every}
         for size, device in arrays.items():
             nothing = np.zeros(size, np.int32)  # no row takes a step
