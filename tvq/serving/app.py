@@ -20,28 +20,30 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from tvq.serving.engine import Engine
-from tvq.serving.jobs import ChoiceEnd, ChoiceText, Failed, Finished, Job
-from tvq.serving.protocol import (
-    BASE_MODEL_ONLY,
+from tvq.serving.answers import (
     SSE_DONE,
-    ApiError,
-    CompletionRequest,
-    check_unicode,
     completion_head,
     completion_response,
     end_chunk,
-    internal_error,
     models_json,
-    parse_completion,
-    parse_detokenize,
-    parse_tokenize,
     session_deleted_json,
     sse_chunk,
     sse_error,
     text_chunk,
-    tokenizer_info_json,
     usage_chunk,
+)
+from tvq.serving.engine import Engine
+from tvq.serving.jobs import ChoiceEnd, ChoiceText, Failed, Finished, Job
+from tvq.serving.protocol import (
+    BASE_MODEL_ONLY,
+    ApiError,
+    CompletionRequest,
+    check_unicode,
+    internal_error,
+    parse_completion,
+    parse_detokenize,
+    parse_tokenize,
+    tokenizer_info_json,
 )
 from tvq.serving.sessions import SESSION_ID
 

@@ -30,17 +30,19 @@ from tvq.errors import StateError
 from tvq.runtime.context import Context, chunk_len, require_tokenizer, score_ids
 from tvq.runtime.model import Model
 from tvq.runtime.state_cache import PromptScores, StateCache
+from tvq.serving.answers import (
+    choice_end,
+    logprobs_json,
+    logprobs_piece,
+    usage_json,
+)
 from tvq.serving.jobs import ChoiceEnd, ChoiceText, Failed, Finished, Job, JobQueue
 from tvq.serving.protocol import (
     MAX_LOGPROBS,
     ApiError,
     ServerSettings,
     api_error,
-    choice_end,
     id_array,
-    logprobs_json,
-    logprobs_piece,
-    usage_json,
 )
 from tvq.serving.running import RunningBatch
 from tvq.serving.sessions import Sessions
@@ -422,10 +424,8 @@ def _common_prefix(prompts: list[list[int]]) -> int:
     harness sends one context with each of its continuations."""
     if len(prompts) < 2:
         return 0
-    first, n = prompts[0], min(len(p) for p in prompts)
-    for other in prompts[1:]:
-        n = next((i for i in range(n) if other[i] != first[i]), n)
-    return n
+    first = np.asarray(prompts[0], np.int32)
+    return min(_shared(other, first) for other in prompts[1:])
 
 
 def _shared(ids, seen: np.ndarray) -> int:
