@@ -236,23 +236,24 @@ def section_decode(out, args) -> None:
                 keys = jax.random.split(jax.random.PRNGKey(0), batch)
                 counts = jnp.zeros([batch], jnp.int32)
                 limits = jnp.full([batch], CHUNK, jnp.int32)
+                n_forced = jnp.zeros([batch], jnp.int32)
                 eos = jnp.full([batch], -1, jnp.int32)
                 sampling = jax.device_put(SamplerRows.of([sampler] * batch, config.n_vocab))
                 penalties = jax.device_put(Penalties.start(config.n_vocab, [[]] * batch))
                 stage(f"decode {layers} layers batch {batch} {name}: compiling")
                 compiled = decode_chunk.lower(config, params, rings, token, keys, counts, limits,
-                                              forced, 0, eos, sampling,
+                                              forced, n_forced, eos, sampling,
                                               penalties).compile()  # fmt: skip
                 stage("compiled")
                 chunks = 4
 
                 def run(c=compiled, p=params, rings=rings, token=token, forced=forced, keys=keys,
                         counts=counts, limits=limits, eos=eos, s=sampling,
-                        pen=penalties):  # fmt: skip
+                        pen=penalties, n_forced=n_forced):  # fmt: skip
                     r, t = rings, token
                     for i in range(4):
-                        r, t, *_, pen = c(p, r, t, keys, counts + i * CHUNK, limits, forced, 0,
-                                          eos, s, pen)  # fmt: skip
+                        r, t, *_, pen = c(p, r, t, keys, counts + i * CHUNK, limits, forced,
+                                          n_forced, eos, s, pen)  # fmt: skip
                     return t
 
                 seconds = timed(run, 3)

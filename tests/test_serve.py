@@ -500,7 +500,7 @@ def test_requests_join_and_leave_the_running_batch(model_dir):
     model = tvq.load(model_dir)
     batch = RunningBatch(model, alternatives=3, max_rows=4)
     cases = [
-        ("Hamlet: ", 12, 3, 1, tvq.Sampler(temperature=0.8), 0),
+        ("Hamlet: ", 40, 3, 1, tvq.Sampler(temperature=0.8), 0),
         ("Ophelia, in thy orisons", 20, 4, 2, tvq.Sampler(top_k=5, presence_penalty=1.0), 3),
         ("A", 5, 5, 1, tvq.Sampler(temperature=0, repetition_penalty=1.3), 2),
         ("To be", 9, 6, 1, tvq.Sampler(min_p=0.1, frequency_penalty=0.5), 1),
@@ -537,3 +537,56 @@ def test_requests_join_and_leave_the_running_batch(model_dir):
             assert mine.ids == theirs.ids and mine.text == theirs.text
             np.testing.assert_allclose(mine.log_probs, theirs.log_probs, atol=1e-5)
             assert [len(t) for t in mine.top_logprobs] == [len(t) for t in theirs.top_logprobs]
+
+
+def test_prompt_tails_are_read_in_the_running_batch(model_dir, monkeypatch):
+    """The tails of joining prompts (here longer than a call's CHUNK steps, and of
+    different lengths) are read by their rows' first steps in the running batch's calls,
+    beside rows that sample: joining runs no loop of its own, and each request still
+    gets exactly what generate() gives it alone."""
+    import tvq.runtime.decode_loop
+    from tvq.decoding import BatchItem, generate
+    from tvq.serving.running import RunningBatch
+    from tvq.text.rows import TextRows
+
+    model = tvq.load(model_dir).with_block_len(64)
+    calls = []
+    loop = tvq.runtime.decode_loop.decode_chunk
+    monkeypatch.setattr(tvq.runtime.decode_loop, "decode_chunk",
+                        lambda *a, **k: calls.append(1) or loop(*a, **k))  # fmt: skip
+    batch = RunningBatch(model, alternatives=2, max_rows=4)
+    cases = [
+        ("Hamlet: ", 30, 3, 1, tvq.Sampler(temperature=0.8)),
+        ("Ophelia, in thy orisons be all my sins remembered, ", 9, 4, 2,
+         tvq.Sampler(top_k=5, presence_penalty=1.0)),
+        ("O, that this too too solid flesh would melt, thaw and resolve itself "
+         "into a dew", 12, 5, 1, tvq.Sampler(temperature=0, repetition_penalty=1.3)),
+    ]  # fmt: skip
+    done = {}
+
+    def join(i: int) -> None:
+        text, max_tokens, seed, n, sampler = cases[i]
+        ids = np.asarray(model.tokenizer.encode(text), np.int32)
+        whole = len(ids) - len(ids) % model.block_len
+        context = tvq.score_ids(model, ids[:whole])[1] if whole else None
+        request = BatchItem(ids, max_tokens, seed, n, (), sampler, 1, False)
+        rows = TextRows(model.tokenizer, [[]] * n, [False] * n, [1] * n)
+        before = len(calls)
+        batch.admit(request, context, ids[whole:], rows, lambda s, i=i: done.__setitem__(i, s))
+        assert len(calls) == before  # nothing read on its own
+        return len(ids) - whole
+
+    join(0)
+    batch.step()
+    batch.step()
+    tails = [join(1), join(2)]  # in the same round
+    assert max(tails) > tvq.runtime.decode_loop.CHUNK and tails[0] != tails[1]
+    while batch.rows:
+        batch.step()
+    for i, (text, max_tokens, seed, n, sampler) in enumerate(cases):
+        alone = generate(model, text, max_tokens=max_tokens, seed=seed, num_samples=n,
+                         sampler=sampler, logprobs=1)  # fmt: skip
+        for mine, theirs in zip(done[i], alone.samples, strict=True):
+            assert mine.ids == theirs.ids and mine.text == theirs.text
+            np.testing.assert_allclose(mine.log_probs, theirs.log_probs, atol=1e-5)
+    assert sum(len(s.ids) for s in done[2]) > 1

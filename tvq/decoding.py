@@ -377,10 +377,16 @@ def prefill_rings(model: Model, context: Context, rest: np.ndarray, fresh: bool,
     """The rings of one text after `context` and then `rest` (less than a block), fed
     through the decoding loop (the program that samples next: the same top-k) →
     (rings, last token); fresh: nothing read before (empty rings)."""
-    rings = empty_rings(model.config, 1) if fresh else state_to_ring(context.state)
-    token = jnp.asarray(context.last_token, jnp.int32)
+    rings, token = start_rings(model, context, fresh)
     rings, token, _ = feed(model, rings, token, rest[None, :], logprobs)
     return rings, token
+
+
+def start_rings(model: Model, context: Context, fresh: bool):
+    """The rings and last token of one text after `context` (fresh: nothing read
+    before, empty rings)."""
+    rings = empty_rings(model.config, 1) if fresh else state_to_ring(context.state)
+    return rings, jnp.asarray(context.last_token, jnp.int32)
 
 
 def eos_ids_of(tokenizer, ignore_eos: list[bool]) -> np.ndarray:

@@ -45,7 +45,7 @@ ended on a stop string keeps its state too: the model has read the stop string (
 `tvq chat`), though llm logs the response without it, so an in-memory conversation goes
 on from what the model really read, and a rebuilt one from what llm logged. History
 comes from `prompt.messages`, the whole chain llm (0.36) hands a model; system, user and
-assistant text parts are used. """
+assistant text parts are used."""
 
 from __future__ import annotations
 

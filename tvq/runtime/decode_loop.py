@@ -61,11 +61,14 @@ def decode_chunk(config, params, rings, token, keys, counts, limits, forced, n_f
     every setting), after its penalties (which count what it sampled). Row r's k-th
     token of its text is drawn with the key fold_in(keys[r], k), k = counts[r] + step,
     so a row's text depends on its own key and settings only, never on the rows beside
-    it (tvq.serving.engine batches requests). The first n_forced steps take forced
-    [CHUNK, B] instead of sampling (to replay a chunk up to a stop string). Log-probs
-    are the model's, before the sampler's penalties, temperature and truncation (those
-    `tvq score` gives). Every row's state advances every step: a row that has stopped
-    keeps going (its later tokens are not used).
+    it (tvq.serving.engine batches requests). Row r's first n_forced[r] steps take
+    forced [CHUNK, B] instead of sampling: text it reads, not samples (a prompt's tail
+    in the server's running batch, a chunk replayed up to a stop string, scoring); they
+    are neither counted by the penalties nor checked for eos_ids, and row r's k-th
+    sampled token has k = counts[r] + step − n_forced[r]. Log-probs are the model's,
+    before the sampler's penalties, temperature and truncation (those `tvq score`
+    gives). Every row's state advances every step: a row that has stopped keeps going
+    (its later tokens are not used).
 
     Returns (rings, last token [B], tokens [CHUNK, B], log-probs [CHUNK, B], steps, the
     top_k most likely tokens' log-probs [CHUNK, B, top_k] and ids [CHUNK, B, top_k],
@@ -76,7 +79,7 @@ def decode_chunk(config, params, rings, token, keys, counts, limits, forced, n_f
     # Every step's random numbers [CHUNK, B], drawn before the loop: XLA:CPU runs the
     # threefry hash as small loops of its own, which cost more per step than the draw.
     steps = jnp.arange(CHUNK, dtype=jnp.int32)[:, None]
-    step_keys = jax.vmap(jax.vmap(jax.random.fold_in), (None, 0))(keys, counts + steps)
+    step_keys = jax.vmap(jax.vmap(jax.random.fold_in), (None, 0))(keys, counts + steps - n_forced)
     uniforms = jax.vmap(row_uniforms)(step_keys)  # [CHUNK, B]
 
     def cond(c: DecodeCarry):
@@ -85,13 +88,15 @@ def decode_chunk(config, params, rings, token, keys, counts, limits, forced, n_f
     def body(c: DecodeCarry) -> DecodeCarry:
         rings, log_probs = net.apply(variables, c.token, c.rings, tables, method=Transformer.step)
         sampled = next_tokens(sampling, c.penalties, uniforms[c.step], log_probs)
-        new = jnp.where(c.step < n_forced, forced[c.step], sampled)
+        reading = c.step < n_forced
+        new = jnp.where(reading, forced[c.step], sampled)
         live = (c.step < limits) & ~c.done
+        chosen = live & ~reading
         picked = jnp.take_along_axis(log_probs, new[:, None], axis=-1)[:, 0]
         top_values, top_ids = jax.lax.top_k(log_probs, top_k)
         return DecodeCarry(
-            step=c.step + 1, rings=rings, token=new, done=c.done | (live & (new == eos_ids)),
-            penalties=count_tokens(sampling, c.penalties, new, live),
+            step=c.step + 1, rings=rings, token=new, done=c.done | (chosen & (new == eos_ids)),
+            penalties=count_tokens(sampling, c.penalties, new, chosen),
             tokens=c.tokens.at[c.step].set(new), log_probs=c.log_probs.at[c.step].set(picked),
             top_log_probs=c.top_log_probs.at[c.step].set(top_values),
             top_ids=c.top_ids.at[c.step].set(top_ids.astype(jnp.int32)),
@@ -127,13 +132,14 @@ def run_chunk(model: Model, rings, token, keys, counts, limits, forced, n_forced
     mesh the rows are split over its devices (`params` replicated on them)."""
     counts, limits = np.asarray(counts, np.int32), np.asarray(limits, np.int32)
     eos_ids = np.broadcast_to(np.asarray(eos_ids, np.int32), limits.shape)
-    rows = (rings, token, keys, counts, limits, eos_ids, sampling, penalties)
+    n_forced = np.broadcast_to(np.asarray(n_forced, np.int32), limits.shape)
+    rows = (rings, token, keys, counts, limits, n_forced, eos_ids, sampling, penalties)
     if mesh is None:
         rows, forced = on_device((rows, forced))
         params = model.params
     else:
         rows, forced = split_rows(mesh, rows), replicated(mesh, forced)
-    rings, token, keys, counts, limits, eos_ids, sampling, penalties = rows
+    rings, token, keys, counts, limits, n_forced, eos_ids, sampling, penalties = rows
     return decode_chunk(model.config, params, rings, token, keys, counts, limits, forced,
                         n_forced, eos_ids, sampling, penalties, top_k=top_k)  # fmt: skip
 

@@ -11,6 +11,11 @@ for time to the first token, a new row's first calls take 1, 2, 4, … steps), s
 row still running has exactly its own state after a call: a request gets the text
 generate() gives it alone. A row that ends mid-call (its end of document, a stop
 string) is done; its later steps are never read.
+
+A joining prompt's tail (what is left under a block once its whole blocks are read) is
+read in the running batch too: its rows' first steps take the tail's tokens instead of
+sampling (decode_chunk's per-row forcing) while the other rows sample, so the tails of
+requests that join together cost the batch's calls, not a call of their own each.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tvq.decoding import BatchItem, eos_ids_of, prefill_rings
+from tvq.decoding import BatchItem, eos_ids_of, start_rings
 from tvq.nn.ring import empty_rings
 from tvq.runtime.context import Context, eos_id
 from tvq.runtime.decode_loop import CHUNK, device_row_keys, run_chunk, seed_key
@@ -43,6 +48,8 @@ class Entry:
     rows: TextRows
     on_done: Callable[[list[Sample]], None]
     owner: object = None  # whose prompt it is (the engine's)
+    tail: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros([0], np.int32))
+    # the prompt's ids its rows still read before they sample
 
 
 WARM_SLOTS = 16  # slot counts up to this have their small programs compiled at start-up
@@ -76,7 +83,8 @@ class RunningBatch:
     def admit(self, r: BatchItem, context: Context | None, rest, rows: TextRows, on_done,
               owner: object = None) -> Entry:  # fmt: skip
         """Adds a request's rows: its prompt read up to `context` (None: nothing read),
-        `rest` (under a block) still to feed. The rows must fit: at most max_rows."""
+        `rest` (under a block) still to read, which its rows' first steps take. The rows
+        must fit: at most max_rows."""
         model = self.model
         if self.rows + r.num_samples > self.max_rows:
             raise ValueError(f"{r.num_samples} rows do not fit beside {self.rows} "
@@ -85,8 +93,7 @@ class RunningBatch:
         if fresh:
             self._fresh = self._fresh or Context.start(model, 1)
             context = self._fresh
-        rings, token = prefill_rings(model, context, np.asarray(rest, np.int32), fresh,
-                                     self.alternatives)  # fmt: skip
+        rings, token = start_rings(model, context, fresh)
         n = r.num_samples
         sampler = r.sampler or Sampler()
         prompt = [int(i) for i in r.prompt_ids[-REPEAT_WINDOW:]]  # all the penalties read
@@ -97,7 +104,7 @@ class RunningBatch:
             "penalties": Penalties.start(model.config.n_vocab, [prompt]),
             "eos": eos_ids_of(model.tokenizer, [bool(r.ignore_eos)]),
         }  # fmt: skip
-        entry = Entry(r, rows, on_done, owner)
+        entry = Entry(r, rows, on_done, owner, np.asarray(rest, np.int32))
         self.entries.append(entry)
         free = [i for i, slot in enumerate(self.slots) if slot is None]
         if len(free) < n:
@@ -128,12 +135,20 @@ class RunningBatch:
         self._retire()
 
     def _call(self, live: list[bool]) -> None:
+        """Every live row takes the same number of steps: as many as the row with the
+        fewest to go wants (its tail still to read, then its next 1, 2, 4, … tokens, at
+        most its max_tokens); a row's first steps read what is left of its tail."""
         slots = zip(self.slots, self.counts, self.chunks, live, strict=True)
-        steps = min([CHUNK] + [min(slot[0].request.max_tokens - count, chunk)
-                               for slot, count, chunk, on in slots if on])  # fmt: skip
+        steps = min(min(CHUNK, len(slot[0].tail) + min(chunk, slot[0].request.max_tokens - count))
+                    for slot, count, chunk, on in slots if on)  # fmt: skip
         limits = np.where(live, steps, 0).astype(np.int32)
+        forced, n_forced = np.zeros([CHUNK, len(self.slots)], np.int32), np.zeros_like(limits)
+        for i, slot in enumerate(self.slots):
+            if live[i] and len(slot[0].tail):
+                n_forced[i] = n = min(len(slot[0].tail), steps)
+                forced[:n, i] = slot[0].tail[:n]
         rings, token, tokens, log_probs, sampled, top_values, top_ids, penalties = self._run(
-            self.device, np.asarray(self.counts, np.int32), limits
+            self.device, np.asarray(self.counts, np.int32), limits, forced, n_forced
         )
         self.device = dict(self.device, rings=rings, token=token, penalties=penalties)
         tokens, log_probs = np.asarray(tokens), np.asarray(log_probs)
@@ -142,24 +157,26 @@ class RunningBatch:
         for i, slot in enumerate(self.slots):
             if slot is not None:
                 where[id(slot[0])].append((slot[1], i))
-        taken = [(entry, [i for _, i in sorted(where[id(entry)])]) for entry in self.entries]
-        for step in range(min(int(sampled), steps)):
-            for entry, at in taken:
+        for entry in self.entries:
+            at = [i for _, i in sorted(where[id(entry)])]
+            read = int(n_forced[at[0]]) if at else 0  # its rows read alike
+            entry.tail = entry.tail[read:]
+            for step in range(read, min(int(sampled), steps)):
                 entry.rows.take(tokens[step, at], log_probs[step, at], top_values[step, at],
                                 top_ids[step, at])  # fmt: skip
         for i, slot in enumerate(self.slots):
-            if live[i]:
+            if live[i] and steps > n_forced[i]:  # it sampled
                 entry, j = slot
-                self.counts[i] += steps
+                self.counts[i] += steps - int(n_forced[i])
                 self.chunks[i] = min(2 * self.chunks[i], CHUNK)
                 if self.counts[i] >= entry.request.max_tokens:
                     entry.rows.finish_at(j)
 
-    def _run(self, d: dict, counts: np.ndarray, limits: np.ndarray):
+    def _run(self, d: dict, counts: np.ndarray, limits: np.ndarray, forced: np.ndarray,
+             n_forced: np.ndarray):  # fmt: skip
         """One call of the compiled loop over the slots' arrays (run_chunk's outputs)."""
-        no_forcing = np.zeros([CHUNK, len(counts)], np.int32)
         return run_chunk(self.model, d["rings"], d["token"], d["keys"], counts, limits,
-                         no_forcing, 0, d["eos"], d["sampling"], d["penalties"],
+                         forced, n_forced, d["eos"], d["sampling"], d["penalties"],
                          top_k=self.alternatives)  # fmt: skip
 
     def _retire(self) -> None:
@@ -207,7 +224,8 @@ class RunningBatch:
         for size, device in arrays.items():
             nothing = np.zeros(size, np.int32)  # no row takes a step
             if size in sizes:
-                jax.block_until_ready(self._run(device, nothing, nothing))
+                forced = np.zeros([CHUNK, size], np.int32)
+                jax.block_until_ready(self._run(device, nothing, nothing, forced, nothing))
             jax.block_until_ready(_put_row(device, blank, np.int32(0), key, np.int32(0)))
             for other in every:
                 if other > size or 4 * other <= size:
