@@ -96,6 +96,34 @@ def test_memory_is_bounded_least_recently_used_out(model):
     assert cache.longest(model, ids)[0] == 15
 
 
+def test_sessions_are_pinned_entries_counted_in_the_bound(model):
+    """The server's sessions live in its state cache by name: they count in its memory
+    bound, the prefixes make room for them (least recently used first), they are never
+    evicted for a prefix, and the session store's own limit unpins the oldest."""
+    from tvq.serving.sessions import Sessions
+
+    size = model.state_bytes_per_sequence
+    cache = StateCache(memory_bytes=3 * size)
+    ids = np.arange(3, 40, dtype=np.int32)
+    for n in (5, 10, 15):
+        cache.put(model, ids[:n], score_ids(model, ids[:n])[1])
+    sessions = Sessions(model, limit=2, folder=None, cache=cache)
+    talk = {name: score_ids(model, ids[:k])[1] for name, k in (("a", 7), ("b", 8), ("c", 9))}
+    sessions.put("a", talk["a"])
+    sessions.put("b", talk["b"])
+    info = cache.info()
+    assert (info["pinned_entries"], info["pinned_bytes"]) == (2, 2 * size)
+    assert info["memory_entries"] == 1 and cache.longest(model, ids)[0] == 15  # 5, 10 out
+    cache.put(model, ids[:20], score_ids(model, ids[:20])[1])  # evicts 15, not a session
+    assert cache.longest(model, ids)[0] == 20 and sessions.get("a") is talk["a"]
+    sessions.put("c", talk["c"])  # the store's limit: b, the least recently used, goes
+    assert sessions.get("b") is None and cache.pinned("session:b") is None
+    assert sessions.get("c") is talk["c"] and cache.info()["pinned_entries"] == 2
+    assert sessions.delete("a") and cache.info()["pinned_entries"] == 1
+    cache.clear()  # the prefixes only
+    assert sessions.get("c") is talk["c"]
+
+
 def test_the_disk_tier_survives_a_restart_keeps_its_bound_and_drops_a_bad_entry(model, tmp_path):
     ids = np.arange(3, 60, dtype=np.int32)
     contexts = {n: score_ids(model, ids[:n])[1] for n in (8, 16, 24)}

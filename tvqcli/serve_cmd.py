@@ -32,7 +32,12 @@ def serve(
         typer.Option(envvar="TVQ_API_KEY", help="Require 'Authorization: Bearer KEY'."),
     ] = None,
     max_sessions: Annotated[
-        int, typer.Option(help="Sessions kept in memory (least recently used dropped).", min=1)
+        int,
+        typer.Option(
+            help="Sessions kept in memory, pinned in the state cache (least recently "
+            "used dropped, or read back from --session-dir).",
+            min=1,
+        ),
     ] = 64,
     session_dir: Annotated[
         Path | None,
@@ -63,7 +68,8 @@ def serve(
         int,
         typer.Option(
             help="Memory for the state cache: the state after each prompt and "
-            "completion, so no text is read twice (0: off).",
+            "completion, so no text is read twice (0: off). The sessions in memory "
+            "count in it and are never evicted for a prompt.",
             min=0,
         ),
     ] = 1 << 30,

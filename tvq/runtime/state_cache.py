@@ -16,6 +16,10 @@ on the device) and, optionally, a folder of state files (tvq/runtime/statefile.p
 written atomically, checked by a checksum and the model's fingerprint on reading; an
 entry that does not read back is removed with a warning and counts as a miss, never as
 a wrong answer). Safe to share between threads.
+
+Named entries are pinned (`pin`): the server's sessions (tvq/serving/sessions.py) are
+kept here by name, counted in the same memory bound but never evicted for a prefix;
+their store decides which of them stay.
 """
 
 from __future__ import annotations
@@ -119,6 +123,7 @@ class StateCache:
             collections.OrderedDict()
         )
         self.entry_bytes = 0
+        self.pins: dict[str, tuple[Context, int]] = {}  # name → (context, its bytes)
         self.stats = CacheStats()
         self.lock = threading.RLock()
 
@@ -236,9 +241,33 @@ class StateCache:
         self.entry_bytes += size - (held[1] if held is not None else 0)
         self.entries[entry] = (context, size, scores)
         self.entries.move_to_end(entry)
-        while self.entries and self.entry_bytes > self.memory_bytes:
+        self._evict()
+
+    def _evict(self) -> None:
+        """Least recently used prefixes out until they and the pinned entries fit."""
+        pinned = sum(size for _, size in self.pins.values())
+        while self.entries and self.entry_bytes + pinned > self.memory_bytes:
             _, (_, dropped, _) = self.entries.popitem(last=False)
             self.entry_bytes -= dropped
+
+    # -- named entries ----------------------------------------------------------------
+
+    def pin(self, name: str, model: Model, context: Context) -> None:
+        """Keeps `context` under `name` until unpinned (it may replace one); the
+        prefixes make room for it."""
+        with self.lock:
+            self.pins[name] = (context, model.state_bytes_per_sequence * context.state.batch_size)
+            self._evict()
+
+    def pinned(self, name: str) -> Context | None:
+        with self.lock:
+            held = self.pins.get(name)
+            return held[0] if held is not None else None
+
+    def unpin(self, name: str) -> bool:
+        """Forgets the entry `name`; False if there was none."""
+        with self.lock:
+            return self.pins.pop(name, None) is not None
 
     def _trim_folder(self) -> None:
         """The folder back within disk_bytes, least recently used files first."""
@@ -275,14 +304,16 @@ class StateCache:
             files = self._all_files()
             return {
                 "memory_entries": len(self.entries), "memory_bytes": self.entry_bytes,
-                "memory_limit": self.memory_bytes, "folder": str(self.folder or ""),
+                "memory_limit": self.memory_bytes, "pinned_entries": len(self.pins),
+                "pinned_bytes": sum(size for _, size in self.pins.values()),
+                "folder": str(self.folder or ""),
                 "disk_entries": len(files),
                 "disk_bytes": sum(p.stat().st_size for p in files),
                 "disk_limit": self.disk_bytes, **dataclasses.asdict(self.stats),
             }  # fmt: skip
 
     def clear(self) -> int:
-        """Empties both tiers → the number of files removed."""
+        """Empties both tiers (not the pinned entries) → the number of files removed."""
         with self.lock:
             self.entries.clear()
             self.entry_bytes = 0

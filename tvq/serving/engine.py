@@ -74,12 +74,14 @@ class Engine:
         self.prefilling: collections.deque[_Prefill] = collections.deque()
         self.running = RunningBatch(model, self.alternatives, settings.max_batch_rows)
         self.decode_credit = 0.0  # seconds the running rows may decode before the next chunk
-        self.sessions = Sessions(base or model, settings.max_sessions, settings.session_dir)
-        # the state after each prompt and completion, so no text is read twice; the ids of
-        # the last scored prompts, whose common prefix with a new one is kept too
-        self.scored: collections.deque[np.ndarray] = collections.deque(maxlen=SCORED_KEPT)
+        # the state after each prompt and completion, so no text is read twice, and the
+        # sessions' (pinned); the ids of the last scored prompts, whose common prefix with
+        # a new one is kept too
         self.cache = StateCache(settings.cache_bytes, settings.cache_dir,
                                 settings.cache_dir_bytes)  # fmt: skip
+        self.sessions = Sessions(base or model, settings.max_sessions, settings.session_dir,
+                                 self.cache)  # fmt: skip
+        self.scored: collections.deque[np.ndarray] = collections.deque(maxlen=SCORED_KEPT)
         self.jobs = JobQueue(settings.queue_size)
         self.fresh = Context.start(model, 1)  # the start of a document, made once
         # requests started, most at once, prompt tokens in all and those the cache held

@@ -21,6 +21,7 @@ requests that join together cost the batch's calls, not a call of their own each
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 
 import jax
@@ -174,10 +175,11 @@ class RunningBatch:
 
     def _run(self, d: dict, counts: np.ndarray, limits: np.ndarray, forced: np.ndarray,
              n_forced: np.ndarray):  # fmt: skip
-        """One call of the compiled loop over the slots' arrays (run_chunk's outputs)."""
+        """One call of the compiled loop over the slots' arrays (run_chunk's outputs),
+        which uses up d's rings, last tokens and penalties (updated in place)."""
         return run_chunk(self.model, d["rings"], d["token"], d["keys"], counts, limits,
                          forced, n_forced, d["eos"], d["sampling"], d["penalties"],
-                         top_k=self.alternatives)  # fmt: skip
+                         top_k=self.alternatives, in_place=True)  # fmt: skip
 
     def _retire(self) -> None:
         """Requests whose rows all ended leave; their slots are freed."""
@@ -225,8 +227,9 @@ class RunningBatch:
             nothing = np.zeros(size, np.int32)  # no row takes a step
             if size in sizes:
                 forced = np.zeros([CHUNK, size], np.int32)
-                jax.block_until_ready(self._run(device, nothing, nothing, forced, nothing))
-            jax.block_until_ready(_put_row(device, blank, np.int32(0), key, np.int32(0)))
+                rings, token, *_, penalties = self._run(device, nothing, nothing, forced, nothing)
+                device = dict(device, rings=rings, token=token, penalties=penalties)
+            device = jax.block_until_ready(_put_row(device, blank, np.int32(0), key, np.int32(0)))
             for other in every:
                 if other > size or 4 * other <= size:
                     index = np.zeros(other, np.int32)
@@ -268,12 +271,13 @@ def _gather_rows(device: dict | None, blank: dict, index: jax.Array) -> dict:
     )
 
 
-@jax.jit
+@functools.partial(jax.jit, donate_argnums=(0,))
 def _put_row(device: dict, new: dict, slot: jax.Array, key: jax.Array, sample: jax.Array
              ) -> dict:  # fmt: skip
     """`new`'s one row written into slot `slot` of the device arrays, its key that of
     sample `sample` of the text (decode_loop.row_keys: fold_in(key, sample)); the slot
-    is an argument, so one program serves every slot of a given count."""
+    is an argument, so one program serves every slot of a given count. The device
+    arrays are used up (written in place: a copy of every row took 15 ms a request)."""
     new = dict(new, keys=jax.random.fold_in(key, sample)[None])
     batch = device["token"].shape[0]
 
