@@ -231,8 +231,20 @@ def on_device(tree: Any) -> Any:
     """Commits arrays to the default device. jit keys its compiled code on whether
     arguments are committed: a jit's outputs are, host arrays and fresh constants are not,
     so feeding a call's output state back in would compile the same function twice.
-    Compiled entry points take their arguments through here."""
-    return jax.device_put(tree, jax.local_devices()[0])
+    Compiled entry points take their arguments through here. Arrays committed to that
+    device already pass through untouched (a device_put costs ~35 µs a leaf, and the
+    server's running batch passes ~75 leaves a call)."""
+    device = jax.local_devices()[0]
+    leaves, structure = jax.tree_util.tree_flatten(tree)
+    there = jax.sharding.SingleDeviceSharding(device)
+    moving = [i for i, x in enumerate(leaves)
+              if not (isinstance(x, jax.Array) and x.committed
+                      and x.sharding == there)]  # fmt: skip
+    if moving:
+        moved = jax.device_put([leaves[i] for i in moving], device)
+        for i, x in zip(moving, moved, strict=True):
+            leaves[i] = x
+    return jax.tree_util.tree_unflatten(structure, leaves)
 
 
 def sequence_parallel_forward(

@@ -7,7 +7,7 @@ Every row keeps what makes its text its own: its key (its k-th token is drawn fr
 fold_in(key, k), whatever chunk it falls in), its sampler settings and penalties (values
 of the one compiled loop, tvq.text.sampling), its count and its ring. The rows advance
 in lock-step, each call as many steps as the row with the fewest to go may take (and,
-for time to the first token, a new row's first calls take 1, 2, 4, … steps), so every
+for time to the first token, a new row's first calls take 1, 4, 16 steps), so every
 row still running has exactly its own state after a call: a request gets the text
 generate() gives it alone. A row that ends mid-call (its end of document, a stop
 string) is done; its later steps are never read.
@@ -72,7 +72,7 @@ class RunningBatch:
         self.entries: list[Entry] = []
         self.slots: list[tuple[Entry, int] | None] = []  # per slot: entry and sample index
         self.counts: list[int] = []  # per slot: tokens sampled so far
-        self.chunks: list[int] = []  # per slot: the steps its next call may take (1, 2, 4…)
+        self.chunks: list[int] = []  # per slot: the steps its next call may take (1, 4, 16, 32)
         self.device: dict | None = None  # the slots' arrays
         self._fresh: Context | None = None  # the start of a document, made once
         self._blank: dict | None = None  # a free slot's arrays, made once
@@ -137,7 +137,7 @@ class RunningBatch:
 
     def _call(self, live: list[bool]) -> None:
         """Every live row takes the same number of steps: as many as the row with the
-        fewest to go wants (its tail still to read, then its next 1, 2, 4, … tokens, at
+        fewest to go wants (its tail still to read, then its next 1, 4, 16, 32 tokens, at
         most its max_tokens); a row's first steps read what is left of its tail."""
         slots = zip(self.slots, self.counts, self.chunks, live, strict=True)
         steps = min(min(CHUNK, len(slot[0].tail) + min(chunk, slot[0].request.max_tokens - count))
@@ -169,7 +169,7 @@ class RunningBatch:
             if live[i] and steps > n_forced[i]:  # it sampled
                 entry, j = slot
                 self.counts[i] += steps - int(n_forced[i])
-                self.chunks[i] = min(2 * self.chunks[i], CHUNK)
+                self.chunks[i] = min(4 * self.chunks[i], CHUNK)
                 if self.counts[i] >= entry.request.max_tokens:
                     entry.rows.finish_at(j)
 
