@@ -8,6 +8,8 @@ On each server:
   1. a conversation resent in full: `--turns` turns, each adding `--turn-chars`
      characters of Hamlet, the whole history sent each turn (streamed, 16 tokens): the
      time to the first token of each turn; last turn ÷ first;
+  1b. the same conversation through a `session` (each turn sends only its new text):
+     the time to the first token of each turn, the slowest over the median;
   2. lm-evaluation-harness's multiple choice: four continuations of one context of
      `--context-kb` KB as one request (echo, logprobs 1, max_tokens 0), against the
      context alone (another text of the same length); then the same request again;
@@ -63,6 +65,19 @@ def conversation(port: int, args: argparse.Namespace) -> dict:
             "last_over_first": ttfts[-1] / ttfts[0]}  # fmt: skip
 
 
+def session_conversation(port: int, args: argparse.Namespace) -> dict:
+    """1b: the same conversation through a session (each turn sends only its new text)
+    → time to the first token per turn, and the slowest turn over the median."""
+    ttfts = []
+    for turn in range(args.turns):
+        text = ("" if turn == 0 else f"\n[{turn - 1}]\n") + text_of(args.turn_chars, 7919 * turn)
+        result = one_request(port, text, 16, seed=turn, sampler={"temperature": 0},
+                             extra={"session": f"bench-{os.getpid()}"})  # fmt: skip
+        ttfts.append(result["ttft"])
+    median = sorted(ttfts)[len(ttfts) // 2]
+    return {"ttfts": ttfts, "ttft_median": median, "slowest_over_median": max(ttfts) / median}
+
+
 def multiple_choice(port: int, args: argparse.Namespace) -> dict:
     """2: four continuations of one context as one request, against the context alone."""
     chars = args.context_kb * 1000
@@ -107,7 +122,8 @@ def measure(name: str, tree: Path, cache: Path, args: argparse.Namespace) -> dic
     try:
         one_request(port, "Warm up.", 4, seed=0, sampler={"temperature": 0})
         post(port, {"prompt": ["Warm", "up"], "max_tokens": 0, "echo": True, "logprobs": 1})
-        work_of = {"conversation": conversation, "choices": multiple_choice,
+        work_of = {"conversation": conversation, "session": session_conversation,
+                   "choices": multiple_choice,
                    "mixed": lambda p, a: mixed_clients(p, {"clients": 16}, {})}  # fmt: skip
         for key, work in work_of.items():
             print(f"serve_cache: {name}: {key}", file=sys.stderr, flush=True)
@@ -129,6 +145,8 @@ def table(old: dict, new: dict, rev: str) -> list[str]:
     rows = [
         ("conversation: last turn's time to first token ÷ first's", "conversation",
          "last_over_first", "≤ 1.5"),
+        ("the same through a session: slowest turn's time to first token ÷ median",
+         "session", "slowest_over_median", "steady"),
         ("four continuations ÷ the context alone", "choices", "four_over_alone", "≤ 1.3"),
         ("the same request again ÷ the context alone", "choices", "again_over_alone", "≤ 0.2"),
         ("second tvq generate -f ÷ first", "generate", "second_over_first", "≤ 0.1"),

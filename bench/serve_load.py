@@ -140,11 +140,12 @@ def stop_server(process: subprocess.Popen, wait: float = STOP_WAIT) -> str:
 
 
 def one_request(port: int, prompt: str, max_tokens: int, seed: int,
-                sampler: dict | None = None) -> dict:  # fmt: skip
-    """A streamed completion → {latency, ttft, tokens}; sampler: BASE unless given."""
+                sampler: dict | None = None, extra: dict | None = None) -> dict:  # fmt: skip
+    """A streamed completion → {latency, ttft, tokens}; sampler: BASE unless given;
+    extra: more fields of the request (a session)."""
     body = {"prompt": prompt, "max_tokens": max_tokens, "seed": seed, "stream": True,
             **(BASE if sampler is None else sampler), "ignore_eos": True,
-            "stream_options": {"include_usage": True}}  # fmt: skip
+            "stream_options": {"include_usage": True}, **(extra or {})}  # fmt: skip
     started = time.perf_counter()
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
     connection.request("POST", "/v1/completions", json.dumps(body),

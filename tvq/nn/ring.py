@@ -205,7 +205,10 @@ def _empty_rings(config: ModelConfig, batch_size: int, stacked: bool
             leaving_v=rows([g, config.d_v], np.float32),
         )
 
-    return jax.device_put(ring() if stacked else tuple(ring() for _ in range(n_sub)))
+    # committed to the device, as compiled entry points take them (on_device passes them
+    # through: each joining row in the server copied them otherwise)
+    rings = ring() if stacked else tuple(ring() for _ in range(n_sub))
+    return jax.device_put(rings, jax.local_devices()[0])
 
 
 def repeat_rows(
