@@ -13,11 +13,14 @@ On each server:
   2. lm-evaluation-harness's multiple choice: four continuations of one context of
      `--context-kb` KB as one request (echo, logprobs 1, max_tokens 0), against the
      context alone (another text of the same length); then the same request again;
-  3. 16 concurrent clients with mixed sampler settings (bench/serve_load.py's): tokens/s.
+  3. 16 concurrent clients with mixed sampler settings (bench/serve_load.py's): tokens/s,
+     with both servers up at once and rounds alternating between them (after one
+     warm-up round each), the median of the pairs' ratios.
 And the CLI: `tvq generate -f` of a `--file-kb` KB text with `-n 1`, twice (the
 compilation cache warmed by a run on another text first): second ÷ first.
 
-    python bench/serve_cache.py --against REV [--quick] [--model DIR]
+    python bench/serve_cache.py --against REV [--quick] [--model DIR] [--mixed-rounds 5]
+                                [--only conversation session choices generate mixed]
 """
 
 from __future__ import annotations
@@ -35,8 +38,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine  # noqa: E402
 from serve_load import (  # noqa: E402
     HAMLET,
+    MIXED,
     Failed,
-    mixed_clients,
+    level,
     one_request,
     post,
     start_server,
@@ -44,6 +48,7 @@ from serve_load import (  # noqa: E402
 )
 
 ROOT = Path(__file__).resolve().parent.parent
+MEASUREMENTS = ["conversation", "session", "choices", "generate", "mixed"]
 ENDINGS = [" a king.", " a maiden fair.", " nobody at all.", " a whale in the sea."]
 
 
@@ -114,7 +119,10 @@ def generate_twice(tree: Path, cache: Path, args: argparse.Namespace) -> dict:
 
 
 def measure(name: str, tree: Path, cache: Path, args: argparse.Namespace) -> dict:
+    """1, 1b, 2 on the tree's own server, then the CLI's (those in args.only)."""
     env = dict(os.environ, PYTHONPATH=str(tree), TVQ_CACHE_DIR=str(cache))
+    if not {"conversation", "session", "choices"} & set(args.only):
+        return generate_of(name, tree, cache, args)
     print(f"serve_cache: {name}: starting its server", file=sys.stderr, flush=True)
     process, port = start_server(args.model, "--max-body-bytes", str(64 << 20), cwd=tree,
                                  env=env)  # fmt: skip
@@ -123,9 +131,10 @@ def measure(name: str, tree: Path, cache: Path, args: argparse.Namespace) -> dic
         one_request(port, "Warm up.", 4, seed=0, sampler={"temperature": 0})
         post(port, {"prompt": ["Warm", "up"], "max_tokens": 0, "echo": True, "logprobs": 1})
         work_of = {"conversation": conversation, "session": session_conversation,
-                   "choices": multiple_choice,
-                   "mixed": lambda p, a: mixed_clients(p, {"clients": 16}, {})}  # fmt: skip
+                   "choices": multiple_choice}  # fmt: skip
         for key, work in work_of.items():
+            if key not in args.only:
+                continue
             print(f"serve_cache: {name}: {key}", file=sys.stderr, flush=True)
             try:
                 results[key] = work(port, args)
@@ -133,12 +142,50 @@ def measure(name: str, tree: Path, cache: Path, args: argparse.Namespace) -> dic
                 results[key] = {"error": f"{type(e).__name__}: {e}"}
     finally:
         stop_server(process)
+    return results | generate_of(name, tree, cache, args)
+
+
+def generate_of(name: str, tree: Path, cache: Path, args: argparse.Namespace) -> dict:
+    if "generate" not in args.only:
+        return {}
     print(f"serve_cache: {name}: tvq generate -f twice", file=sys.stderr, flush=True)
     try:
-        results["generate"] = generate_twice(tree, cache, args)
+        return {"generate": generate_twice(tree, cache, args)}
     except subprocess.CalledProcessError as e:
-        results["generate"] = {"error": e.stderr.decode()[-300:]}
-    return results
+        return {"generate": {"error": e.stderr.decode()[-300:]}}
+
+
+def mixed_side_by_side(trees: dict[str, Path], caches: dict[str, Path],
+                       args: argparse.Namespace) -> dict:  # fmt: skip
+    """3: both servers up at once (idle but for the one measured), each warmed by one
+    round, then rounds of 16 mixed clients alternating between them, so a slow spell
+    of this machine falls on both: tokens/s per round, the ratio of each pair, and the
+    median ratio."""
+    servers = {}
+    try:
+        for name, tree in trees.items():
+            env = dict(os.environ, PYTHONPATH=str(tree), TVQ_CACHE_DIR=str(caches[name]))
+            print(f"serve_cache: {name}: starting its server", file=sys.stderr, flush=True)
+            servers[name] = start_server(args.model, cwd=tree, env=env)
+        rounds: dict[str, list[float]] = {name: [] for name in trees}
+        for i in range(1 + args.mixed_rounds):
+            for name, (_, port) in servers.items():
+                print(f"serve_cache: {name}: mixed clients, round {i}", file=sys.stderr,
+                      flush=True)  # fmt: skip
+                result = level(port, 16, 4, 32, MIXED)
+                if i:  # round 0 warms up
+                    rounds[name].append(result["tokens_per_second"])
+    finally:
+        for process, _ in servers.values():
+            stop_server(process)
+    old, new = rounds.values()
+    ratios = sorted(n / o for o, n in zip(old, new, strict=True))
+    return {
+        "rounds": rounds,
+        "ratios": ratios,
+        "median_ratio": ratios[len(ratios) // 2],
+        "tokens_per_second": {name: sorted(r)[len(r) // 2] for name, r in rounds.items()},
+    }
 
 
 def table(old: dict, new: dict, rev: str) -> list[str]:
@@ -150,7 +197,6 @@ def table(old: dict, new: dict, rev: str) -> list[str]:
         ("four continuations ÷ the context alone", "choices", "four_over_alone", "≤ 1.3"),
         ("the same request again ÷ the context alone", "choices", "again_over_alone", "≤ 0.2"),
         ("second tvq generate -f ÷ first", "generate", "second_over_first", "≤ 0.1"),
-        ("16 mixed clients, tokens/s", "mixed", "tokens_per_second", "≥ 1.5× REV"),
     ]  # fmt: skip
     lines = [f"| measurement | {rev} | working tree | target |", "| --- | ---: | ---: | --- |"]
     for title, key, field, target in rows:
@@ -167,6 +213,10 @@ def main() -> None:
     parser.add_argument("--against", required=True, help="the revision to compare with")
     parser.add_argument("--model", help="a model directory (default: the built-in model)")
     parser.add_argument("--quick", action="store_true", help="smaller sizes: a smoke run")
+    parser.add_argument("--only", nargs="+", choices=MEASUREMENTS, default=MEASUREMENTS,
+                        help="run only these measurements")  # fmt: skip
+    parser.add_argument("--mixed-rounds", type=int, default=5,
+                        help="measured rounds of 16 mixed clients on each server")  # fmt: skip
     args = parser.parse_args()
     args.turns, args.turn_chars = (6, 1500) if args.quick else (24, 1500)
     args.context_kb, args.file_kb = (10, 100) if args.quick else (40, 1000)
@@ -174,21 +224,30 @@ def main() -> None:
         base = Path(tmp) / "base"
         subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "-q", str(base),
                         args.against], check=True)  # fmt: skip
+        trees = {args.against: base, "working tree": ROOT}
+        caches = {name: Path(tmp) / f"cache-{i}" for i, name in enumerate(trees)}
         try:
-            results = {name: measure(name, tree, Path(tmp) / f"cache-{i}", args)
-                       for i, (name, tree) in enumerate(
-                           [(args.against, base), ("working tree", ROOT)])}  # fmt: skip
+            results = {name: measure(name, tree, caches[name], args)
+                       for name, tree in trees.items()}  # fmt: skip
+            if "mixed" in args.only:
+                mixed = mixed_side_by_side(trees, caches, args)
+                results["mixed"] = mixed
         finally:
             subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(base)],
                            check=False)  # fmt: skip
     old, new = results[args.against], results["working tree"]
-    if "tokens_per_second" in old.get("mixed", {}) and "tokens_per_second" in new.get("mixed", {}):
-        ratio = new["mixed"]["tokens_per_second"] / old["mixed"]["tokens_per_second"]
-        print(f"16 mixed clients, working tree ÷ {args.against}: {ratio:.2f}")
     print(f"# serve_cache --against {args.against}{' --quick' if args.quick else ''}: "
           f"{machine()}; model {args.model or 'built-in'}")  # fmt: skip
     for line in table(old, new, args.against):
         print(line)
+    if "mixed" in results:
+        m = results["mixed"]
+        speeds = " | ".join(f"{m['tokens_per_second'][name]:.0f}" for name in trees)
+        print(
+            f"| 16 mixed clients, tokens/s (median of {args.mixed_rounds} alternating "
+            f"rounds; ratio: median of the pairs') | {speeds} | ≥ 1.5× {args.against}: "
+            f"{m['median_ratio']:.2f}× (pairs {', '.join(f'{r:.2f}' for r in m['ratios'])}) |"
+        )
     print(json.dumps(results))
 
 

@@ -161,7 +161,11 @@ def main() -> None:
             peak[0] = max(peak[0], rss_bytes(process.pid))
 
     try:
-        send(port, {"body": {"prompt": "Warm up.", "max_tokens": 4}, "abandon": False}, Traffic(1))
+        send(
+            port,
+            {"body": {"prompt": "Warm up.", "max_tokens": 4, "stream": False}, "abandon": False},
+            Traffic(1),
+        )
         idle = rss_bytes(process.pid)
         watcher = threading.Thread(target=watch)
         watcher.start()
