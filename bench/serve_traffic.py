@@ -13,7 +13,9 @@ is read from /proc every 100 ms. Prints:
   idle + --cache-bytes + 1 GB;
 - the answers by status: every 5xx is a failure, and every 429 is checked honest (at
   least --queue-size other requests were in flight when it came: sent and not answered,
-  or abandoned less than 2 s before, which the server may not have noticed yet);
+  or abandoned less than 2 s before, which the server may not have noticed yet); a
+  client told 429 waits the answer's Retry-After and sends the request again, as the
+  openai client does, so every request is served in the end;
 - requests/s and generated tokens/s.
 
     python bench/serve_traffic.py [--requests 500] [--clients 16] [--queue-size 8]
@@ -102,6 +104,7 @@ def send(port: int, spec: dict, traffic: Traffic) -> None:
                 others = traffic.outstanding() - 1
                 if others < traffic.queue_size:
                     traffic.dishonest.append(f"429 with {others} others in flight")
+            spec["retry"] = float(response.getheader("Retry-After") or 1)
         if response.status != 200 or not body["stream"]:
             answer = response.read()
             if response.status == 200:
@@ -178,7 +181,12 @@ def main() -> None:
                     if not todo:
                         return
                     spec = todo.popleft()
-                send(port, spec, traffic)
+                while True:  # as the openai client does: a 429 waits Retry-After, then again
+                    spec.pop("retry", None)
+                    send(port, spec, traffic)
+                    if "retry" not in spec:
+                        break
+                    time.sleep(spec["retry"])
 
         started = time.perf_counter()
         threads = [threading.Thread(target=client) for _ in range(args.clients)]

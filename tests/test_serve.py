@@ -286,6 +286,10 @@ def test_restart_keeps_sessions_and_a_full_queue_answers_429(model_dir, tmp_path
             time.sleep(0.5)
         status, answer = again.request("POST", "/v1/completions", {"prompt": "x"})
         assert status == 429 and answer["error"]["type"] == "rate_limit_error"
+        with pytest.raises(openai.RateLimitError) as info:  # and says when to try again
+            again.client().with_options(max_retries=0).completions.create(model="tiny",
+                                                                          prompt="x")  # fmt: skip
+        assert info.value.response.headers["retry-after"] == "1"
         for s in streams:
             s.close()
     finally:

@@ -68,7 +68,9 @@ def build_app(engine: Engine) -> Starlette:
 
 
 def _error(e: ApiError) -> JSONResponse:
-    return JSONResponse(e.body(), status_code=e.status)
+    # a busy server says when to try again (the openai client waits that long, then retries)
+    headers = {"Retry-After": "1"} if e.status == 429 else None
+    return JSONResponse(e.body(), status_code=e.status, headers=headers)
 
 
 def _checked(handler, open_to_all: bool = False):
