@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,8 @@ RUN_FILE = "run.json"
 CHECKPOINTS_DIR = "checkpoints"
 # Settings that change memory, never the numbers: a run may resume with others.
 MEMORY_SETTINGS = ("grad_accum", "remat")
+# Settings of what the run keeps and writes at the end, never of its numbers.
+OUTPUT_SETTINGS = ("keep", "export")
 
 
 @flax.struct.dataclass
@@ -45,6 +48,7 @@ class RunState:
     attn_state: ModelState | AttentionState  # carried from window to window, per batch row
     step: jax.Array  # [] int32: updates done
     tokens_seen: jax.Array  # [] float32
+    ema: Any = None  # the parameters' moving average, float32 (tvq/train/average.py), or None
 
 
 def to_run_layout(tree: Any, config: ModelConfig) -> Any:
@@ -74,49 +78,90 @@ def _is_state(x: Any) -> bool:
 
 
 class Checkpoints:
-    """The orbax checkpoints of a run (<out>/train/checkpoints, the latest two kept), in
-    the files' layout. Every process of a cluster saves and restores together."""
+    """The orbax checkpoints of a run (<out>/train/checkpoints), in the files' layout.
+    Every process of a cluster saves and restores together.
 
-    def __init__(self, train_dir: Path) -> None:
+    Which are kept (settings.keep): the latest N, or with "best" the one of the lowest
+    held-out bits per byte and the latest (what a resumed run needs). A checkpoint
+    written at an evaluation records its figures (orbax's metrics), so the best is known
+    from the checkpoints alone when a run resumes."""
+
+    def __init__(self, train_dir: Path, keep: str = "2") -> None:
         import orbax.checkpoint as ocp
+        from orbax.checkpoint.checkpoint_managers import preservation_policy as policy
 
         self.folder = train_dir / CHECKPOINTS_DIR
-        options = ocp.CheckpointManagerOptions(max_to_keep=2, create=True)
+        self.by_score = keep == "best"
+        if self.by_score:
+            score = _score
+            lowest = policy.BestN(get_metric_fn=score, reverse=True, n=1)  # reversed: lowest
+            options = ocp.CheckpointManagerOptions(
+                create=True, best_fn=score, best_mode="min",
+                preservation_policy=policy.AnyPreservationPolicy([policy.LatestN(n=1), lowest]),
+            )  # fmt: skip
+        else:
+            count = 1 if keep == "last" else int(keep)
+            options = ocp.CheckpointManagerOptions(
+                create=True, preservation_policy=policy.LatestN(n=count)
+            )
         self.manager = ocp.CheckpointManager(self.folder.absolute(), options=options)
 
     def latest(self) -> int | None:
         return self.manager.latest_step()
 
-    def restore(self, template: RunState) -> RunState:
-        """The latest checkpoint with template's structure, dtypes and shardings (the
-        files' layout), or template itself when there is none."""
+    def steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
+    def best(self) -> tuple[int, dict[str, float]] | None:
+        """With keep "best": (the step, its evaluation) of the lowest held-out bits per
+        byte among the checkpoints, or None when none was evaluated."""
+        if not self.by_score:
+            return None
+        step = self.manager.best_step()
+        figures = self.manager.metrics(step) if step is not None else None
+        if not figures or "bits_per_byte" not in figures:
+            return None
+        return step, {name: value for name, value in figures.items() if name != "step"}
+
+    def restore(self, template: RunState, step: int | None = None) -> RunState:
+        """Checkpoint `step` (None: the latest) with template's structure, dtypes and
+        shardings (the files' layout), or template itself when there is none."""
         import orbax.checkpoint as ocp
 
-        latest = self.latest()
-        if latest is None:
+        step = self.latest() if step is None else step
+        if step is None:
             return template
         abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, template)
         try:
-            return self.manager.restore(latest, args=ocp.args.StandardRestore(abstract))
+            return self.manager.restore(step, args=ocp.args.StandardRestore(abstract))
         except Exception as e:  # orbax raises many kinds; all mean "unreadable"
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise TrainingError(
-                f"checkpoint {latest} in {self.folder} cannot be restored "
+                f"checkpoint {step} in {self.folder} cannot be restored "
                 f"({first}); remove it to resume from an earlier one"
             ) from None
 
-    def save(self, step: int, run: RunState) -> None:
+    def save(self, step: int, run: RunState, evaluation: dict[str, float] | None = None) -> None:
         """Writes run (in the run's layout) as checkpoint `step`, in the files' layout, and
-        waits for it; nothing when that checkpoint exists (Ctrl-C just after a save)."""
+        waits for it; nothing when that checkpoint exists (Ctrl-C just after a save).
+        evaluation: the held-out figures at this step, recorded with it (keep "best")."""
         import orbax.checkpoint as ocp
 
         if self.latest() == step:
             return
-        self.manager.save(step, args=ocp.args.StandardSave(to_file_layout(run)), force=True)
+        # with keep "best" every checkpoint records figures (orbax warns of one without)
+        metrics = dict(evaluation or {}, step=step) if self.by_score else None
+        self.manager.save(step, args=ocp.args.StandardSave(to_file_layout(run)), force=True,
+                          metrics=metrics)  # fmt: skip
         self.manager.wait_until_finished()
 
     def close(self) -> None:
         self.manager.close()
+
+
+def _score(figures: dict[str, Any]) -> float:
+    """A checkpoint's rank with keep "best": its held-out bits per byte (inf: none)."""
+    return float(figures.get("bits_per_byte", math.inf))
 
 
 def open_run_dir(
@@ -125,7 +170,7 @@ def open_run_dir(
     """<out>/train, created, with its run.json: written by process 0 for a new run,
     checked by every process against a run there (TrainingError unless it is this run:
     the same architecture, settings, tokenizer and amount of data; the memory settings
-    may change)."""
+    and what is kept and exported may change)."""
     train_dir = out / TRAIN_DIR
     try:
         train_dir.mkdir(parents=True, exist_ok=True)
@@ -156,7 +201,8 @@ def _check_same_run(run_file: Path, run_doc: dict[str, Any], out: Path) -> None:
         raise TrainingError(f"{run_file} is corrupt; use another --out")
     if isinstance(previous.get("settings"), dict):
         defaults = dataclasses.asdict(TrainSettings())  # settings added since, at defaults
-        memory = {name: run_doc["settings"][name] for name in MEMORY_SETTINGS}  # may change
+        free = MEMORY_SETTINGS + OUTPUT_SETTINGS  # may change
+        memory = {name: run_doc["settings"][name] for name in free}
         previous["settings"] = defaults | previous["settings"] | memory
     if previous != run_doc:
         changed = sorted(k for k in run_doc if previous.get(k) != run_doc[k])

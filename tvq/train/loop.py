@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -40,12 +38,11 @@ from tvq.distributed.devices import (
     to_host,
 )
 from tvq.errors import Interrupted, TrainingError
-from tvq.files import warm
-from tvq.files.atomic import write_atomically
 from tvq.nn.state import initial_state
 from tvq.runtime.context import score_ids
 from tvq.runtime.forward import check_algorithm
 from tvq.runtime.model import Model, init_params
+from tvq.train.average import initial_average, update_average
 from tvq.train.checkpoints import (
     TRAIN_DIR,  # noqa: F401 (tvq/train/run.py imports it from here)
     Checkpoints,
@@ -54,10 +51,11 @@ from tvq.train.checkpoints import (
     to_file_layout,
     to_run_layout,
 )
+from tvq.train.evalset import eval_documents
+from tvq.train.logs import Logs, check_loggers, open_logs
+from tvq.train.meter import StepMeter
 from tvq.train.settings import TrainSettings
-from tvq.train.step import StepMetrics, compiled_step, learning_rate, rows_axis, step_memory
-
-METRICS_FILE = "metrics.jsonl"
+from tvq.train.step import StepMetrics, compiled_step, rows_axis, step_memory
 
 
 def evaluate(model: Model, documents: Sequence[tuple[Sequence[int], int]]) -> dict[str, float]:
@@ -87,41 +85,6 @@ class Progress:
     resumed_from: int | None = None  # set on the first report of a resumed run
 
 
-class MetricsLog:
-    """<out>/train/metrics.jsonl: one JSON object per step (step, loss, lr, tokens,
-    tokens_per_second) and per evaluation (step, val_loss, val_bits_per_byte), flushed
-    as written. A resumed run first drops the records past its checkpoint: those steps
-    run again, so each step appears once."""
-
-    def __init__(self, path: Path | None, resume_step: int) -> None:
-        self.file = None
-        if path is None:  # a process other than 0 in a cluster: nothing to write
-            return
-        kept = []
-        try:
-            if path.exists():
-                for line in path.read_text(errors="replace").splitlines():
-                    try:
-                        step = json.loads(line).get("step")
-                    except (json.JSONDecodeError, AttributeError):
-                        continue
-                    if isinstance(step, int) and step <= resume_step:
-                        kept.append(line + "\n")
-            write_atomically(path, lambda f: f.write("".join(kept).encode()))
-            self.file = path.open("a", encoding="utf-8")
-        except OSError as e:
-            raise TrainingError(f"{path} cannot be written: {e.strerror}") from None
-
-    def write(self, **record: Any) -> None:
-        if self.file is not None:
-            self.file.write(json.dumps(record) + "\n")
-            self.file.flush()
-
-    def close(self) -> None:
-        if self.file is not None:
-            self.file.close()
-
-
 def run_training(
     *,
     out: Path,
@@ -137,6 +100,8 @@ def run_training(
     shard_params: bool = False,
     algorithm: str | None = None,
     on_memory: Callable[[dict[str, int] | None], None] | None = None,
+    log_dir: Path | None = None,
+    wandb_project: str | None = None,
 ) -> Model:
     """Trains (or resumes) a run in `out`; writes the model there and returns it.
 
@@ -153,11 +118,14 @@ def run_training(
     memory-mapped shards of a prepared dataset, of which each process reads only its
     rows); val_documents: (token ids, UTF-8 bytes) of each held-out document.
     on_memory, if given, receives the compiled step's memory before the first step
-    (tvq.train.step.step_memory: None where the backend gives no analysis).
+    (tvq.train.step.step_memory: None where the backend gives no analysis). log_dir:
+    TensorBoard event files there; wandb_project: a Weights & Biases run in it
+    (tvq/train/logs.py).
 
     The stages: the run's folder (run.json checked or written), its state (the latest
     checkpoint's, else fresh) in the run's layout, the step's memory, the updates, and
-    the model with its held-out figures."""
+    the model with its held-out figures (the best checkpoint's with keep "best")."""
+    check_loggers(log_dir, wandb_project)
     mesh = data_mesh(devices)
     if settings.batch_size % mesh.size:
         raise TrainingError(
@@ -170,9 +138,10 @@ def run_training(
     # leaves no run.json behind to refuse the corrected command.
     stream = TokenStream(train_tokens, settings.batch_size, settings.update_len, settings.seed)
     train_dir = open_run_dir(out, config, settings, tokenizer, len(train_tokens))
+    val = eval_documents(val_documents, settings.eval_tokens, settings.seed, tokenizer, train_dir)
     optimizer, train_step = compiled_step(config, settings, check_algorithm(algorithm))
-    job = _Training(config, settings, mesh, shard_params, stream, train_step, val_documents)
-    checkpoints = Checkpoints(train_dir)
+    job = _Training(config, settings, mesh, shard_params, stream, train_step, val)
+    checkpoints = Checkpoints(train_dir, settings.keep)
     try:
         resumed = checkpoints.latest() is not None
         run = job.in_run_layout(checkpoints.restore(job.fresh(optimizer, init_from)))
@@ -180,15 +149,17 @@ def run_training(
             on_memory(job.step_memory(run))
         cluster.set_context(f"checkpoints in {checkpoints.folder} are intact: run the same "
                             "command again to resume")  # fmt: skip
-        log = MetricsLog(train_dir / METRICS_FILE if cluster.is_main() else None,
-                         int(_value(run.step)))  # fmt: skip
+        described = dict(config.to_dict(), **dataclasses.asdict(settings))
+        log = open_logs(train_dir, int(_value(run.step)), log_dir, wandb_project, described,
+                        main=cluster.is_main())  # fmt: skip
         try:
             run, last_eval = job.loop(run, checkpoints, log, on_progress, resumed)
         finally:
             log.close()
+        exported = job.exported(run, last_eval, checkpoints)
     finally:
         checkpoints.close()
-    return job.save_model(out, run, last_eval, metadata, tokenizer)
+    return job.save_model(out, run, exported, metadata, tokenizer)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -215,14 +186,17 @@ class _Training:
             attn_state=split_rows(self.mesh, initial_state(config, settings.batch_size)),
             step=replicated(self.mesh, jnp.zeros([], jnp.int32)),
             tokens_seen=replicated(self.mesh, jnp.zeros([], jnp.float32)),
+            ema=None if settings.ema is None else self.place(initial_average(params)),
         )
 
     def in_run_layout(self, run: RunState) -> RunState:
         """A RunState in the files' layout → in the run's, on the mesh."""
         run = to_run_layout(run, self.config)
         state = run.attn_state
+        ema = None if run.ema is None else self.place(run.ema)
         return run.replace(params=self.place(run.params), opt_state=self.place(run.opt_state),
-                           attn_state=split_rows(self.mesh, state, rows_axis(state)))  # fmt: skip
+                           attn_state=split_rows(self.mesh, state, rows_axis(state)),
+                           ema=ema)  # fmt: skip
 
     def place(self, tree: Any) -> Any:
         """Parameters or optimiser state on the mesh: replicated, or split (shard_params)."""
@@ -237,40 +211,42 @@ class _Training:
                            tokens, run.step)  # fmt: skip
 
     def loop(
-        self, run: RunState, checkpoints: Checkpoints, log: MetricsLog,
+        self, run: RunState, checkpoints: Checkpoints, log: Logs,
         on_progress: Callable[[Progress], None] | None, resumed: bool,
     ) -> tuple[RunState, dict[str, float] | None]:  # fmt: skip
         """The updates from run's step to the last: each logged and reported, the held-out
         documents scored every eval_every steps and at the end, a checkpoint every
-        save_every steps and at the end. → (the last state, the last evaluation). Ctrl-C
-        saves where the run stands and raises Interrupted."""
+        save_every steps, at the end and (keep "best") at each evaluation. → (the last
+        state, the last evaluation). Ctrl-C saves where the run stands and raises
+        Interrupted."""
         settings = self.settings
         step = int(_value(run.step))
         resumed_from = step if resumed else None
-        tokens_per_step = settings.batch_size * settings.update_len
-        # one dispatch per step, not a dozen eager ops (a closure over the settings: not stored)
-        lr_at = warm.Entry(learning_rate(settings), store=False)
-        last_eval, started, done_here = None, time.perf_counter(), 0
+        meter = StepMeter(self.config, settings, list(self.mesh.devices.flat))
+        last_eval = None
         try:
             while step < settings.steps:
                 run, metrics = self.update(run, step)
-                step, done_here = step + 1, done_here + 1
-                loss, tokens_seen = float(_value(metrics.loss)), int(_value(run.tokens_seen))
-                speed = done_here * tokens_per_step / max(time.perf_counter() - started, 1e-9)
-                log.write(step=step, loss=loss, lr=float(lr_at(step - 1)), tokens=tokens_seen,
-                          tokens_per_second=round(speed, 1))  # fmt: skip
-                eval_now = step % settings.eval_every == 0 or step == settings.steps
-                if eval_now and self.val_documents:
-                    last_eval = self.held_out(run)
-                    log.write(step=step, val_loss=last_eval["loss"],
-                              val_bits_per_byte=last_eval["bits_per_byte"])  # fmt: skip
-                if step % settings.save_every == 0 or step == settings.steps:
-                    checkpoints.save(step, run)
+                step += 1
+                record = meter.record(step, float(_value(metrics.loss)),
+                                      float(_value(metrics.grad_norm)),
+                                      int(_value(run.tokens_seen)))  # fmt: skip
+                log.write(**record)
+                evaluation = None
+                if step % settings.eval_every == 0 or step == settings.steps:
+                    evaluation = self.held_out(run) if self.val_documents else None
+                if evaluation is not None:
+                    last_eval = evaluation
+                    log.write(step=step, val_loss=evaluation["loss"],
+                              val_bits_per_byte=evaluation["bits_per_byte"])  # fmt: skip
+                if (step % settings.save_every == 0 or step == settings.steps
+                        or (evaluation is not None and settings.keep == "best")):  # fmt: skip
+                    checkpoints.save(step, run, evaluation)
                 if on_progress is not None:
                     on_progress(Progress(
-                        step=step, steps=settings.steps, loss=loss,
-                        tokens_per_second=speed, tokens_seen=tokens_seen,
-                        eval=last_eval if eval_now else None, resumed_from=resumed_from,
+                        step=step, steps=settings.steps, loss=record["loss"],
+                        tokens_per_second=record["tokens_per_second"],
+                        tokens_seen=record["tokens"], eval=evaluation, resumed_from=resumed_from,
                     ))  # fmt: skip
                     resumed_from = None
         except KeyboardInterrupt:
@@ -278,8 +254,8 @@ class _Training:
         return run, last_eval
 
     def update(self, run: RunState, step: int) -> tuple[RunState, StepMetrics]:
-        """Update number `step` (from 0) on its window of the stream; an epoch starts
-        from a fresh attention state."""
+        """Update number `step` (from 0) on its window of the stream, and the parameters'
+        average after it; an epoch starts from a fresh attention state."""
         settings = self.settings
         window = functools.partial(self.stream.window, step)
         shape = (settings.batch_size, settings.update_len)
@@ -291,34 +267,62 @@ class _Training:
         params, opt_state, attn_state, metrics = self.train_step(
             run.params, run.opt_state, run.attn_state, inputs, targets, run.step
         )
+        ema = run.ema
+        if ema is not None:
+            ema = update_average(ema, params, settings.ema)
         if self.shard_params:  # keep the sharding (a no-op when jit kept it)
             params, opt_state = self.place(params), self.place(opt_state)
+            ema = None if ema is None else self.place(ema)
         run = RunState(params=params, opt_state=opt_state, attn_state=attn_state,
                        step=replicated(self.mesh, jnp.asarray(step + 1, jnp.int32)),
-                       tokens_seen=run.tokens_seen + shape[0] * shape[1])  # fmt: skip
+                       tokens_seen=run.tokens_seen + shape[0] * shape[1], ema=ema)  # fmt: skip
         return run, metrics
 
-    def host_params(self, run: RunState) -> Any:
-        """The reference tree, whole, as numpy on every process."""
-        params = to_file_layout(to_host(self.mesh, run.params))
-        return jax.tree_util.tree_map(np.asarray, params)
+    def weights(self, run: RunState, use_average: bool = True) -> Any:
+        """The parameters a model of the run holds, in the files' layout, whole, as numpy
+        on every process: the average (in the parameters' dtypes) when the run keeps one
+        and use_average, else the parameters."""
+        tree = run.params
+        if run.ema is not None and use_average:
+            tree = jax.tree_util.tree_map(lambda a, p: a.astype(p.dtype), run.ema, run.params)
+        return jax.tree_util.tree_map(np.asarray, to_file_layout(to_host(self.mesh, tree)))
 
     def held_out(self, run: RunState) -> dict[str, float]:
-        """The held-out documents scored with the run's parameters (evaluate)."""
-        model = Model(self.config, self.host_params(run), block_len=self.settings.block_len)
+        """The held-out documents scored with the run's weights (the average when on)."""
+        model = Model(self.config, self.weights(run), block_len=self.settings.block_len)
         return evaluate(model, self.val_documents)
 
+    def exported(
+        self, run: RunState, last_eval: dict[str, float] | None, checkpoints: Checkpoints
+    ) -> tuple[Any, dict[str, float] | None, dict[str, Any]]:
+        """What the run writes as its model: (weights, their held-out figures, what the
+        metadata adds). The last state's, or with keep "best" the best checkpoint's; the
+        average unless export is "last"."""
+        extra: dict[str, Any] = {}
+        best = checkpoints.best()
+        if best is not None and best[0] != int(_value(run.step)):
+            step, last_eval = best
+            run = self.in_run_layout(checkpoints.restore(to_file_layout(run), step))
+            extra["exported_step"] = step
+        elif best is not None:
+            last_eval = best[1]
+        use_average = self.settings.export == "ema"
+        if run.ema is not None:
+            extra["exported_weights"] = "ema" if use_average else "last"
+        return self.weights(run, use_average), last_eval, extra
+
     def save_model(
-        self, out: Path, run: RunState, last_eval: dict[str, float] | None,
+        self, out: Path, run: RunState,
+        exported: tuple[Any, dict[str, float] | None, dict[str, Any]],
         metadata: dict[str, Any], tokenizer: Any,
     ) -> Model:  # fmt: skip
-        """The trained model, with the run and its held-out figures in its metadata,
-        written to `out` by process 0."""
-        params = self.host_params(run)
+        """The trained model (`exported`), with the run and its held-out figures in its
+        metadata, written to `out` by process 0."""
+        params, last_eval, extra = exported
         if last_eval is None and self.val_documents:
             last_eval = evaluate(Model(self.config, params), self.val_documents)
         metadata = dict(metadata, steps=int(_value(run.step)), tokens_seen=int(run.tokens_seen),
-                        train_settings=dataclasses.asdict(self.settings))  # fmt: skip
+                        train_settings=dataclasses.asdict(self.settings), **extra)  # fmt: skip
         if last_eval is not None:
             metadata.update(
                 heldout_loss=round(last_eval["loss"], 5),

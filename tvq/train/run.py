@@ -18,6 +18,7 @@ from tvq.errors import CorpusError, TokenizerError, TrainingError, TvqError, is_
 from tvq.files.checkpoint import is_model_dir
 from tvq.runtime.model import Model, load
 from tvq.text.tokenizer import TOKENIZER_FILE, ByteTokenizer, SentencePieceTokenizer
+from tvq.train.logs import check_loggers
 from tvq.train.loop import TRAIN_DIR, run_training
 from tvq.train.settings import TrainSettings
 
@@ -64,12 +65,15 @@ def train_from_files(
     cache_dir: Path | None = None,
     on_prepare: Callable[[prepare.PrepareEvent], None] | None = None,
     on_memory: Callable[[dict[str, int] | None], None] | None = None,
+    log_dir: Path | None = None,
+    wandb_project: str | None = None,
 ) -> Model:
     """Trains (or resumes, or fine-tunes `from_dir`) a model on text files, or on one
     prepared dataset (`tvq prepare`); writes it to `out` and returns it. architecture:
     ModelConfig fields; settings: TrainSettings. algorithm: the serial or parallel form
     (None: the faster for the device); dtype: the compute dtype (None: the
-    architecture's, or the fine-tuned model's); on_memory: as run_training's.
+    architecture's, or the fine-tuned model's); on_memory, log_dir, wandb_project: as
+    run_training's.
 
     Text is prepared into the cache folder (`cache_dir`, by default
     tvq.corpus.prepare.data_cache_dir()) or found there; in a cluster, process 0
@@ -78,6 +82,7 @@ def train_from_files(
     out = Path(out)
     check_out_dir(out)
     settings_obj = TrainSettings(**(settings or {}))
+    check_loggers(log_dir, wandb_project)  # before the data is prepared
     if not is_int(vocab_size) or vocab_size < 1:
         raise TrainingError(f"vocab_size must be a positive integer, got {vocab_size!r}")
     base = load(from_dir) if from_dir is not None else None
@@ -102,7 +107,7 @@ def train_from_files(
         out=out, config=config, settings=settings_obj, train_tokens=data.train,
         val_documents=data.held_out, tokenizer=tokenizer, metadata=metadata, init_from=base,
         on_progress=on_progress, devices=devices, shard_params=shard_params, algorithm=algorithm,
-        on_memory=on_memory,
+        on_memory=on_memory, log_dir=log_dir, wandb_project=wandb_project,
     )  # fmt: skip
 
 

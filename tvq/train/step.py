@@ -30,6 +30,7 @@ from tvq.nn.state import AttentionState, ModelState, stack_state, unstack_state
 from tvq.nn.sublayer import SublayerStats
 from tvq.nn.transformer import Dropout, Transformer, network
 from tvq.runtime.forward import default_chunk_len, fold_blocks
+from tvq.train.schedules import learning_rate
 from tvq.train.settings import TrainSettings
 
 
@@ -38,19 +39,6 @@ class StepMetrics:
     loss: jax.Array  # [] mean next-token NLL, nats
     commit: jax.Array  # [] mean commitment ‖k − sg(C_z)‖² per token
     grad_norm: jax.Array  # [] global norm of the gradient, before clipping
-
-
-def learning_rate(settings: TrainSettings) -> optax.Schedule:
-    """Linear warm-up from 0 to lr, then cosine decay to final_lr_ratio · lr; the rate of
-    update n (counting from 0) is schedule(n)."""
-    decay_steps = max(1, settings.steps - settings.warmup)
-    return optax.join_schedules(
-        [
-            optax.linear_schedule(0.0, settings.lr, max(1, settings.warmup)),
-            optax.cosine_decay_schedule(settings.lr, decay_steps, alpha=settings.final_lr_ratio),
-        ],
-        [settings.warmup],
-    )
 
 
 def make_optimizer(settings: TrainSettings) -> optax.GradientTransformation:
