@@ -48,6 +48,7 @@ from tvq.runtime.decode_loop import (
 from tvq.runtime.forward import on_device
 from tvq.runtime.model import Model, check_top_k
 from tvq.runtime.state_cache import StateCache
+from tvq.text.constraints import Constraint, Guides
 from tvq.text.rows import Piece, Sample, TextRows
 from tvq.text.sampling import Penalties, SamplerRows
 from tvq.text.settings import Sampler, check_all, check_stops
@@ -141,6 +142,7 @@ def stream_generate(
     devices: int | None = None,
     alternatives: int | None = None,
     cache: StateCache | None = None,
+    constraint: Constraint | None = None,
 ) -> GenerationStream:
     """Samples `num_samples` continuations of context + prompt (token ids, or text for
     the model's tokenizer) as one batch, yielding each Piece of final text as it is
@@ -154,7 +156,9 @@ def stream_generate(
     checked before anything runs (SettingError). With a cache (and no context: the
     prompt starts a document), the prompt is read from its longest cached prefix, and
     the context after it (and, when the cache keeps completions, after the first
-    sample) is kept there (read_prompt)."""
+    sample) is kept there (read_prompt). constraint: what every sample's text must
+    match (tvq.text.constraints: a JSON schema, a regular expression, a grammar, a
+    choice); its rows sample a token per call of the loop."""
     sampler = sampler or Sampler()
     tokenizer = require_tokenizer(model)
     check_generation(model, max_tokens, seed, num_samples, logprobs, stop)
@@ -189,11 +193,12 @@ def stream_generate(
         mesh = mesh_for_rows(size, devices)
         rows = TextRows(tokenizer, [list(stop)] * size, [ignore_eos] * size, [logprobs] * size)
         limits = np.where(np.arange(size) < n, max_tokens, 0)
+        guides = Guides(tokenizer, model.config.n_vocab, [constraint] * n + [None] * (size - n))
         loop = _SampleLoop(model, rows, row_keys(seed, size), limits,
                            SamplerRows.of([sampler] * size, model.config.n_vocab),
                            Penalties.start(model.config.n_vocab, [prompt_ids.tolist()] * size),
                            width, eos_ids_of(tokenizer, [ignore_eos] * size), mesh,
-                           keep_state=True)  # fmt: skip
+                           keep_state=True, guides=guides)  # fmt: skip
         rings, token, count = yield from loop.run(rings, token, stream)
         finished_at = time.perf_counter()
         first = rows.first_token_at or finished_at
@@ -401,15 +406,19 @@ class _SampleLoop:
     or the stream stopped) in chunks of 1, 2, 4, … up to CHUNK tokens, releasing the
     rows' pieces as they come. keep_state: the rings are the state after the last token
     taken even when a stop string ended the last row mid-chunk (that chunk is replayed
-    up to it). owners: per row, its (item, sample) in a batch; rows beyond are padding."""
+    up to it). owners: per row, its (item, sample) in a batch; rows beyond are padding.
+    guides: the rows' constraints (tvq.text.constraints): then a call samples one token,
+    under the logit bias of what each row's constraint allows next."""
 
     def __init__(self, model: Model, rows: TextRows, keys: np.ndarray, max_tokens: np.ndarray,
                  sampling: SamplerRows, penalties: Penalties, logprobs: int,
                  eos_ids: np.ndarray, mesh, keep_state: bool,
-                 owners: list[tuple[int, int]] | None = None) -> None:  # fmt: skip
+                 owners: list[tuple[int, int]] | None = None,
+                 guides: Guides | None = None) -> None:  # fmt: skip
         self.model, self.rows, self.keys, self.max_tokens = model, rows, keys, max_tokens
         self.sampling, self.penalties, self.logprobs = sampling, penalties, logprobs
         self.eos_ids, self.mesh, self.keep_state, self.owners = eos_ids, mesh, keep_state, owners
+        self.guides = guides if guides else None
         self.params = replicated(mesh, model.params) if mesh is not None else None
 
     def _pieces(self) -> list[Piece]:
@@ -434,17 +443,25 @@ class _SampleLoop:
                 break
             done = np.array([s.done for s in rows.samples])
             limits = np.where(done, 0, np.clip(max_tokens - count, 0, chunk))
-            before = (rings, token)
+            before, sampling = (rings, token), self.sampling
+            if self.guides is not None:
+                sampling = sampling.replace(bias=self.guides.bias(sampling.bias),
+                                            penalizing=np.ones(batch, bool))  # fmt: skip
             rings, token, tokens, log_probs, sampled, top_values, top_ids, after = run_chunk(
                 self.model, rings, token, self.keys, np.full(batch, count), limits, no_forcing,
-                0, self.eos_ids, self.sampling, self.penalties, self.mesh, self.params,
+                0, self.eos_ids, sampling, self.penalties, self.mesh, self.params,
                 self.logprobs,
             )  # fmt: skip
             tokens, log_probs, sampled = np.asarray(tokens), np.asarray(log_probs), int(sampled)
             top_values, top_ids = np.asarray(top_values), np.asarray(top_ids)
             used = 0
             while used < sampled and not rows.all_done:
+                live = [not s.done for s in rows.samples]
                 rows.take(tokens[used], log_probs[used], top_values[used], top_ids[used])
+                if self.guides is not None:
+                    for row in np.flatnonzero(live):
+                        if self.guides.take(int(row), int(tokens[used, row])):
+                            rows.complete(int(row))
                 used += 1
                 for row in np.flatnonzero(max_tokens == count + used):
                     rows.finish_at(int(row))
@@ -457,7 +474,7 @@ class _SampleLoop:
                 )  # fmt: skip
             self.penalties = after
             count += used
-            chunk = min(2 * chunk, CHUNK)
+            chunk = 1 if self.guides is not None else min(2 * chunk, CHUNK)
         rows.finish_all()
         yield from self._pieces()
         return rings, token, count

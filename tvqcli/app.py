@@ -294,3 +294,72 @@ def root(
     Exit codes: 0 success, 1 error (bad input, model, state or checkpoint),
     2 usage error (bad option), 130 interrupted.
     """
+
+
+STRUCTURE = "Structured output (one at a time)"
+JsonSchemaOption = Annotated[
+    str | None,
+    typer.Option("--json-schema", metavar="FILE|JSON", rich_help_panel=STRUCTURE,
+                 help="The text is JSON that this schema (a file, or the JSON itself) "
+                 "accepts."),
+]  # fmt: skip
+JsonObjectOption = Annotated[
+    bool,
+    typer.Option("--json-object", rich_help_panel=STRUCTURE, help="The text is a JSON object."),
+]
+RegexOption = Annotated[
+    str | None,
+    typer.Option("--regex", metavar="RE", rich_help_panel=STRUCTURE,
+                 help="The text matches this regular expression (Rust's syntax)."),
+]  # fmt: skip
+GrammarOption = Annotated[
+    Path | None,
+    typer.Option("--grammar", metavar="FILE", rich_help_panel=STRUCTURE,
+                 help="The text follows this grammar: Lark's syntax (llguidance's), or "
+                 "llama.cpp's GBNF (a file with '::=' rules)."),
+]  # fmt: skip
+ChoiceOption = Annotated[
+    list[str] | None,
+    typer.Option("--choice", rich_help_panel=STRUCTURE,
+                 help="The text is one of these strings (repeat the option)."),
+]  # fmt: skip
+
+
+def constraint_of(json_schema: str | None = None, json_object: bool = False,
+                  regex: str | None = None, grammar: Path | None = None,
+                  choice: list[str] | None = None):  # fmt: skip
+    """The constraint the options ask for (tvq.text.constraints), None for none; a usage
+    error (exit 2) for more than one, or one the grammar engine refuses (its message)."""
+    given = {"--json-schema": json_schema is not None, "--json-object": json_object,
+             "--regex": regex is not None, "--grammar": grammar is not None,
+             "--choice": bool(choice)}  # fmt: skip
+    named = [option for option, on in given.items() if on]
+    if len(named) > 1:
+        raise fail(f"{' and '.join(named)}: give one constraint at a time", 2)
+    if not named:
+        return None
+    from tvq.text.constraints import Constraint, ConstraintError
+
+    try:
+        if json_schema is not None:
+            path = Path(json_schema)
+            source = json_schema if json_schema.lstrip().startswith("{") else read_text(path)
+            return Constraint.json_schema(source)
+        if json_object:
+            return Constraint.json_object()
+        if regex is not None:
+            return Constraint.regex(regex)
+        if grammar is not None:
+            text = read_text(grammar)
+            return Constraint.gbnf(text) if "::=" in text else Constraint.grammar(text)
+        return Constraint.choice(choice)
+    except ConstraintError as e:
+        raise fail(f"{named[0]}: {e}", 2) from None
+
+
+def read_text(path: Path) -> str:
+    """A small text file's contents; a usage error if it cannot be read."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise fail(f"{path} cannot be read: {getattr(e, 'strerror', None) or e}", 2) from None

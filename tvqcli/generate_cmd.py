@@ -11,12 +11,18 @@ import typer
 
 from tvq.text.settings import TERMINAL
 from tvqcli.app import (
+    ChoiceOption,
     DevicesOption,
     DtypeOption,
+    GrammarOption,
+    JsonObjectOption,
+    JsonSchemaOption,
     ModelOption,
     NoCacheOption,
+    RegexOption,
     app,
     check_output_file,
+    constraint_of,
     fail,
     finite,
     handle_errors,
@@ -132,6 +138,11 @@ def generate(
     devices: DevicesOption = None,
     dtype: DtypeOption = None,
     no_cache: NoCacheOption = False,
+    json_schema: JsonSchemaOption = None,
+    json_object: JsonObjectOption = False,
+    regex: RegexOption = None,
+    grammar: GrammarOption = None,
+    choice: ChoiceOption = None,
     interactive: Annotated[
         bool,
         typer.Option(
@@ -172,6 +183,7 @@ def generate(
                               logit_bias=parse_logit_bias(logit_bias or []))  # fmt: skip
     except tvq.SettingError as e:
         raise setting_error(e) from None
+    constraint = constraint_of(json_schema, json_object, regex, grammar, choice)
     check_output_file(save_state, "--save-state")
     text = read_prompt(prompt, file)
     base = tvq.load(model)  # state files belong to its parameters, whatever the dtype
@@ -185,7 +197,7 @@ def generate(
         seed=seed, num_samples=num_samples, stop=stop or [], context=context,
         ignore_eos=ignore_eos, devices=devices, logprobs=logprobs,
         alternatives=_alternatives(logprobs, base.config.n_vocab),
-        cache=state_cache(not no_cache),
+        cache=state_cache(not no_cache), constraint=constraint,
     ), live)  # fmt: skip
     _print_samples(result, base.tokenizer, json_output, live, echo, logprobs)
     if save_state is not None:

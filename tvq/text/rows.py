@@ -120,6 +120,12 @@ class TextRows:
             if mask[row] and not sample.done:
                 self._finish(row, "cancelled")
 
+    def complete(self, row: int) -> None:
+        """Ends the row, if it is running, as "stop": its constraint's grammar is
+        complete (tvq.text.constraints)."""
+        if not self.samples[row].done:
+            self._finish(row, "stop")
+
     def finish_at(self, row: int) -> None:
         """Ends the row, if it is running, as "length" (its max_tokens, or the end)."""
         if not self.samples[row].done:
