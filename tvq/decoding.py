@@ -245,6 +245,7 @@ class BatchItem:
     sampler: Sampler | None = None
     logprobs: int | None = None
     ignore_eos: bool | None = None
+    constraint: Constraint | None = None  # what its samples' text must match
 
 
 def stream_batch(
@@ -277,11 +278,13 @@ def stream_batch(
             rows.add(r)
         rows.pad(size - len(owners))
         text = TextRows(tokenizer, rows.stops, rows.eos_rules, rows.tops)
+        constraints = [items[i].constraint for i, _ in owners] + [None] * (size - len(owners))
         loop = _SampleLoop(model, text, np.concatenate(rows.keys), np.asarray(rows.limits),
                            SamplerRows.of(rows.samplers, model.config.n_vocab),
                            Penalties.start(model.config.n_vocab, rows.recent), top_k,
                            eos_ids_of(tokenizer, rows.eos_rules), mesh_for_rows(size, None),
-                           keep_state=False, owners=owners)  # fmt: skip
+                           keep_state=False, owners=owners,
+                           guides=Guides(tokenizer, model.config.n_vocab, constraints))  # fmt: skip
         yield from loop.run(*rows.joined(), stream)
         out: list[list[Sample]] = [[] for _ in items]
         for row, (i, _) in enumerate(owners):

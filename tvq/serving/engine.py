@@ -291,7 +291,7 @@ class Engine:
         answer.out = _Choices(answer.job, self.tokenizer, p * r.n, r.prompt_texts[p], echoed)
         context, tail = prefill.context, ids[prefill.read :]
         request = BatchItem(ids, r.max_tokens, r.seed, r.n, r.stop, r.sampler, r.logprobs or 0,
-                            r.ignore_eos)  # fmt: skip
+                            r.ignore_eos, r.constraint)  # fmt: skip
         rows = TextRows(self.tokenizer, [r.stop] * r.n, [r.ignore_eos] * r.n,
                         [r.logprobs or 0] * r.n)  # fmt: skip
         after_prompt = None  # where a session's sampled tokens continue from

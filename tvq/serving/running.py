@@ -34,6 +34,7 @@ from tvq.runtime.context import Context, eos_id
 from tvq.runtime.decode_loop import CHUNK, device_row_keys, run_chunk, seed_key
 from tvq.runtime.forward import on_device
 from tvq.runtime.model import Model
+from tvq.text.constraints import Guides
 from tvq.text.rows import Sample, TextRows
 from tvq.text.sampling import Penalties, SamplerRows
 from tvq.text.settings import REPEAT_WINDOW, Sampler
@@ -51,6 +52,8 @@ class Entry:
     owner: object = None  # whose prompt it is (the engine's)
     tail: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros([0], np.int32))
     # the prompt's ids its rows still read before they sample
+    guides: Guides | None = None  # its rows' constraint (tvq.text.constraints), if any
+    bias: np.ndarray | None = None  # [1, N] its own logit bias, under the constraint's
 
 
 WARM_SLOTS = 16  # slot counts up to this have their small programs compiled at start-up
@@ -106,6 +109,9 @@ class RunningBatch:
             "eos": eos_ids_of(model.tokenizer, [bool(r.ignore_eos)]),
         }  # fmt: skip
         entry = Entry(r, rows, on_done, owner, np.asarray(rest, np.int32))
+        if r.constraint is not None:
+            entry.guides = Guides(model.tokenizer, model.config.n_vocab, [r.constraint] * n)
+            entry.bias = np.asarray(new["sampling"].bias)
         self.entries.append(entry)
         free = [i for i, slot in enumerate(self.slots) if slot is None]
         if len(free) < n:
@@ -140,7 +146,8 @@ class RunningBatch:
         fewest to go wants (its tail still to read, then its next 1, 4, 16, 32 tokens, at
         most its max_tokens); a row's first steps read what is left of its tail."""
         slots = zip(self.slots, self.counts, self.chunks, live, strict=True)
-        steps = min(min(CHUNK, len(slot[0].tail) + min(chunk, slot[0].request.max_tokens - count))
+        steps = min(min(CHUNK, len(slot[0].tail) + min(1 if slot[0].guides else chunk,
+                                                       slot[0].request.max_tokens - count))
                     for slot, count, chunk, on in slots if on)  # fmt: skip
         limits = np.where(live, steps, 0).astype(np.int32)
         forced, n_forced = np.zeros([CHUNK, len(self.slots)], np.int32), np.zeros_like(limits)
@@ -149,7 +156,7 @@ class RunningBatch:
                 n_forced[i] = n = min(len(slot[0].tail), steps)
                 forced[:n, i] = slot[0].tail[:n]
         rings, token, tokens, log_probs, sampled, top_values, top_ids, penalties = self._run(
-            self.device, np.asarray(self.counts, np.int32), limits, forced, n_forced
+            self._guided(live), np.asarray(self.counts, np.int32), limits, forced, n_forced
         )
         self.device = dict(self.device, rings=rings, token=token, penalties=penalties)
         tokens, log_probs = np.asarray(tokens), np.asarray(log_probs)
@@ -163,8 +170,12 @@ class RunningBatch:
             read = int(n_forced[at[0]]) if at else 0  # its rows read alike
             entry.tail = entry.tail[read:]
             for step in range(read, min(int(sampled), steps)):
+                running = [not sample.done for sample in entry.rows.samples]
                 entry.rows.take(tokens[step, at], log_probs[step, at], top_values[step, at],
                                 top_ids[step, at])  # fmt: skip
+                for j in np.flatnonzero(running) if entry.guides else ():
+                    if entry.guides.take(int(j), int(tokens[step, at[j]])):
+                        entry.rows.complete(int(j))
         for i, slot in enumerate(self.slots):
             if live[i] and steps > n_forced[i]:  # it sampled
                 entry, j = slot
@@ -172,6 +183,28 @@ class RunningBatch:
                 self.chunks[i] = min(4 * self.chunks[i], CHUNK)
                 if self.counts[i] >= entry.request.max_tokens:
                     entry.rows.finish_at(j)
+
+    def _guided(self, live: list[bool]) -> dict:
+        """The slots' arrays for a call: where a live row has a constraint, its logit
+        bias bans what the constraint does not allow next (the arrays keep each row's
+        own bias; these rows take one step a call)."""
+        at, biases = [], []
+        for entry in self.entries:
+            if entry.guides is None:
+                continue
+            slots = [(slot[1], i) for i, slot in enumerate(self.slots)
+                     if slot is not None and slot[0] is entry and live[i]]  # fmt: skip
+            if slots:
+                bias = entry.guides.bias(np.repeat(entry.bias, len(entry.rows.samples), 0))
+                at += [i for _, i in slots]
+                biases += [bias[j] for j, _ in slots]
+        if not at:
+            return self.device
+        sampling = self.device["sampling"]
+        index = np.asarray(at, np.int32)
+        return dict(self.device, sampling=sampling.replace(
+            bias=sampling.bias.at[index].set(np.stack(biases)),
+            penalizing=sampling.penalizing.at[index].set(True)))  # fmt: skip
 
     def _run(self, d: dict, counts: np.ndarray, limits: np.ndarray, forced: np.ndarray,
              n_forced: np.ndarray):  # fmt: skip
