@@ -43,9 +43,11 @@ from tvqcli.prepare_output import PrepareProgress
 # are the library's (tvq/config.py, tvq/train/settings.py).
 ARCH_FIELDS = ("d_model", "d_k", "d_v", "n_head", "n_code", "n_layer", "mem_len", "agg_cache",
                "e_scale")  # fmt: skip
+# The run's recipe (docs/DESIGN.md section 11): its bad values are usage errors (exit 2).
+RECIPE_FIELDS = ("schedule", "decay_fraction", "min_lr", "ema", "export", "eval_tokens", "keep")
 RUN_FIELDS = ("steps", "batch_size", "update_len", "block_len", "lr", "warmup", "weight_decay",
               "grad_clip", "c_beta", "c_gamma", "p_dropemb", "p_dropres", "p_droplyr", "seed",
-              "eval_every", "save_every", "grad_accum", "remat")  # fmt: skip
+              "eval_every", "save_every", "grad_accum", "remat", *RECIPE_FIELDS)  # fmt: skip
 
 
 # tvq train's own options too long to declare on one line of its signature.
@@ -77,6 +79,40 @@ VerboseOption = Annotated[
 ShardParamsOption = Annotated[
     bool, typer.Option(help="Split parameters and optimizer state over the devices (FSDP).")
 ]
+ScheduleOption = Annotated[
+    str, typer.Option(help="Learning rate after the warm-up: cosine, linear, constant or wsd "
+                      "(warmup-stable-decay)."),
+]  # fmt: skip
+DecayFractionOption = Annotated[
+    float, typer.Option(help="wsd: the last fraction of the steps that decays.", callback=finite)
+]
+MinLrOption = Annotated[
+    float | None, typer.Option(help="The floor the decay reaches.", show_default="0.1 × lr",
+                               callback=finite),
+]  # fmt: skip
+EmaOption = Annotated[
+    float | None, typer.Option(help="Keep an exponential moving average of the parameters "
+                               "with this decay, e.g. 0.999: evaluated and exported.",
+                               callback=finite),
+]  # fmt: skip
+ExportOption = Annotated[
+    str, typer.Option(help="With --ema, the model written: ema, or last (the parameters).")
+]
+EvalTokensOption = Annotated[
+    int | None, typer.Option(help="Bound each evaluation to N held-out tokens (the same "
+                             "documents every time).", show_default="every document"),
+]  # fmt: skip
+KeepOption = Annotated[
+    str, typer.Option(help="Checkpoints kept: best (lowest held-out bits/byte, exported; and "
+                      "the latest), last, or N latest."),
+]  # fmt: skip
+LogDirOption = Annotated[
+    Path | None, typer.Option(help="Write TensorBoard event files here (pip install tensorboardX).")
+]
+WandbOption = Annotated[
+    str | None, typer.Option("--wandb", help="Log to this Weights & Biases project "
+                             "(pip install wandb; WANDB_MODE=offline works offline)."),
+]  # fmt: skip
 EScaleOption = Annotated[
     float | None,
     typer.Option(help="Output logit scale.", show_default="d_model^-1/2", callback=finite),
@@ -127,6 +163,15 @@ def train(
     save_every: Annotated[int, typer.Option(help="Steps between checkpoints.")] = Run.save_every,
     grad_accum: GradAccumOption = Run.grad_accum,
     remat: RematOption = Run.remat,
+    schedule: ScheduleOption = Run.schedule,
+    decay_fraction: DecayFractionOption = Run.decay_fraction,
+    min_lr: MinLrOption = Run.min_lr,
+    ema: EmaOption = Run.ema,
+    export: ExportOption = Run.export,
+    eval_tokens: EvalTokensOption = Run.eval_tokens,
+    keep: KeepOption = Run.keep,
+    log_dir: LogDirOption = None,
+    wandb: WandbOption = None,
     verbose: VerboseOption = False,
     name: Annotated[str, typer.Option(help="Corpus name for the metadata.")] = "",
     text_field: TextFieldOption = "text",
@@ -151,6 +196,7 @@ def train(
     from tvq.train import train_from_files
 
     check_output_dir(out, "--out")
+    _check_recipe(ctx.params)
     _check_prepared_options(ctx, texts)
     join_cluster(coordinator, num_processes, process_id, distributed)
     if cluster_active():  # Gloo announces its connections on stdout; train prints none
@@ -167,9 +213,27 @@ def train(
             shard_params=shard_params, algorithm=algorithm and algorithm.value,
             dtype=dtype and dtype.value, text_field=text_field, skip_bad_lines=skip_bad_lines,
             on_prepare=on_prepare, on_memory=_print_memory if verbose and not quiet else None,
+            log_dir=log_dir, wandb_project=wandb,
         )  # fmt: skip
     if not quiet:
         _print_saved(out, model.metadata)
+
+
+def _check_recipe(values: dict[str, Any]) -> None:
+    """A usage error (exit 2) for a bad value of the recipe's options, or a log whose
+    package is missing (exit 1), before any data is prepared."""
+    from tvq.errors import TrainingError
+    from tvq.train.logs import check_loggers
+    from tvq.train.settings import check_recipe
+
+    try:
+        check_recipe(Run(lr=values["lr"], **{name: values[name] for name in RECIPE_FIELDS}))
+    except TrainingError as e:
+        name, rest = (str(e).split(" ", 1) + [""])[:2]
+        if name in RECIPE_FIELDS:  # the message names the option
+            name = f"--{name.replace('_', '-')}"
+        raise fail(f"{name} {rest}", 2) from None
+    check_loggers(values["log_dir"], values["wandb"])
 
 
 def _check_prepared_options(ctx: typer.Context, texts: list[Path]) -> None:

@@ -7,6 +7,7 @@ keep their names, the other two name the same figures as charts (`TAGS`).
 from __future__ import annotations
 
 import json
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -89,7 +90,7 @@ class WandbLog:
         except (OSError, ValueError, KeyError, TypeError):
             run_id = None
         if run_id is None:
-            run_id = wandb.util.generate_id()
+            run_id = secrets.token_hex(4)  # W&B's ids: letters and digits
             text = json.dumps({"id": run_id}).encode()
             write_atomically(id_file, lambda f: f.write(text))
         self.run = wandb.init(project=project, id=run_id, resume="allow", dir=str(train_dir),
@@ -146,16 +147,11 @@ def check_loggers(log_dir: Path | None, wandb_project: str | None) -> None:
         _optional("wandb", "--wandb")
 
 
-# the package of each log, and the extra of pyproject.toml that installs it
-EXTRAS = {"tensorboardX": "logs", "wandb": "wandb"}
-
-
 def _optional(module: str, option: str) -> Any:
+    """The module of an optional log (the extras logs and wandb of pyproject.toml)."""
     import importlib
 
     try:
         return importlib.import_module(module)
     except ImportError:
-        raise TrainingError(
-            f"{option} needs the {module} package: pip install 'tvq[{EXTRAS[module]}]'"
-        ) from None
+        raise TrainingError(f"{option} needs the {module} package: pip install {module}") from None
