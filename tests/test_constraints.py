@@ -46,7 +46,8 @@ def test_samples_match_their_constraint_and_end_where_it_is_complete(model):
     ]  # fmt: skip
     for constraint, valid in cases:
         result = tvq.generate(model, "Q: ", max_tokens=200, seed=3, num_samples=3,
-                              sampler=tvq.Sampler(temperature=1.0), constraint=constraint)  # fmt: skip
+                              sampler=tvq.Sampler(temperature=1.0),
+                              constraint=constraint)  # fmt: skip
         for sample in result.samples:
             assert valid(sample.text), (constraint.kind, sample.text)
             assert sample.finish_reason in ("stop", "eos"), (constraint.kind, sample.text)
@@ -103,12 +104,14 @@ def test_a_constraint_that_allows_the_text_changes_nothing():
 
 
 def test_bad_constraints_are_refused_with_the_engines_message():
-    for make, text in [(lambda: Constraint.regex("[a-"), "unclosed character class"),
-                       (lambda: Constraint.json_schema("{not json"), "not valid JSON"),
-                       (lambda: Constraint.json_schema({"type": "nonsense"}), "nonsense"),
-                       (lambda: Constraint.choice([]), "1 to"),
-                       (lambda: Constraint.grammar("start: ("), "invalid grammar"),
-                       (lambda: Constraint.json_schema({"enum": ["x" * 70_000]}), "longer")]:
+    for make, text in [
+        (lambda: Constraint.regex("[a-"), "unclosed character class"),
+        (lambda: Constraint.json_schema("{not json"), "not valid JSON"),
+        (lambda: Constraint.json_schema({"type": "nonsense"}), "nonsense"),
+        (lambda: Constraint.choice([]), "1 to"),
+        (lambda: Constraint.grammar("start: ("), "invalid grammar"),
+        (lambda: Constraint.json_schema({"enum": ["x" * 70_000]}), "longer"),
+    ]:
         with pytest.raises(ConstraintError) as info:
             make()
         assert text in str(info.value) and "\n" not in str(info.value)
@@ -128,10 +131,12 @@ def test_the_command_line(model_dir, tmp_path):
     grammar.write_text('root ::= "ab" [0-9]')
     result = runner.invoke(app, [*base, "--grammar", str(grammar)])
     assert result.exit_code == 0 and re.fullmatch(r"ab[0-9]\n?", result.stdout)
-    for options, message in [(["--regex", "a", "--choice", "b"], "one constraint at a time"),
-                             (["--regex", "[a-"], "--regex: invalid regex"),
-                             (["--json-schema", "{nope"], "--json-schema: the JSON schema"),
-                             (["--json-schema", str(tmp_path / "none.json")], "cannot be read")]:
+    for options, message in [
+        (["--regex", "a", "--choice", "b"], "one constraint at a time"),
+        (["--regex", "[a-"], "--regex: invalid regex"),
+        (["--json-schema", "{nope"], "--json-schema: the JSON schema"),
+        (["--json-schema", str(tmp_path / "none.json")], "cannot be read"),
+    ]:
         result = runner.invoke(app, [*base, *options])
         assert result.exit_code == 2 and message in result.output, result.output
         assert "Traceback" not in result.output

@@ -8,7 +8,7 @@ import json
 import re
 import threading
 
-import openai
+
 import pytest
 
 import tvq

@@ -62,6 +62,7 @@ from llm.parts import TextPart
 from pydantic import Field, field_validator
 
 import tvq  # its names load on first use: `llm models` does not import JAX
+from tvq.text.constraints import Constraint
 from tvq.text.settings import RANGES, TERMINAL, random_seed
 
 MODEL_ID = "tvq-builtin"
@@ -147,6 +148,7 @@ class _Conversation:
 class TvqModel(llm.Model):
     model_id = MODEL_ID
     can_stream = True
+    supports_schema = True  # `llm --schema`: the text is JSON the schema accepts
     Options = TvqOptions
 
     def __init__(self) -> None:
@@ -174,10 +176,11 @@ class TvqModel(llm.Model):
         )
         max_tokens = TERMINAL.max_tokens if options.max_tokens is None else options.max_tokens
         try:
+            constraint = Constraint.json_schema(prompt.schema) if prompt.schema else None
             events = tvq.stream_generate(
                 self._load(key), fed, max_tokens=max_tokens, sampler=sampler, seed=seed,
                 stop=options.stop or [], context=kept.context if resume else None,
-                cache=self._state_cache(),
+                cache=self._state_cache(), constraint=constraint,
             )  # fmt: skip
             with events:  # closed early (Ctrl-C, a reader that stops): cancelled there
                 generation, pieces = None, []
