@@ -8,7 +8,6 @@ import json
 import re
 import threading
 
-
 import pytest
 
 import tvq
