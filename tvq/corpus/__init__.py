@@ -3,14 +3,17 @@ token shards that every training run reads. Its files name the stages a corpus g
 through:
 
     sources.py   the input files, their kinds, their documents, the held-out choice
-    workers.py   the worker processes that scan and tokenize a unit of work
+    jsonl.py     a JSONL line too long to hold, parsed streaming
+    workers.py   what a worker process does: scan and tokenize a unit of work
+    pool.py      the worker processes and their progress
     shards.py    the prepared dataset's format on disk, written and read (PreparedData)
     reader.py    the token stream as the training loop reads it (TokenStream)
 
 and `prepare.py` drives them (`prepare.request(inputs, ...)` finds and checks the inputs,
 `prepare.prepare(request)` finds the dataset in the cache or builds it and publishes it),
-with `build.py` holding one build's phases. Names load on first use (PEP 562): importing
-the package does not import numpy, and a worker process imports only what it runs.
+with `build.py` holding one build's phases and `sample.py` the tokenizer's sample. Names
+load on first use (PEP 562): importing the package does not import numpy, and a worker
+process imports only what it runs.
 """
 
 from __future__ import annotations

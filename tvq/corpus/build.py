@@ -7,7 +7,7 @@ then publishes (docs/DESIGN.md section 11). Each phase is reported through `on_e
 2. held-out documents: named files, or a seeded fraction of all documents
    (`sources.held_out_mask`).
 3. tokenizer: given, bytes, or sentencepiece trained on a bounded sample of the training
-   documents (`TokenizerText`: all of them, joined by newlines, up to SAMPLE_BYTES; beyond, the
+   documents (tvq/corpus/sample.py: all of them, joined by newlines, up to SAMPLE_BYTES; beyond, the
    heads of documents spread evenly over the corpus), so its cost does not grow with the
    corpus.
 4. tokenize: every unit on a worker process, each writing its own shards and index rows.
@@ -20,29 +20,24 @@ import dataclasses
 import os
 import shutil
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from tvq.corpus import shards
+from tvq.corpus.pool import Pool
+from tvq.corpus.sample import TokenizerText
 from tvq.corpus.shards import SPLITS, TRAIN, VAL, index_name, shard_name
 from tvq.corpus.sources import (
     Segment,
-    SegmentReader,
-    Source,
     bad_line_error,
     changed,
-    document_text,
-    expanded_size,
     held_out_mask,
-    reading,
     split_points,
-    text_chunks,
     unchanged,
 )
-from tvq.corpus.workers import Pool, ScanResult, Unit, scan_unit, tokenize_unit
+from tvq.corpus.workers import ScanResult, Unit, scan_unit, tokenize_unit
 from tvq.errors import CorpusError, TrainingError, is_int
 from tvq.text.tokenizer import (
     TOKENIZER_FILE,
@@ -52,7 +47,6 @@ from tvq.text.tokenizer import (
 )
 
 SAMPLE_BYTES = 16 << 20  # sentencepiece's training text at most (about 17 s, 0.4 GB on 2 cores)
-SAMPLE_MIN_TAKE = 4096  # a document's head shorter than this is not read for the sample
 POOL_MIN_BYTES = 4 << 20  # less input than this is prepared in this process
 MIN_UNIT_BYTES, MAX_UNIT_BYTES = 1 << 20, 64 << 20
 
@@ -301,98 +295,3 @@ class Build:
             "units": units,
             "seconds": self.seconds,
         }  # fmt: skip
-
-
-class TokenizerText:
-    """The training documents' text that sentencepiece trains on, written to `out`. Up to
-    `limit` bytes (as estimated from the scan): every training document, joined by
-    newlines (the text a run from text trains on). Beyond: from each text file a head
-    of its share of `limit` (cut after a newline), and every k-th JSONL document, so the
-    sample spreads over the whole corpus and only it is parsed."""
-
-    def __init__(self, sources: Sequence[Source], text_field: str, out) -> None:
-        self.sources, self.text_field, self.out = sources, text_field, out
-        self.written, self.first = 0, True
-
-    def emit(self, text: str) -> None:
-        if not self.first:
-            self.out.write("\n")
-            self.written += 1
-        self.out.write(text)
-        self.written += len(text.encode("utf-8"))
-        self.first = False
-
-    def write(self, segments, chars, doc_lines, mask: np.ndarray, limit: int) -> int:
-        fraction = min(1.0, limit / max(self.estimate(segments, chars, mask), 1))
-        credit = 0.0
-        for seg, bits in zip(segments, doc_lines, strict=True):
-            source = self.sources[seg.source]
-            if not seg.documents:
-                continue
-            if source.kind == "text":
-                credit = self.text(source, mask[seg.first_doc], fraction, credit)
-            else:
-                credit = self.jsonl(source, seg, bits, mask, fraction, credit)
-        return self.written
-
-    def estimate(self, segments, chars, mask: np.ndarray) -> int:
-        """Bytes of the training documents, from the scan (a JSONL line's characters)."""
-        estimate = 0
-        for seg, n_chars in zip(segments, chars, strict=True):
-            if seg.documents:
-                held = mask[seg.first_doc : seg.first_doc + seg.documents]
-                train = seg.documents - int(held.sum())
-                source = self.sources[seg.source]
-                estimate += expanded_size(source) * train if source.kind == "text" else (
-                    n_chars * train // seg.documents)  # fmt: skip
-        return estimate
-
-    def text(self, source: Source, held: bool, fraction: float, credit: float) -> float:
-        """A text file's document, or a head of it as long as its credit → the credit left."""
-        if held:
-            return credit
-        if fraction >= 1:
-            self.emit(_head(source, None))
-            return credit
-        credit += fraction * expanded_size(source)
-        if credit >= SAMPLE_MIN_TAKE:
-            head = _head(source, int(credit))
-            if head:
-                self.emit(head)
-                credit -= len(head.encode("utf-8"))
-        return credit
-
-    def jsonl(self, source: Source, seg: Segment, bits: bytes, mask: np.ndarray,
-              fraction: float, credit: float) -> float:  # fmt: skip
-        """The training documents of a JSONL segment, each once its credit covers it."""
-        is_doc = np.unpackbits(np.frombuffer(bits, np.uint8)).astype(bool)
-        doc = seg.first_doc
-        with reading(source), SegmentReader(source, seg) as reader:
-            for number, line in enumerate(reader.lines()):
-                if number >= len(is_doc):
-                    raise changed(source.path)
-                if not is_doc[number]:
-                    continue
-                held, doc = mask[doc], doc + 1
-                if held:
-                    continue
-                credit += fraction * len(line)
-                if credit < len(line) and fraction < 1:
-                    continue
-                self.emit(document_text(line, self.text_field))
-                credit -= len(line)
-        return credit
-
-
-def _head(source: Source, budget: int | None) -> str:
-    """A text file's document, or about its first `budget` bytes cut after a newline."""
-    taken, size = [], 0
-    with reading(source), SegmentReader(source) as reader:
-        for chunk in text_chunks(reader, 1 << 16):
-            taken.append(chunk)
-            size += len(chunk)
-            if budget is not None and size >= budget:
-                text = "".join(taken)[:budget]
-                cut = text.rfind("\n")
-                return text[: cut + 1] if cut > 0 else text
-    return "".join(taken)

@@ -135,6 +135,8 @@ def prepare(
     tokenize (None: one per core; 1 for an input under build.POOL_MIN_BYTES); unit_bytes: the
     size of a unit of work (None: chosen from the input size and the workers)."""
     folder = target(req, out, cache_dir)
+    if folder.parent.is_dir():  # a crash's leftovers: recovered or removed, never kept
+        shards.remove_leftovers(folder, every=out is None)
     try:
         found = find(req, folder)
     except CorpusError:  # finished once, damaged since (a shard cut short): made again
@@ -149,7 +151,6 @@ def prepare(
         folder.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise CorpusError(f"{folder.parent} cannot be created: {e.strerror}") from None
-    shards.remove_leftovers(folder)
     if out is None:
         _prune(folder.parent, keep=folder)
     partial = shards.partial_folder(folder)

@@ -19,11 +19,15 @@ While it is written, each unit of work writes its own shards and its rows of the
 index ([source, line, tokens, bytes, continued] in `.SPLIT-NNNNN.docs`), which
 `merge_index` joins into the index of each split. A folder is written as a temporary
 sibling and renamed into place once COMPLETE is in it; a folder without COMPLETE (or
-whose COMPLETE does not match dataset.json) is never read as a dataset.
+whose COMPLETE does not match dataset.json) is never read as a dataset. A process killed
+between the two renames of `publish` leaves no dataset under the final name, only hidden
+siblings (the new one and the old one); the next run recovers the newest finished one
+into place and removes the rest (`remove_leftovers`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -45,6 +49,7 @@ SPLITS = TRAIN, VAL = ("train", "val")
 INDEX_COLUMNS = ("source", "line", "start", "tokens", "bytes")
 UNIT_COLUMNS = ("source", "line", "tokens", "bytes", "continued")  # a unit's index rows
 PARTIAL = ".partial-"  # in the name of a folder being written
+OLD = ".old-"  # in the name of a finished folder being replaced (`publish`)
 RECORDS_FLUSH = 1 << 16  # a unit's index rows kept before they are written out
 
 
@@ -177,6 +182,14 @@ class ShardWriter:
         self.file.write(np.asarray(ids, self.dtype).tobytes())
         self.tokens += len(ids)
 
+    def truncate(self, tokens: int) -> None:
+        """Drops what was written after the first `tokens` tokens."""
+        if tokens < self.tokens:
+            self.file.flush()
+            self.file.truncate(tokens * self.dtype.itemsize)
+            self.file.seek(tokens * self.dtype.itemsize)
+            self.tokens = tokens
+
     def close(self) -> None:
         self.file.flush()
         os.fsync(self.file.fileno())
@@ -266,18 +279,29 @@ def partial_folder(final: Path) -> Path:
     return final.parent / f".{final.name}{PARTIAL}{socket.gethostname()}-{os.getpid()}"
 
 
-def remove_leftovers(folder: Path) -> None:
-    """Removes the partial folders beside or inside `folder` left by killed processes of
-    this host (others' may still be writing)."""
+def remove_leftovers(folder: Path, every: bool = False) -> None:
+    """Clears what killed processes of this host left beside or inside `folder` (others'
+    may still be writing): a finished dataset (a partial folder killed after COMPLETE, or
+    the old one of a `publish` killed between its renames) goes back into place where
+    none is, the newest first; the rest is removed. every: for every folder beside
+    `folder` (a cache's), not only its own."""
     host = socket.gethostname()
-    candidates = list(folder.parent.glob(f".{folder.name}{PARTIAL}*"))
+    name = "*" if every else folder.name
+    candidates = [p for marker in (PARTIAL, OLD) for p in folder.parent.glob(f".{name}{marker}*")]
     if folder.is_dir():
         candidates += folder.glob(f".*{PARTIAL}*")
     for path in candidates:
-        owner = path.name.rsplit(PARTIAL, 1)[1]
+        marker = PARTIAL if PARTIAL in path.name else OLD
+        final_name, _, owner = path.name[1:].rpartition(marker)
         owner_host, _, pid = owner.rpartition("-")
-        if owner_host == host and pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(path, ignore_errors=True)
+        if owner_host not in (host, "") or not pid.isdigit() or _alive(int(pid)):
+            continue
+        final = path.parent / final_name
+        if path.parent == folder.parent and is_prepared(path) and not final.exists():
+            with contextlib.suppress(OSError):  # another process's recovery came first
+                path.rename(final)
+                continue
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _alive(pid: int) -> bool:
@@ -301,7 +325,7 @@ def publish(partial: Path, final: Path, info: dict[str, Any]) -> None:
     _sync_folder(partial)
     old = None
     if final.exists():
-        old = final.parent / f".{final.name}.old-{os.getpid()}"
+        old = final.parent / f".{final.name}{OLD}{socket.gethostname()}-{os.getpid()}"
         final.rename(old)
     try:
         partial.rename(final)

@@ -6,10 +6,12 @@ A text file (.txt, .md, .text, no suffix) is one document, its bytes decoded as 
 (invalid bytes become U+FFFD); a file of whitespace alone is no document. A JSONL file
 (.jsonl) holds one document per line: a JSON object whose text field (`text` unless named
 otherwise) is a string; a blank line is skipped; any other line is a bad line, named by
-file and line number. Either may be gzip-compressed (.gz). Files are read in pieces of
-READ_SIZE bytes, and a plain file may be read in segments (byte ranges that start after a
-newline), so that several processes share one large file; a gzip file is read from its
-start.
+file and line number; a line longer than LONG_LINE is parsed streaming
+(tvq/corpus/jsonl.py), never held whole. Either may be gzip-compressed (.gz). Files are
+read in pieces of READ_SIZE bytes, and a plain file may be read in segments (byte ranges
+that start after a newline), so that several processes share one large file; a gzip file
+is read from its start. Inside a folder, hidden files and folders and tvq's own output
+(`own_folder`) are not inputs.
 """
 
 from __future__ import annotations
@@ -30,11 +32,13 @@ from typing import BinaryIO
 import numpy as np
 
 from tvq.errors import CorpusError
+from tvq.files.cache import cache_dir
 
 TEXT_SUFFIXES = {".txt", ".md", ".text", ""}  # one file, one document
 JSONL_SUFFIXES = {".jsonl"}  # one document per line: a JSON object with a text field
 KINDS_HELP = "text (.txt, .md, .text, no suffix) or JSONL (.jsonl), either also as .gz"
 READ_SIZE = 1 << 20
+LONG_LINE = 1 << 22  # a JSONL line of more bytes is parsed streaming (tvq/corpus/jsonl.py)
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
@@ -44,26 +48,35 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 @dataclass(frozen=True)
 class Source:
     """One input file: its kind, whether it is gzip-compressed, and what the cache key
-    reads of it (path, size, modification time)."""
+    reads of it: path, size, modification time and inode change time. The change time
+    is what notices an edit that kept the size and the modification time (`touch -r`,
+    `rsync -t`, two writes within one tick of a coarse clock): any write or `utime` sets
+    it to now and no call sets it back. It costs one stat per file, where a hash of the
+    contents would read a 100 GB corpus at every `tvq train` (minutes), and a hash of
+    samples would miss edits between them; what it cannot tell is a copy with the same
+    bytes (`cp -a`, a restore), which is prepared again (docs/DESIGN.md section 11)."""
 
     path: Path
     kind: str  # "text" | "jsonl"
     compressed: bool
     size: int
     mtime_ns: int
+    ctime_ns: int
 
     def key(self) -> dict:
         return {"path": str(self.path.resolve()), "kind": self.kind, "gzip": self.compressed,
-                "size": self.size, "mtime_ns": self.mtime_ns}  # fmt: skip
+                "size": self.size, "mtime_ns": self.mtime_ns,
+                "ctime_ns": self.ctime_ns}  # fmt: skip
 
 
 def unchanged(key: dict) -> bool:
-    """Whether the file of a `Source.key()` still has the size and time it records."""
+    """Whether the file of a `Source.key()` still has the size and times it records."""
     try:
         stat = Path(key["path"]).stat()
     except (OSError, KeyError, TypeError):
         return False
-    return stat.st_size == key.get("size") and stat.st_mtime_ns == key.get("mtime_ns")
+    return (stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns) == (
+        key.get("size"), key.get("mtime_ns"), key.get("ctime_ns"))  # fmt: skip
 
 
 def changed(path: Path, line: int | None = None) -> CorpusError:
@@ -87,25 +100,62 @@ def source_kind(path: Path) -> tuple[str, bool] | None:
 
 def find_sources(paths: Sequence[str | os.PathLike]) -> list[Source]:
     """Files as given (each must be of a known kind), and the files of known kinds inside
-    directories (sorted; hidden files skipped)."""
+    directories (sorted; hidden files and folders, and tvq's own, skipped: `own_folder`)."""
     sources: list[Source] = []
     for raw in paths:
         path = Path(raw)
         if not path.exists():
             raise CorpusError(f"{path} does not exist")
         if path.is_dir():
-            found = sorted(
-                p for p in path.rglob("*")
-                if p.is_file() and not p.name.startswith(".") and source_kind(p) is not None
-            )  # fmt: skip
+            found = sorted(_walk(path))
             if not found:
                 raise CorpusError(f"no text files ({KINDS_HELP}) found in {path}")
             sources.extend(map(_source, found))
         elif source_kind(path) is None:
             raise CorpusError(f"{path}: unknown kind of file; tvq reads {KINDS_HELP}")
+        elif not path.is_file():  # a pipe or a device: reading it could wait forever
+            raise CorpusError(f"{path} is not a regular file")
         else:
             sources.append(_source(path))
     return sources
+
+
+def own_folder(folder: Path) -> bool:
+    """Whether a folder is tvq's own output, never an input even inside an input folder:
+    a prepared dataset, finished or not (dataset.json: `tvq prepare --out`, the cache's
+    entries), a model (config.json beside params/: `tvq train --out`), a training run
+    (run.json, beside its checkpoints and metrics.jsonl), or the user cache itself
+    (tvq/files/cache.py; its compiled programs have no suffix)."""
+    if (folder / "run.json").is_file():
+        return True
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        info = json.loads((folder / "dataset.json").read_bytes())
+        return info.get("format") == "tvq-prepared"
+    if (folder / "config.json").is_file() and (folder / "params").is_dir():
+        return True
+    return folder.resolve() == cache_dir("data").parent.resolve()
+
+
+def _walk(top: Path) -> Iterator[Path]:
+    """The files of known kinds under `top`, hidden and own folders pruned (symbolic links
+    followed, each folder once)."""
+    seen = set()
+
+    def refuse(error: OSError) -> None:
+        raise CorpusError(f"{error.filename} cannot be read: {error.strerror}")
+
+    for root, folders, files in os.walk(top, onerror=refuse, followlinks=True):
+        stat = os.stat(root)
+        if (stat.st_dev, stat.st_ino) in seen:
+            folders[:] = []
+            continue
+        seen.add((stat.st_dev, stat.st_ino))
+        folders[:] = [f for f in folders
+                      if not f.startswith(".") and not own_folder(Path(root, f))]  # fmt: skip
+        for name in files:
+            path = Path(root, name)
+            if not name.startswith(".") and source_kind(path) and path.is_file():
+                yield path
 
 
 def find_files(paths: Sequence[str | os.PathLike]) -> list[Path]:
@@ -119,7 +169,7 @@ def _source(path: Path) -> Source:
         stat = path.stat()
     except OSError as e:
         raise CorpusError(f"{path} cannot be read: {e.strerror}") from None
-    return Source(path, kind, compressed, stat.st_size, stat.st_mtime_ns)
+    return Source(path, kind, compressed, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
 
 
 def check_val_fraction(val_fraction: float) -> None:
@@ -219,16 +269,26 @@ class SegmentReader:
             self.left -= len(data)
         return data
 
-    def lines(self) -> Iterator[bytes]:
-        """The segment's lines (each with its newline, the last maybe without)."""
-        while self.left != 0:
-            line = self.stream.readline()
-            if not line:
-                return
-            if self.left > 0:
-                line = line[: self.left]
-                self.left -= len(line)
-            yield line
+    def readline(self, limit: int) -> bytes:
+        """The next line of the segment, or its next `limit` bytes."""
+        if self.left == 0:
+            return b""
+        line = self.stream.readline(limit if self.left < 0 else min(limit, self.left))
+        if self.left > 0:
+            self.left -= len(line)
+        return line
+
+    def lines(self) -> Iterator[bytes | LongLine]:
+        """The segment's lines (each with its newline, the last maybe without): bytes, or
+        a LongLine for one longer than LONG_LINE (read on by the caller, else skipped)."""
+        while line := self.readline(LONG_LINE):
+            if len(line) < LONG_LINE or line.endswith(b"\n"):
+                yield line
+                continue
+            long = LongLine(self, line)
+            yield long
+            for _ in long.pieces():  # the rest, if the caller stopped early
+                pass
 
     def close(self) -> None:
         self.stream.close()
@@ -239,6 +299,25 @@ class SegmentReader:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class LongLine:
+    """A line too long to hold: its bytes read on from the reader, READ_SIZE at a time,
+    once; `size` counts them so far."""
+
+    def __init__(self, reader: SegmentReader, head: bytes) -> None:
+        self.reader, self.head, self.size, self.done = reader, head, len(head), False
+
+    def pieces(self) -> Iterator[bytes]:
+        head, self.head = self.head, b""
+        for at in range(0, len(head), READ_SIZE):
+            yield head[at : at + READ_SIZE]
+        while not self.done:
+            piece = self.reader.readline(READ_SIZE)
+            self.size += len(piece)
+            self.done = not piece or piece.endswith(b"\n")
+            if piece:
+                yield piece
 
 
 def text_chunks(reader: SegmentReader, size: int = READ_SIZE) -> Iterator[str]:
@@ -268,7 +347,7 @@ def document_text(line: bytes, field: str) -> str | None:
         value = json.loads(line)
     except json.JSONDecodeError as e:
         raise BadLine(f"not JSON ({e.msg})") from None
-    except (UnicodeDecodeError, RecursionError) as e:
+    except (ValueError, RecursionError) as e:  # invalid UTF-8, an integer of 4301 digits
         raise BadLine(f"not JSON ({type(e).__name__})") from None
     if not isinstance(value, dict):
         raise BadLine(f"not a JSON object (a {type(value).__name__})")

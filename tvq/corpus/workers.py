@@ -5,26 +5,35 @@ work (a run of consecutive segments of the input files), and the pool that runs 
 Two passes: `scan_unit` counts a unit's documents (and finds bad JSONL lines before any
 tokenizer is trained); `tokenize_unit` streams the unit's text through the tokenizer into
 its own shards, one per split, plus its rows of the document index. Memory stays bounded
-by a read piece, whatever the corpus: text is read READ_SIZE bytes at a time and
-tokenized between cut points where the ids of the pieces equal those of the whole
-(`Tokenizer.cut`); a JSONL document is one line. Workers are started with `spawn`: the
-parent may have started JAX threads, which `fork` would copy mid-flight.
+by a read piece, whatever the corpus: text is read READ_SIZE bytes at a time, a JSONL
+line longer than LONG_LINE is parsed streaming (tvq/corpus/jsonl.py), and a document's
+text is tokenized in pieces (`Encoder.pieces`), cut where the ids of the pieces equal
+those of the whole (`Tokenizer.cut`: after a newline, before a space after a
+non-space). Where a document runs MAX_PIECE_CHARS characters with no such place (a base64
+blob, a line of CJK without spaces) it is cut there anyway, so that memory stays bounded;
+only there can the ids differ from `tokenizer.encode` of the whole: the two sides are
+each encoded exactly, so a token that would have spanned the cut is two tokens (or more)
+there. It cannot matter: the ids still decode to the document's text (tvq's tokenizers
+are lossless: byte fallback, no normalisation), the text is no different, and it happens
+once in a million characters or more of such text. (A tokenizer that allows no cut at
+all, one that adds a dummy prefix or normalises, not tvq's own, may add its dummy "▁" at
+such a cut.) The units run on the processes of tvq/corpus/pool.py.
 """
 
 from __future__ import annotations
 
-import contextlib
-import multiprocessing
-import signal
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from tvq.corpus.jsonl import RESTART, long_document
+from tvq.corpus.pool import Progress
 from tvq.corpus.shards import SPLITS, TRAIN, VAL, UnitWriter
 from tvq.corpus.sources import (
     BadLine,
+    LongLine,
     Segment,
     SegmentReader,
     Source,
@@ -37,7 +46,7 @@ from tvq.corpus.sources import (
 from tvq.text.tokenizer import ByteTokenizer, SentencePieceTokenizer
 
 PIECE_CHARS = 1 << 18  # text gathered before looking for a cut point
-REPORT_BYTES = 1 << 20  # progress is published after this many bytes read
+MAX_PIECE_CHARS = 1 << 20  # text gathered before cutting anyway (the module docstring)
 
 
 @dataclass
@@ -79,101 +88,11 @@ class TokenizeResult:
     bad_lines: int
 
 
-# -- progress shared with the parent ------------------------------------------------------
-
-_counter = None  # a multiprocessing.Value in a worker; a plain holder in-process
-
-
-class _Local:
-    """The counter of a preparation run in this process."""
-
-    def __init__(self) -> None:
-        self.value = 0
-
-    def get_lock(self) -> contextlib.AbstractContextManager:
-        return contextlib.nullcontext()
-
-
-def _init(counter) -> None:
-    """A worker's start: Ctrl-C is the parent's to handle (it ends the pool), so the
-    workers do not each print a traceback."""
-    global _counter
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _counter = counter
-
-
-class _Progress:
-    """Bytes read from the files, published to the shared counter every REPORT_BYTES."""
-
-    def __init__(self) -> None:
-        self.pending = self.mark = 0
-
-    def start(self) -> None:
-        """A new file: its reader counts from 0."""
-        self.mark = 0
-
-    def at(self, consumed: int) -> None:
-        self.pending += consumed - self.mark
-        self.mark = consumed
-        if self.pending >= REPORT_BYTES:
-            self.flush()
-
-    def flush(self) -> None:
-        if _counter is not None and self.pending:
-            with _counter.get_lock():
-                _counter.value += self.pending
-        self.pending = 0
-
-
-class Pool:
-    """Runs function(unit) for every unit, in order of units: on up to `workers` spawned
-    processes (started on first use, kept for the next pass), or in this process for
-    one worker or one unit. on_bytes(bytes read so far) is called about four times a
-    second."""
-
-    def __init__(self, workers: int) -> None:
-        self.workers, self.pool, self.counter = workers, None, None
-
-    def map(self, function: Callable, units: list[Unit], on_bytes: Callable[[int], None] | None):
-        global _counter
-        if self.workers <= 1 or len(units) <= 1:
-            _counter = _Local()
-            results = []
-            try:
-                for unit in units:
-                    results.append(function(unit))
-                    if on_bytes is not None:
-                        on_bytes(_counter.value)
-            finally:
-                _counter = None
-            return results
-        if self.pool is None:
-            context = multiprocessing.get_context("spawn")
-            self.counter = context.Value("q", 0)
-            self.pool = context.Pool(self.workers, initializer=_init, initargs=(self.counter,))
-        self.counter.value = 0
-        pending = self.pool.map_async(function, units, chunksize=1)
-        while not pending.ready():
-            pending.wait(0.25)
-            if on_bytes is not None:
-                on_bytes(self.counter.value)
-        return pending.get()
-
-    def __enter__(self) -> Pool:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.pool is not None:
-            self.pool.terminate()
-            self.pool.join()
-            self.pool = None
-
-
 # -- the scan -----------------------------------------------------------------------------
 
 
 def scan_unit(unit: Unit) -> ScanResult:
-    progress, result = _Progress(), ScanResult()
+    progress, result = Progress(), ScanResult()
     for seg in unit.segments:
         source = unit.sources[seg.source]
         if source.kind == "text":  # one document, if the file holds any text
@@ -192,7 +111,7 @@ def scan_unit(unit: Unit) -> ScanResult:
                 lines += 1
                 progress.at(reader.consumed)
                 try:
-                    text = document_text(line, unit.text_field)
+                    n_chars, nonblank = _measure(line, unit.text_field)
                 except BadLine as e:
                     is_doc.append(0)
                     bad += 1
@@ -201,11 +120,10 @@ def scan_unit(unit: Unit) -> ScanResult:
                         if not unit.skip_bad_lines:
                             break
                     continue
-                nonblank = text is not None and bool(text.strip())
                 is_doc.append(nonblank)
                 if nonblank:
                     docs += 1
-                    chars += len(text)
+                    chars += n_chars
             progress.at(reader.consumed)
         result.doc_lines.append(np.packbits(np.frombuffer(bytes(is_doc), np.uint8)).tobytes())
         result.documents.append(docs)
@@ -215,6 +133,20 @@ def scan_unit(unit: Unit) -> ScanResult:
         result.first_bad.append(first_bad)
     progress.flush()
     return result
+
+
+def _measure(line: bytes | LongLine, field: str) -> tuple[int, bool]:
+    """(characters, whether anything but whitespace) of a JSONL line's document."""
+    if not isinstance(line, LongLine):
+        text = document_text(line, field)
+        return (len(text), bool(text.strip())) if text is not None else (0, False)
+    chars, nonblank = 0, False
+    for piece in long_document(line, field):
+        if piece is RESTART:
+            chars, nonblank = 0, False
+        else:
+            chars, nonblank = chars + len(piece), nonblank or bool(piece.strip())
+    return chars, nonblank
 
 
 # -- tokenizing ---------------------------------------------------------------------------
@@ -255,6 +187,8 @@ class Encoder:
                 continue
             data = pending.encode("utf-8")
             at = self.tokenizer.cut(data)
+            if at == 0 and len(pending) >= MAX_PIECE_CHARS:
+                at = len(data)  # no exact cut for a million characters (the module docstring)
             if at > 0:
                 yield self(data[:at].decode("utf-8")), at
                 pending = data[at:].decode("utf-8")
@@ -295,7 +229,7 @@ class _Tokenizing:
 
     def __init__(self, unit: Unit, encode: Encoder, eos: np.ndarray, writers) -> None:
         self.unit, self.encode, self.eos, self.writers = unit, encode, eos, writers
-        self.progress, self.bad_lines = _Progress(), 0
+        self.progress, self.bad_lines = Progress(), 0
 
     def split(self, source: Source, doc: int) -> UnitWriter:
         """The writer of the split that document `doc` (an ordinal) goes to."""
@@ -327,6 +261,9 @@ class _Tokenizing:
         self.progress.start()
         for number, line in enumerate(reader.lines(), seg.first_line):
             self.progress.at(reader.consumed)
+            if isinstance(line, LongLine):
+                doc += self.long_line(seg, source, line, number, doc)
+                continue
             try:
                 text = document_text(line, self.unit.text_field)
             except BadLine:
@@ -346,3 +283,52 @@ class _Tokenizing:
         self.progress.at(reader.consumed)
         if doc != seg.first_doc + seg.documents:
             raise changed(source.path)
+
+    def long_line(self, seg: Segment, source: Source, line: LongLine, number: int,
+                  doc: int) -> int:  # fmt: skip
+        """A long JSONL line's document streamed into its split's shard; what it wrote
+        is cut off again where the document starts over (its field repeated) or the line
+        turns out to be none → 1 for a document, else 0."""
+        unit, held_out = self.unit, self.unit.held_out
+        known = 0 <= doc - unit.first_doc < len(held_out)
+        writer = self.split(source, doc) if known else self.writers[TRAIN]
+        mark, parsed, nonblank = writer.shard.tokens, long_document(line, unit.text_field), False
+
+        def occurrence() -> Iterator[str]:  # the field's text up to where it starts over
+            nonlocal nonblank
+            for piece in parsed:
+                if piece is RESTART:
+                    raise _StartOver
+                nonblank = nonblank or bool(piece.strip())
+                yield piece
+
+        while True:
+            writer.shard.truncate(mark)
+            tokens = size = 0
+            nonblank = False
+            try:
+                for ids, n_bytes in self.encode.pieces(occurrence()):
+                    writer.shard.write(ids)
+                    tokens, size = tokens + len(ids), size + n_bytes
+            except _StartOver:
+                continue
+            except BadLine:
+                writer.shard.truncate(mark)
+                if not unit.skip_bad_lines:
+                    raise changed(source.path, number) from None
+                self.bad_lines += 1
+                return 0
+            break
+        if not nonblank:
+            writer.shard.truncate(mark)
+            return 0
+        if self.split(source, doc) is not writer:
+            raise changed(source.path, number)
+        if writer is self.writers[TRAIN]:
+            writer.shard.write(self.eos)
+        writer.record(seg.source, number, tokens, size, False)
+        return 1
+
+
+class _StartOver(Exception):
+    """A long line's text field came again: its document starts over."""
