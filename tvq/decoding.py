@@ -422,6 +422,9 @@ class _SampleLoop:
         self.sampling, self.penalties, self.logprobs = sampling, penalties, logprobs
         self.eos_ids, self.mesh, self.keep_state, self.owners = eos_ids, mesh, keep_state, owners
         self.guides = guides if guides else None
+        if self.guides is not None:  # each call sends only the new bias to the device
+            self.own_bias = np.asarray(sampling.bias)
+            self.sampling = on_device(sampling.replace(penalizing=np.ones(len(max_tokens), bool)))
         self.params = replicated(mesh, model.params) if mesh is not None else None
 
     def _pieces(self) -> list[Piece]:
@@ -448,12 +451,11 @@ class _SampleLoop:
             limits = np.where(done, 0, np.clip(max_tokens - count, 0, chunk))
             before, sampling = (rings, token), self.sampling
             if self.guides is not None:
-                sampling = sampling.replace(bias=self.guides.bias(sampling.bias),
-                                            penalizing=np.ones(batch, bool))  # fmt: skip
+                sampling = sampling.replace(bias=on_device(self.guides.bias(self.own_bias)))
             rings, token, tokens, log_probs, sampled, top_values, top_ids, after = run_chunk(
                 self.model, rings, token, self.keys, np.full(batch, count), limits, no_forcing,
                 0, self.eos_ids, sampling, self.penalties, self.mesh, self.params,
-                self.logprobs,
+                self.logprobs, in_place=self.guides is not None,  # one step: never replayed
             )  # fmt: skip
             tokens, log_probs, sampled = np.asarray(tokens), np.asarray(log_probs), int(sampled)
             top_values, top_ids = np.asarray(top_values), np.asarray(top_ids)

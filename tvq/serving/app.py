@@ -40,12 +40,12 @@ from tvq.serving.protocol import (
     CompletionRequest,
     check_unicode,
     internal_error,
-    parse_completion,
     parse_detokenize,
     parse_tokenize,
     tokenizer_info_json,
 )
 from tvq.serving.sessions import SESSION_ID
+from tvq.serving.structured import parse_request
 
 
 def build_app(engine: Engine) -> Starlette:
@@ -118,7 +118,7 @@ async def _completions(request: Request, engine: Engine) -> Response:
     handed to the engine, answered as server-sent events or whole."""
     settings = engine.settings
     body = await read_json(request, settings.max_body_bytes)
-    r = await asyncio.to_thread(parse_completion, body, engine.tokenizer,
+    r = await asyncio.to_thread(parse_request, body, engine.tokenizer,
                                 engine.model.config.n_vocab, settings)  # fmt: skip
     job = Job(r, asyncio.get_running_loop(), asyncio.Queue())
     engine.submit(job)

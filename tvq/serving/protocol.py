@@ -104,7 +104,7 @@ class CompletionRequest:
     echo: bool = False
     session: str | None = None
     ignore_eos: bool = False  # an extension (llama.cpp's, vLLM's): sample past end-of-document
-    constraint: Any = None  # what the text must match (tvq.serving.structured)
+    constraint: Any = None  # what the text must match (set by tvq.serving.structured)
 
 
 # The body's fields that set tvq.text.settings's settings, where their names differ.
@@ -192,9 +192,6 @@ def parse_completion(body: Any, tokenizer, n_vocab: int, settings: ServerSetting
         raise ApiError(400, e.message(f"'{field}'"), field) from None
     if request.seed is None:
         request.seed = random_seed()
-    from tvq.serving.structured import constraint_of  # (it imports ApiError from here)
-
-    request.constraint = constraint_of(body)
     _field(body, "model", (str,), None)
     for name in ("best_of", "suffix"):
         if body.get(name) not in (None, 1, "", {}):

@@ -9,11 +9,18 @@ from __future__ import annotations
 
 from typing import Any
 
-from tvq.serving.protocol import ApiError
+from tvq.serving.protocol import ApiError, CompletionRequest, parse_completion
 from tvq.text.constraints import Constraint, ConstraintError
 
 FIELDS = ("response_format", "guided_json", "guided_regex", "guided_choice", "guided_grammar",
           "json_schema", "grammar")  # fmt: skip
+
+
+def parse_request(body: Any, tokenizer, n_vocab: int, settings) -> CompletionRequest:
+    """parse_completion, with the request's constraint (ApiError 400 naming a field)."""
+    request = parse_completion(body, tokenizer, n_vocab, settings)
+    request.constraint = constraint_of(body)
+    return request
 
 
 def constraint_of(body: dict) -> Constraint | None:
