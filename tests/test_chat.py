@@ -201,3 +201,20 @@ def test_end_of_input_and_bad_options(model_dir):
         done = runner.invoke(app, [*args, "-m", str(model_dir)], input="")
         assert done.exit_code == 2, (args, done.output)
         assert message in done.stderr and "Traceback" not in done.output
+
+
+def test_structured_turns(model_dir, model):
+    """/set choice and /set regex constrain each turn's text until /unset; a bad one is
+    one line and the session goes on."""
+    import re
+
+    lines = (b"/set regex [a-\n/set choice yes|no\nQ1\n/set regex [0-9]{3}\nQ2\n/unset\nQ3\n"
+             b"/set schema {\"type\": \"object\", \"properties\": {\"a\": {\"type\": \"integer\", "
+             b"\"maximum\": 9}}, \"required\": [\"a\"], \"additionalProperties\": false}\nQ4\n")
+    done = chat("chat", "-m", model_dir, "-n", 40, "--seed", 2, input=lines)
+    text = done.stdout.decode()
+    match = re.fullmatch(r"Q1\n(yes|no)Q2\n([0-9]{3})Q3\n(.*)Q4\n(\{\"a\": [0-9]\})",
+                         text, re.S)  # fmt: skip
+    assert match, text
+    errors = [line for line in done.stderr.decode().splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: /set regex: invalid regex")

@@ -32,11 +32,15 @@ from tvqcli.app import (
     stderr,
 )
 
+CONSTRAINTS = ("schema", "regex", "grammar", "choice", "json")
 HELP = """\
 Type a line and press Enter: it is appended to the text (with its newline) and the model
 continues it. A line that starts with / is a command (start it with // to type a /):
   /set NAME VALUE  temperature, top_p, top_k, min_p, max_tokens, or seed (a number, or
                    random: a new one each turn); /set alone shows them
+  /set schema FILE|JSON, /set regex RE, /set grammar FILE, /set choice A|B|C,
+  /set json object  each turn's text must match it (structured output)
+  /unset           turns free again
   /save FILE       save the state (`tvq chat --load-state FILE` continues from it)
   /load FILE       continue from a saved state instead
   /reset           start a new document (the text so far is forgotten)
@@ -119,6 +123,7 @@ class Session:
         self.verbose = verbose
         self.context = context  # None: the start of a document
         self.cache = cache  # where a turn from the start of a document looks first
+        self.constraint = None  # what each turn's text must match (/set schema, /unset)
         self.terminal = sys.stdin.isatty()
         # The terminal shows what is typed; elsewhere stdout carries it, so that stdout
         # is always the whole text.
@@ -189,7 +194,7 @@ class Session:
         self.stream = tvq.stream_generate(
             self.loaded, text, max_tokens=settings.max_tokens, sampler=settings.sampler(),
             seed=seed, stop=self.stop, context=self.context, ignore_eos=self.ignore_eos,
-            cache=self.cache,
+            cache=self.cache, constraint=self.constraint,
         )  # fmt: skip
         for event in self.stream:
             if isinstance(event, tvq.Generation):
@@ -233,8 +238,13 @@ class Session:
         elif name == "reset":
             self.context = None
             self.note("(new document)")
+        elif name == "set" and arg.partition(" ")[0] in CONSTRAINTS:
+            self.constrain(*arg.partition(" ")[::2])
         elif name == "set":
             self.set(arg)
+        elif name == "unset":
+            self.constraint = None
+            self.note("(free text)")
         elif name in ("save", "load"):
             if not arg:
                 complain(f"/{name} needs a file: /{name} FILE")
@@ -254,6 +264,35 @@ class Session:
             complain(f"unknown command /{name} (/help lists them; start a line with // "
                      f"to type a /)")  # fmt: skip
         return True
+
+    def constrain(self, kind: str, value: str) -> None:
+        """/set schema|regex|grammar|choice|json VALUE: each turn's text must match it."""
+        from tvq.text.constraints import Constraint, ConstraintError
+
+        value = value.strip()
+        if not value:
+            complain(f"/set {kind} needs a value (/help)")
+            return
+        try:
+            if kind == "schema":
+                text = value if value.startswith("{") else Path(value).expanduser().read_text()
+                constraint = Constraint.json_schema(text)
+            elif kind == "grammar":
+                text = Path(value).expanduser().read_text()
+                constraint = Constraint.gbnf(text) if "::=" in text else Constraint.grammar(text)
+            elif kind == "regex":
+                constraint = Constraint.regex(value)
+            elif kind == "choice":
+                constraint = Constraint.choice([c for c in value.split("|") if c])
+            elif value == "object":
+                constraint = Constraint.json_object()
+            else:
+                raise ConstraintError("/set json object")
+        except (OSError, UnicodeDecodeError, ConstraintError) as e:
+            complain(f"/set {kind}: {getattr(e, 'strerror', None) or e}")
+            return
+        self.constraint = constraint
+        self.note(f"(each turn's text matches the {kind}; /unset frees it)")
 
     def set(self, arg: str) -> None:
         import tvq
