@@ -30,16 +30,7 @@ import tvq  # noqa: E402
 from tvq.nn.state import initial_state  # noqa: E402
 from tvq.train import TrainSettings, make_optimizer, make_train_step  # noqa: E402
 from tvq.train.checkpoints import to_run_layout  # noqa: E402
-
-
-def flops_per_token(cfg: tvq.ModelConfig, block_len: int) -> float:
-    d, h, k, v, s, m, n = (cfg.d_model, cfg.n_head, cfg.d_k, cfg.d_v, cfg.n_code,
-                           cfg.mem_len, cfg.n_vocab)  # fmt: skip
-    w = m + block_len
-    sublayer = (2 * d * (2 * h * k + 2 * h * v) + 2 * h * v * d + 2 * h * s * k
-                + 2 * h * w * k + 2 * h * (m + 1) * k + 2 * h * s * k
-                + 2 * h * w * v + 2 * h * s * v + 2 * h * s * v)  # fmt: skip
-    return 2 * cfg.n_layer * sublayer + 2 * d * n
+from tvq.train.flops import flops_per_token  # noqa: E402  (bench/parallel.py and others take it from here)
 
 
 def peak_flops() -> tuple[float, int]:
