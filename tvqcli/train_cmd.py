@@ -38,6 +38,14 @@ from tvqcli.app import (
     stderr,
 )
 from tvqcli.prepare_output import PrepareProgress
+from tvqcli.recipe import (
+    ConfigOption,
+    DryRunOption,
+    print_plan,
+    recipe_text,
+    resolved,
+    write_recipe,
+)
 
 # Architecture fields and training settings passed through to the library; their defaults
 # are the library's (tvq/config.py, tvq/train/settings.py).
@@ -173,6 +181,8 @@ def train(
     log_dir: LogDirOption = None,
     wandb: WandbOption = None,
     verbose: VerboseOption = False,
+    config: ConfigOption = None,
+    dry_run: DryRunOption = False,
     name: Annotated[str, typer.Option(help="Corpus name for the metadata.")] = "",
     text_field: TextFieldOption = "text",
     skip_bad_lines: SkipBadLinesOption = False,
@@ -202,7 +212,15 @@ def train(
     if cluster_active():  # Gloo announces its connections on stdout; train prints none
         os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
     values, quiet = ctx.params, not cluster.is_main()  # process 0 reports for the cluster
-    with PrepareProgress(quiet) as on_prepare, _progress(quiet, _where(devices)) as report:
+    recipe = recipe_text(resolved(ctx), full_command(ctx))
+    if verbose and not quiet:
+        print(recipe, end="", file=sys.stderr)
+    if not dry_run and cluster.is_main():
+        write_recipe(out, recipe)
+    with (
+        PrepareProgress(quiet) as on_prepare,
+        _progress(quiet or dry_run, _where(devices)) as report,
+    ):
         model = train_from_files(
             texts=texts, out=out, tokenizer_path=tokenizer, use_bytes=use_bytes,
             vocab_size=vocab_size, from_dir=from_dir, held_out=val or [],
@@ -213,9 +231,12 @@ def train(
             shard_params=shard_params, algorithm=algorithm and algorithm.value,
             dtype=dtype and dtype.value, text_field=text_field, skip_bad_lines=skip_bad_lines,
             on_prepare=on_prepare, on_memory=_print_memory if verbose and not quiet else None,
-            log_dir=log_dir, wandb_project=wandb,
+            log_dir=log_dir, wandb_project=wandb, dry_run=dry_run,
         )  # fmt: skip
-    if not quiet:
+    if dry_run:
+        if not quiet:
+            print_plan(model)
+    elif not quiet:
         _print_saved(out, model.metadata)
 
 

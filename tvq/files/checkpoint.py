@@ -29,7 +29,8 @@ VERSION = 1
 CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
 # What else may share a model directory: a training run's files.
-ALLOWED_EXTRAS = {"train"}
+RECIPE_FILE = "recipe.toml"  # a training run's resolved settings (tvqcli/recipe.py)
+ALLOWED_EXTRAS = {"train", RECIPE_FILE}  # beside a model: its training run
 
 
 def is_model_dir(path: Path) -> bool:

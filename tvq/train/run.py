@@ -15,7 +15,7 @@ from tvq.corpus import DEFAULT_VAL_FRACTION, DEFAULT_VOCAB_SIZE, prepare
 from tvq.corpus.shards import INFO_FILE, TRAIN, VAL, PreparedData, is_prepared
 from tvq.distributed import cluster
 from tvq.errors import CorpusError, TokenizerError, TrainingError, TvqError, is_int
-from tvq.files.checkpoint import is_model_dir
+from tvq.files.checkpoint import RECIPE_FILE, is_model_dir
 from tvq.runtime.model import Model, load
 from tvq.text.tokenizer import TOKENIZER_FILE, ByteTokenizer, SentencePieceTokenizer
 from tvq.train.logs import check_loggers
@@ -26,11 +26,13 @@ DATA_DIR = "data"  # in <out>/train: the prepared dataset of a cluster's run (sh
 HELD_OUT_NAMES = 100  # held-out documents named in the metadata at most
 
 
+
+
 def check_out_dir(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise TrainingError(f"--out {out} exists and is not a directory")
     if out.is_dir() and not is_model_dir(out):
-        allowed = {TRAIN_DIR, TOKENIZER_FILE}
+        allowed = {TRAIN_DIR, TOKENIZER_FILE, RECIPE_FILE}
         foreign = sorted(p.name for p in out.iterdir() if p.name not in allowed)
         if foreign:
             raise TrainingError(
@@ -67,13 +69,15 @@ def train_from_files(
     on_memory: Callable[[dict[str, int] | None], None] | None = None,
     log_dir: Path | None = None,
     wandb_project: str | None = None,
-) -> Model:
+    dry_run: bool = False,
+) -> Model | dict:
     """Trains (or resumes, or fine-tunes `from_dir`) a model on text files, or on one
     prepared dataset (`tvq prepare`); writes it to `out` and returns it. architecture:
     ModelConfig fields; settings: TrainSettings. algorithm: the serial or parallel form
     (None: the faster for the device); dtype: the compute dtype (None: the
     architecture's, or the fine-tuned model's); on_memory, log_dir, wandb_project: as
-    run_training's.
+    run_training's. dry_run: the run's plan instead (tvq/train/plan.py: its cost, a few
+    steps timed), no checkpoint and no model written.
 
     Text is prepared into the cache folder (`cache_dir`, by default
     tvq.corpus.prepare.data_cache_dir()) or found there; in a cluster, process 0
@@ -103,6 +107,11 @@ def train_from_files(
     metadata = _metadata(data, tokenizer, texts, corpus_name, command)
     if base is not None:
         metadata["fine_tuned_from"] = str(from_dir)
+    if dry_run:
+        from tvq.train.plan import plan_run
+
+        return plan_run(config, settings_obj, data.train, devices=devices,
+                        shard_params=shard_params, algorithm=algorithm, init_from=base)  # fmt: skip
     return run_training(
         out=out, config=config, settings=settings_obj, train_tokens=data.train,
         val_documents=data.held_out, tokenizer=tokenizer, metadata=metadata, init_from=base,
