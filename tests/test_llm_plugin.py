@@ -183,21 +183,21 @@ def test_document_joins_turns_with_a_newline():
     assert llm_plugin.document(chain[1:2]) == ("", "ROMEO.")
 
 
-def test_schemas(tiny_dir, tmp_path):
+def test_schemas(tiny_dir, tmp_path, monkeypatch):
     """`llm --schema` (llm's concise syntax) and `--schema-multi`: the text is JSON the
-    schema accepts, and llm keeps it as such."""
+    schema accepts, and llm keeps it as such (in this process: llm's own command)."""
     import json
 
-    done = run_llm("-m", "tvq-builtin", "A person:", "--schema", "name, age int", "-o", "model",
-                   str(tiny_dir), "-o", "max_tokens", "400", "-o", "seed", "3",
-                   user_path=tmp_path)  # fmt: skip
-    assert done.returncode == 0, done.stderr
-    person = json.loads(done.stdout)
+    monkeypatch.setenv("LLM_USER_PATH", str(tmp_path))
+    base = ["-m", "tvq-builtin", "-o", "model", str(tiny_dir), "--no-stream"]
+    done = CliRunner().invoke(llm_cli, [*base, "A person:", "--schema", "name, age int",
+                                        "-o", "max_tokens", "400", "-o", "seed", "3"])  # fmt: skip
+    assert done.exit_code == 0, done.output
+    person = json.loads(done.output)
     assert set(person) == {"name", "age"} and isinstance(person["age"], int)
     # --schema-multi wraps the schema in {"items": [...]} (arrays and additional keys
     # unbounded, so a random model's text is cut by max_tokens: its start shows the schema)
-    done = run_llm("-m", "tvq-builtin", "People:", "--schema-multi", "name, age int", "-o",
-                   "model", str(tiny_dir), "-o", "max_tokens", "12", "-o", "seed", "4",
-                   user_path=tmp_path)  # fmt: skip
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.startswith('{"items": [')
+    done = CliRunner().invoke(llm_cli, [*base, "People:", "--schema-multi", "name, age int",
+                                        "-o", "max_tokens", "12", "-o", "seed", "4"])  # fmt: skip
+    assert done.exit_code == 0, done.output
+    assert done.output.startswith('{"items": [')

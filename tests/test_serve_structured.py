@@ -32,13 +32,20 @@ def server(model_dir):
     server.stop()
 
 
+def test_over_http(server, model_dir):
+    """One server for all of it (a server's start is most of this file's time)."""
+    check_response_format_and_guided_fields(server)
+    check_bad_constraints_are_400s_naming_the_field(server)
+    check_constrained_and_free_requests_share_the_running_batch(server, model_dir)
+
+
 def _text(client, **options) -> list:
     options = {"max_tokens": 120, "seed": 2, "temperature": 1.0} | options
     answer = client.completions.create(model="tiny", prompt="Q: ", **options)
     return answer.choices
 
 
-def test_response_format_and_guided_fields(server):
+def check_response_format_and_guided_fields(server):
     client = server.client()
     schema_format = {"type": "json_schema", "json_schema": {"name": "person", "schema": SCHEMA}}
     for choice in _text(client, n=3, extra_body={"response_format": schema_format}):
@@ -60,7 +67,7 @@ def test_response_format_and_guided_fields(server):
     assert cut.finish_reason == "length" and cut.text.startswith("{")
 
 
-def test_bad_constraints_are_400s_naming_the_field(server):
+def check_bad_constraints_are_400s_naming_the_field(server):
     cases = [({"guided_regex": "[a-"}, "guided_regex", "unclosed character class"),
              ({"guided_json": {"type": "nonsense"}}, "guided_json", "nonsense"),
              ({"guided_choice": "yes"}, "guided_choice", "a list of strings"),
@@ -74,7 +81,7 @@ def test_bad_constraints_are_400s_naming_the_field(server):
         assert answer["error"]["param"] == field and message in answer["error"]["message"]
 
 
-def test_constrained_and_free_requests_share_the_running_batch(server, model_dir):
+def check_constrained_and_free_requests_share_the_running_batch(server, model_dir):
     client = server.client()
     results = {}
 
