@@ -221,16 +221,22 @@ def test_bad_recipe_values_are_usage_errors(tmp_path, args, message):
 
 
 def test_killed_run_resumes_exactly_with_wsd_and_ema(tmp_path):
-    """kill -9 mid-run, the same command again: the losses, the average and the model of
-    an uninterrupted run."""
+    """The issue's whole recipe: --config (wsd, EMA, bounded evaluation, keep best) and
+    --log-dir; kill -9 mid-run, the same command again: the losses, the average and the
+    model of an uninterrupted run, and TensorBoard's reader finds each step's scalars
+    once."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     texts = corpus(tmp_path)
     env = dict(os.environ, TVQ_CACHE_DIR=os.environ.get("TVQ_TEST_CACHE", "/tmp/tvq-test-cache"))
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text('[optimizer]\nschedule = "wsd"\ndecay-fraction = 0.5\nmin_lr = 1e-3\n'
+                      '[evaluation]\nema = 0.9\neval_tokens = 200\nkeep = "best"\n')  # fmt: skip
 
     def command(out):
         return [sys.executable, "-m", "tvqcli", "train", str(texts), "--out", str(out),
                 *TRAIN_ARGS, "--steps", "24", "--save-every", "4", "--eval-every", "12",
-                "--schedule", "wsd", "--decay-fraction", "0.5", "--min-lr", "1e-3",
-                "--ema", "0.9", "--eval-tokens", "200", "--keep", "best"]  # fmt: skip
+                "--config", str(recipe), "--log-dir", str(out) + ".logs"]  # fmt: skip
 
     straight = CliRunner().invoke(app, command(tmp_path / "a")[3:])  # in this process
     assert straight.exit_code == 0, straight.output
@@ -256,6 +262,10 @@ def test_killed_run_resumes_exactly_with_wsd_and_ema(tmp_path):
     for x, y in zip(leaves(tvq.load(tmp_path / "a").params),
                     leaves(tvq.load(tmp_path / "b").params), strict=True):  # fmt: skip
         np.testing.assert_allclose(x, y, atol=1e-6)
+    events = EventAccumulator(str(tmp_path / "b.logs"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == list(range(1, 25))
+    assert [e.step for e in events.Scalars("eval/bits_per_byte")] == [12, 24]
 
 
 def _ls(folder: Path):

@@ -1,7 +1,7 @@
 """`tvq train`'s recipes and plan (docs/DESIGN.md section 11): `--config FILE.toml` gives
 any of its options (the command line overrides them), the run's resolved settings are
-kept in the model directory as recipe.toml (itself a --config file), and `--dry-run`
-prints the run's plan.
+kept in the model directory as recipe.toml (itself a --config file; written by
+tvq.train when the run starts), and `--dry-run` prints the run's plan.
 
 A recipe is TOML: `name = value` with the options' names (`d_model` or `d-model`),
 optionally grouped in tables (`[model]`, `[optimizer]`: the table names are for the
@@ -18,7 +18,6 @@ from typing import Annotated, Any
 
 import typer
 
-from tvq.train.run import RECIPE_FILE
 from tvqcli.app import fail
 
 NOT_IN_RECIPES = ("texts", "out", "config", "dry_run", "verbose", "coordinator",
@@ -93,11 +92,6 @@ def recipe_text(settings: dict[str, Any], command: str) -> str:
         else:  # strings and lists of strings: JSON's quoting is TOML's basic string
             lines.append(f"{name} = {json.dumps(value, ensure_ascii=False)}")
     return "\n".join(lines) + "\n"
-
-
-def write_recipe(out: Path, text: str) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / RECIPE_FILE).write_text(text, encoding="utf-8")
 
 
 def print_plan(plan: dict[str, Any]) -> None:

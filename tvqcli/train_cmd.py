@@ -44,7 +44,6 @@ from tvqcli.recipe import (
     print_plan,
     recipe_text,
     resolved,
-    write_recipe,
 )
 
 # Architecture fields and training settings passed through to the library; their defaults
@@ -215,8 +214,6 @@ def train(
     recipe = recipe_text(resolved(ctx), full_command(ctx))
     if verbose and not quiet:
         print(recipe, end="", file=sys.stderr)
-    if not dry_run and cluster.is_main():
-        write_recipe(out, recipe)
     with (
         PrepareProgress(quiet) as on_prepare,
         _progress(quiet or dry_run, _where(devices)) as report,
@@ -231,7 +228,7 @@ def train(
             shard_params=shard_params, algorithm=algorithm and algorithm.value,
             dtype=dtype and dtype.value, text_field=text_field, skip_bad_lines=skip_bad_lines,
             on_prepare=on_prepare, on_memory=_print_memory if verbose and not quiet else None,
-            log_dir=log_dir, wandb_project=wandb, dry_run=dry_run,
+            log_dir=log_dir, wandb_project=wandb, dry_run=dry_run, recipe=recipe,
         )  # fmt: skip
     if dry_run:
         if not quiet:

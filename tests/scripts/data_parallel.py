@@ -1,6 +1,7 @@
 """Run by tests/test_devices.py in a process with 4 forced CPU devices: trains the same
 tiny run on 1 and on 4 devices, and one stopped on 4 devices and resumed on 1 (and the
-other way round); prints the numbers as JSON."""
+other way round), with a wsd schedule and an EMA of the parameters; prints the numbers as
+JSON."""
 
 import json
 import sys
@@ -15,8 +16,11 @@ from tvq.train import train_from_files
 
 ARCH = dict(d_model=32, d_k=16, d_v=32, n_head=2, n_code=16, n_layer=1, mem_len=16,
             e_scale=32**-0.5)  # fmt: skip
+# a warmup-stable-decay schedule and an average of the parameters (what the model holds):
+# both resume exactly on another device count too
 SETTINGS = dict(steps=4, batch_size=4, update_len=32, block_len=16, lr=1e-2, warmup=1,
-                eval_every=4, save_every=100)  # fmt: skip
+                eval_every=4, save_every=100, schedule="wsd", decay_fraction=0.5,
+                min_lr=1e-3, ema=0.5)  # fmt: skip
 TEXTS = [Path(__file__).resolve().parent.parent / "data"]
 
 

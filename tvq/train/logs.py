@@ -37,6 +37,7 @@ class MetricsLog:
 
     def __init__(self, path: Path, resume_step: int) -> None:
         kept = []
+        self.kept: list[dict] = []  # the records kept, for the logs that replay them
         try:
             if path.exists():
                 for line in path.read_text(errors="replace").splitlines():
@@ -46,6 +47,7 @@ class MetricsLog:
                         continue
                     if isinstance(step, int) and step <= resume_step:
                         kept.append(line + "\n")
+                        self.kept.append(json.loads(line))
             write_atomically(path, lambda f: f.write("".join(kept).encode()))
             self.file = path.open("a", encoding="utf-8")
         except OSError as e:
@@ -60,12 +62,18 @@ class MetricsLog:
 
 
 class TensorBoardLog:
-    """TensorBoard event files in `folder`. A resumed run's first event purges what the
-    interrupted run logged past the checkpoint (tensorboardX's purge_step)."""
+    """TensorBoard event files in `folder`. A resumed run purges everything the runs
+    before it logged (tensorboardX's purge_step 1) and logs again the records of
+    metrics.jsonl up to its checkpoint: a run killed with kill -9 may have lost the last
+    events its writer had not yet written, which metrics.jsonl (flushed per line) kept,
+    so each step appears once, with its values."""
 
-    def __init__(self, folder: Path, resume_step: int) -> None:
+    def __init__(self, folder: Path, resume_step: int, kept: list[dict]) -> None:
         tensorboardx = _optional("tensorboardX", "--log-dir")
-        self.writer = tensorboardx.SummaryWriter(str(folder), purge_step=resume_step + 1)
+        purge = {"purge_step": 1} if resume_step else {}
+        self.writer = tensorboardx.SummaryWriter(str(folder), **purge)
+        for record in kept:
+            self.write(record)
 
     def write(self, record: dict[str, Any]) -> None:
         for name, value in record.items():
@@ -127,10 +135,11 @@ def open_logs(
     when given; nothing written when `main` is false (a process other than 0)."""
     if not main:
         return Logs([])
-    logs = [MetricsLog(train_dir / METRICS_FILE, resume_step)]
+    metrics = MetricsLog(train_dir / METRICS_FILE, resume_step)
+    logs = [metrics]
     try:
         if log_dir is not None:
-            logs.append(TensorBoardLog(Path(log_dir), resume_step))
+            logs.append(TensorBoardLog(Path(log_dir), resume_step, metrics.kept))
         if wandb_project is not None:
             logs.append(WandbLog(wandb_project, train_dir, config))
     except BaseException:

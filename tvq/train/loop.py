@@ -38,6 +38,8 @@ from tvq.distributed.devices import (
     to_host,
 )
 from tvq.errors import Interrupted, TrainingError
+from tvq.files.atomic import write_atomically
+from tvq.files.checkpoint import RECIPE_FILE
 from tvq.nn.state import initial_state
 from tvq.runtime.context import score_ids
 from tvq.runtime.forward import check_algorithm
@@ -102,6 +104,7 @@ def run_training(
     on_memory: Callable[[dict[str, int] | None], None] | None = None,
     log_dir: Path | None = None,
     wandb_project: str | None = None,
+    recipe: str | None = None,
 ) -> Model:
     """Trains (or resumes) a run in `out`; writes the model there and returns it.
 
@@ -120,7 +123,7 @@ def run_training(
     on_memory, if given, receives the compiled step's memory before the first step
     (tvq.train.step.step_memory: None where the backend gives no analysis). log_dir:
     TensorBoard event files there; wandb_project: a Weights & Biases run in it
-    (tvq/train/logs.py).
+    (tvq/train/logs.py). recipe: the run's settings as TOML, kept as <out>/recipe.toml.
 
     The stages: the run's folder (run.json checked or written), its state (the latest
     checkpoint's, else fresh) in the run's layout, the step's memory, the updates, and
@@ -138,6 +141,8 @@ def run_training(
     # leaves no run.json behind to refuse the corrected command.
     stream = TokenStream(train_tokens, settings.batch_size, settings.update_len, settings.seed)
     train_dir = open_run_dir(out, config, settings, tokenizer, len(train_tokens))
+    if recipe is not None and cluster.is_main():
+        write_atomically(out / RECIPE_FILE, lambda f: f.write(recipe.encode()))
     val = eval_documents(val_documents, settings.eval_tokens, settings.seed, tokenizer, train_dir)
     optimizer, train_step = compiled_step(config, settings, check_algorithm(algorithm))
     job = _Training(config, settings, mesh, shard_params, stream, train_step, val)

@@ -26,8 +26,6 @@ DATA_DIR = "data"  # in <out>/train: the prepared dataset of a cluster's run (sh
 HELD_OUT_NAMES = 100  # held-out documents named in the metadata at most
 
 
-
-
 def check_out_dir(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise TrainingError(f"--out {out} exists and is not a directory")
@@ -70,6 +68,7 @@ def train_from_files(
     log_dir: Path | None = None,
     wandb_project: str | None = None,
     dry_run: bool = False,
+    recipe: str | None = None,
 ) -> Model | dict:
     """Trains (or resumes, or fine-tunes `from_dir`) a model on text files, or on one
     prepared dataset (`tvq prepare`); writes it to `out` and returns it. architecture:
@@ -77,7 +76,8 @@ def train_from_files(
     (None: the faster for the device); dtype: the compute dtype (None: the
     architecture's, or the fine-tuned model's); on_memory, log_dir, wandb_project: as
     run_training's. dry_run: the run's plan instead (tvq/train/plan.py: its cost, a few
-    steps timed), no checkpoint and no model written.
+    steps timed), no checkpoint and no model written. recipe: the run's resolved
+    settings as TOML (tvqcli/recipe.py), kept as <out>/recipe.toml when the run starts.
 
     Text is prepared into the cache folder (`cache_dir`, by default
     tvq.corpus.prepare.data_cache_dir()) or found there; in a cluster, process 0
@@ -116,7 +116,7 @@ def train_from_files(
         out=out, config=config, settings=settings_obj, train_tokens=data.train,
         val_documents=data.held_out, tokenizer=tokenizer, metadata=metadata, init_from=base,
         on_progress=on_progress, devices=devices, shard_params=shard_params, algorithm=algorithm,
-        on_memory=on_memory, log_dir=log_dir, wandb_project=wandb_project,
+        on_memory=on_memory, log_dir=log_dir, wandb_project=wandb_project, recipe=recipe,
     )  # fmt: skip
 
 
