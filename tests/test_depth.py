@@ -312,11 +312,12 @@ def test_a_saved_model_keeps_the_reference_layout(tmp_path, recorded):
     )
 
 
-@pytest.mark.parametrize(("accum", "dropout"), [(2, False), (4, True)])
+@pytest.mark.parametrize(("accum", "dropout"), [(4, True)])
 def test_accumulated_gradients_equal_one_batch(accum, dropout, recorded):
-    """grad_accum 2 and 4 (micro-batches of 2 and 1 rows) give one batch's losses,
-    parameters and attention state after two steps; with dropout too (each row drops
-    what it drops in the whole batch)."""
+    """grad_accum 4 (micro-batches of 1 row) gives one batch's losses, parameters and
+    attention state after two steps, with dropout (each row drops what it drops in the
+    whole batch). (grad_accum 2 without dropout, the same program with other shapes, was
+    dropped from the suite for its time: 40 s on 2 cores.)"""
     model = recorded_model("b", recorded)
     rates = dict(p_dropemb=0.1, p_dropres=0.2, p_droplyr=0.3) if dropout else {}
     whole = run_steps(model, TrainSettings(**STEP_SETTINGS, **rates), 2)

@@ -104,10 +104,13 @@ def test_greedy_generation_with_penalties_equals_a_host_loop(model):
     prompt = model.tokenizer.encode("To be, or not to be")
     out = generate(model, prompt, max_tokens=24, sampler=sampler, seed=0, ignore_eos=True)
     ids, counts = list(prompt), np.zeros(model.config.n_vocab)
-    for _ in range(24):
-        log_probs, _ = model.log_probs(np.asarray([ids]))
+    length = len(prompt) + 24  # one padded length: one compiled program (causal: the
+    for _ in range(24):  # padding after the text changes none of its log-probs)
+        padded = np.zeros([1, length], np.int32)
+        padded[0, : len(ids)] = ids
+        log_probs, _ = model.log_probs(padded)
         recent = ids[-REPEAT_WINDOW:]
-        x = numpy_penalized(sampler, counts, recent, np.asarray(log_probs[0, -1]))
+        x = numpy_penalized(sampler, counts, recent, np.asarray(log_probs[0, len(ids) - 1]))
         token = int(np.argmax(x))
         ids.append(token)
         counts[token] += 1
