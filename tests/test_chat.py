@@ -208,9 +208,11 @@ def test_structured_turns(model_dir, model):
     one line and the session goes on."""
     import re
 
-    lines = (b"/set regex [a-\n/set choice yes|no\nQ1\n/set regex [0-9]{3}\nQ2\n/unset\nQ3\n"
-             b"/set schema {\"type\": \"object\", \"properties\": {\"a\": {\"type\": \"integer\", "
-             b"\"maximum\": 9}}, \"required\": [\"a\"], \"additionalProperties\": false}\nQ4\n")
+    lines = (
+        b"/set regex [a-\n/set choice yes|no\nQ1\n/set regex [0-9]{3}\nQ2\n/unset\nQ3\n"
+        b'/set schema {"type": "object", "properties": {"a": {"type": "integer", '
+        b'"maximum": 9}}, "required": ["a"], "additionalProperties": false}\nQ4\n'
+    )
     done = chat("chat", "-m", model_dir, "-n", 40, "--seed", 2, input=lines)
     text = done.stdout.decode()
     match = re.fullmatch(r"Q1\n(yes|no)Q2\n([0-9]{3})Q3\n(.*)Q4\n(\{\"a\": [0-9]\})",
