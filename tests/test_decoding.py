@@ -256,7 +256,8 @@ def test_a_batch_of_requests_gives_each_request_its_own_samples(byte_model):
     """generate_batch (tvq serve's batches): texts at different positions, with their
     own seeds, lengths, stop strings and sample counts, side by side in one loop, each
     get what generate gives them alone (row keys and ring positions are per row)."""
-    from tvq.decoding import BatchGeneration, BatchItem, stream_batch
+    from tvq.batching import BatchItem, stream_batch
+    from tvq.decoding import BatchGeneration
 
     encode = byte_model.tokenizer.encode
     requests = [

@@ -9,7 +9,8 @@ import pytest
 
 import tvq
 from tests.conftest import count_compilations, tiny_config
-from tvq.decoding import BatchItem, generate, generate_batch
+from tvq.batching import BatchItem, generate_batch
+from tvq.decoding import generate
 from tvq.text.sampling import (
     REPEAT_WINDOW,
     Penalties,

@@ -497,7 +497,8 @@ def test_requests_join_and_leave_the_running_batch(model_dir):
     """Continuous batching (tvq.serving.running): requests join the running rows at
     different times, with their own samplers, penalties, sample counts and lengths, and
     each gets exactly what generate() gives it alone."""
-    from tvq.decoding import BatchItem, generate
+    from tvq.batching import BatchItem
+    from tvq.decoding import generate
     from tvq.serving.running import RunningBatch
     from tvq.text.rows import TextRows
 
@@ -549,7 +550,8 @@ def test_prompt_tails_are_read_in_the_running_batch(model_dir, monkeypatch):
     beside rows that sample: joining runs no loop of its own, and each request still
     gets exactly what generate() gives it alone."""
     import tvq.runtime.decode_loop
-    from tvq.decoding import BatchItem, generate
+    from tvq.batching import BatchItem
+    from tvq.decoding import generate
     from tvq.serving.running import RunningBatch
     from tvq.text.rows import TextRows
 

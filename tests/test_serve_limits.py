@@ -178,7 +178,7 @@ def test_batch_rows_bound_the_rows_and_the_arrays(model, monkeypatch):
 def test_free_slots_hold_one_blank_row(model):
     """Free slots are filled from one blank row made once: once a set of blank rows was
     kept for every count of free slots ever seen (~6.8 MB a row for the built-in model)."""
-    from tvq.decoding import BatchItem
+    from tvq.batching import BatchItem
     from tvq.serving.running import RunningBatch
     from tvq.text.rows import TextRows
 

@@ -25,9 +25,9 @@ _MODULES = {
     "tvq.nn.state": ("AttentionState", "ModelState"),
     # generation (docs/DESIGN.md section 7)
     "tvq.decoding": (
-        "stream_generate", "generate", "GenerationStream", "Generation", "stream_batch",
-        "generate_batch", "BatchItem", "BatchGeneration",
+        "stream_generate", "generate", "GenerationStream", "Generation", "BatchGeneration",
     ),
+    "tvq.batching": ("stream_batch", "generate_batch", "BatchItem"),
     "tvq.text.rows": ("Piece", "Sample"),
     "tvq.text.settings": ("Sampler", "SettingError"),
     # scoring (section 8) and the context both carry, saved and loaded (section 10)

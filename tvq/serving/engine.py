@@ -25,7 +25,8 @@ import time
 
 import numpy as np
 
-from tvq.decoding import BatchItem, Piece, Sample
+from tvq.batching import BatchItem
+from tvq.decoding import Piece, Sample
 from tvq.errors import StateError
 from tvq.runtime.context import Context, chunk_len, require_tokenizer, score_ids
 from tvq.runtime.model import Model

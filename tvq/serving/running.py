@@ -28,7 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tvq.decoding import BatchItem, eos_ids_of, start_rings
+from tvq.batching import BatchItem
+from tvq.decoding import eos_ids_of, start_rings
 from tvq.nn.ring import empty_rings
 from tvq.runtime.context import Context, eos_id
 from tvq.runtime.decode_loop import CHUNK, device_row_keys, run_chunk, seed_key
