@@ -177,12 +177,14 @@ class Guides:
     the host: `bias` gives each call's logit bias, `take` each call's sampled tokens."""
 
     def __init__(self, tokenizer, n_vocab: int, constraints: list[Constraint | None]) -> None:
-        from llguidance import LLMatcher
-
-        engine = _engine_tokenizer(tokenizer, n_vocab) if any(constraints) else None
         self.n_vocab = n_vocab
-        self.matchers = [None if c is None else LLMatcher(engine, c.grammar_text())
-                         for c in constraints]  # fmt: skip
+        self.matchers = [None] * len(constraints)
+        if any(constraints):  # (a generation without one never imports the engine)
+            from llguidance import LLMatcher
+
+            engine = _engine_tokenizer(tokenizer, n_vocab)
+            self.matchers = [None if c is None else LLMatcher(engine, c.grammar_text())
+                             for c in constraints]  # fmt: skip
 
     def __bool__(self) -> bool:
         return any(m is not None for m in self.matchers)
