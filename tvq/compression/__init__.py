@@ -1,0 +1,1 @@
+"""Lossless compression with the model (docs/DESIGN.md section 16): `tvq compress`."""

@@ -1,0 +1,396 @@
+"""Compressing with the model (docs/DESIGN.md section 16): the model's next-token
+distribution drives a range coder, one token at a time, in constant memory.
+
+The compressor and the decompressor run the same code: `Rows` steps the model one
+token per row with `coding_steps`, hands each row's probabilities to its job, and the
+job codes a token with them (`Encoding`: the file's next token, known; `Decoding`: read
+from the compressed words). Both therefore see the same numbers, bit for bit, on one
+machine. What would break that:
+
+- the batch's width: XLA:CPU picks its matrix kernels by shape, so a row's numbers in a
+  batch of 8 differ from the same row alone (measured: widths {1}, {2-5}, {8}, {16}
+  each round differently). `coding_steps` therefore runs W rows as W separate one-row
+  steps inside one program: each row's numbers are those of a row alone, and a file's
+  compressed bytes do not depend on the files beside it;
+- the form: only the decoding step is used (the blockwise and parallel forms equal it
+  within rounding only, invariant 6), on one device;
+- the machine: another JAX version, CPU or accelerator may round differently. The
+  header keeps a hash of the numbers of a fixed probe (`probe`); a decompressor whose
+  probe differs refuses the file, and each frame's checksum catches what a probe
+  cannot.
+
+The entropy coder is constriction's range coder (32-bit words) with its categorical
+model (perfect=False): it quantizes the float probabilities to integer frequencies with
+a floor of one, deterministically, in its own code. An escaped byte is coded uniformly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import re
+import time
+import zlib
+from collections.abc import Callable, Iterable, Iterator
+from typing import BinaryIO
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tvq.compression.container import (
+    END_BYTES,
+    FRAME_BYTES,
+    STORED_BYTES,
+    Frame,
+    FormatError,
+    Header,
+    fingerprint16,
+    read_record,
+    write_end,
+    write_frame,
+    write_stored,
+)
+from tvq.compression.symbols import NO_BYTE, Symbols
+from tvq.errors import InputError
+from tvq.files import warm
+from tvq.nn.ring import empty_rings
+from tvq.nn.transformer import Transformer, network
+from tvq.runtime.context import eos_id, require_tokenizer
+from tvq.runtime.model import Model
+
+STEPS = 32  # steps per call where the inputs are known (compressing)
+FRAME_TOKENS = 16384  # tokens per frame: ~25 bytes of framing per ~15 KB of output
+MAX_ROWS = 4  # files coded at once by default (bench/compress.py: rows beyond 4 gain little)
+PROBE_TOKENS = (3, 100, 1000, 7, 42, 4095, 9, 256)  # fed from a start; ids mod vocabulary
+
+
+@warm.entry(static_argnames=("config",), donate_argnums=(2,))
+def coding_steps(config, params, rings, inputs):
+    """K tokens for each of W rows: rings, a tuple of W one-row rings; inputs [K, W] →
+    (the rings after, the probabilities of each next token [K, W, V] float32). The rows
+    run as W one-row steps, never as one batch of W (see the module's docstring); the
+    compressor, which knows its inputs, runs K = STEPS at a time, the decompressor one."""
+    net, variables, tables = network(config, params)
+
+    def step(rings, tokens):
+        new, probs = [], []
+        for row, ring in enumerate(rings):
+            ring, log_probs = net.apply(variables, tokens[row : row + 1], ring, tables,
+                                        method=Transformer.step)  # fmt: skip
+            new.append(ring)
+            probs.append(jnp.exp(log_probs))
+        return tuple(new), jnp.concatenate(probs)
+
+    return jax.lax.scan(step, rings, inputs)
+
+
+def _fresh_ring(model: Model):
+    return jax.tree_util.tree_map(jnp.copy, empty_rings(model.config, 1))
+
+
+class Job:
+    """One file through the coder: `inputs(k)` are its next k inputs (`ready()` of them
+    are known); `take(probs)` codes one token with the model's probabilities; `done`
+    once it has coded its last."""
+
+    token: int
+    done: bool = False
+    name: str = ""
+    mark: bool = False  # keep the row's state as it is now (before the next step)
+    rewind: bool = False  # put the kept state back (after this step)
+
+    def ready(self) -> int:
+        return 1
+
+    def inputs(self, k: int) -> list[int]:
+        return [self.token]
+
+    def take(self, probs: np.ndarray) -> None:
+        raise NotImplementedError
+
+
+class Rows:
+    """W rows stepping together, each running a job; a row that finishes takes the
+    next job from a fresh state. A job's numbers are those of running it alone."""
+
+    def __init__(self, model: Model, width: int) -> None:
+        self.model, self.width = model, width
+        self.start = eos_id(model)
+
+    def run(self, jobs: Iterable[Job], on_step: Callable[[], None] | None = None
+            ) -> Iterator[Job]:  # fmt: skip
+        """Runs jobs (started lazily, in order) → each job as it finishes."""
+        pending = iter(jobs)
+        rows: list[Job | None] = [None] * self.width
+        rings = [_fresh_ring(self.model) for _ in range(self.width)]
+        kept: list = [None] * self.width  # each row's state at its job's mark
+        while True:
+            for i in range(self.width):
+                while rows[i] is None:
+                    job = next(pending, None)
+                    if job is None:
+                        break
+                    if job.done:  # nothing to code (an empty file)
+                        yield job
+                        continue
+                    rows[i], rings[i] = job, _fresh_ring(self.model)
+            if all(job is None for job in rows):
+                return
+            for i, job in enumerate(rows):
+                if job is not None and job.mark:
+                    kept[i], job.mark = jax.tree_util.tree_map(jnp.copy, rings[i]), False
+            k = STEPS if all(job is None or job.ready() >= STEPS for job in rows) else 1
+            inputs = np.array([[self.start] * k if job is None else job.inputs(k) for job in rows],
+                              np.int32).T  # fmt: skip
+            new, probs = coding_steps(self.model.config, self.model.params, tuple(rings), inputs)
+            rings, probs = list(new), np.asarray(probs)
+            for i, job in enumerate(rows):
+                if job is None:
+                    continue
+                try:
+                    for j in range(k):
+                        job.take(probs[j, i])
+                except Exception as e:  # this file's error (corrupt input, a full disk)
+                    job.result.error, job.done = e, True
+                if job.rewind:
+                    rings[i], kept[i], job.rewind = kept[i], None, False
+                if job.done:
+                    rows[i] = None
+                    yield job
+            if on_step is not None:
+                on_step()
+
+
+def coder_library():
+    """constriction, or InputError saying how to install it."""
+    try:
+        import constriction
+    except ImportError:
+        raise InputError("tvq compress needs the constriction package: pip install "
+                         "'tvq[compress]' (on Linux aarch64 it builds from source, with "
+                         "Rust)") from None  # fmt: skip
+    return constriction
+
+
+@functools.cache
+def categorical():
+    return coder_library().stream.model.Categorical(perfect=False)
+
+
+@functools.cache
+def _uniform_byte():
+    return coder_library().stream.model.Uniform(256)
+
+
+def settings_header(model: Model) -> Header:
+    """The header of what `model` (as it runs: dtype, aggregate cache) compresses here."""
+    tokenizer = require_tokenizer(model)
+    return Header(model=fingerprint16(model.fingerprint),
+                  tokenizer=fingerprint16(tokenizer.fingerprint), probe=probe(model),
+                  platform=platform(), bfloat16=model.config.dtype == "bfloat16",
+                  agg_cache=model.config.agg_cache)  # fmt: skip
+
+
+def platform() -> str:
+    device = jax.local_devices()[0]
+    return f"jax {jax.__version__} {device.platform} {device.device_kind}"
+
+
+def probe(model: Model) -> bytes:
+    """8 bytes of a hash of the coder's numbers on fixed tokens from a start: equal
+    where a file compressed here decompresses to the same bytes."""
+    ring, digest = (_fresh_ring(model),), hashlib.sha256()
+    token = eos_id(model)
+    for t in PROBE_TOKENS:
+        ring, probs = coding_steps(model.config, model.params, ring, np.array([[token]], np.int32))
+        digest.update(np.asarray(probs).tobytes())
+        token = t % model.config.n_vocab
+    return digest.digest()[:8]
+
+
+@dataclasses.dataclass
+class Result:
+    """One file's outcome: its sizes, tokens and time, or the error that stopped it."""
+
+    name: str
+    original: int = 0  # bytes
+    compressed: int = 0  # bytes
+    tokens: int = 0
+    escapes: int = 0  # bytes coded through the escape
+    seconds: float = 0.0
+    error: Exception | None = None
+
+    @property
+    def bits_per_byte(self) -> float:
+        return 8 * self.compressed / self.original if self.original else 0.0
+
+
+class Failed(Job):
+    """A job that could not start (its input unreadable, its header wrong)."""
+
+    done = True
+
+    def __init__(self, name: str, error: Exception) -> None:
+        self.name, self.result = name, Result(name, error=error)
+
+
+class Encoding(Job):
+    """Compresses a binary stream into a sink: the header now, then frame by frame
+    (FRAME_TOKENS tokens each), the end record after the last. A frame that does not
+    look like text (`looks_binary`), or that coding would not make smaller, is stored
+    as it is; after one coded in vain the row goes back to its state before it (`mark`,
+    `rewind`), as the decompressor, which never runs the model on a stored frame."""
+
+    def __init__(self, model: Model, symbols: Symbols, header: bytes, source: BinaryIO,
+                 sink: BinaryIO, name: str) -> None:  # fmt: skip
+        self.symbols, self.sink, self.name = symbols, sink, name
+        self.pieces = symbols.read(source)
+        self.result = Result(name)
+        self.started = time.perf_counter()
+        self.token, self.piece, self.at = eos_id(model), ([], []), 0
+        self.sha = hashlib.sha256()
+        self._write(header)
+        self._next_frame()
+
+    def _write(self, data: bytes) -> None:
+        self.sink.write(data)
+        self.result.compressed += len(data)
+
+    def _gather(self) -> tuple[list[int], list[int]]:
+        """The next frame's tokens and escaped bytes (none at the end)."""
+        tokens, escaped = [], []
+        while len(tokens) < FRAME_TOKENS:
+            if self.at == len(self.piece[0]):
+                piece = next(self.pieces, None)
+                if piece is None:
+                    break
+                self.piece, self.at = piece[:2], 0
+                continue
+            take = min(FRAME_TOKENS - len(tokens), len(self.piece[0]) - self.at)
+            tokens += self.piece[0][self.at : self.at + take]
+            escaped += self.piece[1][self.at : self.at + take]
+            self.at += take
+        return tokens, escaped
+
+    def _next_frame(self) -> None:
+        """Stores frames that look binary, up to one to code (or the end)."""
+        while True:
+            tokens, escaped = self._gather()
+            if not tokens:
+                self._finish()
+                return
+            data = b"".join(map(self.symbols.bytes_of, tokens, escaped))
+            self.sha.update(data)
+            self.result.original += len(data)
+            if not looks_binary(data):
+                break
+            self.result.compressed += write_stored(self.sink, data)
+        self.frame, self.data, self.index = (tokens, escaped), data, 0
+        self.encoder = coder_library().stream.queue.RangeEncoder()
+        self.mark, self.before = True, self.token  # Rows keeps the row's state now
+
+    def ready(self) -> int:
+        return len(self.frame[0]) - self.index
+
+    def inputs(self, k: int) -> list[int]:
+        return [self.token, *self.frame[0][self.index : self.index + k - 1]]
+
+    def take(self, probs: np.ndarray) -> None:
+        token, escaped = self.frame[0][self.index], self.frame[1][self.index]
+        self.index += 1
+        self.encoder.encode(np.array([token], np.int32), categorical(),
+                            probs[None].astype(np.float64))  # fmt: skip
+        if escaped != NO_BYTE:
+            self.encoder.encode(np.array([escaped], np.int32), _uniform_byte())
+            self.result.escapes += 1
+        self.token = token
+        self.result.tokens += 1
+        if self.index < len(self.frame[0]):
+            return
+        words = self.encoder.get_compressed()
+        if FRAME_BYTES + 4 * words.size < STORED_BYTES + len(self.data):
+            self.result.compressed += write_frame(self.sink, self.index,
+                                                  zlib.crc32(self.data), len(self.data), words)  # fmt: skip
+        else:  # coding did not help: stored, and the row's state goes back
+            self.result.compressed += write_stored(self.sink, self.data)
+            self.rewind, self.token = True, self.before
+        self._next_frame()
+
+    def _finish(self) -> None:
+        self.result.compressed += write_end(self.sink, self.result.original, self.sha.digest())
+        self.result.seconds = time.perf_counter() - self.started
+        self.done = True
+
+
+
+def looks_binary(data: bytes) -> bool:
+    """More than 1 in 8 bytes outside text: not UTF-8, or control characters other than
+    tab, newline, form feed and carriage return."""
+    text = data.decode("utf-8", errors="surrogateescape")
+    odd = sum(len(run) for run in _NOT_TEXT.findall(text))
+    return 8 * odd > len(text)
+
+
+_NOT_TEXT = re.compile("[\x00-\x08\x0b\x0e-\x1f\x7f\udc80-\udcff]+")
+
+
+class Decoding(Job):
+    """Decompresses a .tvqz stream (its header already read and checked) into a sink,
+    frame by frame, each frame's bytes written only once its checksum matches."""
+
+    def __init__(self, model: Model, symbols: Symbols, source: BinaryIO, sink: BinaryIO,
+                 name: str, header_bytes: int = 0) -> None:  # fmt: skip
+        self.symbols, self.source, self.sink, self.name = symbols, source, sink, name
+        self.result = Result(name, compressed=header_bytes)
+        self.started = time.perf_counter()
+        self.token, self.index, self.sha = eos_id(model), 0, hashlib.sha256()
+        self.escape = symbols.escape
+        self._next_frame()
+
+    def _next_frame(self) -> None:
+        """Writes stored frames, up to one to decode (or the end)."""
+        while True:
+            self.index += 1
+            record = read_record(self.source, self.name, self.index)
+            if isinstance(record, Frame):
+                self.frame, self.left, self.out = record, record.tokens, []
+                self.result.compressed += FRAME_BYTES + 4 * record.words.size
+                self.decoder = coder_library().stream.queue.RangeDecoder(record.words)
+                return
+            if isinstance(record, bytes):
+                self.result.compressed += STORED_BYTES + len(record)
+                self._emit(record)
+                continue
+            length, digest = record
+            self.result.compressed += END_BYTES
+            if length != self.result.original or digest != self.sha.digest()[:16]:
+                raise FormatError(f"{self.name} is corrupt: the checksum of the whole does "
+                                  "not match")  # fmt: skip
+            self.result.seconds = time.perf_counter() - self.started
+            self.done = True
+            return
+
+    def take(self, probs: np.ndarray) -> None:
+        token = int(self.decoder.decode(categorical(), probs[None].astype(np.float64))[0])
+        if token == self.escape:
+            self.out.append(bytes([int(self.decoder.decode(_uniform_byte()))]))
+            self.result.escapes += 1
+        else:
+            self.out.append(self.symbols.bytes_of(token, NO_BYTE))
+        self.token, self.left = token, self.left - 1
+        self.result.tokens += 1
+        if self.left:
+            return
+        data, frame = b"".join(self.out), self.frame
+        if len(data) != frame.n_bytes or zlib.crc32(data) != frame.crc:
+            raise FormatError(f"{self.name} is corrupt: frame {self.index} does not decode to "
+                              "what was compressed")  # fmt: skip
+        self._emit(data)
+        self._next_frame()
+
+    def _emit(self, data: bytes) -> None:
+        self.sink.write(data)
+        self.sha.update(data)
+        self.result.original += len(data)
