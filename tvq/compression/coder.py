@@ -43,8 +43,8 @@ from tvq.compression.container import (
     END_BYTES,
     FRAME_BYTES,
     STORED_BYTES,
-    Frame,
     FormatError,
+    Frame,
     Header,
     fingerprint16,
     read_record,
@@ -311,8 +311,8 @@ class Encoding(Job):
             return
         words = self.encoder.get_compressed()
         if FRAME_BYTES + 4 * words.size < STORED_BYTES + len(self.data):
-            self.result.compressed += write_frame(self.sink, self.index,
-                                                  zlib.crc32(self.data), len(self.data), words)  # fmt: skip
+            crc = zlib.crc32(self.data)
+            self.result.compressed += write_frame(self.sink, self.index, crc, len(self.data), words)
         else:  # coding did not help: stored, and the row's state goes back
             self.result.compressed += write_stored(self.sink, self.data)
             self.rewind, self.token = True, self.before
@@ -322,7 +322,6 @@ class Encoding(Job):
         self.result.compressed += write_end(self.sink, self.result.original, self.sha.digest())
         self.result.seconds = time.perf_counter() - self.started
         self.done = True
-
 
 
 def looks_binary(data: bytes) -> bool:

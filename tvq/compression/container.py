@@ -134,7 +134,8 @@ def read_record(stream: BinaryIO, name: str, index: int) -> Frame | bytes | tupl
         return data
     if kind != FRAME:
         raise FormatError(f"{name} is corrupt: frame {index} does not start where it should")
-    tokens, n_bytes, crc, n_words = _FRAME.unpack(_read(stream, _FRAME.size, name, f"frame {index}"))
+    fields = _read(stream, _FRAME.size, name, f"frame {index}")
+    tokens, n_bytes, crc, n_words = _FRAME.unpack(fields)
     if n_words > 8 * (tokens + 16) or tokens == 0:  # at most ~8 words a token, escapes included
         raise FormatError(f"{name} is corrupt: frame {index}'s sizes are impossible")
     data = _read(stream, 4 * n_words, name, f"frame {index}")

@@ -116,8 +116,10 @@ class Symbols:
             elif self.escape is not None:
                 pairs.append((self.escape, b))
             else:
-                raise InputError(f"this model's tokenizer cannot write byte 0x{b:02x} and has "
-                                 "no unknown token to escape it: it cannot compress this input")  # fmt: skip
+                raise InputError(
+                    f"this model's tokenizer cannot write byte 0x{b:02x} and has no unknown "
+                    "token to escape it: it cannot compress this input"
+                )
         return pairs
 
 
