@@ -8,6 +8,7 @@ import warnings
 from tvqcli import (  # noqa: F401
     cache_cmd,
     chat_cmd,
+    compress_cmd,
     generate_cmd,
     model_cmd,
     prepare_cmd,

@@ -98,6 +98,7 @@ class Job:
     token: int
     done: bool = False
     name: str = ""
+    progress: int = 0  # bytes of the original done so far
     mark: bool = False  # keep the row's state as it is now (before the next step)
     rewind: bool = False  # put the kept state back (after this step)
 
@@ -119,9 +120,10 @@ class Rows:
         self.model, self.width = model, width
         self.start = eos_id(model)
 
-    def run(self, jobs: Iterable[Job], on_step: Callable[[], None] | None = None
+    def run(self, jobs: Iterable[Job], on_step: Callable[[list[Job]], None] | None = None
             ) -> Iterator[Job]:  # fmt: skip
-        """Runs jobs (started lazily, in order) → each job as it finishes."""
+        """Runs jobs (started lazily, in order) → each job as it finishes; on_step(the
+        running jobs) after each call (progress)."""
         pending = iter(jobs)
         rows: list[Job | None] = [None] * self.width
         rings = [_fresh_ring(self.model) for _ in range(self.width)]
@@ -160,7 +162,7 @@ class Rows:
                     rows[i] = None
                     yield job
             if on_step is not None:
-                on_step()
+                on_step([job for job in rows if job is not None])
 
 
 def coder_library():
@@ -287,6 +289,7 @@ class Encoding(Job):
             if not looks_binary(data):
                 break
             self.result.compressed += write_stored(self.sink, data)
+            self.progress += len(data)
         self.frame, self.data, self.index = (tokens, escaped), data, 0
         self.encoder = coder_library().stream.queue.RangeEncoder()
         self.mark, self.before = True, self.token  # Rows keeps the row's state now
@@ -305,12 +308,13 @@ class Encoding(Job):
         if escaped != NO_BYTE:
             self.encoder.encode(np.array([escaped], np.int32), _uniform_byte())
             self.result.escapes += 1
+        self.progress += len(self.symbols.bytes_of(token, escaped))
         self.token = token
         self.result.tokens += 1
         if self.index < len(self.frame[0]):
             return
         words = self.encoder.get_compressed()
-        if FRAME_BYTES + 4 * words.size < STORED_BYTES + len(self.data):
+        if worth_coding(FRAME_BYTES + 4 * words.size, STORED_BYTES + len(self.data)):
             crc = zlib.crc32(self.data)
             self.result.compressed += write_frame(self.sink, self.index, crc, len(self.data), words)
         else:  # coding did not help: stored, and the row's state goes back
@@ -322,6 +326,11 @@ class Encoding(Job):
         self.result.compressed += write_end(self.sink, self.result.original, self.sha.digest())
         self.result.seconds = time.perf_counter() - self.started
         self.done = True
+
+
+def worth_coding(coded: int, stored: int) -> bool:
+    """Whether a frame coded in `coded` bytes is kept rather than stored in `stored`."""
+    return coded < stored
 
 
 def looks_binary(data: bytes) -> bool:
@@ -378,6 +387,7 @@ class Decoding(Job):
             self.result.escapes += 1
         else:
             self.out.append(self.symbols.bytes_of(token, NO_BYTE))
+        self.progress += len(self.out[-1])
         self.token, self.left = token, self.left - 1
         self.result.tokens += 1
         if self.left:
@@ -390,6 +400,7 @@ class Decoding(Job):
         self._next_frame()
 
     def _emit(self, data: bytes) -> None:
+        self.progress = self.result.original + len(data)
         self.sink.write(data)
         self.sha.update(data)
         self.result.original += len(data)

@@ -25,6 +25,7 @@ from tvq.runtime.context import require_tokenizer
 from tvq.runtime.model import Model
 
 Item = tuple[BinaryIO, BinaryIO, str]  # (source, sink, name)
+OnStep = Callable[[list[Job]], None] | None  # called with the running jobs after each call
 
 
 def compress(model: Model, data: bytes) -> bytes:
@@ -48,7 +49,7 @@ def _raise(result: Result) -> None:
 
 
 def compress_streams(model: Model, items: Iterable[Item], *, rows: int | None = None,
-                     on_step: Callable[[], None] | None = None) -> Iterator[Result]:  # fmt: skip
+                     on_step: OnStep = None) -> Iterator[Result]:  # fmt: skip
     """Compresses each (source, sink, name), up to `rows` at once (default: as many as
     there are, at most MAX_ROWS), → each Result as its file ends (its error there, the
     others going on). Each file's bytes are those of compressing it alone."""
@@ -95,7 +96,7 @@ def check_header(model: Model, header: Header, name: str, probe_here: bytes) -> 
 
 
 def decompress_streams(model: Model, items: Iterable[Item], *, rows: int | None = None,
-                       on_step: Callable[[], None] | None = None) -> Iterator[Result]:  # fmt: skip
+                       on_step: OnStep = None) -> Iterator[Result]:  # fmt: skip
     """Decompresses each (source, sink, name) → Results as compress_streams. Files
     compressed with other settings (dtype, aggregate cache) than the first run in a
     later pass of their own; each file's header is checked before anything is written."""

@@ -1,0 +1,242 @@
+"""tvq compress (docs/DESIGN.md section 16): exact round trips of any bytes, files coded
+together equal each alone, one process's output read by another (and on several
+devices), and every kind of wrong file refused with its own error."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import ROOT, forced_devices, save_byte_model, tiny_config
+
+import tvq
+from tvq.compression import coder
+from tvq.compression.container import Frame, Header, read_record
+from tvq.compression.files import compress, compress_streams, decompress
+from tvq.compression.symbols import Symbols
+from tvq.errors import InputError
+from tvq.text.tokenizer import SentencePieceTokenizer, train_sentencepiece
+
+TEXT = ("Whether 'tis nobler in the mind to suffer\r\nThe slings and arrows of outrageous "
+        "fortune,\n\tOr to take arms against a sea of troubles.\n") * 3  # fmt: skip
+ODD = TEXT.encode() + b"\x00NUL \xff\xfe invalid \xc3( utf-8 \xe2\x82 cut" + TEXT[:40].encode()
+OTHER_SCRIPT = "Ἐν ἀρχῇ ἦν ὁ λόγος. 道可道，非常道。 Съешь же ещё этих мягких булок.\n".encode()
+
+
+@pytest.fixture(scope="module")
+def byte_model(tmp_path_factory):
+    return tvq.load(save_byte_model(tmp_path_factory.mktemp("bytes"), seed=3))
+
+
+@pytest.fixture(scope="module")
+def spm_model(tmp_path_factory):
+    """A tiny model over a sentencepiece vocabulary with byte fallback (tvq's own kind)."""
+    folder = tmp_path_factory.mktemp("spm")
+    (folder / "text.txt").write_text(TEXT * 20 + OTHER_SCRIPT.decode())
+    tokenizer = train_sentencepiece([folder / "text.txt"], folder / "t.model", 340)
+    model = tvq.Model.init(tiny_config(n_vocab=340, mem_len=8), seed=1, block_len=4)
+    return model.with_tokenizer(tokenizer)
+
+
+@pytest.fixture(scope="module")
+def normalizing_model(tmp_path_factory):
+    """A vocabulary with no byte fallback that normalises (NFKC) and adds a dummy prefix,
+    like T5's: what it cannot give back exactly must go through the escape."""
+    import sentencepiece as spm
+
+    folder = tmp_path_factory.mktemp("nfkc")
+    (folder / "text.txt").write_text(TEXT * 20)
+    spm.SentencePieceTrainer.train(input=str(folder / "text.txt"), model_prefix=str(folder / "n"),
+                                   vocab_size=40, model_type="unigram", minloglevel=2,
+                                   character_coverage=1.0)  # fmt: skip
+    tokenizer = SentencePieceTokenizer(folder / "n.model")
+    model = tvq.Model.init(tiny_config(n_vocab=tokenizer.vocab_size, mem_len=8), seed=2,
+                           block_len=4)  # fmt: skip
+    return model.with_tokenizer(tokenizer)
+
+
+CASES = {"empty": b"", "one byte": b"A", "text": TEXT.encode(), "CRLF, NUL, invalid UTF-8": ODD,
+         "another script": OTHER_SCRIPT}  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", ["byte_model", "spm_model"])
+def test_round_trips_are_exact(kind, request):
+    model = request.getfixturevalue(kind)
+    for name, data in CASES.items():
+        packed = compress(model, data)
+        assert decompress(model, packed) == data, name
+        assert packed[:4] == b"TVQZ"
+
+
+def test_what_the_tokenizer_cannot_give_back_is_escaped(normalizing_model):
+    symbols = Symbols(normalizing_model.tokenizer)
+    assert symbols.escape == normalizing_model.tokenizer.unk_id
+    for data in (b"", ODD, OTHER_SCRIPT, "ﬁ ① Ａ\u00a0x  spaces".encode()):  # NFKC changes these
+        tokens, escaped = symbols.encode(data)
+        assert b"".join(map(symbols.bytes_of, tokens, escaped)) == data
+        assert decompress(normalizing_model, compress(normalizing_model, data)) == data
+    assert any(b != -1 for b in symbols.encode(OTHER_SCRIPT)[1])  # escapes were needed
+
+
+def test_random_bytes_grow_by_a_small_bound(spm_model):
+    data = np.random.default_rng(0).bytes(200_000)
+    packed = compress(spm_model, data)
+    assert decompress(spm_model, packed) == data
+    assert len(packed) <= len(data) + 64 + 9 * (len(data) // 8192 + 1)
+
+
+def test_frames_coded_in_vain_are_stored_and_the_state_rewinds(byte_model, monkeypatch):
+    """An untrained byte model needs more than 8 bits a byte: frames are stored and the
+    row goes back to its state before them; a frame coded later still decodes."""
+    monkeypatch.setattr(coder, "FRAME_TOKENS", 40)
+    data = TEXT.encode() * 2
+    packed = io.BytesIO()
+    results = list(compress_streams(byte_model, [(io.BytesIO(data), packed, "t")]))
+    assert results[0].error is None and results[0].original == len(data)
+    kinds = record_kinds(packed.getvalue())
+    assert kinds.count("stored") == len(data) // 40 + 1 and kinds[-1] == "end"
+    assert decompress(byte_model, packed.getvalue()) == data
+    # every other frame kept coded: the decompressor's state must follow the rewinds
+    turns = iter(range(10**6))
+    monkeypatch.setattr(coder, "worth_coding", lambda coded, stored: next(turns) % 2 == 1)
+    packed = compress(byte_model, data)
+    assert record_kinds(packed)[:4] == ["stored", "coded", "stored", "coded"]
+    assert decompress(byte_model, packed) == data
+
+
+def record_kinds(packed: bytes) -> list[str]:
+    """The container's records in order: coded, stored, end."""
+    stream, kinds = io.BytesIO(packed), []
+    Header.read(stream, "x")
+    while True:
+        record = read_record(stream, "x", len(kinds) + 1)
+        kinds.append("coded" if isinstance(record, Frame) else
+                     "stored" if isinstance(record, bytes) else "end")  # fmt: skip
+        if kinds[-1] == "end":
+            return kinds
+
+
+def test_several_files_at_once_equal_each_alone(spm_model, monkeypatch):
+    monkeypatch.setattr(coder, "FRAME_TOKENS", 50)  # several frames each, ending apart
+    texts = [TEXT.encode(), OTHER_SCRIPT * 3, b"", ODD, TEXT.encode()[::-1]]
+    alone = [compress(spm_model, data) for data in texts]
+    sinks = [io.BytesIO() for _ in texts]
+    items = [(io.BytesIO(d), s, f"f{i}") for i, (d, s) in enumerate(zip(texts, sinks, strict=True))]
+    results = list(compress_streams(spm_model, items, rows=3))
+    assert sorted(r.name for r in results) == [f"f{i}" for i in range(len(texts))]
+    assert [s.getvalue() for s in sinks] == alone
+    assert [decompress(spm_model, packed) for packed in alone] == texts
+
+
+def test_wrong_files_are_refused_each_with_its_own_error(spm_model, byte_model):
+    data = TEXT.encode() * 2
+    packed = compress(spm_model, data)
+    errors = {
+        "another model": (spm_model.with_agg_cache(True), None),  # checked below
+        "not a tvq": (spm_model, b"PK\x03\x04 a zip file"),
+        "truncated": (spm_model, packed[:-5]),
+        "format version 9": (spm_model, packed[:4] + b"\x09" + packed[5:]),
+    }
+    other = tvq.Model.init(spm_model.config, seed=9, block_len=4).with_tokenizer(
+        spm_model.tokenizer
+    )
+    errors["another model"] = (other, packed)
+    for message, (model, wrong) in errors.items():
+        with pytest.raises(InputError, match=message):
+            decompress(model, wrong)
+    with pytest.raises(InputError, match="truncated"):
+        decompress(spm_model, packed[:30])
+    refused = 0
+    for at in range(0, len(packed), max(1, len(packed) // 40)):  # a flipped byte anywhere
+        edited = bytearray(packed)
+        edited[at] ^= 0x10
+        try:  # never wrong bytes: refused, or (a bit the coder never reads) the original
+            assert decompress(spm_model, bytes(edited)) == data
+        except InputError as e:
+            assert any(word in str(e) for word in ("corrupt", "truncated", "another", "not a"))
+            refused += 1
+    assert refused >= 35
+
+
+def test_numbers_computed_elsewhere_are_refused(spm_model, monkeypatch):
+    packed = compress(spm_model, b"some text")
+    monkeypatch.setattr(coder, "probe", lambda model: b"\x00" * 8)
+    import tvq.compression.files as files
+
+    monkeypatch.setattr(files, "probe", lambda model: b"\x00" * 8)
+    with pytest.raises(InputError, match="computes other numbers"):
+        decompress(spm_model, packed)
+
+
+def test_the_header_records_the_settings(spm_model):
+    packed = compress(spm_model.with_agg_cache(False), TEXT.encode())
+    header = Header.read(io.BytesIO(packed), "x")
+    assert not header.agg_cache and not header.bfloat16
+    assert decompress(spm_model, packed) == TEXT.encode()  # the decompressor applies them
+    assert compress(spm_model, TEXT.encode()) != packed
+
+
+def test_the_builtin_model_costs_what_score_says():
+    """The coded words take within 1% of the bits `tvq score` gives the same text."""
+    model = tvq.load()
+    data = (ROOT / "README.md").read_bytes()[:3000]
+    packed = compress(model, data)
+    assert decompress(model, packed) == data
+    scored, _ = tvq.score_stream(model, io.BytesIO(data), "x")
+    header = len(Header.read(io.BytesIO(packed), "x").to_bytes())
+    coded_bits = 8 * (len(packed) - header - 17 - 25)
+    assert abs(coded_bits / (scored.nll_sum / np.log(2)) - 1) < 0.01
+
+
+def _tvq(*args, env=None, **kwargs):
+    return subprocess.run([sys.executable, "-m", "tvqcli", *args], capture_output=True,
+                          env=env or dict(os.environ, PYTHONPATH=str(ROOT)), **kwargs)  # fmt: skip
+
+
+def test_cli_round_trip_across_processes_and_devices(tmp_path):
+    model = save_byte_model(tmp_path / "m", seed=5)
+    (tmp_path / "a.txt").write_bytes(ODD)
+    (tmp_path / "b.txt").write_bytes(OTHER_SCRIPT)
+    done = _tvq("compress", "a.txt", "b.txt", "-m", str(model), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert b"bits per byte" in done.stderr
+    packed = (tmp_path / "a.txt.tvqz").read_bytes()
+    one = _tvq("compress", "-c", "-m", str(model), input=ODD, cwd=tmp_path, args_=None) \
+        if False else _tvq("compress", "-", "-m", str(model), input=ODD, cwd=tmp_path)  # fmt: skip
+    assert one.returncode == 0 and one.stdout == packed  # alone, from stdin: the same bytes
+    (tmp_path / "a.txt").unlink()
+    back = _tvq("decompress", "a.txt.tvqz", "-m", str(model), cwd=tmp_path,
+                env=forced_devices(4))  # fmt: skip
+    assert back.returncode == 0, back.stderr
+    assert (tmp_path / "a.txt").read_bytes() == ODD
+    piped = _tvq("compress", "-d", "-c", "b.txt.tvqz", "-m", str(model), cwd=tmp_path)
+    assert piped.stdout == OTHER_SCRIPT
+
+
+def test_cli_refuses_and_leaves_nothing_behind(tmp_path):
+    model = save_byte_model(tmp_path / "m", seed=5)
+    (tmp_path / "a.txt").write_bytes(b"abc")
+    (tmp_path / "a.txt.tvqz").write_bytes(b"old")
+    done = _tvq("compress", "a.txt", "-m", str(model), cwd=tmp_path)
+    assert done.returncode == 1 and b"--force" in done.stderr
+    assert (tmp_path / "a.txt.tvqz").read_bytes() == b"old"
+    (tmp_path / "bad.tvqz").write_bytes(b"TVQZ\x01 broken")
+    (tmp_path / "good.txt").write_bytes(b"good")
+    assert _tvq("compress", "good.txt", "-m", str(model), cwd=tmp_path).returncode == 0
+    (tmp_path / "good.txt").unlink()
+    done = _tvq("decompress", "bad.tvqz", "good.txt.tvqz", "-m", str(model), cwd=tmp_path)
+    assert done.returncode == 1
+    assert done.stderr.count(b"error:") == 1 and b"bad.tvqz is truncated" in done.stderr
+    assert (tmp_path / "good.txt").read_bytes() == b"good"  # the other file went on
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+    assert not (tmp_path / "bad").exists()
+    usage = [(("x.txt",), b"x.txt"), (("a.txt", "-o", "o", "a.txt.tvqz"), b"one input"),
+             (("-d", "a.txt"), b"does not end in .tvqz")]  # fmt: skip
+    for args, message in usage:
+        done = _tvq("compress", *args, "-m", str(model), cwd=tmp_path)
+        assert done.returncode in (1, 2) and message in done.stderr
+        assert b"Traceback" not in done.stderr
