@@ -14,7 +14,7 @@ import pytest
 from conftest import ROOT, forced_devices, save_byte_model, tiny_config
 
 import tvq
-from tvq.compression import coder
+from tvq.compression import coder, jobs
 from tvq.compression.container import Frame, Header, read_record
 from tvq.compression.files import compress, compress_streams, decompress
 from tvq.compression.symbols import Symbols
@@ -92,7 +92,7 @@ def test_random_bytes_grow_by_a_small_bound(spm_model):
 def test_frames_coded_in_vain_are_stored_and_the_state_rewinds(byte_model, monkeypatch):
     """An untrained byte model needs more than 8 bits a byte: frames are stored and the
     row goes back to its state before them; a frame coded later still decodes."""
-    monkeypatch.setattr(coder, "FRAME_TOKENS", 40)
+    monkeypatch.setattr(jobs, "FRAME_TOKENS", 40)
     data = TEXT.encode() * 2
     packed = io.BytesIO()
     results = list(compress_streams(byte_model, [(io.BytesIO(data), packed, "t")]))
@@ -102,7 +102,7 @@ def test_frames_coded_in_vain_are_stored_and_the_state_rewinds(byte_model, monke
     assert decompress(byte_model, packed.getvalue()) == data
     # every other frame kept coded: the decompressor's state must follow the rewinds
     turns = iter(range(10**6))
-    monkeypatch.setattr(coder, "worth_coding", lambda coded, stored: next(turns) % 2 == 1)
+    monkeypatch.setattr(jobs, "worth_coding", lambda coded, stored: next(turns) % 2 == 1)
     packed = compress(byte_model, data)
     assert record_kinds(packed)[:4] == ["stored", "coded", "stored", "coded"]
     assert decompress(byte_model, packed) == data
@@ -121,7 +121,7 @@ def record_kinds(packed: bytes) -> list[str]:
 
 
 def test_several_files_at_once_equal_each_alone(spm_model, monkeypatch):
-    monkeypatch.setattr(coder, "FRAME_TOKENS", 50)  # several frames each, ending apart
+    monkeypatch.setattr(jobs, "FRAME_TOKENS", 50)  # several frames each, ending apart
     texts = [TEXT.encode(), OTHER_SCRIPT * 3, b"", ODD, TEXT.encode()[::-1]]
     alone = [compress(spm_model, data) for data in texts]
     sinks = [io.BytesIO() for _ in texts]

@@ -19,7 +19,7 @@ RANK = {
     "tvq.nn": 3,
     "tvq.files": 4,
     "tvq.runtime": 5, "tvq.corpus": 5,  # the corpus: text to token shards, read by training
-    "tvq.decoding": 6, "tvq.scoring": 6, "tvq.train": 6,
+    "tvq.decoding": 6, "tvq.scoring": 6, "tvq.train": 6, "tvq.compression": 6,
     "tvq.batching": 6.5,  # a batch of texts: the decoding loop of tvq.decoding, several rows
     "tvq.serving": 7,  # serves generation and scoring
     "tvq.integrations": 8,

@@ -6,7 +6,7 @@ first use (PEP 562), so `import tvq.config` or a CLI `--help` does not pay for J
 Flax; each is written once, in `_MODULES`. The subpackages follow the layers
 (docs/DESIGN.md section 15): `nn` (the network), `text`, `distributed` (devices and
 processes), `files`, `runtime` (the model and the primitives every job calls), then the
-jobs: `decoding`, `scoring`, `train`, `serving`.
+jobs: `decoding`, `scoring`, `compression`, `train`, `serving`.
 """
 
 from __future__ import annotations
@@ -36,6 +36,8 @@ _MODULES = {
     "tvq.scoring.stream": ("score_stream",),
     "tvq.scoring.stats": ("FileScore",),
     "tvq.runtime.statefile": ("save_state", "load_state"),
+    # lossless compression with the model (section 16)
+    "tvq.compression.files": ("compress", "decompress"),
     # tokenizers
     "tvq.text.tokenizer": ("ByteTokenizer", "SentencePieceTokenizer"),
     "tvq.errors": (

@@ -9,8 +9,6 @@ from typing import BinaryIO
 
 from tvq.compression.coder import (
     MAX_ROWS,
-    Decoding,
-    Encoding,
     Failed,
     Job,
     Result,
@@ -20,6 +18,7 @@ from tvq.compression.coder import (
     settings_header,
 )
 from tvq.compression.container import FormatError, Header, fingerprint16
+from tvq.compression.jobs import Decoding, Encoding
 from tvq.compression.symbols import Symbols
 from tvq.runtime.context import require_tokenizer
 from tvq.runtime.model import Model
