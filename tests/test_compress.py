@@ -15,7 +15,7 @@ from conftest import ROOT, forced_devices, save_byte_model, tiny_config
 
 import tvq
 from tvq.compression import coder, jobs
-from tvq.compression.container import Frame, Header, read_record
+from tvq.compression.container import END_BYTES, FRAME_BYTES, Frame, Header, read_record
 from tvq.compression.files import compress, compress_streams, decompress
 from tvq.compression.symbols import Symbols
 from tvq.errors import InputError
@@ -181,15 +181,17 @@ def test_the_header_records_the_settings(spm_model):
 
 
 def test_the_builtin_model_costs_what_score_says():
-    """The coded words take within 1% of the bits `tvq score` gives the same text."""
+    """The coded words take the bits `tvq score` gives the same text, within 1% and the
+    range coder's last word or two (bench/compress.py: within 1% on whole plays)."""
     model = tvq.load()
-    data = (ROOT / "README.md").read_bytes()[:3000]
+    data = (ROOT / "tests" / "data" / "hamlet_head.txt").read_bytes()[:2000]
     packed = compress(model, data)
     assert decompress(model, packed) == data
     scored, _ = tvq.score_stream(model, io.BytesIO(data), "x")
     header = len(Header.read(io.BytesIO(packed), "x").to_bytes())
-    coded_bits = 8 * (len(packed) - header - 17 - 25)
-    assert abs(coded_bits / (scored.nll_sum / np.log(2)) - 1) < 0.01
+    coded_bits = 8 * (len(packed) - header - FRAME_BYTES - END_BYTES)
+    score_bits = scored.nll_sum / np.log(2)
+    assert score_bits * 0.99 < coded_bits < score_bits * 1.01 + 64
 
 
 def _tvq(*args, env=None, **kwargs):
@@ -205,8 +207,7 @@ def test_cli_round_trip_across_processes_and_devices(tmp_path):
     assert done.returncode == 0, done.stderr
     assert b"bits per byte" in done.stderr
     packed = (tmp_path / "a.txt.tvqz").read_bytes()
-    one = _tvq("compress", "-c", "-m", str(model), input=ODD, cwd=tmp_path, args_=None) \
-        if False else _tvq("compress", "-", "-m", str(model), input=ODD, cwd=tmp_path)  # fmt: skip
+    one = _tvq("compress", "-", "-m", str(model), input=ODD, cwd=tmp_path)
     assert one.returncode == 0 and one.stdout == packed  # alone, from stdin: the same bytes
     (tmp_path / "a.txt").unlink()
     back = _tvq("decompress", "a.txt.tvqz", "-m", str(model), cwd=tmp_path,
