@@ -30,6 +30,7 @@ import dataclasses
 import functools
 import hashlib
 from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -103,51 +104,55 @@ class Rows:
 
     def __init__(self, model: Model, width: int) -> None:
         self.model, self.width = model, width
-        self.start = eos_id(model)
 
     def run(self, jobs: Iterable[Job], on_step: Callable[[list[Job]], None] | None = None
             ) -> Iterator[Job]:  # fmt: skip
         """Runs jobs (started lazily, in order) → each job as it finishes; on_step(the
-        running jobs) after each call (progress)."""
-        pending = iter(jobs)
-        rows: list[Job | None] = [None] * self.width
-        rings = [_fresh_ring(self.model) for _ in range(self.width)]
-        kept: list = [None] * self.width  # each row's state at its job's mark
+        running jobs) after each call (progress). The program's width follows the jobs
+        running (a row's numbers do not depend on it), so no row idles."""
+        pending, slots = iter(jobs), []
         while True:
-            for i in range(self.width):
-                while rows[i] is None:
-                    job = next(pending, None)
-                    if job is None:
-                        break
-                    if job.done:  # nothing to code (an empty file)
-                        yield job
-                        continue
-                    rows[i], rings[i] = job, _fresh_ring(self.model)
-            if all(job is None for job in rows):
-                return
-            for i, job in enumerate(rows):
-                if job is not None and job.mark:
-                    kept[i], job.mark = jax.tree_util.tree_map(jnp.copy, rings[i]), False
-            k = STEPS if all(job is None or job.ready() >= STEPS for job in rows) else 1
-            inputs = np.array([[self.start] * k if job is None else job.inputs(k) for job in rows],
-                              np.int32).T  # fmt: skip
-            new, probs = coding_steps(self.model.config, self.model.params, tuple(rings), inputs)
-            rings, probs = list(new), np.asarray(probs)
-            for i, job in enumerate(rows):
+            while len(slots) < self.width:
+                job = next(pending, None)
                 if job is None:
+                    break
+                if job.done:  # nothing to code (an empty file)
+                    yield job
                     continue
+                slots.append(_Slot(job, _fresh_ring(self.model)))
+            if not slots:
+                return
+            for slot in slots:
+                if slot.job.mark:
+                    slot.kept, slot.job.mark = jax.tree_util.tree_map(jnp.copy, slot.ring), False
+            k = STEPS if all(slot.job.ready() >= STEPS for slot in slots) else 1
+            inputs = np.array([slot.job.inputs(k) for slot in slots], np.int32).T
+            rings = tuple(slot.ring for slot in slots)
+            rings, probs = coding_steps(self.model.config, self.model.params, rings, inputs)
+            probs = np.asarray(probs)
+            for i, (slot, ring) in enumerate(zip(slots, rings, strict=True)):
+                slot.ring = ring
                 try:
                     for j in range(k):
-                        job.take(probs[j, i])
+                        slot.job.take(probs[j, i])
                 except Exception as e:  # this file's error (corrupt input, a full disk)
-                    job.result.error, job.done = e, True
-                if job.rewind:
-                    rings[i], kept[i], job.rewind = kept[i], None, False
-                if job.done:
-                    rows[i] = None
-                    yield job
+                    slot.job.result.error, slot.job.done = e, True
+                if slot.job.rewind:
+                    slot.ring, slot.kept, slot.job.rewind = slot.kept, None, False
+            for slot in [slot for slot in slots if slot.job.done]:
+                slots.remove(slot)
+                yield slot.job
             if on_step is not None:
-                on_step([job for job in rows if job is not None])
+                on_step([slot.job for slot in slots])
+
+
+@dataclasses.dataclass
+class _Slot:
+    """A running job, its row's state, and that state at the job's last mark."""
+
+    job: Job
+    ring: Any
+    kept: Any = None
 
 
 def coder_library():
