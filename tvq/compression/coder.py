@@ -48,7 +48,8 @@ from tvq.runtime.context import eos_id, require_tokenizer
 from tvq.runtime.model import Model
 
 STEPS = 32  # steps per call where the inputs are known (compressing)
-MAX_ROWS = 4  # files coded at once by default (bench/compress.py: rows beyond 4 gain little)
+MAX_ROWS = 4  # files coded at once by default: 4 one-row steps in one program ran 580 tokens/s
+# against 344 for one here, 8 ran 778 but took 16 s to compile (RESULTS section 16)
 PROBE_TOKENS = (3, 100, 1000, 7, 42, 4095, 9, 256)  # fed from a start; ids mod vocabulary
 
 
