@@ -434,3 +434,31 @@ def test_a_new_num_samples_compiles_nothing_in_tvq_generate(tmp_path):
     tokens = [[json.loads(line)["tokens"] for line in out.stdout.splitlines()]
               for out in (four, three)]  # fmt: skip
     assert len(tokens[1]) == 3 and tokens[1] == tokens[0][:3]
+
+
+def test_the_server_gives_freed_memory_back_now_and_then(monkeypatch):
+    """Two malloc arenas at start, and the heaps trimmed at most every few seconds
+    (tvq/serving/memory.py)."""
+    from tvq.serving import memory
+
+    calls = []
+
+    class Libc:
+        def mallopt(self, parameter, value):
+            calls.append((parameter, value))
+            return 1
+
+        def malloc_trim(self, pad):
+            calls.append(pad)
+            return 1
+
+    monkeypatch.setattr(memory, "_libc", lambda: Libc())
+    assert memory.limit_arenas(2) and calls == [(memory.M_ARENA_MAX, 2)]
+    clock = iter([100.0, 101.0, 104.9, 105.0, 105.1])
+    monkeypatch.setattr(memory.time, "monotonic", lambda: next(clock))
+    releaser = memory.Releaser(every=5.0)
+    for _ in range(5):
+        releaser.maybe()
+    assert calls[1:] == [0, 0]  # at 100 and 105 only
+    monkeypatch.setattr(memory, "_libc", lambda: None)  # not glibc: nothing, no error
+    assert not memory.limit_arenas(2)

@@ -93,6 +93,9 @@ def serve(
     size, whatever the length) and keeps the state after the request;
     DELETE /v1/sessions/ID forgets one. Concurrent requests are decoded together.
     Listens on 127.0.0.1 unless told otherwise; Ctrl-C or SIGTERM stops it."""
+    from tvq.serving.memory import limit_arenas
+
+    limit_arenas()  # before JAX starts its threads (tvq/serving/memory.py)
     import uvicorn
 
     import tvq

@@ -38,6 +38,7 @@ from tvq.serving.answers import (
     usage_json,
 )
 from tvq.serving.jobs import ChoiceEnd, ChoiceText, Failed, Finished, Job, JobQueue
+from tvq.serving.memory import Releaser
 from tvq.serving.protocol import (
     MAX_LOGPROBS,
     ApiError,
@@ -87,6 +88,7 @@ class Engine:
         self.fresh = Context.start(model, 1)  # the start of a document, made once
         # requests started, most at once, prompt tokens in all and those the cache held
         self.stats = {"requests": 0, "largest_batch": 0, "prompt_tokens": 0, "cached_tokens": 0}
+        self.releaser = Releaser()  # freed memory back to the system (tvq/serving/memory.py)
         self.worker = threading.Thread(target=self._work, name="tvq-model", daemon=True)
         self.worker.start()
 
@@ -152,6 +154,7 @@ class Engine:
         if answer not in self.started:  # ended already
             return
         self.started.remove(answer)
+        self.releaser.maybe()
         if answer.job.request.session is not None:
             self.sessions.release(answer.job.request.session)
         if event is not None:
