@@ -12,8 +12,11 @@ from typer.testing import CliRunner
 
 import tvq
 from tests.conftest import save_byte_model
+from tvq import decoding
+from tvq.batching import BatchItem
 from tvq.runtime import decode_loop
 from tvq.text.constraints import Constraint, ConstraintError
+from tvq.text.sampling import SamplerRows
 from tvqcli.main import app
 
 GREEDY = tvq.Sampler(temperature=0)
@@ -140,3 +143,47 @@ def test_the_command_line(model_dir, tmp_path):
         result = runner.invoke(app, [*base, *options])
         assert result.exit_code == 2 and message in result.output, result.output
         assert "Traceback" not in result.output
+
+
+CONSTRAINTS = [Constraint.json_schema(SCHEMA), Constraint.regex(r"[a-z ]{3,30}\."),
+               Constraint.choice(["Hamlet", "Ophelia"])]  # fmt: skip
+
+
+def test_speculation_keeps_the_greedy_text_of_one_masked_step_at_a_time(model, monkeypatch):
+    """Constrained rows sample a chunk unmasked and keep what the constraint allows
+    (tvq/decoding.py SampleLoop): greedy, that is the masked argmax at every step."""
+    speculated = [tvq.generate(model, prompt, max_tokens=60, sampler=GREEDY, constraint=c)
+                  for prompt in ("Q: ", "A: ") for c in CONSTRAINTS]  # fmt: skip
+    monkeypatch.setattr(SamplerRows, "counting", lambda rows: True)  # no speculation
+    stepped = [tvq.generate(model, prompt, max_tokens=60, sampler=GREEDY, constraint=c)
+               for prompt in ("Q: ", "A: ") for c in CONSTRAINTS]  # fmt: skip
+    for fast, slow in zip(speculated, stepped, strict=True):
+        assert fast.samples[0].ids == slow.samples[0].ids
+        np.testing.assert_allclose(fast.samples[0].log_probs, slow.samples[0].log_probs,
+                                   atol=1e-6)  # fmt: skip
+
+
+def test_speculating_rows_are_each_what_they_are_alone(model):
+    """Under speculation a refused row draws again with a fresh key while its
+    neighbours keep their tokens: every row's text is its own, as alone."""
+    prompt = model.tokenizer.encode("Q: ")
+    hot = tvq.Sampler(temperature=1.0)
+    items = [BatchItem(prompt, max_tokens=40, seed=seed, constraint=c, sampler=hot)
+             for seed, c in enumerate([*CONSTRAINTS, None])]  # fmt: skip
+    together = tvq.generate_batch(model, items)
+    for item, samples in zip(items, together, strict=True):
+        assert [s.ids for s in tvq.generate_batch(model, [item])[0]] == [s.ids for s in samples]
+
+
+def test_speculation_samples_several_tokens_per_call(model, monkeypatch):
+    """Text the constraint mostly allows (ASCII but newlines) takes a few calls, where
+    one masked step at a time took one a token."""
+    calls = []
+    real = decoding.run_chunk
+    monkeypatch.setattr(decoding, "run_chunk", lambda *a, **k: calls.append(1) or real(*a, **k))
+    ascii_only = tuple((3 + b, -100.0) for b in range(128, 256))  # bytes are ids b + 3
+    result = tvq.generate(model, "Q: ", max_tokens=64, seed=1, ignore_eos=True,
+                          sampler=tvq.Sampler(temperature=1.0, logit_bias=ascii_only),
+                          constraint=Constraint.regex(r"[^\n]*"))  # fmt: skip
+    assert len(result.samples[0].ids) == 64 and re.fullmatch(r"[^\n]*", result.samples[0].text)
+    assert len(calls) < 64 / 4

@@ -190,11 +190,21 @@ def test_schemas(tiny_dir, tmp_path, monkeypatch):
 
     monkeypatch.setenv("LLM_USER_PATH", str(tmp_path))
     base = ["-m", "tvq-builtin", "-o", "model", str(tiny_dir), "--no-stream"]
+    # llm's concise syntax: a random model's free string may run to max_tokens, so the
+    # start shows the schema; a bounded JSON schema is always complete, and parses
     done = CliRunner().invoke(llm_cli, [*base, "A person:", "--schema", "name, age int",
-                                        "-o", "max_tokens", "400", "-o", "seed", "3"])  # fmt: skip
+                                        "-o", "max_tokens", "12", "-o", "seed", "3"])  # fmt: skip
     assert done.exit_code == 0, done.output
-    person = json.loads(done.output)
-    assert set(person) == {"name", "age"} and isinstance(person["age"], int)
+    assert done.output.startswith('{"name": "')
+    bounded = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 8},
+                                                "age": {"type": "integer", "maximum": 99}},
+               "required": ["name", "age"], "additionalProperties": False}  # fmt: skip
+    for seed in ("3", "4"):
+        done = CliRunner().invoke(llm_cli, [*base, "A person:", "--schema", json.dumps(bounded),
+                                            "-o", "seed", seed])  # fmt: skip
+        assert done.exit_code == 0, done.output
+        person = json.loads(done.output)
+        assert set(person) == {"name", "age"} and isinstance(person["age"], int)
     # --schema-multi wraps the schema in {"items": [...]} (arrays and additional keys
     # unbounded, so a random model's text is cut by max_tokens: its start shows the schema)
     done = CliRunner().invoke(llm_cli, [*base, "People:", "--schema-multi", "name, age int",

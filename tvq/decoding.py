@@ -282,6 +282,11 @@ def eos_ids_of(tokenizer, ignore_eos: list[bool]) -> np.ndarray:
     return np.asarray([-1 if ignore else eos for ignore in ignore_eos], np.int32)
 
 
+# A refused token's second draw uses the key fold_in(key(row), k + RESAMPLED): a stream of
+# random numbers no first draw uses (k, the row's token count, stays far below it)
+RESAMPLED = 1 << 30
+
+
 class SampleLoop:
     """Samples every row until it ends (end of document, a stop string, its max_tokens,
     or the stream stopped) in chunks of 1, 2, 4, … up to CHUNK tokens, releasing the
@@ -300,9 +305,14 @@ class SampleLoop:
         self.sampling, self.penalties, self.logprobs = sampling, penalties, logprobs
         self.eos_ids, self.mesh, self.keep_state, self.owners = eos_ids, mesh, keep_state, owners
         self.guides = guides if guides else None
-        if self.guides is not None:  # each call sends only the new bias to the device
+        # speculation: a constrained row samples several tokens unmasked and keeps those
+        # its constraint allows; the first refused is drawn again under the mask (needs
+        # no penalties: the replay up to it would not count the tokens it kept)
+        self.speculate = self.guides is not None and not sampling.counting()
+        if self.guides is not None:  # each masked call sends only the new bias to the device
             self.own_bias = np.asarray(sampling.bias)
-            self.sampling = on_device(sampling.replace(penalizing=np.ones(len(max_tokens), bool)))
+            self.guided = on_device(sampling.replace(penalizing=np.ones(len(max_tokens), bool)))
+            self.sampling = self.guided if not self.speculate else on_device(sampling)
         self.params = replicated(mesh, model.params) if mesh is not None else None
 
     def _pieces(self) -> list[Piece]:
@@ -319,6 +329,7 @@ class SampleLoop:
         batch = len(max_tokens)
         no_forcing = np.zeros([CHUNK, batch], np.int32)
         count, chunk = 0, 1
+        cut = None  # a speculated chunk a constraint refused at its step `used`
         for row in np.flatnonzero(max_tokens <= 0):
             rows.finish_at(int(row))
         while not rows.all_done:
@@ -326,20 +337,37 @@ class SampleLoop:
                 rows.cancel(np.ones(batch, bool))
                 break
             done = np.array([s.done for s in rows.samples])
-            limits = np.where(done, 0, np.clip(max_tokens - count, 0, chunk))
-            before, sampling = (rings, token), self.sampling
-            if self.guides is not None:
-                sampling = sampling.replace(bias=on_device(self.guides.bias(self.own_bias)))
+            # masked: the last step under each constrained row's mask. Without speculation
+            # every call is one such step. With it, after a refusal: the chunk again from
+            # its start, the tokens taken forced, then the step that was refused, where
+            # the allowed rows take their token again (forced) and the refused draw anew
+            # under the mask with a fresh key
+            masked = self.guides is not None and (not self.speculate or cut is not None)
+            limits = np.where(done, 0, np.clip(max_tokens - count, 0, 1 if masked else chunk))
+            before, sampling, counts = (rings, token), self.sampling, np.full(batch, count)
+            forcing, n_forced, used = no_forcing, np.zeros(batch, np.int32), 0
+            if masked:
+                sampling = self.guided.replace(bias=on_device(self.guides.bias(self.own_bias)))
+            if cut is not None:
+                (rings, token), forcing, refused, used = cut
+                before, n_forced = (rings, token), used + (~refused).astype(np.int32)
+                limits = np.full(batch, used + 1)
+                counts = np.where(refused, count + used + RESAMPLED, count)
+                cut = None
             rings, token, tokens, log_probs, sampled, top_values, top_ids, after = run_chunk(
-                self.model, rings, token, self.keys, np.full(batch, count), limits, no_forcing,
-                0, self.eos_ids, sampling, self.penalties, self.mesh, self.params,
-                self.logprobs, in_place=self.guides is not None,  # one step: never replayed
+                self.model, rings, token, self.keys, counts, limits, forcing, n_forced,
+                self.eos_ids, sampling, self.penalties, self.mesh, self.params, self.logprobs,
+                in_place=masked,  # never replayed
             )  # fmt: skip
             tokens, log_probs, sampled = np.asarray(tokens), np.asarray(log_probs), int(sampled)
             top_values, top_ids = np.asarray(top_values), np.asarray(top_ids)
-            used = 0
             while used < sampled and not rows.all_done:
                 live = [not s.done for s in rows.samples]
+                if self.guides is not None and not masked:
+                    refused = self.guides.refused(tokens[used], live)
+                    if refused.any():  # the chunk runs again up to here (above)
+                        cut = (before, tokens, refused, used)
+                        break
                 rows.take(tokens[used], log_probs[used], top_values[used], top_ids[used])
                 if self.guides is not None:
                     for row in np.flatnonzero(live):
@@ -349,6 +377,9 @@ class SampleLoop:
                 for row in np.flatnonzero(max_tokens == count + used):
                     rows.finish_at(int(row))
                 yield from self._pieces()
+            if cut is not None:  # about as many as were allowed in a row, next time
+                chunk = max(2, used)
+                continue
             if self.keep_state and used < sampled:  # a stop string ended it mid-chunk
                 rings, token, *_, after = run_chunk(
                     self.model, *before, self.keys, np.full(batch, count), np.full(batch, used),
@@ -357,7 +388,8 @@ class SampleLoop:
                 )  # fmt: skip
             self.penalties = after
             count += used
-            chunk = 1 if self.guides is not None else min(2 * chunk, CHUNK)
+            if not masked:
+                chunk = min(2 * chunk, CHUNK)
         rows.finish_all()
         yield from self._pieces()
         return rings, token, count

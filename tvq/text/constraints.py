@@ -200,6 +200,15 @@ class Guides:
                 out[row, ~allowed] = BANNED
         return out
 
+    def refused(self, tokens: np.ndarray, live: list[bool]) -> np.ndarray:
+        """[B] bool: the live constrained rows whose constraint does not allow their token
+        next (nothing is consumed)."""
+        out = np.zeros(len(self.matchers), bool)
+        for row, matcher in enumerate(self.matchers):
+            if matcher is not None and live[row] and not matcher.is_stopped():
+                out[row] = matcher.validate_tokens([int(tokens[row])]) != 1
+        return out
+
     def take(self, row: int, token: int) -> bool:
         """The row's matcher takes its sampled token → True once its grammar is complete
         (the row ends there). A token it refuses is an error of the engine's."""

@@ -99,6 +99,13 @@ class SamplerRows:
             penalizing=np.asarray([s.penalizing for s in samplers], bool),
         )  # fmt: skip
 
+    def counting(self) -> bool:
+        """Whether a row has a penalty that counts the tokens it samples (a bias alone
+        counts nothing)."""
+        repeats = (np.asarray(self.repetition) != 1) & (np.asarray(self.repeat_last_n) > 0)
+        return bool((np.asarray(self.presence) != 0).any() or
+                    (np.asarray(self.frequency) != 0).any() or repeats.any())  # fmt: skip
+
 
 @flax.struct.dataclass
 class Penalties:
