@@ -337,11 +337,9 @@ class SampleLoop:
                 rows.cancel(np.ones(batch, bool))
                 break
             done = np.array([s.done for s in rows.samples])
-            # masked: the last step under each constrained row's mask. Without speculation
-            # every call is one such step. With it, after a refusal: the chunk again from
-            # its start, the tokens taken forced, then the step that was refused, where
-            # the allowed rows take their token again (forced) and the refused draw anew
-            # under the mask with a fresh key
+            # masked: the last step under each row's mask (every call without speculation;
+            # with it, the refused step of a chunk run again with the tokens kept forced:
+            # allowed rows forced again, refused ones draw anew with a fresh key)
             masked = self.guides is not None and (not self.speculate or cut is not None)
             limits = np.where(done, 0, np.clip(max_tokens - count, 0, 1 if masked else chunk))
             before, sampling, counts = (rings, token), self.sampling, np.full(batch, count)
