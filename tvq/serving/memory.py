@@ -3,10 +3,9 @@
 XLA's threads allocate and free large buffers through the C library. glibc keeps what
 is freed in per-thread arenas (up to 8 per core), where it fragments and stays resident:
 a server that ran 80 mixed requests with its state cache off grew 0.81 GB over idle,
-0.68 GB with two
-arenas (bench/RESULTS.md section 16). So `tvq serve` limits the arenas
-before it starts (`limit_arenas`) and returns the free pages at the top of each heap to
-the system now and then (`release`). Elsewhere than glibc both do nothing.
+0.68 GB with two arenas (bench/RESULTS.md section 16). So `tvq serve` limits the arenas
+before it starts (`limit_arenas`) and returns the free pages of each heap to the system
+now and then (`Releaser`). Elsewhere than glibc both do nothing.
 """
 
 from __future__ import annotations
