@@ -82,9 +82,13 @@ class Client:
         return next(i for i, (who, e) in enumerate(self.log) if who == name and isinstance(e, kind))
 
 
+BUSY_TOKENS = 1 << 22
+
+
 @contextlib.contextmanager
 def serving(model, **settings):
-    engine = Engine(model, ServerSettings(**settings))
+    # a busy request runs until cancelled (4,096 tokens of a tiny model took under a second)
+    engine = Engine(model, ServerSettings(**{"max_tokens_limit": BUSY_TOKENS, **settings}))
     client = Client(engine)
     try:
         yield client
@@ -96,7 +100,8 @@ def serving(model, **settings):
 
 def busy(client: Client, name: str = "busy", **body) -> Job:
     """A request that runs until cancelled, once its first text came."""
-    job = client.submit(name, prompt="Busy ", max_tokens=4096, ignore_eos=True, seed=1, **body)
+    job = client.submit(name, prompt="Busy ", max_tokens=BUSY_TOKENS, ignore_eos=True, seed=1,
+                        **body)  # fmt: skip
     client.wait(lambda: client.started(name))
     return job
 
