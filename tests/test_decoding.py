@@ -14,6 +14,7 @@ from tvq.nn.ring import empty_rings, model_from_ring, model_to_ring
 from tvq.nn.transformer import Transformer, network
 from tvq.runtime.context import score_ids
 from tvq.runtime.decode_loop import row_keys
+from tvq.text.constraints import Constraint
 from tvq.text.sampling import Sampler, pick, row_uniforms
 from tvq.text.tokenizer import ByteTokenizer
 
@@ -333,23 +334,30 @@ def test_closing_the_stream_cancels_it(byte_model, monkeypatch):
     assert len(calls) < 10  # 3 pieces, not 500 tokens
 
 
-def test_stop_ends_the_stream_with_the_exact_state(byte_model):
+@pytest.mark.parametrize("constraint", [None, "[a-z ]*"])
+def test_stop_ends_the_stream_with_the_exact_state(byte_model, constraint):
     """stop() (Ctrl-C in tvq chat) ends every row at the next chunk as "cancelled", and the
     stream still ends with the Generation, whose context is the state after the prompt
-    and exactly the tokens sampled."""
+    and exactly the tokens sampled. Under a constraint this random model's text is
+    refused often: a stop often comes with a speculated chunk cut short pending."""
     prompt = byte_model.tokenizer.encode("To be")
-    stream = tvq.stream_generate(byte_model, prompt, max_tokens=200, seed=4, ignore_eos=True)
-    pieces = 0
+    constraint = constraint and Constraint.regex(constraint)
+    # letters likely, other bytes not: runs of allowed tokens, cut by refusals
+    letters = tvq.Sampler(logit_bias=tuple((3 + b, 1.0) for b in b"abcdefghijklmnopqrstuvwxyz"))
+    stream = tvq.stream_generate(byte_model, prompt, max_tokens=200, seed=4, ignore_eos=True,
+                                 constraint=constraint, sampler=letters)  # fmt: skip
+    pieces, stop_at = 0, 5 if constraint is None else 17  # (inside a chunk cut at 18)
     for event in stream:
         if isinstance(event, tvq.Piece):
             pieces += 1
-            if pieces == 5:
+            if pieces == stop_at:
                 stream.stop()
         else:
             result = event
     sample = result.samples[0]
-    assert sample.finish_reason == "cancelled" and 5 <= len(sample.ids) < 200
-    full = generate(byte_model, prompt, max_tokens=200, seed=4, ignore_eos=True).samples[0]
+    assert sample.finish_reason == "cancelled" and stop_at <= len(sample.ids) < 200
+    full = generate(byte_model, prompt, max_tokens=200, seed=4, ignore_eos=True,
+                    constraint=constraint, sampler=letters).samples[0]  # fmt: skip
     assert sample.ids == full.ids[: len(sample.ids)]
     ids = prompt + sample.ids
     assert result.context.tokens == len(ids)

@@ -6,6 +6,8 @@ sampler sees are those that scoring the finished text gives (invariant 6). Token
 sampled in chunks by one compiled `jax.lax.while_loop` (no Python per token); between
 chunks the host releases the text and applies stop strings. The first chunk is one
 token, so the first text appears at once, and chunks then double up to `CHUNK`.
+(Over 400 lines: the sample loop's speculation under a constraint lives beside the
+loop it changes, section 7.)
 The attention memory lives in a ring during decoding (tvq.nn.ring): each token is written
 in place, and its cost does not depend on the position. The compiled loop itself, whose
 network pass per token is `Transformer.step`, is tvq/runtime/decode_loop.py; this module is the
@@ -334,6 +336,10 @@ class SampleLoop:
             rows.finish_at(int(row))
         while not rows.all_done:
             if stream.stopping:
+                if cut is not None:  # the state after the tokens taken, not the chunk's
+                    (rings, token), tokens, _, used = cut
+                    rings, token = self._replay(rings, token, tokens, used, count)
+                    count += used
                 rows.cancel(np.ones(batch, bool))
                 break
             done = np.array([s.done for s in rows.samples])
@@ -379,11 +385,7 @@ class SampleLoop:
                 chunk = max(2, used)
                 continue
             if self.keep_state and used < sampled:  # a stop string ended it mid-chunk
-                rings, token, *_, after = run_chunk(
-                    self.model, *before, self.keys, np.full(batch, count), np.full(batch, used),
-                    tokens, used, self.eos_ids, self.sampling, self.penalties, self.mesh,
-                    self.params, self.logprobs,
-                )  # fmt: skip
+                rings, token, after = self._replay(*before, tokens, used, count, penalties=True)
             self.penalties = after
             count += used
             if not masked:
@@ -391,6 +393,19 @@ class SampleLoop:
         rows.finish_all()
         yield from self._pieces()
         return rings, token, count
+
+    def _replay(self, rings, token, tokens: np.ndarray, used: int, count: int,
+                penalties: bool = False):  # fmt: skip
+        """The state after the first `used` of a chunk's tokens [CHUNK, B], from the
+        state before it (the chunk run again, those tokens forced) → (rings, token), and
+        the penalties after it with penalties=True."""
+        batch = len(self.max_tokens)
+        rings, token, *_, after = run_chunk(
+            self.model, rings, token, self.keys, np.full(batch, count), np.full(batch, used),
+            tokens, used, self.eos_ids, self.sampling, self.penalties, self.mesh, self.params,
+            self.logprobs,
+        )  # fmt: skip
+        return (rings, token, after) if penalties else (rings, token)
 
 
 def _repeat_context(context: Context, n: int) -> Context:
