@@ -79,6 +79,7 @@ class Traffic:
         self.dishonest: list[str] = []
         self.errors: list[str] = []
         self.tokens = 0
+        self.running: dict[int, dict] = {}  # id(spec) → the body of each request in flight
 
     def outstanding(self) -> int:
         recent = time.perf_counter() - ABANDON_AFTER
@@ -90,6 +91,7 @@ def send(port: int, spec: dict, traffic: Traffic) -> None:
     body = spec["body"]
     with traffic.lock:
         traffic.in_flight += 1
+        traffic.running[id(spec)] = body
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=900)
     outcome = "abandoned"
     try:
@@ -135,6 +137,7 @@ def send(port: int, spec: dict, traffic: Traffic) -> None:
         connection.close()
         with traffic.lock:
             traffic.in_flight -= 1
+            traffic.running.pop(id(spec), None)
             traffic.statuses[outcome] += 1
             if outcome == "abandoned":
                 traffic.abandoned_at.append(time.perf_counter())
@@ -150,6 +153,11 @@ def main() -> None:
     parser.add_argument("--batch-rows", type=int, default=32)
     parser.add_argument("--cache-bytes", type=int, default=GB)
     parser.add_argument("--model", help="a model directory (default: the built-in model)")
+    parser.add_argument(
+        "--timeline",
+        help="also write the memory each second, and what was "
+        "in flight at each new peak, to this file (JSON lines)",
+    )
     args = parser.parse_args()
     rng = random.Random(34)
     specs = [draw(rng, i) for i in range(args.requests)]
@@ -158,10 +166,35 @@ def main() -> None:
                                  str(args.cache_bytes), "--max-body-bytes", str(1 << 20),
                                  "--max-n", "8")  # fmt: skip
     peak, sampling = [0], threading.Event()
+    timeline = open(args.timeline, "w") if args.timeline else None  # noqa: SIM115
+    traffic = Traffic(args.queue_size)
+
+    def in_flight() -> list:
+        with traffic.lock:
+            return [[len(b["prompt"]), b["n"], b["max_tokens"], bool(b.get("echo"))]
+                    for b in traffic.running.values()]  # fmt: skip
 
     def watch() -> None:
+        last = 0.0
         while not sampling.wait(0.1):
-            peak[0] = max(peak[0], rss_bytes(process.pid))
+            now, rss = time.perf_counter(), rss_bytes(process.pid)
+            if timeline and rss > peak[0] + (16 << 20):
+                timeline.write(json.dumps({"t": now, "peak": rss, "running": in_flight()}) + "\n")
+            if timeline and now - last >= 1:
+                last = now
+                timeline.write(
+                    json.dumps(
+                        {
+                            "t": now,
+                            "rss": rss,
+                            "done": sum(traffic.statuses.values()),
+                            "in_flight": traffic.in_flight,
+                        }
+                    )
+                    + "\n"
+                )
+                timeline.flush()
+            peak[0] = max(peak[0], rss)
 
     try:
         send(
@@ -172,7 +205,7 @@ def main() -> None:
         idle = rss_bytes(process.pid)
         watcher = threading.Thread(target=watch)
         watcher.start()
-        traffic, todo = Traffic(args.queue_size), collections.deque(specs)
+        todo = collections.deque(specs)
         taking = threading.Lock()
 
         def client() -> None:

@@ -9,14 +9,19 @@ model unless --model:
      half of them asking for JSON (guided_json), against all of them free: generated
      tokens/s, rounds alternating on one server, the median ratio;
   3. the same warm server: the first request with a schema never seen before (grammar
-     compilation included) against the same request repeated (median of 3).
+     compilation included) against the same request repeated (median of 3);
+  4. validity: 12 JSON schemas (nested objects, arrays with bounds, enums, numbers with
+     ranges, strings with patterns and formats, optional fields, anyOf), 5 regular
+     expressions and 2 grammars, 20 seeds each at temperature 1 (max_tokens 400): every
+     output must parse and validate (jsonschema's validator) or match in full.
 
-    python bench/structured.py [--tokens 200] [--rounds 3] [--model DIR]
+    python bench/structured.py [--tokens 200] [--rounds 3] [--model DIR] [--only validity]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -56,6 +61,142 @@ def batch_one(args: argparse.Namespace) -> dict:
     return out
 
 
+NAME = {"type": "string", "minLength": 1, "maxLength": 16}
+SCHEMAS = {
+    "flat object": {
+        "type": "object",
+        "properties": {"name": NAME, "age": {"type": "integer"}},
+        "required": ["name", "age"],
+        "additionalProperties": False,
+    },
+    "nested objects": {
+        "type": "object",
+        "properties": {
+            "scene": {
+                "type": "object",
+                "properties": {
+                    "place": NAME,
+                    "time": {
+                        "type": "object",
+                        "properties": {"act": {"type": "integer"}},
+                        "required": ["act"],
+                    },
+                },
+                "required": ["place", "time"],
+            }
+        },
+        "required": ["scene"],
+    },
+    "array with bounds": {"type": "array", "items": NAME, "minItems": 2, "maxItems": 4},
+    "enum": {
+        "type": "object",
+        "properties": {"mood": {"enum": ["merry", "sad", "wroth"]}},
+        "required": ["mood"],
+    },
+    "numbers with ranges": {
+        "type": "object",
+        "properties": {
+            "act": {"type": "integer", "minimum": 1, "maximum": 5},
+            "weight": {"type": "number", "minimum": 0, "maximum": 10},
+        },
+        "required": ["act", "weight"],
+    },
+    "string with a pattern": {
+        "type": "object",
+        "properties": {"line": {"type": "string", "pattern": "^[A-Z][a-z]{2,8}$"}},
+        "required": ["line"],
+    },
+    "string formats": {
+        "type": "object",
+        "properties": {
+            "day": {"type": "string", "format": "date"},
+            "mail": {"type": "string", "format": "email", "maxLength": 40},
+        },
+        "required": ["day", "mail"],
+    },
+    "optional fields": {
+        "type": "object",
+        "properties": {"who": NAME, "aside": NAME, "exit": {"type": "boolean"}},
+        "required": ["who"],
+    },
+    "anyOf": {
+        "type": "object",
+        "properties": {
+            "value": {"anyOf": [{"type": "integer", "minimum": 0, "maximum": 99}, NAME]}
+        },
+        "required": ["value"],
+    },
+    "array of objects": {
+        "type": "array",
+        "minItems": 1,
+        "maxItems": 3,
+        "items": {
+            "type": "object",
+            "properties": {"speaker": NAME, "words": {"type": "integer"}},
+            "required": ["speaker", "words"],
+        },
+    },
+    "boolean and null": {
+        "type": "object",
+        "properties": {"alive": {"type": "boolean"}, "ghost": {"type": "null"}},
+        "required": ["alive", "ghost"],
+    },
+    "const and list of enums": {
+        "type": "object",
+        "properties": {
+            "play": {"const": "Hamlet"},
+            "acts": {"type": "array", "items": {"enum": [1, 2, 3, 4, 5]}, "maxItems": 5},
+        },
+        "required": ["play", "acts"],
+    },
+}
+REGEXES = [
+    r"[A-Z][a-z]+, [a-z]+\.",
+    r"Act [1-5], scene [1-9]",
+    r"[0-9]{3}-[0-9]{4}",
+    r"(yes|no|perhaps), my lord",
+    r"[a-z]+( [a-z]+){2,5}[.!?]",
+]
+GRAMMARS = {
+    "lark": 'start: "To " VERB " or not to " VERB\nVERB: "be" | "sleep" | "dream"',
+    "gbnf": 'root ::= "Act " [1-5] ", " name\nname ::= [A-Z] [a-z] [a-z]?',
+}
+
+
+def validity(args: argparse.Namespace) -> dict:
+    """Every output of every constraint, 20 seeds at temperature 1, checked."""
+    import re
+
+    import jsonschema
+
+    import tvq
+    from tvq.batching import BatchItem
+    from tvq.text.constraints import Constraint
+
+    model = tvq.load(args.model)
+    ids = model.tokenizer.encode(PROMPT)
+    hot = tvq.Sampler(temperature=1.0)
+    cases = [(f"schema: {name}", Constraint.json_schema(schema),
+              lambda text, schema=schema: jsonschema.validate(json.loads(text), schema) is None)
+             for name, schema in SCHEMAS.items()]  # fmt: skip
+    cases += [(f"regex: {r}", Constraint.regex(r), re.compile(r).fullmatch) for r in REGEXES]
+    cases += [("grammar (Lark)", Constraint.grammar(GRAMMARS["lark"]),
+               re.compile(r"To (be|sleep|dream) or not to (be|sleep|dream)").fullmatch),
+              ("grammar (GBNF)", Constraint.gbnf(GRAMMARS["gbnf"]),
+               re.compile(r"Act [1-5], [A-Z][a-z][a-z]?").fullmatch)]  # fmt: skip
+    out = {}
+    for name, constraint, valid in cases:
+        items = [BatchItem(ids, 400, seed, 1, (), hot, 0, False, constraint) for seed in range(20)]
+        passed = 0
+        for (sample,) in tvq.generate_batch(model, items):
+            try:
+                passed += bool(valid(sample.text)) and sample.finish_reason in ("stop", "eos")
+            except (ValueError, jsonschema.ValidationError):
+                pass
+        out[name] = passed
+    return out
+
+
 def served(args: argparse.Namespace) -> dict:
     process, port = start_server(args.model)
     half = [s | ({"guided_json": SPEECH} if i % 2 else {}) for i, s in enumerate(MIXED)]
@@ -91,7 +232,17 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=200)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--model", help="a model directory (default: the built-in model)")
+    parser.add_argument("--only", choices=["validity"], help="only the validity check")
     args = parser.parse_args()
+    valid = validity(args)
+    print(f"# validity, 20 seeds each at temperature 1: {machine()}; model "
+          f"{args.model or 'built-in'}")  # fmt: skip
+    print("| constraint | valid of 20 |\n| --- | ---: |")
+    for name, passed in valid.items():
+        print(f"| {name} | {passed} |")
+    print(f"all valid: {sum(valid.values())} of {20 * len(valid)} (target: every one)")
+    if args.only:
+        return
     one = batch_one(args)
     two = served(args)
     print(f"# bench/structured.py --tokens {args.tokens} --rounds {args.rounds}: {machine()}; "

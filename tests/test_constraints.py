@@ -175,6 +175,46 @@ def test_speculating_rows_are_each_what_they_are_alone(model):
         assert [s.ids for s in tvq.generate_batch(model, [item])[0]] == [s.ids for s in samples]
 
 
+def test_a_guard_and_forced_tokens_change_the_calls_not_the_samples(model, monkeypatch):
+    """A chunk's guard (each row's mask at its start) draws a refused token again inside
+    the loop (tvq.text.sampling.guarded_tokens), a chunk cut short runs again up to where
+    a token must be drawn again, and the tokens a grammar forces are fed without a draw
+    (Guides.forced; one tokenization of each byte here): the samples are exactly those
+    of one step a call under the row's mask then, with no token fed, in far fewer
+    calls. Bytes 0-127 only: a random model then writes a newline (refused in a JSON
+    string) every few tokens."""
+    from tvq.text.constraints import Guides
+
+    calls, cuts = [], []
+    real, speculated = decoding.run_chunk, Guides.speculated
+    monkeypatch.setattr(decoding, "run_chunk", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(Guides, "speculated", lambda *a: cuts.append(speculated(*a)[1].any())
+                        or (None, np.asarray([cuts[-1]])))  # fmt: skip
+    hot = tvq.Sampler(temperature=1.0, logit_bias=tuple((3 + b, -100.0) for b in range(128, 256)))
+    speech = {"type": "object", "properties": {"who": {"type": "string", "maxLength": 6},
+                                               "speech": {"type": "string"}},
+              "required": ["who", "speech"]}  # fmt: skip
+    cases = [(Constraint.json_schema(speech), seed) for seed in range(3)]
+    cases += [(c, 7) for c in CONSTRAINTS] + [(Constraint.regex(r"[a-z ]{3,30}[.!?]"), 8)]
+
+    def run() -> list:
+        calls.clear()
+        out = [tvq.generate(model, "Q: ", max_tokens=80, seed=seed, sampler=hot, num_samples=2,
+                            constraint=c) for c, seed in cases]  # fmt: skip
+        return out, len(calls)
+
+    (fast, fast_calls) = run()
+    assert any(cuts)
+    monkeypatch.setattr(Guides, "forced", lambda guides, row, room: ([], guides.mask(row)))
+    monkeypatch.setattr(Guides, "kept", lambda guides, guards: False)  # one step a call
+    (stepped, stepped_calls) = run()
+    for a_run, b_run in zip(fast, stepped, strict=True):
+        for a, b in zip(a_run.samples, b_run.samples, strict=True):
+            assert a.ids == b.ids
+            np.testing.assert_allclose(a.log_probs, b.log_probs, atol=1e-6)
+    assert fast_calls < 0.5 * stepped_calls, (fast_calls, stepped_calls)
+
+
 def test_speculation_samples_several_tokens_per_call(model, monkeypatch):
     """Text the constraint mostly allows (ASCII but newlines) takes a few calls, where
     one masked step at a time took one a token."""

@@ -8,6 +8,7 @@ import json
 import re
 import threading
 
+import numpy as np
 import pytest
 
 import tvq
@@ -97,3 +98,53 @@ def check_constrained_and_free_requests_share_the_running_batch(server, model_di
     alone = tvq.generate(tvq.load(model_dir), "To be", max_tokens=40, seed=9,
                          sampler=tvq.Sampler(temperature=0.8))  # fmt: skip
     assert results["free"].choices[0].text == alone.samples[0].text
+
+
+def test_constrained_rows_speculate_in_the_running_batch(model_dir, monkeypatch):
+    """Constrained requests join the running batch at different rounds beside free ones,
+    several rows each, at temperature 1: each gets exactly what generate() gives it
+    alone (the same guarded speculation, its chunks cut short and read again where a
+    draw must be drawn again: tvq/serving/running.py RunningBatch._cut), the cuts happen,
+    and the batch's calls take several steps while a constraint is running."""
+    from tvq.batching import BatchItem
+    from tvq.serving import running
+    from tvq.text.constraints import Constraint
+    from tvq.text.rows import TextRows
+
+    model = tvq.load(model_dir)
+    ids = np.asarray(model.tokenizer.encode("Q: "), np.int32)
+    hot = tvq.Sampler(temperature=1.0)
+    cases = [  # n, constraint, seed, the round it joins, max_tokens
+        (3, Constraint.json_schema(SCHEMA), 2, 0, 120),
+        (2, Constraint.json_object(), 2, 1, 40),
+        (1, None, 5, 0, 60),
+        (2, Constraint.regex(r"[0-9]{2}-[a-z]{3}"), 3, 2, 120),
+        (3, Constraint.choice(["yes", "no", "maybe"]), 2, 3, 120),
+        (2, Constraint.json_schema(SCHEMA), 9, 5, 50),
+    ]  # fmt: skip
+    steps, cuts = [], []
+    real_run, real_cut = running.RunningBatch._run, running.RunningBatch._cut
+
+    def spy_run(self, d, counts, limits, forced, n_forced):  # steps sampled under a guard
+        if any(entry.guards is not None for entry in self.entries):
+            steps.append(int((limits - n_forced).max()))
+        return real_run(self, d, counts, limits, forced, n_forced)
+
+    monkeypatch.setattr(running.RunningBatch, "_run", spy_run)
+    monkeypatch.setattr(running.RunningBatch, "_cut", lambda self, *a: cuts.append(1) or
+                        real_cut(self, *a))  # fmt: skip
+    batch, done = running.RunningBatch(model, alternatives=0, max_rows=16), {}
+    for round_ in range(1000):
+        for k, (n, constraint, seed, joins, max_tokens) in enumerate(cases):
+            if joins == round_:
+                request = BatchItem(ids, max_tokens, seed, n, (), hot, 0, False, constraint)
+                rows = TextRows(model.tokenizer, [()] * n, [False] * n, [0] * n)
+                batch.admit(request, None, ids, rows, lambda s, k=k: done.__setitem__(k, s))
+        if len(done) == len(cases):
+            break
+        batch.step()
+    for k, (n, constraint, seed, _, max_tokens) in enumerate(cases):
+        alone = tvq.generate(model, ids.tolist(), max_tokens=max_tokens, seed=seed,
+                             num_samples=n, sampler=hot, constraint=constraint)  # fmt: skip
+        assert [s.ids for s in done[k]] == [s.ids for s in alone.samples], k
+    assert cuts and max(steps) >= 4

@@ -284,19 +284,19 @@ def eos_ids_of(tokenizer, ignore_eos: list[bool]) -> np.ndarray:
     return np.asarray([-1 if ignore else eos for ignore in ignore_eos], np.int32)
 
 
-# A refused token's second draw uses the key fold_in(key(row), k + RESAMPLED): a stream of
-# random numbers no first draw uses (k, the row's token count, stays far below it)
-RESAMPLED = 1 << 30
-
-
 class SampleLoop:
     """Samples every row until it ends (end of document, a stop string, its max_tokens,
     or the stream stopped) in chunks of 1, 2, 4, … up to CHUNK tokens, releasing the
     rows' pieces as they come. keep_state: the rings are the state after the last token
     taken even when a stop string ended the last row mid-chunk (that chunk is replayed
     up to it). owners: per row, its (item, sample) in a batch; rows beyond are padding.
-    guides: the rows' constraints (tvq.text.constraints): then a call samples one token,
-    under the logit bias of what each row's constraint allows next."""
+    guides: the rows' constraints (tvq.text.constraints). Their rows speculate (docs/
+    DESIGN.md section 7): a call samples a chunk, each row's draw outside its guard
+    (what its constraint allows at the chunk's start) drawn again under the guard in the
+    loop, and the host checks each step (Guides.speculated); where one must be drawn
+    again, the next call runs the chunk again from its start, the tokens taken forced,
+    and samples on from there under the guard of the mask then. Rows whose penalties
+    count tokens take one masked step a call instead."""
 
     def __init__(self, model: Model, rows: TextRows, keys: np.ndarray, max_tokens: np.ndarray,
                  sampling: SamplerRows, penalties: Penalties, logprobs: int,
@@ -307,9 +307,8 @@ class SampleLoop:
         self.sampling, self.penalties, self.logprobs = sampling, penalties, logprobs
         self.eos_ids, self.mesh, self.keep_state, self.owners = eos_ids, mesh, keep_state, owners
         self.guides = guides if guides else None
-        # speculation: a constrained row samples several tokens unmasked and keeps those
-        # its constraint allows; the first refused is drawn again under the mask (needs
-        # no penalties: the replay up to it would not count the tokens it kept)
+        # speculation needs no penalties that count: the replay of a chunk cut short
+        # would not count the tokens it kept
         self.speculate = self.guides is not None and not sampling.counting()
         if self.guides is not None:  # each masked call sends only the new bias to the device
             self.own_bias = np.asarray(sampling.bias)
@@ -331,47 +330,42 @@ class SampleLoop:
         batch = len(max_tokens)
         no_forcing = np.zeros([CHUNK, batch], np.int32)
         count, chunk = 0, 1
-        cut = None  # a speculated chunk a constraint refused at its step `used`
+        cut = None  # a speculated chunk cut short at its step `used`: (before, tokens, used)
         for row in np.flatnonzero(max_tokens <= 0):
             rows.finish_at(int(row))
         while not rows.all_done:
             if stream.stopping:
                 if cut is not None:  # the state after the tokens taken, not the chunk's
-                    (rings, token), tokens, _, used = cut
-                    rings, token = self._replay(rings, token, tokens, used, count)
+                    before, tokens, used = cut
+                    rings, token = self._replay(*before, tokens, used, count)
                     count += used
                 rows.cancel(np.ones(batch, bool))
                 break
             done = np.array([s.done for s in rows.samples])
-            # masked: the last step under each row's mask (every call without speculation;
-            # with it, the refused step of a chunk run again with the tokens kept forced:
-            # allowed rows forced again, refused ones draw anew with a fresh key)
-            masked = self.guides is not None and (not self.speculate or cut is not None)
-            limits = np.where(done, 0, np.clip(max_tokens - count, 0, 1 if masked else chunk))
-            before, sampling, counts = (rings, token), self.sampling, np.full(batch, count)
-            forcing, n_forced, used = no_forcing, np.zeros(batch, np.int32), 0
-            if masked:
-                sampling = self.guided.replace(bias=on_device(self.guides.bias(self.own_bias)))
-            if cut is not None:
-                (rings, token), forcing, refused, used = cut
-                before, n_forced = (rings, token), used + (~refused).astype(np.int32)
-                limits = np.full(batch, used + 1)
-                counts = np.where(refused, count + used + RESAMPLED, count)
+            before, forcing, used = (rings, token), no_forcing, 0
+            if cut is not None:  # the chunk again from its start, its tokens taken forced
+                before, forcing, used = cut
+                rings, token = before
                 cut = None
-            rings, token, tokens, log_probs, sampled, top_values, top_ids, after = run_chunk(
+            sampling, counts, limits, forcing, n_forced, guards = self._call(
+                done, count, chunk, forcing, used
+            )
+            out = run_chunk(
                 self.model, rings, token, self.keys, counts, limits, forcing, n_forced,
                 self.eos_ids, sampling, self.penalties, self.mesh, self.params, self.logprobs,
-                in_place=masked,  # never replayed
+                in_place=guards is None and self.guides is not None,  # never replayed
             )  # fmt: skip
+            rings, token, tokens, log_probs, sampled, top_values, top_ids, after, drafts = out
             tokens, log_probs, sampled = np.asarray(tokens), np.asarray(log_probs), int(sampled)
-            top_values, top_ids = np.asarray(top_values), np.asarray(top_ids)
+            top_values, top_ids, drafts = map(np.asarray, (top_values, top_ids, drafts))
             while used < sampled and not rows.all_done:
                 live = [not s.done for s in rows.samples]
-                if self.guides is not None and not masked:
-                    refused = self.guides.refused(tokens[used], live)
-                    if refused.any():  # the chunk runs again up to here (above)
-                        cut = (before, tokens, refused, used)
-                        break
+                drawn = [on and used >= n for on, n in zip(live, n_forced, strict=True)]
+                if guards is not None and self.guides.speculated(
+                    tokens[used].copy(), drafts[used], guards, drawn
+                )[1].any():  # fmt: skip
+                    cut = (before, tokens, used)  # the chunk runs again up to here, then on
+                    break
                 rows.take(tokens[used], log_probs[used], top_values[used], top_ids[used])
                 if self.guides is not None:
                     for row in np.flatnonzero(live):
@@ -381,18 +375,53 @@ class SampleLoop:
                 for row in np.flatnonzero(max_tokens == count + used):
                     rows.finish_at(int(row))
                 yield from self._pieces()
-            if cut is not None:  # about as many as were allowed in a row, next time
-                chunk = max(2, used)
+            if cut is not None:  # the tokens taken again, and one step under the mask now
+                chunk = 1
                 continue
             if self.keep_state and used < sampled:  # a stop string ended it mid-chunk
                 rings, token, after = self._replay(*before, tokens, used, count, penalties=True)
             self.penalties = after
             count += used
-            if not masked:
+            if self.guides is None or (guards is not None and self.guides.kept(guards)):
                 chunk = min(2 * chunk, CHUNK)
+            else:  # a mask that moves at every token: one masked step a call
+                chunk = 1
         rows.finish_all()
         yield from self._pieces()
         return rings, token, count
+
+    def _call(self, done: np.ndarray, count: int, chunk: int, forcing: np.ndarray, used: int):
+        """A call's values after `count` tokens, its first `used` steps forced (a chunk
+        cut short, read again) → (sampling, counts, limits, forcing, n_forced, guards).
+        Without a constraint, `chunk` steps. A speculating row first takes the tokens its
+        grammar forces (fed, as many as the call holds: then it ends there), then samples
+        under its guard, its mask after them (guards; DESIGN.md section 7). A row that
+        does not speculate takes one step under its mask (the logit bias)."""
+        max_tokens, batch = self.max_tokens, len(self.max_tokens)
+        room = np.clip(max_tokens - count, 0, CHUNK)  # the steps each row may take
+        n_forced, guards = np.full(batch, used), None
+        steps = np.minimum(room, used + chunk)
+        if self.speculate:
+            ahead = [self.guides.forced(r, int(room[r]) - used) if not done[r] else ([], None)
+                     for r in range(batch)]  # fmt: skip
+            fed, guards = [a[0] for a in ahead], [a[1] for a in ahead]
+            forcing = np.array(forcing)
+            for row, tokens in enumerate(fed):
+                forcing[used : used + len(tokens), row] = tokens
+                n_forced[row] += len(tokens)
+            cut_short = [used + len(f) >= room[r] for r, f in enumerate(fed) if len(f)]
+            steps = np.minimum(room, n_forced.max() + (0 if any(cut_short) else chunk))
+            allowed = np.stack([np.ones(self.own_bias.shape[1], bool) if g is None else g
+                                for g in guards])  # fmt: skip
+            sampling = self.sampling.replace(allowed=on_device(allowed))
+        elif self.guides is not None:  # one masked step
+            steps = np.minimum(room, used + 1)
+            sampling = self.guided.replace(bias=on_device(self.guides.bias(self.own_bias)))
+        else:
+            sampling = self.sampling
+        # row r's k-th token (forced or drawn) has the key of k: its steps count from here
+        counts = count + n_forced
+        return sampling, counts, np.where(done, 0, steps), forcing, n_forced, guards
 
     def _replay(self, rings, token, tokens: np.ndarray, used: int, count: int,
                 penalties: bool = False):  # fmt: skip
@@ -400,7 +429,7 @@ class SampleLoop:
         state before it (the chunk run again, those tokens forced) → (rings, token), and
         the penalties after it with penalties=True."""
         batch = len(self.max_tokens)
-        rings, token, *_, after = run_chunk(
+        rings, token, *_, after, _ = run_chunk(
             self.model, rings, token, self.keys, np.full(batch, count), np.full(batch, used),
             tokens, used, self.eos_ids, self.sampling, self.penalties, self.mesh, self.params,
             self.logprobs,

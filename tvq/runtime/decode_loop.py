@@ -29,11 +29,15 @@ from tvq.text.sampling import (
     Sampler,
     SamplerRows,
     count_tokens,
-    next_tokens,
+    guarded_tokens,
     row_uniforms,
 )
 
 CHUNK = 32  # most tokens sampled per compiled call
+# A guard's second draw (and a refused token's, tvq.decoding) uses the key
+# fold_in(key(row), k + RESAMPLED): a stream of random numbers no first draw uses (k, the
+# row's token count, stays far below it)
+RESAMPLED = 1 << 30
 GREEDY = Sampler(temperature=0)  # what feeding (every token forced) passes for sampling
 
 
@@ -46,6 +50,7 @@ class DecodeCarry:
     token: jax.Array  # [B] int32: the last token, next input
     done: jax.Array  # [B] bool: the row has sampled eos_id
     tokens: jax.Array  # [CHUNK, B] int32: sampled (or forced) tokens
+    drafts: jax.Array  # [CHUNK, B] int32: the first draws (guarded_tokens)
     log_probs: jax.Array  # [CHUNK, B] float32: their log-probs
     top_log_probs: jax.Array  # [CHUNK, B, k] float32: the k most likely tokens' log-probs
     top_ids: jax.Array  # [CHUNK, B, k] int32: and their ids
@@ -87,36 +92,42 @@ def _decode_chunk(config, params, rings, token, keys, counts, limits, forced, n_
     sampled token has k = counts[r] + step − n_forced[r]. Log-probs are the model's,
     before the sampler's penalties, temperature and truncation (those `tvq score`
     gives). Every row's state advances every step: a row that has stopped keeps going
-    (its later tokens are not used).
+    (its later tokens are not used). A row whose draw is outside sampling.allowed draws
+    again under that mask, with the key of k + RESAMPLED (guarded_tokens: speculation
+    under a constraint, tvq.decoding.SampleLoop); drafts are the first draws.
 
     Returns (rings, last token [B], tokens [CHUNK, B], log-probs [CHUNK, B], steps, the
     top_k most likely tokens' log-probs [CHUNK, B, top_k] and ids [CHUNK, B, top_k],
-    the penalties' counts after the chunk).
+    the penalties' counts after the chunk, drafts [CHUNK, B]).
     """
     net, variables, tables = network(config, params)
     batch = token.shape[0]
     # Every step's random numbers [CHUNK, B], drawn before the loop: XLA:CPU runs the
     # threefry hash as small loops of its own, which cost more per step than the draw.
     steps = jnp.arange(CHUNK, dtype=jnp.int32)[:, None]
-    step_keys = jax.vmap(jax.vmap(jax.random.fold_in), (None, 0))(keys, counts + steps - n_forced)
-    uniforms = jax.vmap(row_uniforms)(step_keys)  # [CHUNK, B]
+    fold = jax.vmap(jax.vmap(jax.random.fold_in), (None, 0))
+    draws = counts + steps - n_forced
+    uniforms = jax.vmap(row_uniforms)(fold(keys, draws))  # [CHUNK, B]
+    again = jax.vmap(row_uniforms)(fold(keys, draws + RESAMPLED))  # a guard's second draws
 
     def cond(c: DecodeCarry):
         return jnp.any((c.step < limits) & ~c.done)
 
     def body(c: DecodeCarry) -> DecodeCarry:
         rings, log_probs = net.apply(variables, c.token, c.rings, tables, method=Transformer.step)
-        sampled = next_tokens(sampling, c.penalties, uniforms[c.step], log_probs)
         reading = c.step < n_forced
-        new = jnp.where(reading, forced[c.step], sampled)
         live = (c.step < limits) & ~c.done
         chosen = live & ~reading
+        sampled, drafts = guarded_tokens(sampling, c.penalties, uniforms[c.step],
+                                         again[c.step], log_probs, chosen)  # fmt: skip
+        new = jnp.where(reading, forced[c.step], sampled)
         picked = jnp.take_along_axis(log_probs, new[:, None], axis=-1)[:, 0]
         top_values, top_ids = jax.lax.top_k(log_probs, top_k)
         return DecodeCarry(
             step=c.step + 1, rings=rings, token=new, done=c.done | (chosen & (new == eos_ids)),
             penalties=count_tokens(sampling, c.penalties, new, chosen),
-            tokens=c.tokens.at[c.step].set(new), log_probs=c.log_probs.at[c.step].set(picked),
+            tokens=c.tokens.at[c.step].set(new), drafts=c.drafts.at[c.step].set(drafts),
+            log_probs=c.log_probs.at[c.step].set(picked),
             top_log_probs=c.top_log_probs.at[c.step].set(top_values),
             top_ids=c.top_ids.at[c.step].set(top_ids.astype(jnp.int32)),
         )  # fmt: skip
@@ -124,13 +135,14 @@ def _decode_chunk(config, params, rings, token, keys, counts, limits, forced, n_
     init = DecodeCarry(
         step=jnp.zeros([], jnp.int32), rings=rings, token=token,
         done=jnp.zeros([batch], jnp.bool_), tokens=jnp.zeros([CHUNK, batch], jnp.int32),
+        drafts=jnp.zeros([CHUNK, batch], jnp.int32),
         log_probs=jnp.zeros([CHUNK, batch], jnp.float32),
         top_log_probs=jnp.zeros([CHUNK, batch, top_k], jnp.float32),
         top_ids=jnp.zeros([CHUNK, batch, top_k], jnp.int32), penalties=penalties,
     )  # fmt: skip
     c = jax.lax.while_loop(cond, body, init)
     return (c.rings, c.token, c.tokens, c.log_probs, c.step, c.top_log_probs, c.top_ids,
-            c.penalties)  # fmt: skip
+            c.penalties, c.drafts)  # fmt: skip
 
 
 @warm.entry(static_argnames=("config",))
@@ -178,7 +190,7 @@ def feed(model: Model, rings, token, ids: np.ndarray, top_k: int = 0):
         n = piece.shape[1]
         forced = np.zeros([CHUNK, batch], np.int32)
         forced[:n] = piece.T
-        rings, token, _, log_probs, _, top_values, top_ids, _ = run_chunk(
+        rings, token, _, log_probs, _, top_values, top_ids, *_ = run_chunk(
             model, rings, token, keys, np.zeros(batch), np.full(batch, n), forced, n, -1,
             sampling, penalties, top_k=top_k,
         )  # fmt: skip

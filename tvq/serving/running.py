@@ -51,10 +51,14 @@ class Entry:
     rows: TextRows
     on_done: Callable[[list[Sample]], None]
     owner: object = None  # whose prompt it is (the engine's)
-    tail: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros([0], np.int32))
-    # the prompt's ids its rows still read before they sample
+    # [rows, T]: what its rows still read before they sample (the prompt's last ids; after
+    # a speculated chunk cut short, what each row had read and taken in it)
+    tail: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros([1, 0], np.int32))
     guides: Guides | None = None  # its rows' constraint (tvq.text.constraints), if any
     bias: np.ndarray | None = None  # [1, N] its own logit bias, under the constraint's
+    speculate: bool = False  # its constrained rows sample chunks under a guard
+    guards: list | None = None  # each row's mask at the call's start (speculating)
+    saved: dict | None = None  # slot → that row's arrays at the call's start (speculating)
 
 
 WARM_SLOTS = 16  # slot counts up to this have their small programs compiled at start-up
@@ -109,10 +113,11 @@ class RunningBatch:
             "penalties": Penalties.start(model.config.n_vocab, [prompt]),
             "eos": eos_ids_of(model.tokenizer, [bool(r.ignore_eos)]),
         }  # fmt: skip
-        entry = Entry(r, rows, on_done, owner, np.asarray(rest, np.int32))
+        entry = Entry(r, rows, on_done, owner, np.repeat(np.asarray(rest, np.int32)[None], n, 0))
         if r.constraint is not None:
             entry.guides = Guides(model.tokenizer, model.config.n_vocab, [r.constraint] * n)
             entry.bias = np.asarray(new["sampling"].bias)
+            entry.speculate = not new["sampling"].counting()
         self.entries.append(entry)
         free = [i for i, slot in enumerate(self.slots) if slot is None]
         if len(free) < n:
@@ -144,68 +149,139 @@ class RunningBatch:
 
     def _call(self, live: list[bool]) -> None:
         """Every live row takes the same number of steps: as many as the row with the
-        fewest to go wants (its tail still to read, then its next 1, 4, 16, 32 tokens, at
-        most its max_tokens); a row's first steps read what is left of its tail."""
-        slots = zip(self.slots, self.counts, self.chunks, live, strict=True)
-        steps = min(min(CHUNK, len(slot[0].tail) + min(1 if slot[0].guides else chunk,
-                                                       slot[0].request.max_tokens - count))
-                    for slot, count, chunk, on in slots if on)  # fmt: skip
+        fewest to go wants (_plan). A speculating request's drawn steps are checked one
+        by one (Guides.speculated), and where one must be drawn again its rows go back
+        to the call's start and read again what they took (_cut)."""
+        steps, forced, n_forced, reads = self._plan(live)
         limits = np.where(live, steps, 0).astype(np.int32)
-        forced, n_forced = np.zeros([CHUNK, len(self.slots)], np.int32), np.zeros_like(limits)
-        for i, slot in enumerate(self.slots):
-            if live[i] and len(slot[0].tail):
-                n_forced[i] = n = min(len(slot[0].tail), steps)
-                forced[:n, i] = slot[0].tail[:n]
-        rings, token, tokens, log_probs, sampled, top_values, top_ids, penalties = self._run(
-            self._guided(live), np.asarray(self.counts, np.int32), limits, forced, n_forced
-        )
+        d = self._guided(live, limits - n_forced)
+        counts = np.asarray(self.counts, np.int32) + n_forced - reads  # fed tokens count
+        out = self._run(d, counts, limits, forced, n_forced)
+        rings, token, tokens, log_probs, sampled, top_values, top_ids, penalties, drafts = out
         self.device = dict(self.device, rings=rings, token=token, penalties=penalties)
-        tokens, log_probs = np.asarray(tokens), np.asarray(log_probs)
+        tokens, log_probs, drafts = np.asarray(tokens), np.asarray(log_probs), np.asarray(drafts)
         top_values, top_ids = np.asarray(top_values), np.asarray(top_ids)
         where = {id(entry): [] for entry in self.entries}  # each entry's slots, in row order
         for i, slot in enumerate(self.slots):
             if slot is not None:
                 where[id(slot[0])].append((slot[1], i))
+        cut = set()  # the slots that go back to the call's start
         for entry in self.entries:
             at = [i for _, i in sorted(where[id(entry)])]
-            read = int(n_forced[at[0]]) if at else 0  # its rows read alike
-            entry.tail = entry.tail[read:]
+            read = int(reads[at].max()) if at else 0  # its running rows read alike
             for step in range(read, min(int(sampled), steps)):
                 running = [not sample.done for sample in entry.rows.samples]
+                drawn = [on and step >= n_forced[i] for on, i in zip(running, at, strict=True)]
+                if entry.guards is not None and entry.guides.speculated(
+                    tokens[step, at].copy(), drafts[step, at], entry.guards, drawn
+                )[1].any():  # fmt: skip
+                    cut.update(at)
+                    self._cut(entry, at, forced[:read, at], tokens[read:step, at])
+                    break
                 entry.rows.take(tokens[step, at], log_probs[step, at], top_values[step, at],
                                 top_ids[step, at])  # fmt: skip
                 for j in np.flatnonzero(running) if entry.guides else ():
                     if entry.guides.take(int(j), int(tokens[step, at[j]])):
                         entry.rows.complete(int(j))
+            else:
+                entry.tail = entry.tail[:, read:]
         for i, slot in enumerate(self.slots):
-            if live[i] and steps > n_forced[i]:  # it sampled
+            if live[i] and steps > reads[i] and i not in cut:  # it took tokens
                 entry, j = slot
-                self.counts[i] += steps - int(n_forced[i])
+                self.counts[i] += steps - int(reads[i])
                 self.chunks[i] = min(4 * self.chunks[i], CHUNK)
+                if entry.guards is not None and not entry.guides.kept(entry.guards):
+                    self.chunks[i] = 1  # a mask that moves at every token: one step a call
                 if self.counts[i] >= entry.request.max_tokens:
                     entry.rows.finish_at(j)
 
-    def _guided(self, live: list[bool]) -> dict:
-        """The slots' arrays for a call: where a live row has a constraint, its logit
-        bias bans what the constraint does not allow next (the arrays keep each row's
-        own bias; these rows take one step a call)."""
-        at, biases = [], []
+    def _plan(self, live: list[bool]):
+        """A call's steps and forced tokens → (steps, forced [CHUNK, slots], n_forced,
+        reads: the forced tokens each slot reads, not takes). A row first reads what is
+        left of its tail; a speculating row with none then takes the tokens its grammar
+        forces (Guides.forced: fed, not drawn; its guard is its mask after them); then
+        it draws its next 1, 4, 16, 32 tokens (one a call where its mask moves at every
+        token, or where it does not speculate), at most its max_tokens. The call takes
+        the fewest steps any row wants, and a row whose forced tokens fill what it may
+        take draws none."""
+        size = len(self.slots)
+        wants, fed = np.full(size, CHUNK), [[] for _ in range(size)]
         for entry in self.entries:
+            entry.guards = None
+        for i, slot in enumerate(self.slots):
+            if not live[i]:
+                continue
+            entry, j = slot
+            room = min(CHUNK, entry.request.max_tokens - self.counts[i])
+            tail, chunk = entry.tail.shape[1], self.chunks[i]
+            if entry.guides is not None and entry.speculate and not tail:
+                entry.guards = entry.guards or [None] * len(entry.rows.samples)
+                fed[i], entry.guards[j] = entry.guides.forced(j, room)
+            elif entry.guides is not None and not entry.speculate:
+                chunk = 1
+            ahead = len(fed[i])
+            wants[i] = tail + ahead + (0 if ahead == room else min(chunk, room - ahead))
+        steps = int(min(wants[i] for i in range(size) if live[i]))
+        forced, n_forced = np.zeros([CHUNK, size], np.int32), np.zeros(size, np.int32)
+        reads = np.zeros(size, np.int32)
+        for i, slot in enumerate(self.slots):
+            if live[i]:
+                ids = np.concatenate([slot[0].tail[slot[1]], fed[i]]).astype(np.int32)[:steps]
+                forced[: len(ids), i], n_forced[i] = ids, len(ids)
+                reads[i] = min(slot[0].tail.shape[1], steps)
+        return steps, forced, n_forced, reads
+
+    def _cut(self, entry: Entry, at: list[int], read: np.ndarray, taken: np.ndarray) -> None:
+        """A speculating request's chunk cut short: its rows (slots `at`) go back to their
+        arrays at the call's start, and their next steps read again what they read in it
+        (`read` [R, rows], its tail) and the tokens they took (`taken` [T, rows]). Their
+        next sampled token then has the key it had (their counts grow by T), and their
+        guard is their mask now: an allowed first draw is kept, a refused one drawn
+        again under the mask (docs/DESIGN.md section 7)."""
+        for i in at:
+            if i in entry.saved:  # (a row that ended before the call is not)
+                self.device = _put_back(self.device, entry.saved[i], np.int32(i))
+            self.counts[i] += len(taken)
+            self.chunks[i] = 1  # what they took, then one step under the mask now
+        entry.tail = np.ascontiguousarray(np.concatenate([read, taken]).T)
+
+    def _guided(self, live: list[bool], sampling: np.ndarray) -> dict:
+        """The slots' arrays for a call in which each slot samples `sampling` steps. A
+        live constrained row that does not speculate (its penalties count tokens) gets
+        the logit bias that bans what its constraint does not allow next, and takes one
+        step. A speculating one gets its guard (sampling.allowed: what its constraint
+        allows now), and where it samples more than one step (a chunk that may be cut
+        short) its arrays are kept as they are at the call's start (Entry.saved)."""
+        at, biases, guarded, allowed = [], [], [], []
+        for entry in self.entries:
+            entry.saved = None
             if entry.guides is None:
                 continue
             slots = [(slot[1], i) for i, slot in enumerate(self.slots)
                      if slot is not None and slot[0] is entry and live[i]]  # fmt: skip
-            if slots:
+            if slots and entry.speculate:
+                entry.guards = entry.guards or entry.guides.masks()
+                entry.saved = {i: _take_row(self.device, np.int32(i))
+                               for _, i in slots if sampling[i] > 1}  # fmt: skip
+                guarded += [i for _, i in slots]
+                allowed += [np.ones(entry.bias.shape[1], bool) if entry.guards[j] is None
+                            else entry.guards[j] for j, _ in slots]  # fmt: skip
+            elif slots:
                 bias = entry.guides.bias(np.repeat(entry.bias, len(entry.rows.samples), 0))
                 at += [i for _, i in slots]
                 biases += [bias[j] for j, _ in slots]
-        if not at:
-            return self.device
-        sampling = self.device["sampling"]
-        index = np.asarray(at, np.int32)
-        return dict(self.device, sampling=sampling.replace(
-            bias=sampling.bias.at[index].set(np.stack(biases)),
-            penalizing=sampling.penalizing.at[index].set(True)))  # fmt: skip
+        rows = self.device["sampling"]
+        if at:
+            index = np.asarray(at, np.int32)
+            rows = rows.replace(
+                bias=rows.bias.at[index].set(np.stack(biases)),
+                penalizing=rows.penalizing.at[index].set(True),
+            )
+        if guarded:  # the whole array from the host: a scatter on the device took longer
+            every = np.ones(rows.allowed.shape, bool)
+            every[guarded] = allowed
+            rows = rows.replace(allowed=on_device(every))
+        return dict(self.device, sampling=rows)
 
     def _run(self, d: dict, counts: np.ndarray, limits: np.ndarray, forced: np.ndarray,
              n_forced: np.ndarray):  # fmt: skip
@@ -261,7 +337,9 @@ class RunningBatch:
             nothing = np.zeros(size, np.int32)  # no row takes a step
             if size in sizes:
                 forced = np.zeros([CHUNK, size], np.int32)
-                rings, token, *_, penalties = self._run(device, nothing, nothing, forced, nothing)
+                rings, token, *_, penalties, _ = self._run(
+                    device, nothing, nothing, forced, nothing
+                )
                 device = dict(device, rings=rings, token=token, penalties=penalties)
             device = jax.block_until_ready(_put_row(device, blank, np.int32(0), key, np.int32(0)))
             for other in every:
@@ -305,6 +383,36 @@ def _gather_rows(device: dict | None, blank: dict, index: jax.Array) -> dict:
     )
 
 
+@jax.jit
+def _take_row(device: dict, slot: jax.Array) -> dict:
+    """A copy of slot `slot`'s arrays (one row): a speculating row's arrays at a call's
+    start; one program per slot count."""
+    batch = device["token"].shape[0]
+
+    def take(a):
+        k = a.shape[0] // batch
+        return jax.lax.dynamic_slice_in_dim(a, slot * k, k, axis=0)
+
+    return jax.tree_util.tree_map(take, device)
+
+
+@functools.partial(jax.jit, donate_argnums=(0,))
+def _put_back(device: dict, row: dict, slot: jax.Array) -> dict:
+    """`row` (as _take_row gave it) written back into slot `slot` of the device arrays,
+    which are used up (written in place)."""
+    return _write_slot(device, row, slot)
+
+
+def _write_slot(device: dict, row: dict, slot: jax.Array) -> dict:
+    batch = device["token"].shape[0]
+
+    def put(a, b):
+        k = a.shape[0] // batch
+        return jax.lax.dynamic_update_slice_in_dim(a, b.astype(a.dtype), slot * k, axis=0)
+
+    return jax.tree_util.tree_map(put, device, row)
+
+
 @functools.partial(jax.jit, donate_argnums=(0,))
 def _put_row(device: dict, new: dict, slot: jax.Array, key: jax.Array, sample: jax.Array
              ) -> dict:  # fmt: skip
@@ -312,11 +420,4 @@ def _put_row(device: dict, new: dict, slot: jax.Array, key: jax.Array, sample: j
     sample `sample` of the text (decode_loop.row_keys: fold_in(key, sample)); the slot
     is an argument, so one program serves every slot of a given count. The device
     arrays are used up (written in place: a copy of every row took 15 ms a request)."""
-    new = dict(new, keys=jax.random.fold_in(key, sample)[None])
-    batch = device["token"].shape[0]
-
-    def put(a, b):
-        k = a.shape[0] // batch
-        return jax.lax.dynamic_update_slice_in_dim(a, b.astype(a.dtype), slot * k, axis=0)
-
-    return jax.tree_util.tree_map(put, device, new)
+    return _write_slot(device, dict(new, keys=jax.random.fold_in(key, sample)[None]), slot)

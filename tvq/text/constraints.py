@@ -24,6 +24,7 @@ import json
 import numpy as np
 
 from tvq.errors import InputError
+from tvq.text.settings import BANNED
 
 KINDS = ("json_schema", "json_object", "regex", "grammar", "gbnf", "choice")
 MAX_SOURCE_BYTES = 64 * 1024  # the longest schema, expression or grammar accepted
@@ -31,7 +32,6 @@ MAX_CHOICES = 1024
 # JSON laid out as json.dumps lays it out, no other whitespace: a free layout lets a small
 # model fill its answer with blanks (a schema's "x-guidance" may ask for one)
 JSON_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
-BANNED = np.float32(-1e9)  # the bias of a token the constraint does not allow: exp → 0
 
 
 class ConstraintError(InputError):
@@ -189,16 +189,48 @@ class Guides:
     def __bool__(self) -> bool:
         return any(m is not None for m in self.matchers)
 
+    def mask(self, row: int, matcher=None) -> np.ndarray | None:
+        """What the row's constraint (or `matcher`, a copy of its) allows next, [N] bool
+        (None: it has none, or it is complete)."""
+        matcher = matcher or self.matchers[row]
+        if matcher is None or matcher.is_stopped():
+            return None
+        bits = np.frombuffer(matcher.compute_bitmask(), np.uint8)
+        return np.unpackbits(bits, bitorder="little")[: self.n_vocab].astype(bool)
+
+    def forced(self, row: int, room: int) -> tuple[list[int], np.ndarray | None]:
+        """The tokens the row's grammar forces next (the engine's fast-forward tokens, at
+        most `room`), which a speculating row takes without drawing them, and its mask
+        after them (its guard); nothing is consumed."""
+        matcher = self.matchers[row]
+        if matcher is None or matcher.is_stopped() or room <= 0:
+            return [], self.mask(row)
+        tokens = matcher.compute_ff_tokens()[:room]
+        if not tokens:
+            return [], self.mask(row)
+        after = matcher.deep_copy()
+        after.consume_tokens(tokens)
+        return tokens, self.mask(row, after)
+
     def bias(self, base: np.ndarray) -> np.ndarray:
         """base [B, N] (the rows' own logit bias) with BANNED on every token a row's
         constraint does not allow next."""
         out = np.array(base, np.float32, copy=True)
-        for row, matcher in enumerate(self.matchers):
-            if matcher is not None and not matcher.is_stopped():
-                bits = np.frombuffer(matcher.compute_bitmask(), np.uint8)
-                allowed = np.unpackbits(bits, bitorder="little")[: self.n_vocab].astype(bool)
+        for row in range(len(self.matchers)):
+            allowed = self.mask(row)
+            if allowed is not None:
                 out[row, ~allowed] = BANNED
         return out
+
+    def masks(self) -> list[np.ndarray | None]:
+        """Each row's mask (tvq.decoding.SampleLoop's speculation: a chunk's guard)."""
+        return [self.mask(row) for row in range(len(self.matchers))]
+
+    def kept(self, guards: list) -> bool:
+        """Whether every row still running has the mask it had at the chunk's start
+        (its guard): then a longer chunk is worth speculating."""
+        return all(np.array_equal(self.mask(row), guard) for row, guard in enumerate(guards)
+                   if guard is not None)  # fmt: skip
 
     def refused(self, tokens: np.ndarray, live: list[bool]) -> np.ndarray:
         """[B] bool: the live constrained rows whose constraint does not allow their token
@@ -208,6 +240,24 @@ class Guides:
             if matcher is not None and live[row] and not matcher.is_stopped():
                 out[row] = matcher.validate_tokens([int(tokens[row])]) != 1
         return out
+
+    def speculated(self, tokens: np.ndarray, drafts: np.ndarray, guards: list,
+                   live: list[bool]) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+        """One step of a speculated chunk (docs/DESIGN.md section 7): each row's token
+        [B] and first draw [B], drawn again (then they differ) where the draw was
+        outside the row's guard (its mask at the chunk's start) → (refused [B]: the row
+        draws again under its mask now; cut [B]: the chunk must run again up to here,
+        where tokens, changed in place, holds what the allowed rows take). A token drawn
+        again under a guard that is still the row's mask is taken; where the mask has
+        moved since, the first draw decides, as in a step without a guard."""
+        refused = self.refused(drafts, live)
+        cut = refused.copy()
+        for row in np.flatnonzero((tokens != drafts) & np.asarray(live, bool)):
+            if np.array_equal(self.mask(int(row)), guards[row]):
+                refused[row] = cut[row] = False  # drawn again under the mask it has
+            elif not refused[row]:
+                tokens[row], cut[row] = drafts[row], True  # the first draw stands
+        return refused, cut
 
     def take(self, row: int, token: int) -> bool:
         """The row's matcher takes its sampled token → True once its grammar is complete

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tvq.text.settings import REPEAT_WINDOW, Sampler
+from tvq.text.settings import BANNED, REPEAT_WINDOW, Sampler
 
 
 def filter_logits(sampler: Sampler, log_probs: jax.Array) -> jax.Array:
@@ -77,6 +77,9 @@ class SamplerRows:
     repeat_last_n: jax.Array
     bias: jax.Array  # [B, N] added to the log-probs
     penalizing: jax.Array  # [B] bool: a penalty or a bias is on (else they are skipped)
+    # [B, N] bool: what a row's draw may be without being drawn again (guarded_tokens):
+    # under a constraint, what it allows at the chunk's start; else every token
+    allowed: jax.Array
 
     @classmethod
     def of(cls, samplers: list[Sampler], n_vocab: int) -> SamplerRows:
@@ -97,6 +100,7 @@ class SamplerRows:
             repetition=column("repetition_penalty", np.float32),
             repeat_last_n=column("repeat_last_n", np.int32), bias=bias,
             penalizing=np.asarray([s.penalizing for s in samplers], bool),
+            allowed=np.ones(bias.shape, bool),
         )  # fmt: skip
 
     def counting(self) -> bool:
@@ -164,6 +168,31 @@ def next_tokens(rows: SamplerRows, penalties: Penalties, u: jax.Array, log_probs
     return jax.lax.cond(jnp.all(rows.temperature == 0),
                         lambda: jnp.argmax(x, axis=-1).astype(jnp.int32),
                         lambda: pick_rows(rows, u, x))  # fmt: skip
+
+
+def guarded_tokens(
+    rows: SamplerRows,
+    penalties: Penalties,
+    u: jax.Array,
+    again: jax.Array,
+    log_probs: jax.Array,
+    live: jax.Array,
+) -> tuple[jax.Array, jax.Array]:
+    """next_tokens with a guard, for speculation under a constraint (docs/DESIGN.md
+    section 7) → (tokens [B], drafts [B]). A live row whose draft (next_tokens with u)
+    is outside rows.allowed draws again with its random number `again` under the mask
+    of rows.allowed (mask, then truncate: what a masked step draws); other rows keep
+    their draft. The second draw runs only at the steps where some row needs it."""
+    drafts = next_tokens(rows, penalties, u, log_probs)
+    outside = live & ~jnp.take_along_axis(rows.allowed, drafts[:, None], axis=-1)[:, 0]
+    masked = rows.replace(bias=jnp.where(rows.allowed, rows.bias, BANNED),
+                          penalizing=jnp.ones_like(rows.penalizing))  # fmt: skip
+    tokens = jax.lax.cond(
+        jnp.any(outside),
+        lambda: jnp.where(outside, next_tokens(masked, penalties, again, log_probs), drafts),
+        lambda: drafts,
+    )
+    return tokens, drafts
 
 
 def count_tokens(rows: SamplerRows, penalties: Penalties, token: jax.Array,

@@ -24,6 +24,7 @@ INT32_MAX = 2**31 - 1  # what an int32 array of the compiled loop holds
 # A loop that keeps log-probs finds this many alternatives per token (or logprobs, if
 # more): any logprobs up to it runs one compiled program (tvq generate's, a server's).
 LOGPROB_ALTERNATIVES = 20
+BANNED = -1e9  # the logit bias of a token a constraint does not allow: exp → 0
 REPEAT_WINDOW = 256  # the most recent tokens a repetition penalty can look back over
 
 
