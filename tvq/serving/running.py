@@ -16,6 +16,11 @@ A joining prompt's tail (what is left under a block once its whole blocks are re
 read in the running batch too: its rows' first steps take the tail's tokens instead of
 sampling (decode_chunk's per-row forcing) while the other rows sample, so the tails of
 requests that join together cost the batch's calls, not a call of their own each.
+
+A constrained request speculates as generate() does (docs/DESIGN.md section 7): its
+rows take the tokens their grammar forces, then draw chunks under a guard; where a chunk
+is cut short, its rows' arrays go back to the call's start and read again what they took.
+(Over 400 lines: that speculation lives beside the batch's calls it shares.)
 """
 
 from __future__ import annotations
