@@ -219,6 +219,29 @@ def test_a_request_of_many_rows_is_not_overtaken(model):
                                                seed=2, num_samples=2)[1]  # fmt: skip
 
 
+@pytest.mark.parametrize("length", [40, 100, 170])
+def test_a_prompt_tail_longer_than_a_chunk_is_read_over_several_calls(length):
+    """Blocks of 64 tokens: a prompt's tail (what is left after its whole blocks) may
+    run past one call's CHUNK steps, and is read over several calls, alone or beside
+    another request. Once the tail and the sampled steps were planned as one call of up to a
+    block's length, and every such request was a 500 (the built-in model: any prompt
+    whose tail passed 32 tokens). Each answer equals generate()'s, logprobs too."""
+    config = tiny_config(n_vocab=259, mem_len=8, e_scale=0.25)
+    model = tvq.Model.init(config, seed=5, block_len=64).with_tokenizer(ByteTokenizer())
+    prompt = "".join(chr(97 + (i * 7) % 26) for i in range(length))
+    with serving(model, max_batch_rows=4) as client:
+        client.submit("long", prompt=prompt, max_tokens=12, ignore_eos=True, seed=2, n=2,
+                      logprobs=1)  # fmt: skip
+        client.wait(lambda: client.started("long") or client.ended("long"))
+        client.submit("running", prompt="A", max_tokens=60, ignore_eos=True, seed=1)
+        client.wait(lambda: client.ended("running") and client.ended("long"))
+        assert not any(isinstance(e, Failed) for _, e in client.log), client.log
+        expected = alone(model, prompt, max_tokens=12, ignore_eos=True, seed=2, num_samples=2)
+        assert [client.text("long", j) for j in range(2)] == expected
+        assert client.text("running") == alone(model, "A", max_tokens=60, ignore_eos=True,
+                                               seed=1)[0]  # fmt: skip
+
+
 # -- cancelling, failing, deleting ------------------------------------------------------------
 
 

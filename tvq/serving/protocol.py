@@ -10,6 +10,8 @@ Nothing here runs the model or touches HTTP; the engine and the app build on it.
 from __future__ import annotations
 
 import dataclasses
+import sys
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +67,9 @@ class ApiError(Exception):
 
 
 def internal_error(e: BaseException) -> ApiError:
-    """A 500 that names the exception's type only (never a traceback to the client)."""
+    """A 500 that names the exception's type only (never a traceback to the client);
+    the traceback goes to the server's stderr, for whoever runs it."""
+    traceback.print_exception(e, file=sys.stderr)
     return ApiError(500, f"internal error: {type(e).__name__}", kind="server_error")
 
 

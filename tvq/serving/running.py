@@ -207,8 +207,8 @@ class RunningBatch:
         forces (Guides.forced: fed, not drawn; its guard is its mask after them); then
         it draws its next 1, 4, 16, 32 tokens (one a call where its mask moves at every
         token, or where it does not speculate), at most its max_tokens. The call takes
-        the fewest steps any row wants, and a row whose forced tokens fill what it may
-        take draws none."""
+        the fewest steps any row wants (CHUNK at most: a tail runs up to a block), and a
+        row whose forced tokens fill what it may take draws none."""
         size = len(self.slots)
         wants, fed = np.full(size, CHUNK), [[] for _ in range(size)]
         for entry in self.entries:
@@ -225,7 +225,7 @@ class RunningBatch:
             elif entry.guides is not None and not entry.speculate:
                 chunk = 1
             ahead = len(fed[i])
-            wants[i] = tail + ahead + (0 if ahead == room else min(chunk, room - ahead))
+            wants[i] = min(CHUNK, tail + ahead + (0 if ahead == room else min(chunk, room - ahead)))
         steps = int(min(wants[i] for i in range(size) if live[i]))
         forced, n_forced = np.zeros([CHUNK, size], np.int32), np.zeros(size, np.int32)
         reads = np.zeros(size, np.int32)
