@@ -51,6 +51,16 @@ def rss_bytes(pid: int) -> int:
     return 0
 
 
+def health(port: int) -> dict:
+    """The server's GET /health ({} when it does not answer in 10 s)."""
+    try:
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        connection.request("GET", "/health")
+        return json.loads(connection.getresponse().read())
+    except (OSError, ValueError):
+        return {}
+
+
 def text_of(size: int, offset: int) -> str:
     repeated = HAMLET * (1 + (offset + size) // len(HAMLET))
     return repeated[offset : offset + size]
@@ -155,8 +165,8 @@ def main() -> None:
     parser.add_argument("--model", help="a model directory (default: the built-in model)")
     parser.add_argument(
         "--timeline",
-        help="also write the memory each second, and what was "
-        "in flight at each new peak, to this file (JSON lines)",
+        help="also write the memory each second (the server's breakdown, /health, every "
+        "10 s), and what was in flight at each new peak, to this file (JSON lines)",
     )
     args = parser.parse_args()
     rng = random.Random(34)
@@ -181,18 +191,12 @@ def main() -> None:
             if timeline and rss > peak[0] + (16 << 20):
                 timeline.write(json.dumps({"t": now, "peak": rss, "running": in_flight()}) + "\n")
             if timeline and now - last >= 1:
+                record = {"t": now, "rss": rss, "done": sum(traffic.statuses.values()),
+                          "in_flight": traffic.in_flight}  # fmt: skip
+                if int(now) // 10 != int(last) // 10:  # the server's own breakdown
+                    record["memory"] = health(port).get("memory")
                 last = now
-                timeline.write(
-                    json.dumps(
-                        {
-                            "t": now,
-                            "rss": rss,
-                            "done": sum(traffic.statuses.values()),
-                            "in_flight": traffic.in_flight,
-                        }
-                    )
-                    + "\n"
-                )
+                timeline.write(json.dumps(record) + "\n")
                 timeline.flush()
             peak[0] = max(peak[0], rss)
 

@@ -182,6 +182,12 @@ def entry(*, static_argnames: tuple[str, ...] = (), donate_argnums: tuple[int, .
                             store=store)  # fmt: skip
 
 
+def programs_held() -> int:
+    """Compiled programs this module holds in this process (each holds memory while it
+    is loaded: bench/RESULTS.md section 18)."""
+    return len(_loaded)
+
+
 def call(jitted: Callable, static: tuple[str, ...], *args: Any, **kwargs: Any) -> Any:
     """`jitted(*args, **kwargs)`, from an executable stored by an earlier process when
     there is one; `static` names the function's static arguments (its jit

@@ -96,7 +96,7 @@ def _checked(handler, open_to_all: bool = False):
 
 
 async def _health(request: Request, engine: Engine) -> Response:
-    return JSONResponse({"status": "ok"} | engine.stats)
+    return JSONResponse({"status": "ok"} | engine.stats | {"memory": engine.memory()})
 
 
 async def _models(request: Request, engine: Engine) -> Response:

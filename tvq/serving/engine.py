@@ -23,11 +23,13 @@ import dataclasses
 import threading
 import time
 
+import jax
 import numpy as np
 
 from tvq.batching import BatchItem
 from tvq.decoding import Piece, Sample
 from tvq.errors import StateError
+from tvq.files import warm
 from tvq.runtime.context import Context, chunk_len, require_tokenizer, score_ids
 from tvq.runtime.model import Model
 from tvq.runtime.state_cache import PromptScores, StateCache
@@ -38,7 +40,7 @@ from tvq.serving.answers import (
     usage_json,
 )
 from tvq.serving.jobs import ChoiceEnd, ChoiceText, Failed, Finished, Job, JobQueue
-from tvq.serving.memory import Releaser
+from tvq.serving.memory import Releaser, resident_bytes
 from tvq.serving.protocol import (
     MAX_LOGPROBS,
     ApiError,
@@ -98,6 +100,18 @@ class Engine:
         (at most --batch-rows; a larger one compiles once, when first needed, and is kept
         in the compilation cache)."""
         self.running.warm_up(sorted({min(n, self.settings.max_batch_rows) for n in rows}))
+
+    def memory(self) -> dict:
+        """Where the server's memory is, in bytes: resident (the process), arrays (every
+        live device array: the state cache's and the sessions' contexts, the running
+        batch, the parameters), cache (the state cache's entries as counted against
+        --cache-bytes), rows (the running batch's slots); and programs (compiled
+        programs held)."""
+        arrays = sum(a.nbytes for a in jax.live_arrays())
+        info = self.cache.info()
+        return {"resident": resident_bytes(), "arrays": arrays,
+                "cache": info["memory_bytes"] + info["pinned_bytes"],
+                "rows": len(self.running.slots), "programs": warm.programs_held()}  # fmt: skip
 
     def submit(self, job: Job) -> None:
         self.jobs.put(job)
@@ -240,9 +254,11 @@ class Engine:
             if stop <= prefill.read:
                 continue
             echo = prefill.scores is not None
+            # every prompt is read with its alternatives, kept only for echo: one compiled
+            # program per piece size, not two (each holds ~25 MB, RESULTS section 18), for
+            # ~5% more time reading
             result, prefill.context = score_ids(self.model, ids[prefill.read : stop],
-                                                prefill.context,
-                                                top_k=self.alternatives if echo else 0)  # fmt: skip
+                                                prefill.context, top_k=self.alternatives)
             if echo:
                 prefill.scores = prefill.scores.joined(PromptScores(
                     result.log_probs[0], result.top_log_probs[0], result.top_ids[0]))  # fmt: skip
@@ -302,13 +318,13 @@ class Engine:
         if r.session is not None:
             after_prompt = context or self.fresh
             if len(tail):
-                _, after_prompt = score_ids(self.model, tail, after_prompt)
+                after_prompt = self._after(tail, after_prompt)
 
         def done(samples: list[Sample]) -> None:
             if prefill.keep and r.n == 1 and samples[0].ids:  # made if a prompt continues it
                 start, rest = context or self.fresh, [*tail, *samples[0].ids]
                 self.cache.put_later(self.model, [*r.prompts[p], *samples[0].ids],
-                                     lambda: score_ids(self.model, rest, start)[1])  # fmt: skip
+                                     lambda: self._after(rest, start))
             self._prompt_done(answer, rows, len(ids), echoed, after_prompt)
 
         self.running.admit(request, context, tail, rows, done, answer)
@@ -327,7 +343,7 @@ class Engine:
         try:
             answer.out.send(rows.drain())
             if r.session is not None:
-                _, after = score_ids(self.model, samples[0].ids, after_prompt)
+                after = self._after(samples[0].ids, after_prompt)
                 if self._store(r.session, after):
                     answer.held = {"session_tokens": int(after.tokens)}  # an extension
             for row, sample in enumerate(samples):
@@ -346,6 +362,11 @@ class Engine:
             usage = usage_json(answer.prompt_tokens, answer.completion_tokens,
                                answer.cached_tokens)  # fmt: skip
             self._end(answer, Finished(usage | answer.held))
+
+    def _after(self, ids, context: Context) -> Context:
+        """The context after reading ids from `context`, read as prompts are (with their
+        alternatives: the same compiled programs)."""
+        return score_ids(self.model, ids, context, top_k=self.alternatives)[1]
 
     def _store(self, name: str, context: Context) -> bool:
         """Stores a session's context after its request (False: it was deleted while
