@@ -432,6 +432,36 @@ def test_a_new_n_or_logprobs_compiles_nothing_on_a_warm_server(model):
                                                num_samples=3)[2]  # fmt: skip
 
 
+def test_a_new_prompt_length_compiles_nothing_on_a_warm_server(model):
+    """Prompts of lengths the server has not seen, with and without echo and logprobs,
+    compile nothing once every piece size is warm: a program held for each length met
+    (cutting and joining scores on the device) had grown a server by 0.84 GB over 500
+    requests (bench/RESULTS.md section 18). The echoed log-probs are those of
+    tvq.score_ids."""
+    from tvq.runtime.context import score_ids
+
+    with serving(model, max_batch_rows=4) as client:
+        client.engine.warm_up()
+        warm = "".join(chr(97 + i % 26) for i in range(127))  # pieces of 64, 32, …, 4, 3
+        client.submit("warm", prompt=warm, max_tokens=2, seed=1)
+        client.submit("warm echo", prompt=warm, max_tokens=2, seed=1, echo=True, logprobs=1)
+        client.wait(lambda: client.ended("warm") and client.ended("warm echo"))
+        prompts = {f"p{n}": "".join(chr(98 + i * 5 % 23) for i in range(n))
+                   for n in (37, 53, 90, 101, 118)}  # fmt: skip
+        with count_compilations() as compiled:
+            for name, prompt in prompts.items():
+                client.submit(name, prompt=prompt, max_tokens=3, seed=2)
+                client.submit(name + " echo", prompt=prompt, max_tokens=0, echo=True,
+                              logprobs=2)  # fmt: skip
+                client.wait(lambda n=name: client.ended(n) and client.ended(n + " echo"))
+        assert dict(compiled) == {}
+        ids = model.tokenizer.encode(prompts["p101"])
+        echoed = [e for e in client.events("p101 echo") if isinstance(e, ChoiceText)]
+        got = [p for e in echoed for p in (e.logprobs or {}).get("token_logprobs", [])]
+        want = score_ids(model, ids, keep_log_probs=True)[0].log_probs[0]
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_a_new_logprobs_compiles_nothing_in_tvq_generate(tmp_path):
     """tvq generate --logprobs K finds as many alternatives whatever K up to 20, so a
     second K runs the program the first compiled."""

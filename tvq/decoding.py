@@ -159,7 +159,7 @@ def stream_generate(
     the context after it (and, when the cache keeps completions, after the first
     sample) is kept there (read_prompt). constraint: what every sample's text must
     match (tvq.text.constraints: a JSON schema, a regular expression, a grammar, a
-    choice); its rows sample a token per call of the loop."""
+    choice); its rows speculate under a guard (SampleLoop, docs/DESIGN.md section 7)."""
     sampler = sampler or Sampler()
     tokenizer = require_tokenizer(model)
     check_generation(model, max_tokens, seed, num_samples, logprobs, stop)
