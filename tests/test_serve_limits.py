@@ -21,6 +21,8 @@ from tests.conftest import count_compilations, save_byte_model, tiny_config
 from tvq.serving.engine import Engine
 from tvq.serving.jobs import ChoiceText, Failed, Finished, Job
 from tvq.serving.protocol import ApiError, ServerSettings, parse_completion
+from tvq.serving.structured import parse_request
+from tvq.text.constraints import Constraint
 from tvq.text.tokenizer import ByteTokenizer
 
 
@@ -47,8 +49,8 @@ class Client:
     def submit(self, name: str, **body) -> Job:
         """Parses the body as the server does and submits it (ApiError 429 when full)."""
         engine = self.engine
-        request = parse_completion(body, engine.tokenizer, engine.model.config.n_vocab,
-                                   engine.settings)  # fmt: skip
+        request = parse_request(body, engine.tokenizer, engine.model.config.n_vocab,
+                                engine.settings)  # fmt: skip
         job = _Job(request, None, None)
         job.client, job.name = self, name
         engine.submit(job)
@@ -223,9 +225,10 @@ def test_a_request_of_many_rows_is_not_overtaken(model):
 def test_a_prompt_tail_longer_than_a_chunk_is_read_over_several_calls(length):
     """Blocks of 64 tokens: a prompt's tail (what is left after its whole blocks) may
     run past one call's CHUNK steps, and is read over several calls, alone or beside
-    another request. Once the tail and the sampled steps were planned as one call of up to a
-    block's length, and every such request was a 500 (the built-in model: any prompt
-    whose tail passed 32 tokens). Each answer equals generate()'s, logprobs too."""
+    another request, constrained or not. Once the tail and the sampled steps were planned
+    as one call of up to a block's length, and every such request was a 500 (the
+    built-in model: any prompt whose tail passed 32 tokens). Each answer equals
+    generate()'s, logprobs too."""
     config = tiny_config(n_vocab=259, mem_len=8, e_scale=0.25)
     model = tvq.Model.init(config, seed=5, block_len=64).with_tokenizer(ByteTokenizer())
     prompt = "".join(chr(97 + (i * 7) % 26) for i in range(length))
@@ -234,10 +237,16 @@ def test_a_prompt_tail_longer_than_a_chunk_is_read_over_several_calls(length):
                       logprobs=1)  # fmt: skip
         client.wait(lambda: client.started("long") or client.ended("long"))
         client.submit("running", prompt="A", max_tokens=60, ignore_eos=True, seed=1)
-        client.wait(lambda: client.ended("running") and client.ended("long"))
+        client.submit("guided", prompt=prompt, max_tokens=30, seed=4, temperature=1.0,
+                      guided_regex="[a-z]{3}-[0-9]{2,4}")  # fmt: skip
+        client.wait(lambda: all(client.ended(n) for n in ("running", "long", "guided")))
         assert not any(isinstance(e, Failed) for _, e in client.log), client.log
         expected = alone(model, prompt, max_tokens=12, ignore_eos=True, seed=2, num_samples=2)
         assert [client.text("long", j) for j in range(2)] == expected
+        regex = Constraint.regex("[a-z]{3}-[0-9]{2,4}")
+        assert client.text("guided") == alone(model, prompt, max_tokens=30, seed=4,
+                                              sampler=tvq.Sampler(temperature=1.0),
+                                              constraint=regex)[0]  # fmt: skip
         assert client.text("running") == alone(model, "A", max_tokens=60, ignore_eos=True,
                                                seed=1)[0]  # fmt: skip
 

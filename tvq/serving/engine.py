@@ -257,8 +257,9 @@ class Engine:
             # every prompt is read with its alternatives, kept only for echo: one compiled
             # program per piece size, not two (each holds ~25 MB, RESULTS section 18), for
             # ~5% more time reading
-            result, prefill.context = score_ids(self.model, ids[prefill.read : stop],
-                                                prefill.context, top_k=self.alternatives)
+            result, prefill.context = score_ids(
+                self.model, ids[prefill.read : stop], prefill.context, top_k=self.alternatives
+            )
             if echo:
                 prefill.scores = prefill.scores.joined(PromptScores(
                     result.log_probs[0], result.top_log_probs[0], result.top_ids[0]))  # fmt: skip
@@ -323,8 +324,9 @@ class Engine:
         def done(samples: list[Sample]) -> None:
             if prefill.keep and r.n == 1 and samples[0].ids:  # made if a prompt continues it
                 start, rest = context or self.fresh, [*tail, *samples[0].ids]
-                self.cache.put_later(self.model, [*r.prompts[p], *samples[0].ids],
-                                     lambda: self._after(rest, start))
+                self.cache.put_later(
+                    self.model, [*r.prompts[p], *samples[0].ids], lambda: self._after(rest, start)
+                )
             self._prompt_done(answer, rows, len(ids), echoed, after_prompt)
 
         self.running.admit(request, context, tail, rows, done, answer)
