@@ -120,7 +120,7 @@ def score_ids(
         return ScoreResult(0.0, 0, empty, *(tops if top_k else (None, None))), context
     block_len = model.block_len if block_len is None else check_block_len(block_len)
     inputs = np.concatenate([context.last_token[:, None], ids[:, :-1]], axis=1)
-    state, total, kept, start = context.state, 0.0, [], 0
+    state, kept, start = context.state, [], 0
     # Whole blocks through the blockwise forward; the tail shorter than a block through
     # the decoding loop (equal within rounding, docs/DESIGN.md invariant 6), which is
     # one compiled program for every tail length.
@@ -129,19 +129,17 @@ def score_ids(
         piece = slice(start, start + size)
         out, state = model.score(inputs[:, piece], ids[:, piece], state=state,
                                  block_len=min(block_len, size), top_k=top_k)  # fmt: skip
-        # on the host: the pieces' lengths vary, and an operation on the device would
-        # compile a program per length, each held for good (RESULTS section 18)
-        out = jax.device_get(out if top_k else (out,))
-        total += float(np.sum(out[0], dtype=np.float64))
-        if keep_log_probs:
-            kept.append(out)
+        kept.append(out if top_k else (out,))
         start += size
     if tail:
         out, state = feed_ids(model, state, inputs[:, start], ids[:, start:], top_k)
-        total += float(np.sum(out[0], dtype=np.float64))
-        if keep_log_probs:
-            kept.append(out)
+        kept.append(out)
+    # summed and joined on the host, fetched once: the pieces' lengths vary, and an
+    # operation on the device would compile a program per length, each held for good
+    # (RESULTS section 18)
+    kept = jax.device_get(kept)
+    total = sum(float(np.sum(out[0], dtype=np.float64)) for out in kept)
     joined = [np.concatenate(part, axis=1) for part in zip(*kept, strict=True)]
-    result = ScoreResult(-total, batch * length, *(joined or [None]))
+    result = ScoreResult(-total, batch * length, *(joined if keep_log_probs else [None]))
     new_context = Context(state=state, last_token=ids[:, -1].copy(), tokens=context.tokens + length)
     return result, new_context

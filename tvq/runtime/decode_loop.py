@@ -195,11 +195,13 @@ def feed(model: Model, rings, token, ids: np.ndarray, top_k: int = 0):
             model, rings, token, keys, np.zeros(batch), np.full(batch, n), forced, n, -1,
             sampling, penalties, top_k=top_k,
         )  # fmt: skip
-        # on the host: an operation on the device for each length n would compile a
-        # program per length, each held for good (~1.4 MB on XLA:CPU, RESULTS section 18)
-        log_probs, top_values, top_ids = jax.device_get((log_probs, top_values, top_ids))
-        parts.append((log_probs[:n].T, top_values[:n].swapaxes(0, 1), top_ids[:n].swapaxes(0, 1)))
-    scored = [np.concatenate(p, axis=1) for p in zip(*parts, strict=True)]
+        parts.append((n, log_probs, top_values, top_ids))
+    # cut and joined on the host, fetched once: an operation on the device for each
+    # length n would compile a program per length, each held for good (~1.4 MB on
+    # XLA:CPU, RESULTS section 18)
+    cut = [(lp[:n].T, tv[:n].swapaxes(0, 1), ti[:n].swapaxes(0, 1))
+           for n, lp, tv, ti in jax.device_get(parts)]  # fmt: skip
+    scored = [np.concatenate(p, axis=1) for p in zip(*cut, strict=True)]
     return rings, token, tuple(scored if top_k else scored[:1])
 
 
