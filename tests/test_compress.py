@@ -9,15 +9,17 @@ import os
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import ROOT, forced_devices, save_byte_model, tiny_config
 
 import tvq
-from tvq.compression import coder, jobs
-from tvq.compression.container import END_BYTES, FRAME_BYTES, Frame, Header, read_record
+from tvq.compression import coder, jobs, rans
+from tvq.compression.container import END_BYTES, FRAME_BYTES, VERSION, Frame, Header, read_record
 from tvq.compression.files import compress, compress_streams, decompress
-from tvq.compression.symbols import Symbols
+from tvq.compression.symbols import NO_BYTE, Symbols
 from tvq.errors import InputError
 from tvq.text.tokenizer import SentencePieceTokenizer, train_sentencepiece
 
@@ -70,6 +72,73 @@ def test_round_trips_are_exact(kind, request):
         packed = compress(model, data)
         assert decompress(model, packed) == data, name
         assert packed[:4] == b"TVQZ"
+
+
+def test_the_program_decodes_what_the_host_encodes():
+    """rans: tables peaked, flat and random, with escaped bytes among the tokens, coded
+    on the host and decoded by the JAX decoder, which ends at LOW having read every byte;
+    each table sums to TOTAL with a floor of 1."""
+    rng = np.random.default_rng(0)
+    v = 300
+    tables, symbols, expected = [], [], []
+    for i in range(400):
+        logits = rng.normal(size=v) * (0.1, 4.0, 40.0)[i % 3]
+        log_probs = jax.nn.log_softmax(jnp.asarray(logits, jnp.float32))
+        freq = np.asarray(rans.frequencies(log_probs))
+        assert freq.sum() == rans.TOTAL and freq.min() >= 1
+        starts = np.cumsum(freq) - freq
+        token = int(rng.integers(v)) if i % 5 else int(np.argmax(freq))
+        byte = int(rng.integers(256)) if i % 7 == 0 else NO_BYTE
+        tables.append(freq)
+        symbols.append((int(starts[token]), int(freq[token])))
+        if byte != NO_BYTE:
+            symbols.append((byte << rans.BYTE_BITS, 1 << rans.BYTE_BITS))
+        expected.append((token, byte))
+    stream = rans.encode(symbols)
+    ideal = -sum(np.log2(f / rans.TOTAL) for _, f in symbols) / 8
+    assert ideal <= len(stream) <= ideal + 5
+
+    @jax.jit
+    def decode_one(state, at, freq, window):
+        slot_of = rans.token_slot(jnp.cumsum(freq) - freq, freq)
+        token, state, at = rans.decode(state, window, at, slot_of)
+        byte, state_b, at_b = rans.decode(state, window, at, rans.byte_slot)
+        return token, byte, state, at, state_b, at_b
+
+    window = jnp.asarray(np.frombuffer(stream, np.uint8))
+    state, at = jnp.uint32(rans.first_state(stream)), jnp.int32(4)
+    for freq, (token, byte) in zip(tables, expected, strict=True):
+        got, got_byte, state, at, state_b, at_b = decode_one(state, at, freq, window)
+        assert int(got) == token
+        if byte != NO_BYTE:
+            assert int(got_byte) == byte
+            state, at = state_b, at_b
+    assert int(state) == rans.LOW and int(at) == len(stream)
+
+
+def test_the_decompressor_decodes_32_tokens_a_call(spm_model, monkeypatch):
+    """The decoder runs inside the program: decompressing takes the calls compressing
+    takes, 32 steps each but for a frame's last few."""
+    calls = {}
+    steps = coder.coding_steps
+
+    def counting(config, params, rings, coder_state, targets, windows):
+        calls[mode].append(targets.shape[0])
+        return steps(config, params, rings, coder_state, targets, windows)
+
+    monkeypatch.setattr(coder, "coding_steps", counting)
+    monkeypatch.setattr(jobs, "worth_coding", lambda coded, stored: True)  # untrained: coded
+    data = TEXT.encode() * 4
+    mode = "compress"
+    calls[mode] = []
+    packed = compress(spm_model, data)
+    mode = "decompress"
+    calls[mode] = []
+    assert decompress(spm_model, packed) == data
+    probe = [1] * len(coder.PROBE_TOKENS)  # the header's probe: one step a call
+    tokens = sum(calls["compress"]) - len(probe)
+    assert tokens > 200 and calls["decompress"] == calls["compress"]
+    assert calls["compress"] == probe + [32] * (tokens // 32) + [1] * (tokens % 32)
 
 
 def test_what_the_tokenizer_cannot_give_back_is_escaped(normalizing_model):
@@ -225,7 +294,7 @@ def test_cli_refuses_and_leaves_nothing_behind(tmp_path):
     done = _tvq("compress", "a.txt", "-m", str(model), cwd=tmp_path)
     assert done.returncode == 1 and b"--force" in done.stderr
     assert (tmp_path / "a.txt.tvqz").read_bytes() == b"old"
-    (tmp_path / "bad.tvqz").write_bytes(b"TVQZ\x01 broken")
+    (tmp_path / "bad.tvqz").write_bytes(b"TVQZ" + bytes([VERSION]) + b" broken")
     (tmp_path / "good.txt").write_bytes(b"good")
     assert _tvq("compress", "good.txt", "-m", str(model), cwd=tmp_path).returncode == 0
     (tmp_path / "good.txt").unlink()

@@ -1,11 +1,14 @@
 """Compressing with the model (docs/DESIGN.md section 16): the model's next-token
-distribution drives a range coder, one token at a time, in constant memory.
+distribution drives an entropy coder (tvq.compression.rans), one token at a time, in
+constant memory.
 
-The compressor and the decompressor run the same code: `Rows` steps the model one
-token per row with `coding_steps`, hands each row's probabilities to its job, and the
-job codes a token with them (`Encoding`: the file's next token, known; `Decoding`: read
-from the compressed words). Both therefore see the same numbers, bit for bit, on one
-machine. What would break that:
+The compressor and the decompressor run the same program: `coding_steps` steps the
+model one token per row, turns each row's distribution into integer frequencies, and
+either takes the row's next token from its inputs (`Encoding`: the file's tokens are
+known; the host then codes each token's (start, frequency)) or decodes it from the
+compressed stream (`Decoding`), and feeds it to the next step. Both sides therefore see
+the same frequencies, bit for bit, on one machine, and both run 32 steps a call. What
+would break that:
 
 - the batch's width: XLA:CPU picks its matrix kernels by shape, so a row's numbers in a
   batch of 8 differ from the same row alone (measured: widths {1}, {2-5}, {8}, {16}
@@ -15,62 +18,90 @@ machine. What would break that:
 - the form: only the decoding step is used (the blockwise and parallel forms equal it
   within rounding only, invariant 6), on one device;
 - the machine: another JAX version, CPU or accelerator may round differently. The
-  header keeps a hash of the numbers of a fixed probe (`probe`); a decompressor whose
-  probe differs refuses the file, and each frame's checksum catches what a probe
+  header keeps a hash of the frequencies of a fixed probe (`probe`); a decompressor
+  whose probe differs refuses the file, and each frame's checksum catches what a probe
   cannot.
-
-The entropy coder is constriction's range coder (32-bit words) with its categorical
-model (perfect=False): it quantizes the float probabilities to integer frequencies with
-a floor of one, deterministically, in its own code. An escaped byte is coded uniformly.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tvq.compression import rans
 from tvq.compression.container import (
     Header,
     fingerprint16,
 )
-from tvq.errors import InputError
+from tvq.compression.symbols import NO_BYTE
 from tvq.files import warm
 from tvq.nn.ring import empty_rings
 from tvq.nn.transformer import Transformer, network
 from tvq.runtime.context import eos_id, require_tokenizer
 from tvq.runtime.model import Model
 
-STEPS = 32  # steps per call where the inputs are known (compressing)
+STEPS = 32  # steps per call
+WINDOW = 256  # stream bytes a decoding call may read: ≤ 2 * rans.MAX_READ per step
 MAX_ROWS = 4  # files coded at once by default: 4 one-row steps in one program ran 580 tokens/s
 # against 344 for one here, 8 ran 778 but took 16 s to compile (RESULTS section 16)
 PROBE_TOKENS = (3, 100, 1000, 7, 42, 4095, 9, 256)  # fed from a start; ids mod vocabulary
 
 
+class Steps(NamedTuple):
+    """One row's steps of a call, each [K]: the token coded (fed to the next step), its
+    escaped byte (NO_BYTE: none), its start and frequency in the step's table, and a
+    hash of that table."""
+
+    tokens: np.ndarray
+    bytes: np.ndarray
+    starts: np.ndarray
+    freqs: np.ndarray
+    hashes: np.ndarray
+
+
 @warm.entry(static_argnames=("config",), donate_argnums=(2,))
-def coding_steps(config, params, rings, inputs):
-    """K tokens for each of W rows: rings, a tuple of W one-row rings; inputs [K, W] →
-    (the rings after, the probabilities of each next token [K, W, V] float32). The rows
-    run as W one-row steps, never as one batch of W (see the module's docstring); the
-    compressor, which knows its inputs, runs K = STEPS at a time, the decompressor one."""
+def coding_steps(config, params, rings, coder, targets, windows):
+    """K steps for each of W rows. rings: a tuple of W one-row rings; coder: (each row's
+    last token [W] int32, its decoder's state [W] uint32, whether it decodes [W] bool,
+    the escape token (-1: none)); targets [K, W, 2] int32: an encoding row's tokens and
+    escaped bytes; windows [W, WINDOW] uint8: a decoding row's next stream bytes. →
+    (rings, (last tokens, states, bytes read [W])), per-step outputs [5, K, W] int32
+    (Steps' fields; the hash as int32 bits). The rows run as W one-row steps, never as
+    one batch of W (see the module's docstring)."""
     net, variables, tables = network(config, params)
+    last, states, decoding, escape = coder
 
-    def step(rings, tokens):
-        new, probs = [], []
-        for row, ring in enumerate(rings):
-            ring, log_probs = net.apply(variables, tokens[row : row + 1], ring, tables,
-                                        method=Transformer.step)  # fmt: skip
-            new.append(ring)
-            probs.append(jnp.exp(log_probs))
-        return tuple(new), jnp.concatenate(probs)
+    def row_step(row, ring, token, state, at, target):
+        ring, log_probs = net.apply(variables, token[None], ring, tables,
+                                    method=Transformer.step)  # fmt: skip
+        freq = rans.frequencies(log_probs[0])
+        starts = jnp.cumsum(freq) - freq
+        read, state_t, at_t = rans.decode(state, windows[row], at, rans.token_slot(starts, freq))
+        token = jnp.where(decoding[row], read, target[0])
+        byte, state_b, at_b = rans.decode(state_t, windows[row], at_t, rans.byte_slot)
+        escaped = token == escape
+        byte = jnp.where(escaped, jnp.where(decoding[row], byte, target[1]), NO_BYTE)
+        state, at = jnp.where(escaped, state_b, state_t), jnp.where(escaped, at_b, at_t)
+        table = jax.lax.bitcast_convert_type(rans.table_hash(freq), jnp.int32)
+        out = jnp.stack([token, byte, starts[token], freq[token], table])
+        return ring, token, state, at, out
 
-    return jax.lax.scan(step, rings, inputs)
+    def step(carry, target):
+        rings, tokens, states, ats = carry
+        rows = enumerate(zip(rings, tokens, states, ats, strict=True))
+        new = [row_step(row, *args, target[row]) for row, args in rows]
+        rings, tokens, states, ats, outs = zip(*new, strict=True)
+        return (rings, jnp.stack(tokens), jnp.stack(states), jnp.stack(ats)), jnp.stack(outs, 1)
+
+    ats = jnp.zeros_like(last)
+    (rings, last, states, ats), outs = jax.lax.scan(step, (rings, last, states, ats), targets)
+    return (rings, (last, states, ats)), jnp.moveaxis(outs, 2, 0)
 
 
 def _fresh_ring(model: Model):
@@ -78,24 +109,31 @@ def _fresh_ring(model: Model):
 
 
 class Job:
-    """One file through the coder: `inputs(k)` are its next k inputs (`ready()` of them
-    are known); `take(probs)` codes one token with the model's probabilities; `done`
-    once it has coded its last."""
+    """One file through the coder. Before each call: `ready()` steps can run (the call
+    runs at most that many), `targets(k)` are an encoding job's next k (token, escaped
+    byte) pairs, `window()` a decoding job's next stream bytes from `state`; after it,
+    `take(steps, state, read)` takes the row's k steps and its decoder's state and bytes
+    read. `done` once it has coded its last token."""
 
-    token: int
+    token: int  # the last token coded: the next step's input
+    state: int = 0  # the decoder's state (a decoding job)
+    decoding: bool = False
     done: bool = False
     name: str = ""
     progress: int = 0  # bytes of the original done so far
     mark: bool = False  # keep the row's state as it is now (before the next step)
-    rewind: bool = False  # put the kept state back (after this step)
+    rewind: bool = False  # put the kept state back (after this call)
 
     def ready(self) -> int:
         return 1
 
-    def inputs(self, k: int) -> list[int]:
-        return [self.token]
+    def targets(self, k: int) -> list[tuple[int, int]]:
+        return [(0, NO_BYTE)] * k
 
-    def take(self, probs: np.ndarray) -> None:
+    def window(self) -> bytes:
+        return b""
+
+    def take(self, steps: Steps, state: int, read: int) -> None:
         raise NotImplementedError
 
 
@@ -103,8 +141,9 @@ class Rows:
     """W rows stepping together, each running a job; a row that finishes takes the
     next job from a fresh state. A job's numbers are those of running it alone."""
 
-    def __init__(self, model: Model, width: int) -> None:
+    def __init__(self, model: Model, width: int, escape: int | None) -> None:
         self.model, self.width = model, width
+        self.escape = np.int32(NO_BYTE if escape is None else escape)
 
     def run(self, jobs: Iterable[Job], on_step: Callable[[list[Job]], None] | None = None
             ) -> Iterator[Job]:  # fmt: skip
@@ -123,28 +162,40 @@ class Rows:
                 slots.append(_Slot(job, _fresh_ring(self.model)))
             if not slots:
                 return
-            for slot in slots:
-                if slot.job.mark:
-                    slot.kept, slot.job.mark = jax.tree_util.tree_map(jnp.copy, slot.ring), False
-            k = STEPS if all(slot.job.ready() >= STEPS for slot in slots) else 1
-            inputs = np.array([slot.job.inputs(k) for slot in slots], np.int32).T
-            rings = tuple(slot.ring for slot in slots)
-            rings, probs = coding_steps(self.model.config, self.model.params, rings, inputs)
-            probs = np.asarray(probs)
-            for i, (slot, ring) in enumerate(zip(slots, rings, strict=True)):
-                slot.ring = ring
-                try:
-                    for j in range(k):
-                        slot.job.take(probs[j, i])
-                except Exception as e:  # this file's error (corrupt input, a full disk)
-                    slot.job.result.error, slot.job.done = e, True
-                if slot.job.rewind:
-                    slot.ring, slot.kept, slot.job.rewind = slot.kept, None, False
+            self._call([slot for slot in slots])
             for slot in [slot for slot in slots if slot.job.done]:
                 slots.remove(slot)
                 yield slot.job
             if on_step is not None:
                 on_step([slot.job for slot in slots])
+
+    def _call(self, slots: list[_Slot]) -> None:
+        """One call of coding_steps for the running rows, and each job taking its steps."""
+        jobs = [slot.job for slot in slots]
+        for slot in slots:
+            if slot.job.mark:
+                slot.kept, slot.job.mark = jax.tree_util.tree_map(jnp.copy, slot.ring), False
+        k = STEPS if all(job.ready() >= STEPS for job in jobs) else 1
+        coder = (np.array([job.token for job in jobs], np.int32),
+                 np.array([job.state for job in jobs], np.uint32),
+                 np.array([job.decoding for job in jobs]), self.escape)  # fmt: skip
+        targets = np.array([job.targets(k) for job in jobs], np.int32).transpose(1, 0, 2)
+        windows = np.zeros([len(jobs), WINDOW], np.uint8)
+        for i, job in enumerate(jobs):
+            window = job.window()
+            windows[i, : len(window)] = np.frombuffer(window, np.uint8)
+        rings = tuple(slot.ring for slot in slots)
+        (rings, (_, states, reads)), outs = coding_steps(
+            self.model.config, self.model.params, rings, coder, targets, windows)  # fmt: skip
+        outs, states, reads = np.asarray(outs), np.asarray(states), np.asarray(reads)
+        for i, (slot, ring) in enumerate(zip(slots, rings, strict=True)):
+            slot.ring = ring
+            try:
+                slot.job.take(Steps(*outs[i].T), int(states[i]), int(reads[i]))
+            except Exception as e:  # this file's error (corrupt input, a full disk)
+                slot.job.result.error, slot.job.done = e, True
+            if slot.job.rewind:
+                slot.ring, slot.kept, slot.job.rewind = slot.kept, None, False
 
 
 @dataclasses.dataclass
@@ -154,27 +205,6 @@ class _Slot:
     job: Job
     ring: Any
     kept: Any = None
-
-
-def coder_library():
-    """constriction, or InputError saying how to install it."""
-    try:
-        import constriction
-    except ImportError:
-        raise InputError("tvq compress needs the constriction package: pip install "
-                         "'tvq[compress]' (on Linux aarch64 it builds from source, with "
-                         "Rust)") from None  # fmt: skip
-    return constriction
-
-
-@functools.cache
-def categorical():
-    return coder_library().stream.model.Categorical(perfect=False)
-
-
-@functools.cache
-def uniform_byte():
-    return coder_library().stream.model.Uniform(256)
 
 
 def settings_header(model: Model) -> Header:
@@ -192,15 +222,28 @@ def platform() -> str:
 
 
 def probe(model: Model) -> bytes:
-    """8 bytes of a hash of the coder's numbers on fixed tokens from a start: equal
-    where a file compressed here decompresses to the same bytes."""
-    ring, digest = (_fresh_ring(model),), hashlib.sha256()
-    token = eos_id(model)
-    for t in PROBE_TOKENS:
-        ring, probs = coding_steps(model.config, model.params, ring, np.array([[token]], np.int32))
-        digest.update(np.asarray(probs).tobytes())
-        token = t % model.config.n_vocab
-    return digest.digest()[:8]
+    """8 bytes of a hash of the coder's frequency tables on fixed tokens from a start:
+    equal where a file compressed here decompresses to the same bytes."""
+
+    class Probe(Job):
+        def __init__(self) -> None:
+            self.token, self.left, self.digest = eos_id(model), list(PROBE_TOKENS), hashlib.sha256()
+
+        def targets(self, k: int) -> list[tuple[int, int]]:
+            return [(self.left[0] % model.config.n_vocab, NO_BYTE)]
+
+        def take(self, steps: Steps, state: int, read: int) -> None:
+            self.digest.update(np.stack(steps).astype("<i4").tobytes())
+            self.token = int(steps.tokens[-1])
+            self.left.pop(0)
+            self.done = not self.left
+
+    job = Probe()
+    rows = Rows(model, 1, None)
+    slot = _Slot(job, _fresh_ring(model))
+    while not job.done:
+        rows._call([slot])
+    return job.digest.digest()[:8]
 
 
 @dataclasses.dataclass

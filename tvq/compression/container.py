@@ -4,7 +4,7 @@
             model fingerprint (16 bytes), tokenizer fingerprint (16), numbers probe (8),
             platform (u8 length + ASCII), CRC-32 of everything before it (u32)
     frame   "F", tokens (u32), bytes (u32), CRC-32 of the frame's original bytes (u32),
-            words (u32), then that many 32-bit little-endian words of the range coder
+            code bytes (u32), then that many bytes of the rANS stream (rans.py)
     stored  "S", bytes (u32), CRC-32 (u32), then the bytes as they are: a frame that
             does not look like text, or that coding would not make smaller
     end     "E", the original's length (u64), the first 16 bytes of its SHA-256
@@ -24,15 +24,13 @@ import struct
 import zlib
 from typing import BinaryIO
 
-import numpy as np
-
 from tvq.errors import InputError
 
 MAGIC = b"TVQZ"
-VERSION = 1
+VERSION = 2  # 1: constriction's range coder (session 17); 2: tvq's own rANS
 BFLOAT16, NO_AGG_CACHE = 1, 2  # flag bits
 FRAME, STORED, END = b"F", b"S", b"E"
-_FRAME = struct.Struct("<IIII")  # tokens, bytes, crc32, words
+_FRAME = struct.Struct("<IIII")  # tokens, bytes, crc32, code bytes
 MAX_FRAME_BYTES = 1 << 24  # what one frame can hold, and more
 _STORED = struct.Struct("<II")  # bytes, crc32
 _END = struct.Struct("<Q16s")  # length, sha256[:16]
@@ -92,16 +90,14 @@ class Frame:
     tokens: int
     n_bytes: int
     crc: int
-    words: np.ndarray  # uint32
+    code: bytes  # the rANS stream
 
 
-def write_frame(stream: BinaryIO, tokens: int, data_crc: int, n_bytes: int,
-                words: np.ndarray) -> int:  # fmt: skip
+def write_frame(stream: BinaryIO, tokens: int, data_crc: int, n_bytes: int, code: bytes) -> int:
     """Writes one frame; returns the bytes written."""
-    words = np.asarray(words, "<u4")
-    stream.write(FRAME + _FRAME.pack(tokens, n_bytes, data_crc, words.size))
-    stream.write(words.tobytes())
-    return 1 + _FRAME.size + 4 * words.size
+    stream.write(FRAME + _FRAME.pack(tokens, n_bytes, data_crc, len(code)))
+    stream.write(code)
+    return 1 + _FRAME.size + len(code)
 
 
 def write_stored(stream: BinaryIO, data: bytes) -> int:
@@ -135,11 +131,11 @@ def read_record(stream: BinaryIO, name: str, index: int) -> Frame | bytes | tupl
     if kind != FRAME:
         raise FormatError(f"{name} is corrupt: frame {index} does not start where it should")
     fields = _read(stream, _FRAME.size, name, f"frame {index}")
-    tokens, n_bytes, crc, n_words = _FRAME.unpack(fields)
-    if n_words > 8 * (tokens + 16) or tokens == 0:  # at most ~8 words a token, escapes included
+    tokens, n_bytes, crc, n_code = _FRAME.unpack(fields)
+    # a token and its escaped byte take at most 6 bytes, the final state 4
+    if not 4 <= n_code <= 6 * tokens + 4 or tokens == 0 or n_bytes > MAX_FRAME_BYTES:
         raise FormatError(f"{name} is corrupt: frame {index}'s sizes are impossible")
-    data = _read(stream, 4 * n_words, name, f"frame {index}")
-    return Frame(tokens, n_bytes, crc, np.frombuffer(data, "<u4").astype(np.uint32))
+    return Frame(tokens, n_bytes, crc, _read(stream, n_code, name, f"frame {index}"))
 
 
 def _read(stream: BinaryIO, n: int, name: str, where: str) -> bytes:

@@ -64,7 +64,7 @@ def compress_streams(model: Model, items: Iterable[Item], *, rows: int | None = 
                 yield Failed(name, e)
 
     width = rows or min(len(items), MAX_ROWS) or 1
-    for job in Rows(model, width).run(jobs(), on_step):
+    for job in Rows(model, width, symbols.escape).run(jobs(), on_step):
         yield job.result
 
 
@@ -122,5 +122,5 @@ def decompress_streams(model: Model, items: Iterable[Item], *, rows: int | None 
                     yield Failed(name, e)
 
         width = rows or min(len(group), MAX_ROWS)
-        for job in Rows(run, width).run(jobs(), on_step):
+        for job in Rows(run, width, symbols.escape).run(jobs(), on_step):
             yield job.result

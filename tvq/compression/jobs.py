@@ -1,6 +1,6 @@
 """The two jobs of tvq.compression.coder.Rows (docs/DESIGN.md section 16): `Encoding`
-codes a file's tokens into frames, `Decoding` reads them back, each with the model's
-probabilities that Rows gives it, one token at a time."""
+codes a file's tokens into frames, `Decoding` reads them back; the model's program
+quantizes each step's distribution, and decodes, for both."""
 
 from __future__ import annotations
 
@@ -10,9 +10,8 @@ import time
 import zlib
 from typing import BinaryIO
 
-import numpy as np
-
-from tvq.compression.coder import Job, Result, categorical, coder_library, uniform_byte
+from tvq.compression import rans
+from tvq.compression.coder import WINDOW, Job, Result, Steps
 from tvq.compression.container import (
     END_BYTES,
     FRAME_BYTES,
@@ -84,32 +83,35 @@ class Encoding(Job):
             self.result.compressed += write_stored(self.sink, data)
             self.progress += len(data)
         self.frame, self.data, self.index = (tokens, escaped), data, 0
-        self.encoder = coder_library().stream.queue.RangeEncoder()
+        self.coded: list[tuple[int, int]] = []  # (start, frequency) in the decoder's order
         self.mark, self.before = True, self.token  # Rows keeps the row's state now
 
     def ready(self) -> int:
         return len(self.frame[0]) - self.index
 
-    def inputs(self, k: int) -> list[int]:
-        return [self.token, *self.frame[0][self.index : self.index + k - 1]]
+    def targets(self, k: int) -> list[tuple[int, int]]:
+        end = self.index + k
+        return list(zip(self.frame[0][self.index : end], self.frame[1][self.index : end],
+                        strict=True))  # fmt: skip
 
-    def take(self, probs: np.ndarray) -> None:
-        token, escaped = self.frame[0][self.index], self.frame[1][self.index]
-        self.index += 1
-        self.encoder.encode(np.array([token], np.int32), categorical(),
-                            probs[None].astype(np.float64))  # fmt: skip
-        if escaped != NO_BYTE:
-            self.encoder.encode(np.array([escaped], np.int32), uniform_byte())
-            self.result.escapes += 1
-        self.progress += len(self.symbols.bytes_of(token, escaped))
-        self.token = token
-        self.result.tokens += 1
+    def take(self, steps: Steps, state: int, read: int) -> None:
+        for token, escaped, start, freq in zip(*steps[:4], strict=True):
+            token, escaped = int(token), int(escaped)
+            assert token == self.frame[0][self.index], "the program coded another token"
+            self.index += 1
+            self.coded.append((int(start), int(freq)))
+            if escaped != NO_BYTE:
+                self.coded.append((escaped << rans.BYTE_BITS, 1 << rans.BYTE_BITS))
+                self.result.escapes += 1
+            self.progress += len(self.symbols.bytes_of(token, escaped))
+            self.token = token
+            self.result.tokens += 1
         if self.index < len(self.frame[0]):
             return
-        words = self.encoder.get_compressed()
-        if worth_coding(FRAME_BYTES + 4 * words.size, STORED_BYTES + len(self.data)):
+        code = rans.encode(self.coded)
+        if worth_coding(FRAME_BYTES + len(code), STORED_BYTES + len(self.data)):
             crc = zlib.crc32(self.data)
-            self.result.compressed += write_frame(self.sink, self.index, crc, len(self.data), words)
+            self.result.compressed += write_frame(self.sink, self.index, crc, len(self.data), code)
         else:  # coding did not help: stored, and the row's state goes back
             self.result.compressed += write_stored(self.sink, self.data)
             self.rewind, self.token = True, self.before
@@ -141,13 +143,14 @@ class Decoding(Job):
     """Decompresses a .tvqz stream (its header already read and checked) into a sink,
     frame by frame, each frame's bytes written only once its checksum matches."""
 
+    decoding = True
+
     def __init__(self, model: Model, symbols: Symbols, source: BinaryIO, sink: BinaryIO,
                  name: str, header_bytes: int = 0) -> None:  # fmt: skip
         self.symbols, self.source, self.sink, self.name = symbols, source, sink, name
         self.result = Result(name, compressed=header_bytes)
         self.started = time.perf_counter()
         self.token, self.index, self.sha = eos_id(model), 0, hashlib.sha256()
-        self.escape = symbols.escape
         self._next_frame()
 
     def _next_frame(self) -> None:
@@ -157,8 +160,8 @@ class Decoding(Job):
             record = read_record(self.source, self.name, self.index)
             if isinstance(record, Frame):
                 self.frame, self.left, self.out = record, record.tokens, []
-                self.result.compressed += FRAME_BYTES + 4 * record.words.size
-                self.decoder = coder_library().stream.queue.RangeDecoder(record.words)
+                self.result.compressed += FRAME_BYTES + len(record.code)
+                self.state, self.at = rans.first_state(record.code), 4
                 return
             if isinstance(record, bytes):
                 self.result.compressed += STORED_BYTES + len(record)
@@ -173,20 +176,25 @@ class Decoding(Job):
             self.done = True
             return
 
-    def take(self, probs: np.ndarray) -> None:
-        token = int(self.decoder.decode(categorical(), probs[None].astype(np.float64))[0])
-        if token == self.escape:
-            self.out.append(bytes([int(self.decoder.decode(uniform_byte()))]))
-            self.result.escapes += 1
-        else:
-            self.out.append(self.symbols.bytes_of(token, NO_BYTE))
-        self.progress += len(self.out[-1])
-        self.token, self.left = token, self.left - 1
-        self.result.tokens += 1
+    def ready(self) -> int:
+        return self.left
+
+    def window(self) -> bytes:
+        return self.frame.code[self.at : self.at + WINDOW]
+
+    def take(self, steps: Steps, state: int, read: int) -> None:
+        self.state, self.at = state, self.at + read
+        for token, escaped in zip(steps.tokens.tolist(), steps.bytes.tolist(), strict=True):
+            self.out.append(self.symbols.bytes_of(token, escaped))
+            self.result.escapes += escaped != NO_BYTE
+            self.progress += len(self.out[-1])
+        self.token, self.left = int(steps.tokens[-1]), self.left - len(steps.tokens)
+        self.result.tokens += len(steps.tokens)
         if self.left:
             return
         data, frame = b"".join(self.out), self.frame
-        if len(data) != frame.n_bytes or zlib.crc32(data) != frame.crc:
+        ended = self.state == rans.LOW and self.at == len(frame.code)
+        if not ended or len(data) != frame.n_bytes or zlib.crc32(data) != frame.crc:
             raise FormatError(f"{self.name} is corrupt: frame {self.index} does not decode to "
                               "what was compressed")  # fmt: skip
         self._emit(data)
