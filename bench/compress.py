@@ -45,19 +45,37 @@ TOOLS = {
 
 
 def child(kind: str, arg: str) -> dict:
-    """One measurement in this process: compress and decompress, check, time, memory."""
+    """One measurement in this process: compress and decompress, check, time, memory.
+    kind: "text[:PREFIX]" (the files as rows of one batch) or "split:N[:PREFIX]" (each
+    file split into up to N rows, one file after the other)."""
+    import functools
     import hashlib
 
     import tvq
     from tvq.compression.files import compress_streams, decompress_streams
 
     model = tvq.load()
-    prefix = int(kind.split(":")[1]) if ":" in kind else None
+    fields = kind.split(":")
+    split = int(fields.pop(1)) if fields[0] == "split" else 1
+    prefix = int(fields[1]) if len(fields) > 1 else None
     blobs = {Path(p).name: Path(p).read_bytes()[:prefix] for p in arg.split(",")}
-    warm = [(io.BytesIO(b"warm up, " * 40), io.BytesIO(), str(i)) for i in range(len(blobs))]
+    compress_streams = functools.partial(compress_streams, split=split)
+    if split > 1:  # the programs of each file's width, compiled beforehand
+        import tvq.compression.split as splitting
+
+        rows = {splitting.rows_for(split, len(b)) for b in blobs.values()}
+        frame, splitting.SPLIT_FRAME_TOKENS = splitting.SPLIT_FRAME_TOKENS, 40
+        # n frames of 40 tokens (~120 bytes): n rows, 32 steps a call and 1
+        warm = [(io.BytesIO((b"warm up, " * 14 * n)[: 120 * n]), io.BytesIO(), str(n))
+                for n in rows]  # fmt: skip
+    else:
+        warm = [(io.BytesIO(b"warm up, " * 40), io.BytesIO(), str(i)) for i in range(len(blobs))]
+    packed = _packed(compress_streams, model, warm)
     for result in decompress_streams(model, [(io.BytesIO(r.getvalue()), io.BytesIO(), n)
-                                             for r, n in _packed(model, warm)]):  # fmt: skip
+                                             for r, n in packed]):  # fmt: skip
         assert result.error is None  # the programs compiled (32 steps and 1): times are steady
+    if split > 1:
+        splitting.SPLIT_FRAME_TOKENS = frame
     out = {name: io.BytesIO() for name in blobs}
     start = time.perf_counter()
     results = list(compress_streams(model, [(io.BytesIO(d), out[n], n) for n, d in blobs.items()]))
@@ -78,9 +96,7 @@ def child(kind: str, arg: str) -> dict:
             "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # fmt: skip
 
 
-def _packed(model, items):
-    from tvq.compression.files import compress_streams
-
+def _packed(compress_streams, model, items):
     list(compress_streams(model, items))
     return [(sink, name) for _, sink, name in items]
 
@@ -140,15 +156,16 @@ def main() -> None:
     parser.add_argument("--memory-only", action="store_true", help="only the random files")
     parser.add_argument("--against", help="a revision: its speed and the working tree's")
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds (--against)")
+    parser.add_argument("--split", help="N,N,...: each file split into up to N rows, side by side")
     args = parser.parse_args()
     if args.child:
         print(json.dumps(child(*args.child)))
         return
     from common import machine
 
-    if args.against:
+    if args.against or args.split:
         print(f"# {machine()}, {time.strftime('%Y-%m-%d')}")
-        against(args)
+        (against if args.against else splits)(args)
         return
 
     if args.memory_only:
@@ -222,6 +239,27 @@ def against(args) -> None:
         print(f"| {i} | {speeds[0]:.2f} | {speeds[1]:.2f} | {speeds[1] / speeds[0]:.2f} | "
               f"{speeds[2]:.2f} | {speeds[3]:.2f} | {speeds[3] / speeds[2]:.2f} | "
               f"{sizes[0]:,} / {sizes[1]:,} | {old['exact']} / {new['exact']} |")  # fmt: skip
+
+
+def splits(args) -> None:
+    """The texts compressed with --split N for each N, side by side: speed and size."""
+    paths = ",".join(str(args.texts / name) for name in HELD_OUT)
+    suffix = f":{args.prefix}" if args.prefix else ""
+    runs = {int(n): run_child(f"split:{n}{suffix}", paths) for n in args.split.split(",")}
+    base = runs[min(runs)]
+    total = sum(f["original"] for f in base["files"].values())
+    names = list(base["files"])
+    print(f"\n{total:,} bytes ({', '.join(names)}); KB/s of the original; a file with --split "
+          "1 runs beside the other as a row of one batch, a split file alone\n")  # fmt: skip
+    columns = " | ".join(f"{name} bits per byte" for name in names)
+    print(f"| --split | compress KB/s | decompress KB/s | {columns} | size ÷ the first | exact |")
+    print("|---:|---:|---:|" + "---:|" * len(names) + "---:|---|")
+    size = {n: sum(f["compressed"] for f in r["files"].values()) for n, r in runs.items()}
+    for n, r in runs.items():
+        bits = [8 * r["files"][name]["compressed"] / r["files"][name]["original"] for name in names]
+        print(f"| {n} | {total / r['encode_s'] / 1e3:.2f} | {total / r['decode_s'] / 1e3:.2f} | " +
+              " | ".join(f"{b:.4f}" for b in bits) +
+              f" | {size[n] / size[min(runs)]:.4f} | {r['exact']} |")  # fmt: skip
 
 
 def _score(data: dict[str, bytes]) -> list[float]:

@@ -11,6 +11,7 @@ run as rows of one batch; one file's error does not stop the others (exit 1 at t
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import sys
 import tempfile
@@ -43,6 +44,14 @@ DecompressOption = Annotated[
 NoAggCacheOption = Annotated[
     bool, typer.Option("--no-agg-cache", help="Switch the aggregate cache off (recorded).")
 ]  # fmt: skip
+SplitOption = Annotated[
+    int,
+    typer.Option("--split", min=1, max=64,
+                 help="Code each long file as up to N rows of one batch, frames of ~13 KB "
+                      "going to them in turn: several times faster, a little larger (each "
+                      "row's context is its own frames). Recorded; 1: one row, full "
+                      "context."),
+]  # fmt: skip
 
 
 @app.command()
@@ -57,6 +66,7 @@ def compress(
     model: ModelOption = None,
     dtype: DtypeOption = None,
     no_agg_cache: NoAggCacheOption = False,
+    split: SplitOption = 1,
 ) -> None:
     """Compress files losslessly with the model: FILE → FILE.tvqz.
 
@@ -69,7 +79,7 @@ def compress(
         _run(files, output, stdout, force, quiet, model, compressing=False)
         return
     _run(files, output, stdout, force, quiet, model, compressing=True, dtype=dtype,
-         no_agg_cache=no_agg_cache)  # fmt: skip
+         no_agg_cache=no_agg_cache, split=split)  # fmt: skip
 
 
 @app.command(name="decompress")
@@ -89,7 +99,7 @@ def decompress_command(
 
 def _run(files: list[str], output: Path | None, to_stdout: bool, force: bool, quiet: bool,
          model_path: Path | None, *, compressing: bool, dtype=None,
-         no_agg_cache: bool = False) -> None:  # fmt: skip
+         no_agg_cache: bool = False, split: int = 1) -> None:  # fmt: skip
     if (output is not None or to_stdout) and len(files) > 1:
         raise fail(f"{'-o' if output is not None else '-c'} takes one input, got {len(files)}", 2)
     twice = next((name for name in files if files.count(name) > 1), None)
@@ -117,7 +127,9 @@ def _run(files: list[str], output: Path | None, to_stdout: bool, force: bool, qu
                 failures += 1
                 fail(_os_message(e, name))
         progress = Progress(quiet)
-        run = compress_streams if compressing else decompress_streams
+        run = (
+            functools.partial(compress_streams, split=split) if compressing else decompress_streams
+        )
         with progress:
             for result in run(loaded, items, on_step=progress.update):
                 if result.error is not None:

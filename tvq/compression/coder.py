@@ -65,43 +65,62 @@ class Steps(NamedTuple):
     hashes: np.ndarray
 
 
-@warm.entry(static_argnames=("config",), donate_argnums=(2,))
-def coding_steps(config, params, rings, coder, targets, windows):
-    """K steps for each of W rows. rings: a tuple of W one-row rings; coder: (each row's
-    last token [W] int32, its decoder's state [W] uint32, whether it decodes [W] bool,
-    the escape token (-1: none)); targets [K, W, 2] int32: an encoding row's tokens and
-    escaped bytes; windows [W, WINDOW] uint8: a decoding row's next stream bytes. →
-    (rings, (last tokens, states, bytes read [W])), per-step outputs [5, K, W] int32
-    (Steps' fields; the hash as int32 bits). The rows run as W one-row steps, never as
-    one batch of W (see the module's docstring)."""
+@warm.entry(static_argnames=("config", "batched"), donate_argnums=(2,))
+def coding_steps(config, params, rings, coder, targets, windows, batched=False):
+    """K steps for each of W rows. rings: a tuple of W one-row rings, or (batched) one
+    ring of W rows; coder: (each row's last token [W] int32, its decoder's state [W]
+    uint32, whether it decodes [W] bool, the escape token (-1: none)); targets [K, W, 2]
+    int32: an encoding row's tokens and escaped bytes; windows [W, WINDOW] uint8: a
+    decoding row's next stream bytes. → (rings, (last tokens, states, bytes read [W])),
+    per-row outputs [W, K, 5] int32 (Steps' fields; the hash as int32 bits).
+
+    The rows run as W one-row steps, so that each row's numbers are those of a row
+    alone (see the module's docstring); `batched`, as one batch of W (a split file's
+    rows, tvq.compression.split: the width is the file's, so both sides run the same
+    program)."""
     net, variables, tables = network(config, params)
     last, states, decoding, escape = coder
 
-    def row_step(row, ring, token, state, at, target):
-        ring, log_probs = net.apply(variables, token[None], ring, tables,
-                                    method=Transformer.step)  # fmt: skip
-        freq = rans.frequencies(log_probs[0])
-        starts = jnp.cumsum(freq) - freq
-        read, state_t, at_t = rans.decode(state, windows[row], at, rans.token_slot(starts, freq))
-        token = jnp.where(decoding[row], read, target[0])
-        byte, state_b, at_b = rans.decode(state_t, windows[row], at_t, rans.byte_slot)
-        escaped = token == escape
-        byte = jnp.where(escaped, jnp.where(decoding[row], byte, target[1]), NO_BYTE)
-        state, at = jnp.where(escaped, state_b, state_t), jnp.where(escaped, at_b, at_t)
-        table = jax.lax.bitcast_convert_type(rans.table_hash(freq), jnp.int32)
-        out = jnp.stack([token, byte, starts[token], freq[token], table])
-        return ring, token, state, at, out
+    def code(log_probs, decoding, target, state, window, at):
+        return _code_row(log_probs, decoding, target, state, window, at, escape)
 
     def step(carry, target):
         rings, tokens, states, ats = carry
-        rows = enumerate(zip(rings, tokens, states, ats, strict=True))
-        new = [row_step(row, *args, target[row]) for row, args in rows]
+        if batched:
+            rings, log_probs = net.apply(variables, tokens, rings, tables,
+                                         method=Transformer.step)  # fmt: skip
+            tokens, states, ats, outs = jax.vmap(code)(log_probs, decoding, target, states,
+                                                      windows, ats)  # fmt: skip
+            return (rings, tokens, states, ats), outs
+        new = []
+        for row, (ring, token) in enumerate(zip(rings, tokens, strict=True)):
+            ring, log_probs = net.apply(variables, token[None], ring, tables,
+                                        method=Transformer.step)  # fmt: skip
+            coded = code(log_probs[0], decoding[row], target[row], states[row], windows[row],
+                         ats[row])  # fmt: skip
+            new.append((ring, *coded))
         rings, tokens, states, ats, outs = zip(*new, strict=True)
-        return (rings, jnp.stack(tokens), jnp.stack(states), jnp.stack(ats)), jnp.stack(outs, 1)
+        return (rings, jnp.stack(tokens), jnp.stack(states), jnp.stack(ats)), jnp.stack(outs)
 
     ats = jnp.zeros_like(last)
     (rings, last, states, ats), outs = jax.lax.scan(step, (rings, last, states, ats), targets)
-    return (rings, (last, states, ats)), jnp.moveaxis(outs, 2, 0)
+    return (rings, (last, states, ats)), jnp.swapaxes(outs, 0, 1)
+
+
+def _code_row(log_probs, decoding, target, state, window, at, escape):
+    """One row's step of the coder: its table from its log-probs [V], and its token (and
+    escaped byte): `target`'s if it encodes, else read from `window` at `at` with
+    `state`. → (token, state, at, Steps' fields [5])."""
+    freq = rans.frequencies(log_probs)
+    starts = jnp.cumsum(freq) - freq
+    read, state_t, at_t = rans.decode(state, window, at, rans.token_slot(starts, freq))
+    token = jnp.where(decoding, read, target[0])
+    byte, state_b, at_b = rans.decode(state_t, window, at_t, rans.byte_slot)
+    escaped = token == escape
+    byte = jnp.where(escaped, jnp.where(decoding, byte, target[1]), NO_BYTE)
+    state, at = jnp.where(escaped, state_b, state_t), jnp.where(escaped, at_b, at_t)
+    table = jax.lax.bitcast_convert_type(rans.table_hash(freq), jnp.int32)
+    return token, state, at, jnp.stack([token, byte, starts[token], freq[token], table])
 
 
 def _fresh_ring(model: Model):

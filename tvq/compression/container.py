@@ -1,6 +1,7 @@
 """The `.tvqz` file format (docs/DESIGN.md section 16): a header, frames, an end record.
 
     header  "TVQZ", version (u8), flags (u8: bit 0 bfloat16, bit 1 aggregate cache off),
+            rows (u16: 1, or a split file's rows, frames going to them in turn),
             model fingerprint (16 bytes), tokenizer fingerprint (16), numbers probe (8),
             platform (u8 length + ASCII), CRC-32 of everything before it (u32)
     frame   "F", tokens (u32), bytes (u32), CRC-32 of the frame's original bytes (u32),
@@ -55,12 +56,13 @@ class Header:
     platform: str  # where the numbers were computed: "jax 0.10.2 cpu"
     bfloat16: bool = False
     agg_cache: bool = True
+    rows: int = 1  # a split file's rows (tvq.compression.split); 1: one stream
 
     def to_bytes(self) -> bytes:
         flags = BFLOAT16 * self.bfloat16 | NO_AGG_CACHE * (not self.agg_cache)
         platform = self.platform.encode("ascii", "replace")[:255]
-        head = (MAGIC + bytes([VERSION, flags]) + self.model + self.tokenizer + self.probe
-                + bytes([len(platform)]) + platform)  # fmt: skip
+        head = (MAGIC + bytes([VERSION, flags]) + struct.pack("<H", self.rows) + self.model
+                + self.tokenizer + self.probe + bytes([len(platform)]) + platform)  # fmt: skip
         return head + struct.pack("<I", zlib.crc32(head))
 
     @classmethod
@@ -73,16 +75,18 @@ class Header:
         if head[4] != VERSION:
             raise FormatError(f"{name} has format version {head[4]}; this tvq reads version "
                               f"{VERSION}")  # fmt: skip
-        fixed = _read(stream, 41, name, "its header")
-        platform = _read(stream, fixed[40], name, "its header")
+        fixed = _read(stream, 43, name, "its header")
+        platform = _read(stream, fixed[42], name, "its header")
         head += fixed + platform
         (crc,) = struct.unpack("<I", _read(stream, 4, name, "its header"))
         if crc != zlib.crc32(head):
             raise FormatError(f"{name} is corrupt: its header's checksum does not match")
-        flags = head[5]
-        return cls(model=fixed[:16], tokenizer=fixed[16:32], probe=fixed[32:40],
+        flags, (rows,) = head[5], struct.unpack("<H", fixed[:2])
+        if rows == 0:
+            raise FormatError(f"{name} is corrupt: its header names no rows")
+        return cls(model=fixed[2:18], tokenizer=fixed[18:34], probe=fixed[34:42],
                    platform=platform.decode("ascii", "replace"), bfloat16=bool(flags & BFLOAT16),
-                   agg_cache=not flags & NO_AGG_CACHE)  # fmt: skip
+                   agg_cache=not flags & NO_AGG_CACHE, rows=rows)  # fmt: skip
 
 
 @dataclasses.dataclass
