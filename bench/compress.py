@@ -2,6 +2,8 @@
 
     python bench/compress.py [--texts DIR] [--random-mb 1,10,100] [--prefix BYTES]
     python bench/compress.py --against REV [--rounds 2] [--prefix BYTES]
+    python bench/compress.py --split 1,8,16,32 [--prefix BYTES]
+    python bench/compress.py --widths 1,2,4,8,16,32,64
 
 1. Held-out Hamlet and Twelfth Night (never trained on) with the built-in model: the
    size of each against `gzip -9`, `bzip2 -9`, `xz -9e` and `zstd --ultra -22`, and
@@ -12,6 +14,10 @@
    above and a tenth of them; random bytes (stored frames) of 1, 10 and 100 MB through
    `tvq compress FILE` and `tvq decompress`, file to file (the peak of each process),
    each compared too.
+
+With --split, the texts compressed with each --split N (a split file alone, its rows
+one batch): speeds, bits per byte, sizes against the first N. With --widths, the coding
+program's tokens per second at each width, as one batch and as one-row steps.
 
 With --against REV, only the speed: the texts' measurement of 1. in REV (a temporary git
 worktree) and in the working tree, alternating for --rounds rounds, side by side, with
@@ -157,15 +163,16 @@ def main() -> None:
     parser.add_argument("--against", help="a revision: its speed and the working tree's")
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds (--against)")
     parser.add_argument("--split", help="N,N,...: each file split into up to N rows, side by side")
+    parser.add_argument("--widths", help="N,N,...: the coding program's tokens/s at these widths")
     args = parser.parse_args()
     if args.child:
         print(json.dumps(child(*args.child)))
         return
     from common import machine
 
-    if args.against or args.split:
+    if args.against or args.split or args.widths:
         print(f"# {machine()}, {time.strftime('%Y-%m-%d')}")
-        (against if args.against else splits)(args)
+        (against if args.against else splits if args.split else widths)(args)
         return
 
     if args.memory_only:
@@ -260,6 +267,52 @@ def splits(args) -> None:
         print(f"| {n} | {total / r['encode_s'] / 1e3:.2f} | {total / r['decode_s'] / 1e3:.2f} | " +
               " | ".join(f"{b:.4f}" for b in bits) +
               f" | {size[n] / size[min(runs)]:.4f} | {r['exact']} |")  # fmt: skip
+
+
+def widths(args) -> None:
+    """The coding program (compressing: its inputs known), 32 steps a call, at each
+    width: one batch of W rows (a split file's) against W one-row steps in one program
+    (files beside each other), tokens per second of all rows, best of 3 runs of 4 calls."""
+    import jax
+    import numpy as np
+
+    import tvq
+    from tvq.compression import coder
+    from tvq.nn.ring import empty_rings
+
+    model = tvq.load()
+    config, params = model.config, model.params
+    print("\n| width | one batch: ms a step | tokens/s | one-row steps: ms a step | tokens/s |")
+    print("|---:|---:|---:|---:|---:|")
+    for width in map(int, args.widths.split(",")):
+        cells = []
+        for batched in (True, False):
+            if not batched and width > 8:
+                cells.append("– | –")  # compiling W one-row steps takes minutes past 8
+                continue
+            rings = (empty_rings(config, width) if batched else
+                     tuple(empty_rings(config, 1) for _ in range(width)))  # fmt: skip
+            rings = jax.tree_util.tree_map(np.copy, rings)
+            targets = np.stack([np.random.default_rng(0).integers(0, config.n_vocab, [32, width]),
+                                np.full([32, width], -1)], -1).astype(np.int32)  # fmt: skip
+            state = (np.zeros(width, np.int32), np.zeros(width, np.uint32),
+                     np.zeros(width, bool), np.int32(-1))  # fmt: skip
+            windows = np.zeros([width, coder.WINDOW], np.uint8)
+
+            def call(rings, batched=batched, state=state, targets=targets, windows=windows):
+                (rings, _), outs = coder.coding_steps(config, params, rings, state, targets,
+                                                      windows, batched=batched)  # fmt: skip
+                return rings, np.asarray(outs)
+
+            rings, _ = call(rings)
+            best = float("inf")
+            for _ in range(3):
+                start = time.perf_counter()
+                for _ in range(4):
+                    rings, _ = call(rings)
+                best = min(best, (time.perf_counter() - start) / (4 * 32))
+            cells.append(f"{best * 1e3:.2f} | {width / best:,.0f}")
+        print(f"| {width} | {cells[0]} | {cells[1]} |", flush=True)
 
 
 def _score(data: dict[str, bytes]) -> list[float]:
