@@ -234,6 +234,20 @@ def test_split_files_at_once_equal_each_alone(spm_model, monkeypatch):
     assert split.rows_for(4, 10**9) == 4
 
 
+def test_a_split_files_last_round_keeps_every_row_busy(byte_model, monkeypatch):
+    """Rounds of `rows` frames while two or more are left, then the rest cut into `rows`
+    equal frames; together, the input."""
+    symbols = Symbols(byte_model.tokenizer)
+    monkeypatch.setattr(split, "SPLIT_FRAME_TOKENS", 10)
+    data = bytes(range(95))
+    frames = jobs.Frames(symbols, io.BytesIO(data), 10)
+    rounds = list(split.rounds(frames, 3, symbols))
+    assert [[len(tokens) for tokens, _, _ in r] for r in rounds] == [[10] * 3, [10] * 3,
+                                                                      [12, 12, 11]]  # fmt: skip
+    assert b"".join(frame[2] for r in rounds for frame in r) == data
+    assert frames.length == len(data)
+
+
 def test_the_batched_program_gives_the_same_numbers_in_any_steps_a_call(spm_model):
     """32 steps in one call equal 32 calls of one step at a split file's width: the two
     sides of a split file cut a round into calls differently where a row coded in vain

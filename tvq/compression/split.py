@@ -19,7 +19,7 @@ frame, the decompressor's idled (fed dummy tokens) beside the others.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import BinaryIO
 
 import jax
@@ -54,6 +54,7 @@ MAX_SPLIT = 64  # rows at most (the batch's state: 6.8 MB a row with the built-i
 APPROX_BYTES_PER_TOKEN = 3  # to size a file's rows from its length
 
 OnProgress = Callable[[int], None]  # called with the original's bytes done so far
+FrameData = tuple[list[int], list[int], bytes]  # a frame's tokens, escaped bytes and bytes
 
 
 def rows_for(requested: int, size: int | None) -> int:
@@ -143,10 +144,7 @@ def encode_split(model: Model, symbols: Symbols, header: bytes, rows: int, sourc
         progress += done
         on_progress(progress)
 
-    while True:
-        round_ = [frame for frame in (frames.next() for _ in range(rows)) if frame is not None]
-        if not round_:
-            break
+    for round_ in rounds(frames, rows, symbols):
         coding = [None if looks_binary(data) else CodingFrame(tokens, escaped, data)
                   for tokens, escaped, data in round_]  # fmt: skip
         batch.run(coding + [None] * (rows - len(coding)), symbols, on_step)
@@ -168,6 +166,30 @@ def encode_split(model: Model, symbols: Symbols, header: bytes, rows: int, sourc
     result.compressed += write_end(sink, frames.length, frames.sha.digest())
     result.seconds = time.perf_counter() - started
     return result
+
+
+def rounds(frames: Frames, rows: int, symbols: Symbols) -> Iterator[list[FrameData]]:
+    """The frames a round at a time: `rows` frames of SPLIT_FRAME_TOKENS while two rounds
+    or more are left, then what is left cut into `rows` equal frames (up to twice as
+    long), so that the last round keeps every row busy (the decompressor does not need
+    to know: each frame gives its length)."""
+    pending: list[FrameData] = []
+    while True:
+        while len(pending) < 2 * rows and (frame := frames.next()) is not None:
+            pending.append(frame)
+        if len(pending) >= 2 * rows:
+            yield pending[:rows]
+            pending = pending[rows:]
+            continue
+        tokens = [token for frame in pending for token in frame[0]]
+        escaped = [byte for frame in pending for byte in frame[1]]
+        size = -(-len(tokens) // rows)
+        if tokens:
+            yield [(tokens[at : at + size], escaped[at : at + size],
+                    b"".join(map(symbols.bytes_of, tokens[at : at + size],
+                                 escaped[at : at + size])))
+                   for at in range(0, len(tokens), size)]  # fmt: skip
+        return
 
 
 def decode_split(model: Model, symbols: Symbols, rows: int, source: BinaryIO, sink: BinaryIO,
