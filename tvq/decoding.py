@@ -27,7 +27,7 @@ import functools
 import threading
 import time
 from collections.abc import Callable, Generator, Iterator, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -356,30 +356,15 @@ class SampleLoop:
                 in_place=guards is None and self.guides is not None,  # never replayed
             )  # fmt: skip
             rings, token, tokens, log_probs, sampled, top_values, top_ids, after, drafts = out
-            tokens, log_probs, sampled = np.asarray(tokens), np.asarray(log_probs), int(sampled)
-            top_values, top_ids, drafts = map(np.asarray, (top_values, top_ids, drafts))
-            while used < sampled and not rows.all_done:
-                live = [not s.done for s in rows.samples]
-                drawn = [on and used >= n for on, n in zip(live, n_forced, strict=True)]
-                if guards is not None and self.guides.speculated(
-                    tokens[used].copy(), drafts[used], guards, drawn
-                )[1].any():  # fmt: skip
-                    cut = (before, tokens, used)  # the chunk runs again up to here, then on
-                    break
-                rows.take(tokens[used], log_probs[used], top_values[used], top_ids[used])
-                if self.guides is not None:
-                    for row in np.flatnonzero(live):
-                        if self.guides.take(int(row), int(tokens[used, row])):
-                            rows.complete(int(row))
-                used += 1
-                for row in np.flatnonzero(max_tokens == count + used):
-                    rows.finish_at(int(row))
-                yield from self._pieces()
-            if cut is not None:  # the tokens taken again, and one step under the mask now
-                chunk = 1
+            drawn = _Drawn(*map(np.asarray, (tokens, log_probs, top_values, top_ids, drafts)))
+            used, refused = yield from self._take(drawn, int(sampled), used, count, n_forced,
+                                                  guards)  # fmt: skip
+            if refused:  # the chunk again up to the refused draw, then a step under the mask
+                cut, chunk = (before, drawn.tokens, used), 1
                 continue
             if self.keep_state and used < sampled:  # a stop string ended it mid-chunk
-                rings, token, after = self._replay(*before, tokens, used, count, penalties=True)
+                rings, token, after = self._replay(*before, drawn.tokens, used, count,
+                                                   penalties=True)  # fmt: skip
             self.penalties = after
             count += used
             if self.guides is None or (guards is not None and self.guides.kept(guards)):
@@ -389,6 +374,31 @@ class SampleLoop:
         rows.finish_all()
         yield from self._pieces()
         return rings, token, count
+
+    def _take(self, drawn: _Drawn, sampled: int, used: int, count: int, n_forced: np.ndarray,
+              guards):  # fmt: skip
+        """Takes a call's steps from `used` to `sampled`, yielding the rows' Pieces as
+        they come → (steps taken, whether a speculated draw is refused: the chunk must
+        run again up to there)."""
+        rows = self.rows
+        while used < sampled and not rows.all_done:
+            live = [not s.done for s in rows.samples]
+            own = [on and used >= n for on, n in zip(live, n_forced, strict=True)]
+            if guards is not None and self.guides.speculated(
+                drawn.tokens[used].copy(), drawn.drafts[used], guards, own
+            )[1].any():  # fmt: skip
+                return used, True
+            rows.take(drawn.tokens[used], drawn.log_probs[used], drawn.top_values[used],
+                      drawn.top_ids[used])  # fmt: skip
+            if self.guides is not None:
+                for row in np.flatnonzero(live):
+                    if self.guides.take(int(row), int(drawn.tokens[used, row])):
+                        rows.complete(int(row))
+            used += 1
+            for row in np.flatnonzero(self.max_tokens == count + used):
+                rows.finish_at(int(row))
+            yield from self._pieces()
+        return used, False
 
     def _call(self, done: np.ndarray, count: int, chunk: int, forcing: np.ndarray, used: int):
         """A call's values after `count` tokens, its first `used` steps forced (a chunk
@@ -435,6 +445,17 @@ class SampleLoop:
             self.logprobs,
         )  # fmt: skip
         return (rings, token, after) if penalties else (rings, token)
+
+
+class _Drawn(NamedTuple):
+    """A call's steps on the host, each [CHUNK, B, ...]: the tokens taken, their
+    log-probs, the alternatives (values, ids) and the draws before the guard."""
+
+    tokens: np.ndarray
+    log_probs: np.ndarray
+    top_values: np.ndarray
+    top_ids: np.ndarray
+    drafts: np.ndarray
 
 
 def _repeat_context(context: Context, n: int) -> Context:

@@ -2,8 +2,8 @@
 section 16).
 
 One row codes one token per step at full context; on this CPU a step's cost is mostly
-the weights' reads, which a batch of rows shares (RESULTS section 19: 1 row ~700 tokens
-a second, 32 rows ~2,300). So a split file is cut into frames of SPLIT_FRAME_TOKENS
+the weights' reads, which a batch of rows shares (RESULTS section 19: 1 row 680 tokens
+a second, 32 rows 2,160). So a split file is cut into frames of SPLIT_FRAME_TOKENS
 tokens that go to its N rows in turn: frame i to row i mod N, each row's context being
 its own earlier frames. The rows run as one batch of N, a width the header records: the
 batch's width changes the numbers (XLA:CPU picks its kernels by shape), so the
@@ -11,9 +11,11 @@ decompressor runs the same width, and a split file's bytes depend on N (never on
 files beside it: a split file runs alone).
 
 Rounds: N frames, one a row, run together; the records are written in order when the
-round ends (memory: N frames). A row whose frame is stored (binary, or coded in vain)
-goes back to its state at the round's start, on both sides: the compressor's ran the
-frame, the decompressor's idled (fed dummy tokens) beside the others.
+round ends (memory: N frames, two rounds read ahead). What is left when less than two
+rounds remain is cut into N equal frames, so that no row idles in the last (`rounds`).
+A row whose frame is stored (binary, or coded in vain) goes back to its state at the
+round's start, on both sides: the compressor's ran the frame, the decompressor's idled
+(fed dummy tokens) beside the others.
 """
 
 from __future__ import annotations
