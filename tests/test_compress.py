@@ -16,7 +16,7 @@ import pytest
 from conftest import ROOT, forced_devices, save_byte_model, tiny_config
 
 import tvq
-from tvq.compression import coder, jobs, rans, split
+from tvq.compression import coder, files, jobs, rans, split
 from tvq.compression.container import END_BYTES, FRAME_BYTES, VERSION, Frame, Header, read_record
 from tvq.compression.files import compress, compress_streams, decompress
 from tvq.compression.symbols import NO_BYTE, Symbols
@@ -216,6 +216,21 @@ def test_a_split_file_round_trips(spm_model, monkeypatch, rows):
     assert kinds.count("coded") >= 2 * rows and kinds.count("stored") >= rows
     assert decompress(spm_model, packed) == data
     assert compress(spm_model, data) != packed  # one row: another file
+    monkeypatch.setattr(files, "split_probe", lambda model, rows: b"\x00" * 8)
+    with pytest.raises(InputError, match="computes other numbers"):  # at the file's width
+        decompress(spm_model, packed)
+
+
+def test_a_split_pipe_gets_the_rows_its_length_needs(spm_model, monkeypatch):
+    """A stream of unknown length: sized by what two rounds' read-ahead finds, at least
+    2 rows; a long one gets the rows asked for."""
+    monkeypatch.setattr(split, "SPLIT_FRAME_TOKENS", 40)
+    for data, rows in ((b"short", 2), (TEXT.encode() * 6, 8)):
+        pipe, sink = io.BufferedReader(io.BytesIO(data)), io.BytesIO()  # no length to read
+        (result,) = compress_streams(spm_model, [(pipe, sink, "pipe")], split=8)
+        assert result.error is None
+        assert Header.read(io.BytesIO(sink.getvalue()), "x").rows == rows
+        assert decompress(spm_model, sink.getvalue()) == data
 
 
 def test_split_files_at_once_equal_each_alone(spm_model, monkeypatch):
@@ -294,6 +309,7 @@ def test_wrong_files_are_refused_each_with_its_own_error(spm_model, byte_model):
             decompress(model, wrong)
     with pytest.raises(InputError, match="truncated"):
         decompress(spm_model, packed[:30])
+
     refused = 0
     for at in range(0, len(packed), max(1, len(packed) // 40)):  # a flipped byte anywhere
         edited = bytearray(packed)
@@ -306,11 +322,21 @@ def test_wrong_files_are_refused_each_with_its_own_error(spm_model, byte_model):
     assert refused >= 35
 
 
+def test_a_frame_claiming_too_many_tokens_is_refused_at_once(spm_model, monkeypatch):
+    """A frame's token count is not under its checksum: an edited one is refused before
+    it runs, never decoded for 2**28 steps."""
+    monkeypatch.setattr(jobs, "worth_coding", lambda coded, stored: True)
+    packed = compress(spm_model, TEXT.encode())
+    at = len(Header.read(io.BytesIO(packed), "x").to_bytes())
+    assert packed[at : at + 1] == b"F"
+    huge = packed[: at + 1] + (1 << 28).to_bytes(4, "little") + packed[at + 5 :]
+    with pytest.raises(InputError, match="impossible"):
+        decompress(spm_model, huge)
+
+
 def test_numbers_computed_elsewhere_are_refused(spm_model, monkeypatch):
     packed = compress(spm_model, b"some text")
     monkeypatch.setattr(coder, "probe", lambda model: b"\x00" * 8)
-    import tvq.compression.files as files
-
     monkeypatch.setattr(files, "probe", lambda model: b"\x00" * 8)
     with pytest.raises(InputError, match="computes other numbers"):
         decompress(spm_model, packed)
@@ -364,7 +390,8 @@ def test_cli_round_trip_across_processes_and_devices(tmp_path):
         "compress", "-", "--split", "3", "-m", str(model), input=ODD * 8, cwd=tmp_path
     )
     assert split_file.returncode == 0, split_file.stderr
-    assert Header.read(io.BytesIO(split_file.stdout), "x").rows == 3  # stdin: its length unknown
+    # from a pipe: sized by what two rounds' read-ahead found (one short frame: 2 rows)
+    assert Header.read(io.BytesIO(split_file.stdout), "x").rows == 2
     back = _tvq("decompress", "-", "-m", str(model), input=split_file.stdout, cwd=tmp_path,
                 env=forced_devices(4))  # fmt: skip
     assert back.returncode == 0 and back.stdout == ODD * 8, back.stderr

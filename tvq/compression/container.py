@@ -33,6 +33,7 @@ BFLOAT16, NO_AGG_CACHE = 1, 2  # flag bits
 FRAME, STORED, END = b"F", b"S", b"E"
 _FRAME = struct.Struct("<IIII")  # tokens, bytes, crc32, code bytes
 MAX_FRAME_BYTES = 1 << 24  # what one frame can hold, and more
+MAX_FRAME_TOKENS = 1 << 14  # a frame's tokens at most (a split file's: 8,192)
 _STORED = struct.Struct("<II")  # bytes, crc32
 _END = struct.Struct("<Q16s")  # length, sha256[:16]
 # the bytes of each record beside its contents
@@ -137,7 +138,8 @@ def read_record(stream: BinaryIO, name: str, index: int) -> Frame | bytes | tupl
     fields = _read(stream, _FRAME.size, name, f"frame {index}")
     tokens, n_bytes, crc, n_code = _FRAME.unpack(fields)
     # a token and its escaped byte take at most 6 bytes, the final state 4
-    if not 4 <= n_code <= 6 * tokens + 4 or tokens == 0 or n_bytes > MAX_FRAME_BYTES:
+    if (not 4 <= n_code <= 6 * tokens + 4 or not 0 < tokens <= MAX_FRAME_TOKENS
+            or n_bytes > MAX_FRAME_BYTES):  # fmt: skip
         raise FormatError(f"{name} is corrupt: frame {index}'s sizes are impossible")
     return Frame(tokens, n_bytes, crc, _read(stream, n_code, name, f"frame {index}"))
 

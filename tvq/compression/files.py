@@ -3,7 +3,6 @@ what `tvq compress` and `tvq.compress` call."""
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import io
 import os
@@ -24,6 +23,7 @@ from tvq.compression.coder import (
 from tvq.compression.container import FormatError, Header, fingerprint16
 from tvq.compression.jobs import Decoding, Encoding
 from tvq.compression.split import MAX_SPLIT, decode_split, encode_split, rows_for
+from tvq.compression.split import probe as split_probe
 from tvq.compression.symbols import Symbols
 from tvq.errors import InputError
 from tvq.runtime.context import require_tokenizer
@@ -66,13 +66,15 @@ def compress_streams(model: Model, items: Iterable[Item], *, rows: int | None = 
     symbols = Symbols(require_tokenizer(model))
     settings = settings_header(model)
     header = settings.to_bytes()
-    if split > 1:
-        alone = [(item, rows_for(split, _length(item[0]))) for item in items]
-        items = [item for item, n in alone if n == 1]
-        for (source, sink, name), n in [(item, n) for item, n in alone if n > 1]:
-            head = dataclasses.replace(settings, rows=n).to_bytes()
-            run = functools.partial(encode_split, model, symbols, head, n, source, sink, name)
-            yield _split_result(name, on_step, run)
+    if split > 1:  # split files alone, each as one batch; short ones below as rows
+        lengths = [_length(source) for source, _, _ in items]
+        rows_of = [rows_for(split, length) for length in lengths]
+        for (source, sink, name), n, length in zip(items, rows_of, lengths, strict=True):
+            if n > 1:
+                run = functools.partial(encode_split, model, symbols, settings, n,
+                                        length is not None, source, sink, name)  # fmt: skip
+                yield _split_result(name, on_step, run)
+        items = [item for item, n in zip(items, rows_of, strict=True) if n == 1]
 
     def jobs() -> Iterator[Job]:
         for source, sink, name in items:
@@ -162,12 +164,14 @@ def decompress_streams(model: Model, items: Iterable[Item], *, rows: int | None 
         groups.setdefault((header.bfloat16, header.agg_cache), []).append((item, header))
     for group in groups.values():
         run = settings_model(model, group[0][1])
-        here = probe(run)
         symbols = Symbols(require_tokenizer(run))
         for (source, sink, name), header in [entry for entry in group if entry[1].rows > 1]:
-            split = functools.partial(_decode_split, run, header, here, symbols, source, sink, name)
+            split = functools.partial(_decode_split, run, header, symbols, source, sink, name)
             yield _split_result(name, on_step, split)
         group = [entry for entry in group if entry[1].rows == 1]
+        if not group:
+            continue
+        here = probe(run)
 
         def jobs(group=group, run=run, here=here, symbols=symbols) -> Iterator[Job]:
             for (source, sink, name), header in group:
@@ -182,11 +186,13 @@ def decompress_streams(model: Model, items: Iterable[Item], *, rows: int | None 
             yield job.result
 
 
-def _decode_split(model: Model, header: Header, here: bytes, symbols: Symbols, source: BinaryIO,
+def _decode_split(model: Model, header: Header, symbols: Symbols, source: BinaryIO,
                   sink: BinaryIO, name: str, report: Callable[[int], None]) -> Result:  # fmt: skip
-    check_header(model, header, name, here)
+    """A split file (its header read) decompressed, once its header is checked."""
+    check_header(model, header, name, header.probe)  # its model and tokenizer
     if header.rows > MAX_SPLIT:
         raise FormatError(f"{name} is split into {header.rows} rows; this tvq runs at most "
                           f"{MAX_SPLIT}")  # fmt: skip
+    check_header(model, header, name, split_probe(model, header.rows))  # the numbers
     return decode_split(model, symbols, header.rows, source, sink, name,
                         len(header.to_bytes()), report)  # fmt: skip

@@ -15,6 +15,7 @@ from tvq.compression.coder import WINDOW, Job, Result, Steps
 from tvq.compression.container import (
     END_BYTES,
     FRAME_BYTES,
+    MAX_FRAME_TOKENS,
     STORED_BYTES,
     FormatError,
     Frame,
@@ -27,7 +28,7 @@ from tvq.compression.symbols import NO_BYTE, Symbols
 from tvq.runtime.context import eos_id
 from tvq.runtime.model import Model
 
-FRAME_TOKENS = 16384  # tokens per frame: ~25 bytes of framing per ~15 KB of output
+FRAME_TOKENS = MAX_FRAME_TOKENS  # tokens per frame: ~25 bytes of framing per ~15 KB of output
 
 
 class Frames:
@@ -203,7 +204,7 @@ class Decoding(Job):
             self.index += 1
             record = read_record(self.source, self.name, self.index)
             if isinstance(record, Frame):
-                self.frame = DecodingFrame(record)
+                self.frame = DecodingFrame(record, self.name, self.index)
                 self.result.compressed += FRAME_BYTES + len(record.code)
                 return
             if isinstance(record, bytes):
@@ -233,7 +234,7 @@ class Decoding(Job):
             return
         self.result.tokens += self.frame.record.tokens
         self.result.escapes += self.frame.escapes
-        self._emit(self.frame.data(self.name, self.index))
+        self._emit(self.frame.data())
         self._next_frame()
 
     def _emit(self, data: bytes) -> None:
@@ -244,11 +245,13 @@ class Decoding(Job):
 
 
 class DecodingFrame:
-    """One coded frame being decoded: the program reads its stream from `window()`."""
+    """One coded frame being decoded: the program reads its stream from `window()`.
+    name and index: the file's and the frame's, for its errors."""
 
-    def __init__(self, record: Frame) -> None:
+    def __init__(self, record: Frame, name: str, index: int) -> None:
         self.record, self.left, self.out, self.escapes = record, record.tokens, [], 0
         self.state, self.at = rans.first_state(record.code), 4
+        self.name, self.index, self.size = name, index, 0
 
     def window(self) -> bytes:
         return self.record.code[self.at : self.at + WINDOW]
@@ -262,17 +265,23 @@ class DecodingFrame:
             self.escapes += escaped != NO_BYTE
             done += len(self.out[-1])
         self.left -= len(steps.tokens)
+        self.size += done
+        if self.at > len(self.record.code) or self.size > self.record.n_bytes:  # never if valid
+            raise self._corrupt()
         return done
 
-    def data(self, name: str, index: int) -> bytes:
+    def _corrupt(self) -> FormatError:
+        return FormatError(f"{self.name} is corrupt: frame {self.index} does not decode to "
+                           "what was compressed")  # fmt: skip
+
+    def data(self) -> bytes:
         """The frame's bytes, once decoded: FormatError unless they are what was
-        compressed (the decoder back at its first state having read every byte, the
-        length and the checksum)."""
+        compressed (the decoder at LOW, the encoder's first state, having read every
+        byte; the length and the checksum)."""
         data, record = b"".join(self.out), self.record
         ended = self.state == rans.LOW and self.at == len(record.code)
         if not ended or len(data) != record.n_bytes or zlib.crc32(data) != record.crc:
-            raise FormatError(f"{name} is corrupt: frame {index} does not decode to what was "
-                              "compressed")  # fmt: skip
+            raise self._corrupt()
         return data
 
 

@@ -20,6 +20,8 @@ round's start, on both sides: the compressor's ran the frame, the decompressor's
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import time
 from collections.abc import Callable, Iterator
 from typing import BinaryIO
@@ -29,12 +31,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from tvq.compression import coder
-from tvq.compression.coder import STEPS, WINDOW, Result, Steps
+from tvq.compression.coder import PROBE_TOKENS, STEPS, WINDOW, Result, Steps
 from tvq.compression.container import (
     END_BYTES,
     FRAME_BYTES,
     STORED_BYTES,
     Frame,
+    Header,
     read_record,
     write_end,
     write_stored,
@@ -132,21 +135,29 @@ def _restore(ring, kept, mask):
     return jax.tree_util.tree_map(pick, ring, kept)
 
 
-def encode_split(model: Model, symbols: Symbols, header: bytes, rows: int, source: BinaryIO,
-                 sink: BinaryIO, name: str, on_progress: OnProgress) -> Result:  # fmt: skip
-    """Compresses a stream as `rows` rows (the header says so) → its Result."""
+def encode_split(model: Model, symbols: Symbols, settings: Header, rows: int, sized: bool,
+                 source: BinaryIO, sink: BinaryIO, name: str, on_progress: OnProgress
+                 ) -> Result:  # fmt: skip
+    """Compresses a stream as up to `rows` rows → its Result. sized: `rows` was sized
+    from the stream's length; else (a pipe) the rows are sized from what two rounds'
+    read-ahead finds, at least 2. The header records the rows and the probe of their
+    width."""
     result, started = Result(name), time.perf_counter()
+    frames = Frames(symbols, source, SPLIT_FRAME_TOKENS)
+    ahead = [frame for frame in (frames.next() for _ in range(2 * rows)) if frame is not None]
+    if not sized and len(ahead) < 2 * rows:  # the whole input is read: no more rows than frames
+        rows = max(2, rows_for(rows, sum(len(data) for _, _, data in ahead)))
+    header = dataclasses.replace(settings, rows=rows, probe=probe(model, rows)).to_bytes()
     sink.write(header)
     result.compressed += len(header)
-    frames, batch = Frames(symbols, source, SPLIT_FRAME_TOKENS), Batch(model, rows, symbols.escape)
-    progress = 0
+    batch, progress = Batch(model, rows, symbols.escape), 0
 
     def on_step(done: int) -> None:
         nonlocal progress
         progress += done
         on_progress(progress)
 
-    for round_ in rounds(frames, rows, symbols):
+    for round_ in rounds(frames, rows, symbols, ahead):
         coding = [None if looks_binary(data) else CodingFrame(tokens, escaped, data)
                   for tokens, escaped, data in round_]  # fmt: skip
         batch.run(coding + [None] * (rows - len(coding)), symbols, on_step)
@@ -170,12 +181,32 @@ def encode_split(model: Model, symbols: Symbols, header: bytes, rows: int, sourc
     return result
 
 
-def rounds(frames: Frames, rows: int, symbols: Symbols) -> Iterator[list[FrameData]]:
-    """The frames a round at a time: `rows` frames of SPLIT_FRAME_TOKENS while two rounds
-    or more are left, then what is left cut into `rows` equal frames (up to twice as
-    long), so that the last round keeps every row busy (the decompressor does not need
-    to know: each frame gives its length)."""
-    pending: list[FrameData] = []
+def probe(model: Model, rows: int) -> bytes:
+    """coder.probe at a split file's width: a hash of the batched program's frequency
+    tables on fixed tokens, every row fed them."""
+    config, digest = model.config, hashlib.sha256()
+    ring = jax.tree_util.tree_map(jnp.copy, empty_rings(config, rows))
+    last = np.full(rows, eos_id(model), np.int32)
+    idle = (np.zeros(rows, np.uint32), np.zeros(rows, bool), np.int32(NO_BYTE))
+    windows = np.zeros([rows, WINDOW], np.uint8)
+    for token in PROBE_TOKENS:
+        targets = np.tile(np.array([token % config.n_vocab, NO_BYTE], np.int32), (1, rows, 1))
+        (ring, (last, _, _)), outs = coder.coding_steps(config, model.params, ring,
+                                                        (last, *idle), targets, windows,
+                                                        batched=True)  # fmt: skip
+        digest.update(np.asarray(outs).astype("<i4").tobytes())
+    return digest.digest()[:8]
+
+
+def rounds(frames: Frames, rows: int, symbols: Symbols, ahead: list[FrameData] = ()
+           ) -> Iterator[list[FrameData]]:  # fmt: skip
+    """The frames (the first already read: `ahead`) a round at a time: `rows` frames of
+    SPLIT_FRAME_TOKENS while two rounds or more are left, then what is left cut into
+    `rows` equal frames (up to twice as long), so that the last round keeps every row
+    busy (the decompressor does not need to know: each frame gives its length). Every
+    round but the last is of whole frames, so its rows all end together (Batch.run lets
+    a row that ends early step on dummy tokens)."""
+    pending: list[FrameData] = list(ahead)
     while True:
         while len(pending) < 2 * rows and (frame := frames.next()) is not None:
             pending.append(frame)
@@ -198,8 +229,6 @@ def decode_split(model: Model, symbols: Symbols, rows: int, source: BinaryIO, si
                  name: str, header_bytes: int, on_progress: OnProgress) -> Result:  # fmt: skip
     """Decompresses a split stream (its header read and checked) → its Result; each
     round's bytes are written once every frame of it has been checked."""
-    import hashlib
-
     result, started = Result(name, compressed=header_bytes), time.perf_counter()
     batch, sha, index, ended = Batch(model, rows, symbols.escape), hashlib.sha256(), 0, None
     progress = 0
@@ -221,10 +250,12 @@ def decode_split(model: Model, symbols: Symbols, rows: int, source: BinaryIO, si
             result.compressed += (FRAME_BYTES + len(record.code) if isinstance(record, Frame)
                                   else STORED_BYTES + len(record))  # fmt: skip
             records.append((index, record))
-        decoding = [DecodingFrame(r) if isinstance(r, Frame) else None for _, r in records]
+        decoding = [DecodingFrame(r, name, at) if isinstance(r, Frame) else None
+                    for at, r in records]  # fmt: skip
         batch.run(decoding + [None] * (rows - len(decoding)), symbols, on_step)
-        for frame, (at, record) in zip(decoding, records, strict=True):
-            data = record if frame is None else frame.data(name, at)
+        out = [r if frame is None else frame.data()
+               for frame, (_, r) in zip(decoding, records, strict=True)]  # fmt: skip
+        for frame, data in zip(decoding, out, strict=True):  # the round checked: written
             if frame is not None:
                 result.tokens += frame.record.tokens
                 result.escapes += frame.escapes
