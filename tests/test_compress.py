@@ -210,7 +210,14 @@ def test_a_split_file_round_trips(spm_model, monkeypatch, rows):
     turns = iter(range(10**6))
     monkeypatch.setattr(jobs, "worth_coding", lambda coded, stored: next(turns) % 3 != 1)
     data = TEXT.encode() * 3 + bytes(range(256)) * 2 + ODD + OTHER_SCRIPT * 2
-    packed = compress(spm_model, data, split=rows)
+    sink = io.BytesIO()
+    (there,) = compress_streams(spm_model, [(io.BytesIO(data), sink, "x")], split=rows)
+    packed = sink.getvalue()
+    back = io.BytesIO()
+    (again,) = files.decompress_streams(spm_model, [(io.BytesIO(packed), back, "x")])
+    assert back.getvalue() == data and again.error is None
+    assert (there.tokens, there.escapes, there.original) == (again.tokens, again.escapes,
+                                                             again.original)  # fmt: skip
     assert Header.read(io.BytesIO(packed), "x").rows == rows
     kinds = record_kinds(packed)
     assert kinds.count("coded") >= 2 * rows and kinds.count("stored") >= rows

@@ -111,12 +111,13 @@ class Encoding(Job):
         self.token = int(steps.tokens[-1])
         if self.frame.left:
             return
-        self.result.tokens += len(self.frame.tokens)
-        self.result.escapes += self.frame.escapes
         written, stored = self.frame.write(self.sink)
         self.result.compressed += written
         if stored:  # coding did not help: the row's state goes back
             self.rewind, self.token = True, self.before
+        else:  # the tokens coded (as the decompressor counts them)
+            self.result.tokens += len(self.frame.tokens)
+            self.result.escapes += self.frame.escapes
         self._next_frame()
 
     def _finish(self) -> None:

@@ -170,10 +170,11 @@ def encode_split(model: Model, symbols: Symbols, settings: Header, rows: int, si
                 continue
             written, in_vain = frame.write(sink)
             result.compressed += written
-            result.tokens += len(frame.tokens)
-            result.escapes += frame.escapes
             if in_vain:
                 stored.append(i)
+            else:  # the tokens coded (as the decompressor counts them)
+                result.tokens += len(frame.tokens)
+                result.escapes += frame.escapes
         batch.restore(stored)
         progress = result.original
     result.compressed += write_end(sink, frames.length, frames.sha.digest())
