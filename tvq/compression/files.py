@@ -23,7 +23,6 @@ from tvq.compression.coder import (
 from tvq.compression.container import FormatError, Header, fingerprint16
 from tvq.compression.jobs import Decoding, Encoding
 from tvq.compression.split import MAX_SPLIT, decode_split, encode_split, rows_for
-from tvq.compression.split import probe as split_probe
 from tvq.compression.symbols import Symbols
 from tvq.errors import InputError
 from tvq.runtime.context import require_tokenizer
@@ -193,6 +192,6 @@ def _decode_split(model: Model, header: Header, symbols: Symbols, source: Binary
     if header.rows > MAX_SPLIT:
         raise FormatError(f"{name} is split into {header.rows} rows; this tvq runs at most "
                           f"{MAX_SPLIT}")  # fmt: skip
-    check_header(model, header, name, split_probe(model, header.rows))  # the numbers
+    check_header(model, header, name, probe(model, header.rows))  # the numbers
     return decode_split(model, symbols, header.rows, source, sink, name,
                         len(header.to_bytes()), report)  # fmt: skip

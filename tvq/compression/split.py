@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tvq.compression import coder
-from tvq.compression.coder import PROBE_TOKENS, STEPS, WINDOW, Result, Steps
+from tvq.compression.coder import STEPS, WINDOW, Result, Steps, probe
 from tvq.compression.container import (
     END_BYTES,
     FRAME_BYTES,
@@ -180,23 +180,6 @@ def encode_split(model: Model, symbols: Symbols, settings: Header, rows: int, si
     result.compressed += write_end(sink, frames.length, frames.sha.digest())
     result.seconds = time.perf_counter() - started
     return result
-
-
-def probe(model: Model, rows: int) -> bytes:
-    """coder.probe at a split file's width: a hash of the batched program's frequency
-    tables on fixed tokens, every row fed them."""
-    config, digest = model.config, hashlib.sha256()
-    ring = jax.tree_util.tree_map(jnp.copy, empty_rings(config, rows))
-    last = np.full(rows, eos_id(model), np.int32)
-    idle = (np.zeros(rows, np.uint32), np.zeros(rows, bool), np.int32(NO_BYTE))
-    windows = np.zeros([rows, WINDOW], np.uint8)
-    for token in PROBE_TOKENS:
-        targets = np.tile(np.array([token % config.n_vocab, NO_BYTE], np.int32), (1, rows, 1))
-        (ring, (last, _, _)), outs = coder.coding_steps(config, model.params, ring,
-                                                        (last, *idle), targets, windows,
-                                                        batched=True)  # fmt: skip
-        digest.update(np.asarray(outs).astype("<i4").tobytes())
-    return digest.digest()[:8]
 
 
 def rounds(frames: Frames, rows: int, symbols: Symbols, ahead: list[FrameData] = ()
